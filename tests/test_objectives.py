@@ -1,0 +1,208 @@
+import math
+
+import pytest
+import torch
+
+from scm.objectives import ConsistencyLoss, DiffusionLoss, normalize_tangent, scm_target, tangent_warmup
+from scm.tangents import jvp_tangent
+from scm.trigflow import add_noise, ddim_step, denoise, sct_velocity
+
+SD = 0.5
+
+
+def _batch(B=8, dim=6, seed=0, t_range=(0.2, 1.3)):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, dim, generator=g, dtype=torch.float64) * 0.6
+    z = SD * torch.randn(B, dim, generator=g, dtype=torch.float64)
+    lo, hi = t_range
+    t = lo + (hi - lo) * torch.rand(B, generator=g, dtype=torch.float64)
+    return x0, z, t
+
+
+def _grads(net, loss):
+    params = [p for n, p in net.named_parameters() if not n.startswith("weight_head")]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_discrete_time_gradient_tends_to_the_continuous_one(small_net, method):
+    """Paper §2.2: ∇_θ E[w(t)·‖f_θ(x_t, t) − f_θ⁻(x_{t−Δt}, t−Δt)‖²]/Δt → the sCM gradient as Δt → 0,
+    with w(t) = 1/(σ_d tan t) (the prior weight that the sCM target g = cos t·df/dt has folded in)."""
+    net = small_net(6, seed=1).double()
+    teacher = small_net(6, seed=2).double() if method == "scd" else None
+    x0, z, t = _batch()
+    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, tangent_norm_c=None, adaptive_weight=False, warmup_iters=0)
+    continuous = _grads(net, loss_fn(net, x0, t=t, z=z)[0])
+
+    x_t = add_noise(x0, z, t)
+    errors = []
+    for dt in (1e-2, 1e-3, 1e-4):
+        if teacher is None:
+            x_prev = add_noise(x0, z, t - dt)  # sCT: the same (x0, z) at the earlier time
+        else:
+            with torch.no_grad():  # sCD: one DDIM step of the teacher (eq. 26)
+                x_prev = ddim_step(x_t, teacher(x_t / SD, t), t, t - dt, SD)
+        f = denoise(x_t, net(x_t / SD, t), t, SD)
+        with torch.no_grad():
+            f_minus = denoise(x_prev, net(x_prev / SD, t - dt), t - dt, SD)
+        w = 1 / (SD * torch.tan(t))
+        loss = (w * ((f - f_minus) ** 2).mean(dim=1)).mean()
+        discrete = _grads(net, loss) / dt
+        errors.append(float((discrete - continuous).norm() / continuous.norm()))
+    # O(Δt) convergence: each decade of Δt removes about a decade of error (float64 keeps rounding ~1e-12).
+    assert errors[0] / errors[1] > 5 and errors[1] / errors[2] > 5, errors
+    assert errors[2] < 1e-3, errors
+
+
+def test_loss_matches_algorithm_1_by_hand(small_net):
+    net = small_net(6, seed=3).double()
+    x0, z, t = _batch(seed=4)
+    step, H = 300, 1000
+    loss_fn = ConsistencyLoss(sigma_d=SD, warmup_iters=H, adaptive_weight=True)
+    loss, stats = loss_fn(net, x0, step, t=t, z=z)
+
+    x_t = add_noise(x0, z, t)
+    dxdt = sct_velocity(x0, z, t)
+    _, JF = jvp_tangent(net, x_t, t, dxdt, SD)
+    F, w = net(x_t / SD, t, return_weight=True)
+    c, s = torch.cos(t)[:, None], torch.sin(t)[:, None]
+    r = step / H
+    g = -c**2 * (SD * F.detach() - dxdt) - r * (c * s * x_t + SD * JF)
+    norm = g.norm(dim=1, keepdim=True)
+    g = g / (norm + 0.1)
+    expected = (torch.exp(w) * ((F - F.detach() - g) ** 2).mean(dim=1) - w).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stats["g_norm"], norm.mean())
+    assert float(stats["r"]) == pytest.approx(0.3)
+    g1 = torch.autograd.grad(loss, list(net.parameters()))
+    g2 = torch.autograd.grad(expected, list(net.parameters()))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_pass_equals_separate_passes_and_dropout_is_shared(small_net):
+    net = small_net(6, dropout=0.3, seed=5).double().train()
+    x0, z, t = _batch(seed=6)
+
+    def grads(**kw):
+        torch.manual_seed(11)
+        loss, _ = ConsistencyLoss(sigma_d=SD, warmup_iters=0, **kw)(net, x0, t=t, z=z)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
+
+    fused = grads(fused_pass=True)
+    separate = grads(fused_pass=False, share_dropout=True)
+    torch.testing.assert_close(separate, fused)  # one mask in both cases
+    independent = grads(fused_pass=False, share_dropout=False)
+    assert not torch.allclose(independent, fused)  # a second mask changes the target
+
+
+def test_warmup_r_zero_is_velocity_matching(small_net):
+    net = small_net(6, seed=7).double()
+    x0, z, t = _batch(seed=8)
+    x_t, dxdt = add_noise(x0, z, t), sct_velocity(x0, z, t)
+    F, JF = jvp_tangent(net, x_t, t, dxdt, SD)
+    g0 = scm_target(F, JF, x_t, dxdt, t, SD, r=0.0)
+    torch.testing.assert_close(g0, -torch.cos(t)[:, None] ** 2 * (SD * F - dxdt))
+    assert tangent_warmup(0, 10_000) == 0.0
+    assert tangent_warmup(5_000, 10_000) == 0.5
+    assert tangent_warmup(20_000, 10_000) == 1.0
+    assert tangent_warmup(3, 0) == 1.0
+
+
+def test_tangent_normalization_norms():
+    g = torch.ones(2, 4, 5, dtype=torch.float64) * torch.tensor([1.0, 3.0], dtype=torch.float64)[:, None, None]
+    out, n = normalize_tangent(g, 0.1, "l2")
+    torch.testing.assert_close(n, torch.tensor([math.sqrt(20), 3 * math.sqrt(20)], dtype=torch.float64))
+    torch.testing.assert_close(out[1], g[1] / (3 * math.sqrt(20) + 0.1))
+    out_rms, n_rms = normalize_tangent(g, 0.1, "rms")
+    torch.testing.assert_close(n_rms, torch.tensor([1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(out_rms[0], g[0] / 1.1)
+    with pytest.raises(ValueError, match="norm"):
+        normalize_tangent(g, 0.1, "linf")
+
+
+def test_extra_sigma_weight_and_weighting_switches(small_net):
+    net = small_net(6, seed=9).double()
+    x0, z, t = _batch(B=1, seed=10)
+    base = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup_iters=0)
+    extra = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup_iters=0, extra_sigma_weight=True)
+    l0, _ = base(net, x0, t=t, z=z)
+    l1, _ = extra(net, x0, t=t, z=z)
+    torch.testing.assert_close(l1, l0 / (SD * torch.tan(t[0])))
+    raw = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup_iters=0, tangent_norm_c=None)
+    l_raw, stats = raw(net, x0, t=t, z=z)
+    # without normalization the loss value is mean(g²) = ‖g‖²/D
+    torch.testing.assert_close(l_raw, stats["g_norm"] ** 2 / 6)
+
+
+def test_scd_with_guidance_feeds_the_scale_to_teacher_and_student(small_net):
+    calls = []
+
+    def teacher(x, t, labels=None):
+        calls.append(labels)
+        return torch.zeros_like(x) if labels is None else torch.ones_like(x)
+
+    seen = {}
+    student_net = small_net(6, num_classes=3, seed=11).double()
+
+    def student(x, t, labels=None, guidance=None, return_weight=False):
+        seen["guidance"] = guidance
+        return student_net(x, t, labels=labels, guidance=guidance, return_weight=return_weight)
+
+    x0, _, _ = _batch(seed=12)
+    labels = torch.arange(8) % 3
+    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, guidance=(1.0, 2.0))
+    loss, _ = loss_fn(student, x0, generator=torch.Generator().manual_seed(0), labels=labels)
+    assert torch.isfinite(loss)
+    assert len(calls) == 2 and calls[1] is None and torch.equal(calls[0], labels)  # cond + uncond
+    s = seen["guidance"]
+    assert s.shape == (8,) and bool(((s >= 1) & (s <= 2)).all()) and float(s.std()) > 0
+    assert loss_fn.method == "scd" and ConsistencyLoss().method == "sct"
+
+
+def test_diffusion_loss_matches_eq_4_with_adaptive_weight(small_net):
+    net = small_net(6, seed=13).double()
+    x0, z, t = _batch(seed=14)
+    loss, stats = DiffusionLoss(sigma_d=SD)(net, x0, t=t, z=z)
+    x_t = add_noise(x0, z, t)
+    F, w = net(x_t / SD, t, return_weight=True)
+    v = torch.cos(t)[:, None] * z - torch.sin(t)[:, None] * x0
+    mse = ((F - v / SD) ** 2).mean(dim=1)
+    torch.testing.assert_close(loss, (torch.exp(w) * mse - w).mean())
+    torch.testing.assert_close(stats["mse"], mse.mean())
+    plain, _ = DiffusionLoss(sigma_d=SD, adaptive_weight=False)(net, x0, t=t, z=z)
+    torch.testing.assert_close(plain, mse.mean())
+
+
+def test_losses_are_reproducible_from_a_generator(small_net):
+    net = small_net(6, seed=15).double()
+    x0, _, _ = _batch(seed=16)
+    for loss_fn in (DiffusionLoss(), ConsistencyLoss()):
+        a = loss_fn(net, x0, generator=torch.Generator().manual_seed(3))[0]
+        b = loss_fn(net, x0, generator=torch.Generator().manual_seed(3))[0]
+        assert torch.equal(a, b)
+
+
+def test_bad_configuration():
+    with pytest.raises(ValueError, match="P_std"):
+        ConsistencyLoss(P_std=0)
+    with pytest.raises(ValueError, match="P_std"):
+        DiffusionLoss(P_std=-1)
+    with pytest.raises(ValueError, match="guidance needs a teacher"):
+        ConsistencyLoss(guidance=(1.0, 2.0))
+    with pytest.raises(ValueError, match="guidance must be a range"):
+        ConsistencyLoss(teacher=lambda x, t: x, guidance=(2.0, 1.0))
+    with pytest.raises(ValueError, match="tangent_norm"):
+        ConsistencyLoss(tangent_norm="max")
+    with pytest.raises(ValueError, match="tangent_method"):
+        ConsistencyLoss(tangent_method="magic")
+    with pytest.raises(ValueError, match="warmup_iters"):
+        ConsistencyLoss(warmup_iters=-1)
+    with pytest.raises(ValueError, match="tangent_norm_c"):
+        ConsistencyLoss(tangent_norm_c=0.0)
+
+
+def test_adaptive_weighting_needs_a_weight_head():
+    x0, _, _ = _batch()
+    with pytest.raises(TypeError, match="return_weight"):
+        ConsistencyLoss()(lambda x, t, return_weight=False: torch.zeros_like(x), x0)
