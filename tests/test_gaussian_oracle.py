@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from oracle import Gaussian
 from scm.objectives import ConsistencyLoss, DiffusionLoss, scm_target
 from scm.sampling import consistency_sample, consistency_times, ode_sample, ode_times
 from scm.tangents import jvp_tangent
 from scm.trigflow import add_noise, sct_velocity, t_max_default
+
+from oracle import Gaussian
 
 SD = 0.5
 G = Gaussian(mu=[0.3, -0.2, 0.1, 0.0], s=[0.2, 0.5, 0.8, 0.35], sigma_d=SD)

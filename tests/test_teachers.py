@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from oracle import Gaussian
 from scm.tangents import jvp_tangent
 from scm.teachers import from_edm, from_flow, guided
 from scm.trigflow import add_noise, sct_velocity
+
+from oracle import Gaussian
 
 SD = 0.5
 G = Gaussian(mu=[0.3, -0.2, 0.1], s=[0.2, 0.5, 0.8], sigma_d=SD)
