@@ -1,0 +1,199 @@
+"""Primitive ops with hand-written JVP rules, so that a tangent pass costs little more than a forward.
+
+PyTorch's generic forward-mode formulas are exact but wasteful for what a U-Net does most: conv2d runs a
+third convolution for the (absent) weight tangent, scalar multiplications and divisions go through Python
+decompositions, and a pixel norm expands into a dozen tangent ops. Each op here is an `autograd.Function`
+with `forward`, `setup_context`, `backward` and `jvp`, valid under backward AD, `torch.autograd.forward_ad`
+and `torch.func.jvp`; absent tangents arrive as None (not zeros) and are skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["clip", "conv2d", "lincomb", "pixel_norm", "scaled_cat", "upsample2x"]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
+
+
+class _Conv2d(torch.autograd.Function):
+    """Stride-1 conv2d. Its JVP skips the weight-tangent convolution when the weight has no tangent."""
+
+    @staticmethod
+    def forward(x, w, padding):
+        return F.conv2d(x, w, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, padding = inputs
+        ctx.padding = padding
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        x, w = ctx.saved_tensors
+        p = ctx.padding
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, w, None, [1, 1], [p, p], [1, 1], False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        return gx, gw, None
+
+    @staticmethod
+    def jvp(ctx, t_x, t_w, _):
+        x, w = ctx.saved_tensors
+        out = None if t_x is None else F.conv2d(t_x, w, padding=ctx.padding)
+        return _add(out, None if t_w is None else F.conv2d(x, t_w, padding=ctx.padding))
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """Stride-1 2-D convolution (honours autocast: runs in its dtype)."""
+    dtype = _compute_dtype(x)
+    return _Conv2d.apply(x.to(dtype), w.to(dtype), padding)
+
+
+class _PixelNorm(torch.autograd.Function):
+    """y = x·r, r = (mean_dim(x²) + eps)^(−1/2). Its Jacobian r·(I − y yᵀ/D) is symmetric, so the JVP and
+    the backward share one formula: r·(v − y·mean_dim(y·v))."""
+
+    @staticmethod
+    def forward(x, dim, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        r = torch.rsqrt(xf.square().mean(dim=dim, keepdim=True) + eps).to(x.dtype)
+        return x * r, r
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.set_materialize_grads(False)
+        y, r = output
+        ctx.mark_non_differentiable(r)
+        ctx.save_for_backward(y, r)
+        ctx.save_for_forward(y, r)
+
+    @staticmethod
+    def _apply_jacobian(ctx, v):
+        y, r = ctx.saved_tensors
+        return r * (v - y * (y * v).mean(dim=ctx.dim, keepdim=True))
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        return (None if grad is None else _PixelNorm._apply_jacobian(ctx, grad)), None, None
+
+    @staticmethod
+    def jvp(ctx, t_x, _dim, _eps):
+        return (None if t_x is None else _PixelNorm._apply_jacobian(ctx, t_x)), None
+
+
+def pixel_norm(x: torch.Tensor, dim=1, eps: float = 1e-8) -> torch.Tensor:
+    """x scaled to unit RMS over `dim` (an int or tuple); smooth at x = 0 (eps inside the root)."""
+    return _PixelNorm.apply(x, dim, eps)[0]
+
+
+class _LinComb(torch.autograd.Function):
+    """α·a + β·b for constants α, β (a linear map: the JVP is the same map on the tangents)."""
+
+    @staticmethod
+    def forward(a, b, alpha, beta):
+        return torch.add(a * alpha, b, alpha=beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.alpha, ctx.beta = inputs[2], inputs[3]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
+        return grad * ctx.alpha, grad * ctx.beta, None, None
+
+    @staticmethod
+    def jvp(ctx, t_a, t_b, _alpha, _beta):
+        if t_a is None:
+            return None if t_b is None else t_b * ctx.beta
+        return t_a * ctx.alpha if t_b is None else torch.add(t_a * ctx.alpha, t_b, alpha=ctx.beta)
+
+
+def lincomb(a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    return _LinComb.apply(a, b, float(alpha), float(beta))
+
+
+class _ScaledCat(torch.autograd.Function):
+    """cat([α·a, β·b], dim=1) for constants α, β."""
+
+    @staticmethod
+    def forward(a, b, alpha, beta):
+        return torch.cat([a * alpha, b * beta], dim=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, _, ctx.alpha, ctx.beta = inputs
+        ctx.split = a.shape[1]
+        ctx.shapes = (inputs[0].shape, inputs[1].shape)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
+        return grad[:, : ctx.split] * ctx.alpha, grad[:, ctx.split :] * ctx.beta, None, None
+
+    @staticmethod
+    def jvp(ctx, t_a, t_b, _alpha, _beta):
+        if t_a is None and t_b is None:
+            return None
+        sa, sb = ctx.shapes
+        ta = t_a * ctx.alpha if t_a is not None else torch.zeros(sa, dtype=t_b.dtype, device=t_b.device)
+        tb = t_b * ctx.beta if t_b is not None else torch.zeros(sb, dtype=t_a.dtype, device=t_a.device)
+        return torch.cat([ta, tb], dim=1)
+
+
+def scaled_cat(a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    return _ScaledCat.apply(a, b, float(alpha), float(beta))
+
+
+class _Clip(torch.autograd.Function):
+    """clamp(x, −c, c) with derivative 1 inside and 0 outside (the mask is kept from the forward)."""
+
+    @staticmethod
+    def forward(x, c):
+        return x.clamp(-c, c)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        inside = output == inputs[0]
+        ctx.save_for_backward(inside)
+        ctx.save_for_forward(inside)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None if grad is None else grad * ctx.saved_tensors[0]), None
+
+    @staticmethod
+    def jvp(ctx, t_x, _c):
+        return None if t_x is None else t_x * ctx.saved_tensors[0]
+
+
+def clip(x: torch.Tensor, c: float) -> torch.Tensor:
+    return _Clip.apply(x, float(c))
+
+
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour ×2 upsampling as a broadcast view and one copy (F.interpolate is several times
+    slower on CPU, and so is its tangent)."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)

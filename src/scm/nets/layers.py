@@ -1,0 +1,140 @@
+"""JVP-ready layers: magnitude-preserving (EDM2, Karras et al. 2024) building blocks plus sCM's time
+conditioning (Lu & Song §4.1). Every layer is a pure function of its input and weights: nothing is modified
+in place during a forward, so one code path serves the forward, the tangent (JVP) pass and sampling, under
+`torch.autograd.forward_ad` and `torch.func.jvp` alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scm.nets.functional import conv2d, lincomb, pixel_norm, scaled_cat
+
+__all__ = [
+    "FourierEmbedding",
+    "MPConv",
+    "PositionalEmbedding",
+    "adaptive_double_norm",
+    "at_least_fp32",
+    "mp_cat",
+    "mp_silu",
+    "mp_sum",
+    "normalize",
+]
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or in float64 if it already is: the precision for sensitive maths."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def normalize(x: torch.Tensor, dim=None, eps: float = 1e-8) -> torch.Tensor:
+    """Scale x to unit RMS over `dim` (default: all but the first). Smooth everywhere, so its JVP is exact
+    even at x = 0 (EDM2 adds eps to the norm instead; the two agree for |x| ≫ sqrt(eps))."""
+    dim = tuple(range(1, x.ndim)) if dim is None else dim
+    return pixel_norm(x, dim, eps)
+
+
+SILU_GAIN = 1 / 0.596  # mp_silu(x) = silu(x)·SILU_GAIN; blocks fold the gain into the next layer's weights
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """Magnitude-preserving SiLU (EDM2 eq. 81): unit-variance Gaussian in, unit magnitude out."""
+    return F.silu(x) * SILU_GAIN
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving blend (1 − t)·a + t·b of independent unit-magnitude inputs (EDM2 eq. 88)."""
+    c = math.sqrt((1 - t) ** 2 + t**2)
+    return lincomb(a, b, (1 - t) / c, t / c)
+
+
+def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving channel concatenation with balance t between a and b (EDM2 eq. 103)."""
+    na, nb = a.shape[1], b.shape[1]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t**2))
+    return scaled_cat(a, b, c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t)
+
+
+def adaptive_double_norm(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Adaptive double normalization (paper §4.1): norm(y) ⊙ pnorm(s(t)) + pnorm(b(t)), where pnorm
+    normalizes the embedding's scale s and shift b over channels (PixelNorm). We use the pixel norm of y as
+    norm(·) (EDM2 blocks have no GroupNorm) and divide the sum by √2, which keeps unit magnitude."""
+    s = (normalize(scale, dim=1) / math.sqrt(2)).to(y.dtype)[:, :, None, None]
+    b = (normalize(shift, dim=1) / math.sqrt(2)).to(y.dtype)[:, :, None, None]
+    return torch.addcmul(b, normalize(y, dim=1), s)
+
+
+class MPConv(nn.Module):
+    """Magnitude-preserving convolution (kernel (k, k)) or linear layer (kernel ()) (EDM2 eq. 47) with
+    weight normalization: the weight used is normalize(W)·gain/sqrt(fan_in), computed out of place.
+
+    EDM2 also renormalizes the stored weight in place at the start of every training forward ("forced"
+    weight normalization, eq. 66). Doing that inside a tangent pass would change the weights between the
+    passes of one step, so here it is a separate call, `normalize_weight_()`, that the training loop makes
+    after each optimizer step (which is when EDM2's in-forward version takes effect too).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, ...] = ()):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    @property
+    def fan_in(self) -> int:
+        return self.weight[0].numel()
+
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
+        w = normalize(at_least_fp32(self.weight)) * (gain / math.sqrt(self.fan_in))
+        if w.ndim == 2:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return x.to(dtype) @ w.to(dtype).t()
+        return conv2d(x, w, padding=w.shape[-1] // 2)
+
+    @torch.no_grad()
+    def normalize_weight_(self) -> None:
+        """Forced weight normalization (EDM2 eq. 66): project the stored weight back to unit RMS per output."""
+        self.weight.copy_(normalize(at_least_fp32(self.weight)).to(self.weight.dtype))
+
+
+class PositionalEmbedding(nn.Module):
+    """sqrt(2)·[cos(ω_i c), sin(ω_i c)] with ω_i = max_positions^(−i/half), i < half (DDPM++/EDM): the
+    positional time embedding of §4.1, fed c_noise(t) = t (no ×1000). Unit magnitude, computed in float32
+    whatever the autocast state (spec §3.3). Its largest frequency is 1, so ∂emb/∂t stays O(1)."""
+
+    def __init__(self, num_channels: int, max_positions: float = 10_000.0):
+        super().__init__()
+        if num_channels % 2:
+            raise ValueError(f"PositionalEmbedding needs an even number of channels, got {num_channels}")
+        half = num_channels // 2
+        freqs = max_positions ** (-torch.arange(half, dtype=torch.float64) / half)
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(c.device.type, enabled=False):
+            c = c.to(torch.promote_types(c.dtype, torch.float32))
+            a = c[:, None] * self.freqs.to(c.dtype)[None, :]
+            return torch.cat([torch.cos(a), torch.sin(a)], dim=1) * math.sqrt(2)
+
+
+class FourierEmbedding(nn.Module):
+    """sqrt(2)·cos(2π(s·ω_i·c + φ_i)), ω ~ N(0, 1), φ ~ U[0, 1): EDM2's Fourier features with scale s.
+    Kept for ablations: with a large s (e.g. 16) and c_noise = log σ, ∂F/∂t explodes as t → π/2 (§4.1)."""
+
+    def __init__(self, num_channels: int, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)  # fixed features: the same for every instance
+        freqs = 2 * math.pi * scale * torch.randn(num_channels, generator=g, device="cpu")
+        phases = 2 * math.pi * torch.rand(num_channels, generator=g, device="cpu")
+        self.register_buffer("freqs", freqs.to(torch.get_default_device()))
+        self.register_buffer("phases", phases.to(torch.get_default_device()))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(c.device.type, enabled=False):
+            c = c.to(torch.promote_types(c.dtype, torch.float32))
+            a = c[:, None] * self.freqs.to(c.dtype)[None, :] + self.phases.to(c.dtype)[None, :]
+            return torch.cos(a) * math.sqrt(2)

@@ -1,0 +1,312 @@
+"""An EDM2 (config G) U-Net with sCM's changes (Lu & Song §4.1, App. G): c_noise(t) = t with a positional
+embedding, adaptive double normalization, an optional guidance-scale input, and the adaptive-weight head
+w_φ(t). Called as `net(x_t/σ_d, t, labels, guidance=None, return_weight=False)` -> F (or (F, w)).
+
+The network does not know what trains it: the same forward serves diffusion, sCT and sCD, their JVP
+passes, and sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scm._checks import check_t
+from scm.nets.attention import attention
+from scm.nets.functional import clip, upsample2x
+from scm.nets.layers import (
+    SILU_GAIN,
+    FourierEmbedding,
+    MPConv,
+    PositionalEmbedding,
+    adaptive_double_norm,
+    at_least_fp32,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    normalize,
+)
+
+__all__ = ["NET_PRESETS", "UNet", "UNetConfig", "build_unet"]
+
+
+@dataclass
+class UNetConfig:
+    """Network configuration (one line a field; presets set a few of them, see NET_PRESETS)."""
+
+    img_resolution: int = 32
+    img_channels: int = 3
+    label_dim: int = 0                  # number of classes; 0 = unconditional
+    model_channels: int = 192           # base channel count C
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_blocks: int = 3                 # residual blocks per resolution
+    attn_resolutions: tuple[int, ...] = (16, 8)
+    channel_mult_emb: int = 2           # embedding width = C·this (EDM2: 4; see README "Networks")
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    dropout_max_res: int | None = None  # dropout only in blocks at resolution <= this (sCT: 16); None = all
+    label_dropout: float = 0.0          # drop labels with this probability in training (classifier-free guidance)
+    guidance_embed: bool = False        # take a guidance-scale input (sCD students with CFG, §5.2)
+    time_embed: str = "positional"      # "positional" (§4.1) | "fourier" (ablation)
+    c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM2's log(σ)/4 (ablation)
+    fourier_scale: float = 16.0         # scale of the "fourier" embedding
+    sigma_d: float = 0.5                # only used by c_noise = "log_sigma"
+    weight_channels: int = 128          # embedding width of the adaptive-weight head w_φ(t)
+    res_balance: float = 0.3
+    attn_balance: float = 0.3
+    label_balance: float = 0.5
+    concat_balance: float = 0.5
+    clip_act: float | None = 256.0
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        for name in ("img_resolution", "img_channels", "model_channels", "num_blocks", "channel_mult_emb"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v > 0):
+                raise ValueError(f"UNetConfig.{name} must be a positive int, got {v!r}")
+        if self.img_resolution % (1 << (len(self.channel_mult) - 1)):
+            raise ValueError(
+                f"UNetConfig.img_resolution={self.img_resolution} is not divisible by 2^{len(self.channel_mult) - 1} "
+                f"(channel_mult has {len(self.channel_mult)} levels)"
+            )
+        if not 0 <= self.dropout < 1 or not 0 <= self.label_dropout < 1:
+            raise ValueError(f"dropout and label_dropout must lie in [0, 1), got {self.dropout}, {self.label_dropout}")
+        if self.time_embed not in ("positional", "fourier"):
+            raise ValueError(f"UNetConfig.time_embed must be 'positional' or 'fourier', got {self.time_embed!r}")
+        if self.c_noise not in ("t", "log_sigma"):
+            raise ValueError(f"UNetConfig.c_noise must be 't' or 'log_sigma', got {self.c_noise!r}")
+        if self.label_dim < 0:
+            raise ValueError(f"UNetConfig.label_dim must be >= 0, got {self.label_dim}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {unknown}")
+        return cls(**d)
+
+
+# One line a preset. EDM2 config G (S…XXL, channels 192…448) as in sCM's ImageNet 64×64 pixel and 512×512
+# latent (64×64×4) models; tiny for CPU tests and the demo (28×28 or 32×32); cifar at DDPM++ size.
+NET_PRESETS: dict[str, dict] = {
+    "tiny":  dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7, 8), channel_mult_emb=4),
+    "cifar": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), channel_mult_emb=4),
+    "S":     dict(model_channels=192),
+    "M":     dict(model_channels=256),
+    "L":     dict(model_channels=320),
+    "XL":    dict(model_channels=384),
+    "XXL":   dict(model_channels=448),
+}
+
+
+def build_unet(preset: str, img_resolution: int, img_channels: int, label_dim: int = 0, **overrides) -> UNet:
+    """A UNet from a named preset (NET_PRESETS) for the given image shape; keyword overrides win."""
+    if preset not in NET_PRESETS:
+        raise ValueError(f"unknown network preset {preset!r}; known: {', '.join(NET_PRESETS)}")
+    cfg = dict(NET_PRESETS[preset], img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
+    cfg.update(overrides)
+    return UNet(UNetConfig(**cfg))
+
+
+class Block(nn.Module):
+    """EDM2 encoder/decoder block (Fig. 21) with adaptive double normalization of the residual branch."""
+
+    def __init__(self, cin, cout, cemb, res, flavor, resample, attn, cfg: UNetConfig):
+        super().__init__()
+        self.flavor, self.resample, self.cfg = flavor, resample, cfg
+        self.dropout = cfg.dropout if cfg.dropout_max_res is None or res <= cfg.dropout_max_res else 0.0
+        self.num_heads = cout // cfg.channels_per_head if attn else 0
+        if attn and self.num_heads == 0:
+            self.num_heads = 1
+        self.conv_res0 = MPConv(cout if flavor == "enc" else cin, cout, (3, 3))
+        self.emb_linear = MPConv(cemb, 2 * cout)  # scale and shift of the adaptive double norm
+        self.conv_res1 = MPConv(cout, cout, (3, 3))
+        self.conv_skip = MPConv(cin, cout, (1, 1)) if cin != cout else None
+        self.attn_qkv = MPConv(cout, 3 * cout, (1, 1)) if self.num_heads else None
+        self.attn_proj = MPConv(cout, cout, (1, 1)) if self.num_heads else None
+
+    def forward(self, x, emb):
+        if self.resample == "down":
+            x = F.avg_pool2d(x, 2)  # EDM2's [1, 1] box filter, stride 2
+        elif self.resample == "up":
+            x = upsample2x(x)  # its transpose (nearest neighbour)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)  # pixel norm
+
+        # mp_silu = silu·SILU_GAIN; the gain is folded into the next convolution's (tiny) weight.
+        y = self.conv_res0(F.silu(x), gain=SILU_GAIN)
+        with torch.autocast(x.device.type, enabled=False):  # embedding maths in fp32 (spec §3.3)
+            scale, shift = self.emb_linear(at_least_fp32(emb)).chunk(2, dim=1)
+        y = F.silu(adaptive_double_norm(y, scale, shift))
+        if self.dropout:
+            y = F.dropout(y, p=self.dropout, training=self.training)
+        y = self.conv_res1(y, gain=SILU_GAIN)
+
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.cfg.res_balance)
+
+        if self.num_heads:
+            n, c, h, w = x.shape
+            qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
+            q, k, v = normalize(qkv, dim=2).unbind(3)  # pixel norm per head (cosine attention)
+            fold = lambda a: a.reshape(n * self.num_heads, -1, h * w).transpose(1, 2)  # noqa: E731
+            y = attention(fold(q), fold(k), fold(v))  # exact JVP, bounded memory
+            y = y.transpose(1, 2).reshape(n, c, h, w)
+            x = mp_sum(x, self.attn_proj(y), t=self.cfg.attn_balance)
+
+        if self.cfg.clip_act is not None:
+            x = clip(x, self.cfg.clip_act)
+        return x
+
+
+class UNet(nn.Module):
+    """EDM2 U-Net (config G) mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        cblock = [cfg.model_channels * m for m in cfg.channel_mult]
+        cnoise = cfg.model_channels
+        cemb = cfg.model_channels * cfg.channel_mult_emb
+        self.out_gain = nn.Parameter(torch.zeros([]))
+
+        # Embeddings (time, class, guidance) and the adaptive-weight head.
+        self.time_embed = self._time_embedding(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb)
+        self.emb_label = MPConv(cfg.label_dim, cemb) if cfg.label_dim else None
+        self.guidance_embed = PositionalEmbedding(cnoise) if cfg.guidance_embed else None
+        self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_embed else None
+        self.weight_embed = self._time_embedding(cfg.weight_channels)
+        self.weight_linear = MPConv(cfg.weight_channels, 1)
+
+        # Encoder.
+        self.enc = nn.ModuleDict()
+        cout = cfg.img_channels + 1
+        for level, channels in enumerate(cblock):
+            res = cfg.img_resolution >> level
+            if level == 0:
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, (3, 3))
+            else:
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, res, "enc", "down", False, cfg)
+            for i in range(cfg.num_blocks):
+                cin, cout = cout, channels
+                attn = res in cfg.attn_resolutions
+                self.enc[f"{res}x{res}_block{i}"] = Block(cin, cout, cemb, res, "enc", "keep", attn, cfg)
+
+        # Decoder.
+        self.dec = nn.ModuleDict()
+        skips = [m.out_channels if isinstance(m, MPConv) else m.conv_res1.out_channels for m in self.enc.values()]
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = cfg.img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, res, "dec", "keep", True, cfg)
+                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, res, "dec", "keep", False, cfg)
+            else:
+                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, res, "dec", "up", False, cfg)
+            for i in range(cfg.num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels
+                attn = res in cfg.attn_resolutions
+                self.dec[f"{res}x{res}_block{i}"] = Block(cin, cout, cemb, res, "dec", "keep", attn, cfg)
+        self.out_conv = MPConv(cout, cfg.img_channels, (3, 3))
+
+    def _time_embedding(self, channels: int) -> nn.Module:
+        if self.cfg.time_embed == "fourier":
+            return FourierEmbedding(channels, scale=self.cfg.fourier_scale)
+        return PositionalEmbedding(channels)
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        """c_noise(t) = t (§4.1, eq. 7) or, for ablations, EDM2's log(σ_d·tan t)/4."""
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        if self.cfg.c_noise == "t":
+            return t
+        return torch.log(self.cfg.sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
+
+    # -- conditioning ---------------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        c = self.cfg
+        expected = (c.img_channels, c.img_resolution, c.img_resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"UNet expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        check_t(t, x)
+
+    def _labels(self, labels, batch: int, device) -> torch.Tensor:
+        """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; label dropout in training."""
+        c = self.cfg
+        if labels is None:
+            return torch.zeros(batch, c.label_dim, device=device)
+        if labels.ndim == 1 and not labels.is_floating_point():
+            if labels.shape[0] != batch:
+                raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
+            if bool(((labels < 0) | (labels >= c.label_dim)).any()):
+                bad = labels[(labels < 0) | (labels >= c.label_dim)].unique().tolist()
+                raise ValueError(f"labels must be class indices in [0, {c.label_dim}); got {bad}")
+            onehot = F.one_hot(labels.long(), c.label_dim).float()
+        elif labels.shape == (batch, c.label_dim):
+            onehot = labels.float()
+        else:
+            raise ValueError(f"labels must be class indices of shape [{batch}] or a [{batch}, {c.label_dim}] array")
+        if self.training and c.label_dropout:
+            keep = torch.rand(batch, device=device) >= c.label_dropout
+            onehot = onehot * keep[:, None]
+        return onehot
+
+    def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
+        """The conditioning vector fed to every block, computed in float32."""
+        batch, device = t.shape[0], t.device
+        with torch.autocast(device.type, enabled=False):
+            emb = self.emb_noise(self.time_embed(self.c_noise(t)))
+            if self.emb_label is not None:
+                onehot = self._labels(labels, batch, device).to(emb.dtype)
+                emb = mp_sum(emb, self.emb_label(onehot * math.sqrt(self.cfg.label_dim)), t=self.cfg.label_balance)
+            elif labels is not None:
+                raise ValueError("this network is unconditional (label_dim=0) but labels were given")
+            if self.emb_guidance is not None:
+                g = torch.ones(batch, device=device) if guidance is None else torch.as_tensor(guidance, device=device)
+                g = g.to(emb.dtype).expand(batch) if g.ndim == 0 else g.to(emb.dtype)
+                emb = mp_sum(emb, self.emb_guidance(self.guidance_embed(g)), t=0.5)  # added to the time embedding
+            return mp_silu(emb)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B]."""
+        with torch.autocast(t.device.type, enabled=False):
+            return self.weight_linear(self.weight_embed(self.c_noise(t))).reshape(-1)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
+        self._check_inputs(x, t)
+        emb = self.embedding(t, labels, guidance)
+        h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, block in self.enc.items():
+            h = block(h) if name.endswith("_conv") else block(h, emb)
+            skips.append(h)
+        for name, block in self.dec.items():
+            if "block" in name:
+                h = mp_cat(h, skips.pop(), t=self.cfg.concat_balance)
+            h = block(h, emb)
+        out = self.out_conv(h, gain=self.out_gain).to(x.dtype)
+        return (out, self.weight(t)) if return_weight else out
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """EDM2's forced weight normalization; call after each optimizer step (see MPConv)."""
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.normalize_weight_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
