@@ -86,7 +86,7 @@ class _PixelNorm(torch.autograd.Function):
     @staticmethod
     def _apply_jacobian(ctx, v):
         y, r = ctx.saved_tensors
-        return r * (v - y * (y * v).mean(dim=ctx.dim, keepdim=True))
+        return r * torch.addcmul(v, y, (y * v).mean(dim=ctx.dim, keepdim=True), value=-1)
 
     @staticmethod
     def backward(ctx, grad, _):
@@ -166,7 +166,9 @@ def scaled_cat(a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float) -> t
 
 
 class _Clip(torch.autograd.Function):
-    """clamp(x, −c, c) with derivative 1 inside and 0 outside (the mask is kept from the forward)."""
+    """clamp(x, −c, c), derivative 1 where |x| < c and 0 elsewhere. The mask is rebuilt from the output
+    (|y| < c) only when a backward or a JVP asks for it: a plain forward pays nothing, and nothing but the
+    output (which the next layer keeps anyway) is saved."""
 
     @staticmethod
     def forward(x, c):
@@ -174,18 +176,23 @@ class _Clip(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.c = inputs[1]
         ctx.set_materialize_grads(False)
-        inside = output == inputs[0]
-        ctx.save_for_backward(inside)
-        ctx.save_for_forward(inside)
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def _mask(ctx, v):
+        (y,) = ctx.saved_tensors
+        return v * (y.abs() < ctx.c)
 
     @staticmethod
     def backward(ctx, grad):
-        return (None if grad is None else grad * ctx.saved_tensors[0]), None
+        return (None if grad is None else _Clip._mask(ctx, grad)), None
 
     @staticmethod
     def jvp(ctx, t_x, _c):
-        return None if t_x is None else t_x * ctx.saved_tensors[0]
+        return None if t_x is None else _Clip._mask(ctx, t_x)
 
 
 def clip(x: torch.Tensor, c: float) -> torch.Tensor:
