@@ -54,3 +54,30 @@ class SmallNet(nn.Module):
 @pytest.fixture
 def small_net():
     return SmallNet
+
+
+# -- generated image data for the training tests ---------------------------------------------------------------
+def make_shapes(n: int = 64, res: int = 28, channels: int = 1, seed: int = 0):
+    """Discs and squares on black: uint8 [N, res, res, C] and labels 0/1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:res, :res]
+    images = np.zeros((n, res, res, channels), np.uint8)
+    labels = rng.integers(0, 2, n)
+    for i in range(n):
+        cx, cy = rng.uniform(res * 0.3, res * 0.7, 2)
+        r = rng.uniform(res * 0.1, res * 0.25)
+        mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r if labels[i] == 0 else (abs(xx - cx) < r) & (abs(yy - cy) < r)
+        images[i][mask] = rng.integers(128, 256, channels)
+    return images, labels
+
+
+@pytest.fixture
+def shapes_npz(tmp_path):
+    import numpy as np
+
+    images, labels = make_shapes()
+    path = tmp_path / "shapes.npz"
+    np.savez(path, x=images[..., 0], y=labels)
+    return path

@@ -51,7 +51,8 @@ def scm_target(
 
 
 def tangent_warmup(step: float, H: float) -> float:
-    """r = min(1, step/H): linear tangent warmup over H iterations (§4.2; H = 10k in the paper)."""
+    """r = min(1, step/H): linear tangent warmup over H (§4.2; H = 10k iterations in the paper). `step` and
+    H share a unit: iterations, or kimg (what scm's training loop passes, so the batch size does not matter)."""
     return 1.0 if H <= 0 else min(1.0, max(0.0, step / H))
 
 
@@ -177,7 +178,7 @@ class ConsistencyLoss:
     teacher: Callable | None = None
     guidance: tuple[float, float] | None = None
     teacher_uncond: dict | None = None
-    warmup_iters: float = 10_000
+    warmup: float = 10_000  # H, in the units of `step` (the paper: 10k iterations; scm train: kimg)
     tangent_norm_c: float | None = 0.1
     tangent_norm: str = "l2"
     adaptive_weight: bool = True
@@ -195,8 +196,8 @@ class ConsistencyLoss:
             raise ValueError(f"tangent_norm must be 'l2' or 'rms', got {self.tangent_norm!r}")
         if self.tangent_norm_c is not None:
             check_positive("tangent_norm_c", self.tangent_norm_c)
-        if self.warmup_iters < 0:
-            raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
         if self.tangent_method not in METHODS:
             raise ValueError(f"tangent_method must be one of {METHODS}, got {self.tangent_method!r}")
         if self.guidance is not None:
@@ -245,7 +246,7 @@ class ConsistencyLoss:
             F, w = _call_net(net, x_t / sd, t, self.adaptive_weight, cond)
         F_minus = F.detach()                                                     # θ⁻ = stopgrad(θ)
 
-        r = tangent_warmup(step, self.warmup_iters)
+        r = tangent_warmup(step, self.warmup)
         g = scm_target(F_minus, JF, x_t, dxdt, t, sd, r)                         # Alg. 1
         if self.tangent_norm_c is not None:                                      # §4.2 (Fig. 5a)
             g, g_norm = normalize_tangent(g, self.tangent_norm_c, self.tangent_norm)

@@ -180,7 +180,7 @@ class UNet(nn.Module):
         cblock = [cfg.model_channels * m for m in cfg.channel_mult]
         cnoise = cfg.model_channels
         cemb = cfg.model_channels * cfg.channel_mult_emb
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros([1]))  # 1-D: FSDP2 cannot shard scalars
 
         # Embeddings (time, class, guidance) and the adaptive-weight head.
         self.time_embed = self._time_embedding(cnoise)

@@ -1,0 +1,166 @@
+"""Image data sets held in memory: folders of PNG/JPEG files and .npz arrays.
+
+Pixels are kept as uint8 [N, C, H, W] (or float for data that is not 8-bit, e.g. latents) and mapped to the
+model's space on the fly: 8-bit images and [0, 1] floats to [-1, 1] (the paper's pixel convention, σ_d = 0.5),
+anything else used as is. Every problem names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DataError", "ImageData", "load_folder", "load_npz"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DataError(ValueError):
+    """Missing, empty, corrupt or inconsistent data; the message names the file or field."""
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W]
+    labels: torch.Tensor | None             # int64 [N] or None
+    source: str
+    class_names: list[str] | None = None
+    value_range: str = "uint8"              # "uint8" (0..255) | "unit" ([0, 1] floats) | "raw" (used as is)
+
+    def __post_init__(self):
+        if self.images.ndim != 4:
+            raise DataError(f"{self.source}: images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+        if len(self) == 0:
+            raise DataError(f"{self.source}: the data set is empty")
+        if self.images.shape[2] != self.images.shape[3]:
+            raise DataError(f"{self.source}: images must be square, got {self.images.shape[2]}×{self.images.shape[3]}")
+        if self.labels is not None and self.labels.shape != (len(self),):
+            raise DataError(f"{self.source}: {len(self)} images but labels of shape {tuple(self.labels.shape)}")
+        if self.images.is_floating_point() and not bool(torch.isfinite(self.images).all()):
+            raise DataError(f"{self.source}: the images contain NaN or Inf values")
+        if self.labels is not None and bool((self.labels < 0).any()):
+            raise DataError(f"{self.source}: labels must be >= 0")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        if self.labels is None:
+            return 0
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored values → model space (float32): [-1, 1] for pixels."""
+        if self.value_range == "uint8":
+            return x.float() / 127.5 - 1
+        if self.value_range == "unit":
+            return x.float() * 2 - 1
+        return x.float()
+
+    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.to_model(self.images[index]).to(device)
+        y = None if self.labels is None else self.labels[index].to(device)
+        return x, y
+
+    def describe(self) -> str:
+        lo, hi = (float(v) for v in (self.images.min(), self.images.max()))
+        space = {"uint8": "8-bit pixels → [-1, 1]", "unit": "[0, 1] floats → [-1, 1]", "raw": "used as is"}
+        classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
+        return (f"{self.source}: {len(self)} images, {self.resolution}×{self.resolution}, {self.channels} channel(s)"
+                f"{classes}, values {lo:g}..{hi:g} ({space[self.value_range]})")
+
+
+def _decode(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes fully: a truncated file raises here
+            mode = img.mode
+            if mode in ("L", "I;16", "I", "F", "1"):
+                img = img.convert("L")
+            elif mode != "RGB":
+                img = img.convert("RGB")
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def load_folder(root: Path) -> ImageData:
+    """Every PNG/JPEG under root (recursive). If every image sits in a first-level sub-folder, the sorted
+    sub-folder names are the classes."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{root}: no PNG or JPEG images found (searched recursively)")
+    arrays, first = [], None
+    for f in files:
+        a = _decode(f)
+        if first is None:
+            first = (f, a.shape)
+        elif a.shape != first[1]:
+            h, w, c = a.shape
+            h0, w0, c0 = first[1]
+            raise DataError(
+                f"{f}: {h}×{w} with {c} channel(s), but {first[0]} is {h0}×{w0} with {c0} channel(s); "
+                "all images of a data set must have the same size and channels"
+            )
+        arrays.append(a)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    rel = [f.relative_to(root).parts for f in files]
+    labels = names = None
+    if all(len(parts) >= 2 for parts in rel):
+        names = sorted({parts[0] for parts in rel})
+        index = {n: i for i, n in enumerate(names)}
+        labels = torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64)
+    return ImageData(images, labels, str(root), names, "uint8")
+
+
+def load_npz(path: Path) -> ImageData:
+    """An .npz with images under 'x', 'images' or 'arr_0' ([N, H, W], [N, H, W, C] or [N, C, H, W]; uint8,
+    or floats) and optional integer labels under 'y' or 'labels'."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError …
+        raise DataError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from None
+    key = next((k for k in ("x", "images", "arr_0") if k in arrays), None)
+    if key is None:
+        raise DataError(f"{path}: no image array; expected a key 'x', 'images' or 'arr_0', found {list(arrays)}")
+    x = arrays[key]
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        channels_last = x.shape[3] in (1, 2, 3, 4) and x.shape[1] not in (1, 2, 3, 4)
+        x = x.transpose(0, 3, 1, 2) if channels_last else x
+    else:
+        raise DataError(f"{path}: '{key}' must be [N, H, W], [N, H, W, C] or [N, C, H, W], got shape {x.shape}")
+    if x.dtype == np.uint8:
+        images, value_range = torch.from_numpy(np.ascontiguousarray(x)), "uint8"
+    elif np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer):
+        images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not bool(torch.isfinite(images).all()):
+            raise DataError(f"{path}: '{key}' contains NaN or Inf values")
+        value_range = "unit" if float(images.min()) >= 0 and float(images.max()) <= 1 else "raw"
+    else:
+        raise DataError(f"{path}: '{key}' has unsupported dtype {x.dtype}")
+    labels = None
+    lkey = next((k for k in ("y", "labels") if k in arrays), None)
+    if lkey is not None:
+        y = arrays[lkey]
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+            raise DataError(f"{path}: '{lkey}' must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+        labels = torch.from_numpy(y.astype(np.int64))
+    return ImageData(images, labels, str(path), None, value_range)

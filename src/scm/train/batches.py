@@ -1,0 +1,52 @@
+"""Which examples and which random numbers each step uses: a pure function of (seed, step, slot).
+
+A global batch is split into `slots` = processes × micro-batches of equal size; slot s of step k always
+gets the same examples, the same noise generator and the same dropout seed, whatever the number of
+processes or the accumulation. So a run resumed from a checkpoint continues exactly, and two processes
+with one micro-batch each compute what one process computes with two micro-batches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["BatchPlan", "mix_seed"]
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class BatchPlan:
+    def __init__(self, num_examples: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = num_examples, batch, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0xDA7A))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The global batch of step `step`: consecutive positions in a sequence of per-epoch permutations."""
+        start = step * self.batch
+        out, pos = [], start
+        while pos < start + self.batch:
+            epoch, offset = divmod(pos, self.n)
+            take = min(self.n - offset, start + self.batch - pos)
+            out.append(self._permutation(epoch)[offset: offset + take])
+            pos += take
+        return torch.cat(out)
+
+    def slot(self, step: int, slot: int, slots: int) -> torch.Tensor:
+        size = self.batch // slots
+        return self.indices(step)[slot * size: (slot + 1) * size]
+
+    def noise_generator(self, step: int, slot: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device).manual_seed(mix_seed(self.seed, step, slot, 1))
+
+    def dropout_seed(self, step: int, slot: int) -> int:
+        return mix_seed(self.seed, step, slot, 2)

@@ -1,0 +1,114 @@
+"""From a TrainConfig to the objects a run needs: the network (fresh, or initialized from a run's EMA),
+the sCD teacher, and the objective. The only place that maps configuration fields to the maths."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from scm.config import ConfigError, TrainConfig
+from scm.data import DataError, ImageData
+from scm.nets.unet import UNet, UNetConfig
+from scm.objectives import ConsistencyLoss, DiffusionLoss
+from scm.runs import is_run_dir, load_run, load_teacher_factory
+
+__all__ = ["Built", "build", "build_objective"]
+
+# Fields a student may change relative to the run it is initialized from (training-time behaviour only).
+TRAINING_NET_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_embed")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "inherit": None}
+
+
+@dataclass
+class Built:
+    cfg: TrainConfig
+    net: UNet
+    teacher: object | None
+    init_note: str
+
+
+def check_data(cfg: TrainConfig, data: ImageData) -> None:
+    if (data.resolution, data.channels) != (cfg.resolution, cfg.channels):
+        raise DataError(
+            f"{data.source}: {data.resolution}×{data.resolution} with {data.channels} channel(s), but preset "
+            f"{cfg.preset or '(none)'} expects {cfg.resolution}×{cfg.resolution} with {cfg.channels} "
+            "(override with resolution=… channels=… if you mean it)"
+        )
+    if cfg.conditional and data.labels is None:
+        raise DataError(f"{data.source}: conditional=true needs class labels, but the data set has none")
+
+
+def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device) -> tuple[UNet, UNetConfig]:
+    loaded = load_run(path, std, device=device)
+    src = loaded.cfg.net
+    if (src.img_resolution, src.img_channels) != (cfg.resolution, cfg.channels):
+        raise ConfigError(
+            f"{role} {path}: its network is {src.img_resolution}×{src.img_resolution}×{src.img_channels} but this "
+            f"run's data is {cfg.resolution}×{cfg.resolution}×{cfg.channels}"
+        )
+    return loaded.net, src
+
+
+def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
+    check_data(cfg, data)
+    cfg = dataclasses.replace(cfg)
+    teacher, note = None, "fresh initialization"
+    teacher_net_cfg = None
+    if cfg.method == "scd":
+        if is_run_dir(cfg.teacher):
+            teacher, teacher_net_cfg = _from_run(cfg, cfg.teacher, cfg.teacher_ema, "teacher", device)
+        elif ":" in cfg.teacher:
+            teacher = load_teacher_factory(cfg.teacher)
+        else:
+            raise ConfigError(f"teacher={cfg.teacher!r}: not a run directory (no config.json) nor 'module:function'")
+        _check_teacher_shapes(teacher, cfg, data, device)
+
+    init_path = cfg.init or (cfg.teacher if teacher_net_cfg is not None else None)
+    if init_path is not None:
+        init_net, src_cfg = _from_run(cfg, init_path, cfg.init_ema, "init", device)
+        if cfg.conditional and src_cfg.label_dim != data.num_classes:
+            raise ConfigError(f"init {init_path}: {src_cfg.label_dim} classes, but the data has {data.num_classes}")
+        net_cfg = dataclasses.replace(src_cfg, **{k: getattr(cfg.net, k) for k in TRAINING_NET_FIELDS})
+        net = UNet(net_cfg)
+        missing, unexpected = net.load_state_dict(init_net.state_dict(), strict=False)
+        if unexpected or any(not k.startswith(("emb_guidance", "guidance_embed")) for k in missing):
+            raise ConfigError(
+                f"init {init_path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        note = f"initialized from {init_path} (EMA σ_rel={cfg.init_ema or 'first'})"
+    else:
+        net = UNet(dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0))
+    cfg.net = net.cfg
+    return Built(cfg, net.to(device), teacher, note)
+
+
+def _check_teacher_shapes(teacher, cfg: TrainConfig, data: ImageData, device) -> None:
+    x = torch.zeros(2, cfg.channels, cfg.resolution, cfg.resolution, device=device)
+    t = torch.tensor([0.5, 1.0], device=device)
+    cond = {"labels": data.labels[:2].to(device)} if cfg.conditional else {}
+    try:
+        with torch.no_grad():
+            out = teacher(x, t, **cond)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ConfigError(f"teacher {cfg.teacher}: does not accept this run's inputs {tuple(x.shape)}: {e}") from None
+    F = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(F, torch.Tensor) or F.shape != x.shape:
+        shape = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
+        raise ConfigError(f"teacher {cfg.teacher}: returns {shape} for inputs of shape {tuple(x.shape)}")
+
+
+def build_objective(cfg: TrainConfig, teacher=None):
+    """The loss of the run's method; the training loop calls it as objective(net, x0, kimg, generator, **cond)."""
+    L = cfg.loss
+    if cfg.method == "diffusion":
+        return DiffusionLoss(sigma_d=L.sigma_d, P_mean=L.P_mean, P_std=L.P_std, adaptive_weight=L.adaptive_weight)
+    return ConsistencyLoss(
+        sigma_d=L.sigma_d, P_mean=L.P_mean, P_std=L.P_std, teacher=teacher,
+        guidance=tuple(L.guidance) if L.guidance else None, warmup=L.warmup_kimg,
+        tangent_norm_c=L.tangent_norm_c, tangent_norm=L.tangent_norm, adaptive_weight=L.adaptive_weight,
+        extra_sigma_weight=L.extra_sigma_weight, share_dropout=L.share_dropout, fused_pass=L.fused_pass,
+        tangent_method=L.tangent_method, tangent_precision=PRECISION_DTYPES[L.tangent_precision],
+        rearranged_jvp=L.rearranged_jvp,
+    )

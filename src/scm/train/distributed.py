@@ -1,0 +1,155 @@
+"""One process or many (torchrun): process group, device, DDP / FSDP2 wrapping and full state dicts.
+
+The same code runs on one CPU, one GPU or `torchrun --nproc_per_node N`. Under torchrun the network is
+wrapped in DistributedDataParallel (default) or sharded with FSDP2's `fully_shard`. The objective calls the
+wrapped network for the training pass (so gradients are all-reduced) and for the tangent pass under
+no_grad, which never touches the gradient-sync machinery; tests check that every rank ends with the
+weights of a single process that ran the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+__all__ = ["DistInfo", "init_distributed", "wrap_model"]
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={spec!r}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(device_spec: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank, world, local_rank, device)
+
+
+def wrap_model(net: nn.Module, info: DistInfo, mode: str) -> nn.Module:
+    """DDP or FSDP2 under torchrun; the module itself otherwise."""
+    if not info.enabled:
+        return net
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(net.enc.values()) + list(net.dec.values()) if hasattr(net, "enc") else []:
+            fully_shard(block)
+        fully_shard(net)
+        return net
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model: nn.Module, enabled: bool):
+    """Skip gradient synchronization (for all but the last micro-batch of an accumulated step)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def ctx():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return ctx()
+    return contextlib.nullcontext()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return get_model_state_dict(unwrap(model), options=_FULL)
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    set_model_state_dict(unwrap(model), state, options=_FULL)
+
+
+def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full optimizer state as flat tensors ("<param>/<key>") plus JSON-able metadata (on rank 0; other
+    ranks take part in the gathering and get empty results)."""
+    sd = get_optimizer_state_dict(unwrap(model), opt, options=_FULL)
+    tensors, scalars = {}, {}
+    for name, st in sd.get("state", {}).items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{name}/{k}"] = v
+            else:
+                scalars[f"{name}/{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd.get("param_groups", [])]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[str, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    set_optimizer_state_dict(unwrap(model), opt, {"state": state, "param_groups": groups}, options=_FULL)
+
+
+def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= info.world
+    return x
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,94 @@
+"""EDM2's power-function EMA (Karras et al. 2024, §3.1 and App. C), one average per relative std σ_rel.
+
+The average at time t weights past parameters by τ^γ (τ ≤ t); its relative std is
+σ_rel = sqrt((γ + 1)/((γ + 2)²(γ + 3))), so σ_rel picks γ as the largest real root of
+γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0. Incrementally: ema ← β·ema + (1 − β)·θ with
+β = (1 − Δ/t)^(γ + 1), t the images seen after the step and Δ the batch. The first update copies θ, so a
+short run is never dominated by its random initialization (the fixed-decay pitfall of the platform notes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["PowerEMA", "std_to_exp"]
+
+
+def std_to_exp(std: float) -> float:
+    s2 = float(std) ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+def _key(std: float) -> str:
+    return f"{std:.4f}"
+
+
+def _full(v: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) value gathered in full; plain tensors pass through. Collective for DTensors."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
+
+
+def _copy_full_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if hasattr(dst, "device_mesh"):  # DTensor: keep this rank's shard of the full value
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
+class PowerEMA:
+    """Shadow copies (float32) of a module's parameters and buffers, one set per σ_rel."""
+
+    def __init__(self, net: nn.Module, stds: tuple[float, ...]):
+        self.stds = tuple(float(s) for s in stds)
+        self.exps = {s: std_to_exp(s) for s in self.stds}
+        self.shadow = {
+            s: {k: v.detach().clone().float() for k, v in net.state_dict().items() if v.is_floating_point()}
+            for s in self.stds
+        }
+
+    @torch.no_grad()
+    def update(self, net: nn.Module, cur_nimg: int, batch: int) -> None:
+        current = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+        for s, shadow in self.shadow.items():
+            beta = (1 - batch / max(cur_nimg, batch)) ** (self.exps[s] + 1)
+            for k, v in shadow.items():
+                v.lerp_(current[k].float(), 1 - beta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) tensors; under FSDP2 every process must call it."""
+        return {f"{_key(s)}/{k}": _full(v) for s, shadow in self.shadow.items() for k, v in shadow.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for s, shadow in self.shadow.items():
+            for k, v in shadow.items():
+                name = f"{_key(s)}/{k}"
+                if name not in tensors:
+                    raise KeyError(f"EMA tensor {name!r} missing from the checkpoint")
+                _copy_full_into(v, tensors[name])
+
+    def weights(self, std: float | None = None) -> dict[str, torch.Tensor]:
+        """The averaged state dict for σ_rel = std (default: the first), full tensors (collective under FSDP2)."""
+        std = self.stds[0] if std is None else float(std)
+        if std not in self.shadow:
+            raise KeyError(f"no EMA with σ_rel={std}; this run keeps {self.stds}")
+        return {k: _full(v) for k, v in self.shadow[std].items()}
+
+
+def ema_stds_in(tensors: dict[str, torch.Tensor]) -> list[float]:
+    """The σ_rel values present in an EMA state dict (keys 'σ/name')."""
+    return sorted({float(k.split("/", 1)[0]) for k in tensors})
+
+
+def ema_weights(tensors: dict[str, torch.Tensor], std: float | None = None) -> dict[str, torch.Tensor]:
+    stds = ema_stds_in(tensors)
+    if not stds:
+        raise KeyError("the checkpoint holds no EMA weights")
+    std = stds[0] if std is None else float(std)
+    if std not in stds:
+        raise KeyError(f"no EMA with σ_rel={std} (available: {stds})")
+    prefix = _key(std) + "/"
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
