@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_shapes
 from scm.cli import app
+
+from conftest import make_shapes
 
 RUN = ["progress=false", "tensorboard=false", "sample_count=2", "sample_ode_steps=1"]
 
@@ -120,7 +121,8 @@ def test_teacher_that_does_not_match_the_student(shapes_npz, rgb_teacher, tmp_pa
     out = tmp_path / "run"
     line = expect_error(args_for(shapes_npz, out, "tiny-28-scd", "--teacher", rgb_teacher), "teacher", out)
     assert "32×32×3" in line and "28×28×1" in line
-    expect_error(args_for(shapes_npz, out, "tiny-28-scd", "--teacher", tmp_path / "nothing"), "not a run directory", out)
+    missing = tmp_path / "nothing"
+    expect_error(args_for(shapes_npz, out, "tiny-28-scd", "--teacher", missing), "not a run directory", out)
 
 
 def test_corrupt_teacher_checkpoint(shapes_npz, rgb_teacher, tmp_path):

@@ -12,7 +12,7 @@ import scm.nets.attention as attn_mod
 from scm._rng import rng_replayer
 from scm.nets import NET_PRESETS, build_unet
 from scm.nets.attention import attention
-from scm.nets.functional import clip, conv2d, lincomb, pixel_norm, scaled_cat, upsample2x
+from scm.nets.functional import clip, conv2d, lincomb, modulate, pixel_norm, scaled_cat, silu, upsample2x
 from scm.nets.layers import FourierEmbedding, MPConv, PositionalEmbedding, adaptive_double_norm, mp_cat, mp_sum
 
 D = torch.float64
@@ -60,6 +60,8 @@ def _check_layer(fn, primals, seed=1):
         ("scaled_cat", lambda a, b: scaled_cat(a, b, 0.5, 2.0), [(2, 3, 2, 2), (2, 1, 2, 2)]),
         ("clip", lambda x: clip(x * 3, 2.0), [(3, 7)]),
         ("upsample2x", upsample2x, [(2, 3, 3, 4)]),
+        ("silu", silu, [(3, 5)]),
+        ("modulate", modulate, [(2, 3, 4, 4), (2, 3, 1, 1), (2, 3, 1, 1)]),
         ("attention", attention, [(3, 7, 4), (3, 5, 4), (3, 5, 6)]),
     ],
 )

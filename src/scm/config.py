@@ -47,7 +47,7 @@ class LossConfig:
     tangent_norm: str = "l2"                  # "l2" (paper) | "rms"
     extra_sigma_weight: bool = False          # Sana/FastGen's extra 1/σ factor (spec §2.7)
     share_dropout: bool = True
-    fused_pass: bool = False                  # one network pass for the tangent and the training forward
+    fused_pass: bool | None = None            # one pass for tangent + training forward; None: yes unless FSDP
     tangent_method: str = "forward_ad"        # "forward_ad" | "func" | "finite_difference"
     tangent_precision: str = "inherit"        # "inherit" | "fp32" | "bf16" | "fp16"
     rearranged_jvp: bool = True
@@ -151,7 +151,7 @@ class TrainConfig:
         need(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
         need(self.sample_count >= 1, "sample_count", self.sample_count, "must be >= 1")
         need(self.sample_ode_steps >= 1, "sample_ode_steps", self.sample_ode_steps, "must be >= 1")
-        need(not (self.distributed == "fsdp" and L.fused_pass), "loss.fused_pass", L.fused_pass,
+        need(not (self.distributed == "fsdp" and L.fused_pass is True), "loss.fused_pass", L.fused_pass,
              "is not supported with distributed=fsdp (FSDP2's hooks have no forward-mode AD rule); "
              "use the separate tangent pass (loss.fused_pass=false)")
         if self.method == "scd":

@@ -44,8 +44,9 @@ class _Attention(torch.autograd.Function):
         q, k, v, scale = inputs
         ctx.scale = scale
         ctx.set_materialize_grads(False)  # absent tangents / gradients arrive as None, not zeros
-        ctx.save_for_backward(q, k, v, output)
-        ctx.save_for_forward(q, k, v, output)
+        values = tuple(t.detach() for t in (q, k, v, output))  # no tangent kept alive, no graph for tangents
+        ctx.save_for_backward(*values)
+        ctx.save_for_forward(*values)
 
     @staticmethod
     def backward(ctx, d_out):

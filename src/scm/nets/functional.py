@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["clip", "conv2d", "lincomb", "pixel_norm", "scaled_cat", "upsample2x"]
+__all__ = ["clip", "conv2d", "lincomb", "modulate", "pixel_norm", "scaled_cat", "silu", "upsample2x"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -22,6 +22,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _add(a, b):
     return b if a is None else a if b is None else a + b
+
+
+def _save(ctx, *tensors: torch.Tensor) -> None:
+    """Save values for the backward and the JVP rule, detached: no forward-mode tangent is kept alive with
+    them until the backward, and a tangent computed from them while the primal is being recorded for
+    backward (the fused pass) records no autograd graph of its own."""
+    values = tuple(t.detach() for t in tensors)
+    ctx.save_for_backward(*values)
+    ctx.save_for_forward(*values)
 
 
 class _Conv2d(torch.autograd.Function):
@@ -36,8 +45,7 @@ class _Conv2d(torch.autograd.Function):
         x, w, padding = inputs
         ctx.padding = padding
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, w)
-        ctx.save_for_forward(x, w)
+        _save(ctx, x, w)
 
     @staticmethod
     def backward(ctx, grad):
@@ -80,21 +88,23 @@ class _PixelNorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         y, r = output
         ctx.mark_non_differentiable(r)
-        ctx.save_for_backward(y, r)
-        ctx.save_for_forward(y, r)
+        _save(ctx, y, r)
 
     @staticmethod
-    def _apply_jacobian(ctx, v):
-        y, r = ctx.saved_tensors
-        return r * torch.addcmul(v, y, (y * v).mean(dim=ctx.dim, keepdim=True), value=-1)
+    def _apply_jacobian(y, r, v, dim):
+        return r * torch.addcmul(v, y, (y * v).mean(dim=dim, keepdim=True), value=-1)
 
     @staticmethod
     def backward(ctx, grad, _):
-        return (None if grad is None else _PixelNorm._apply_jacobian(ctx, grad)), None, None
+        if grad is None:
+            return None, None, None
+        return _PixelNorm._apply_jacobian(*ctx.saved_tensors, grad, ctx.dim), None, None
 
     @staticmethod
     def jvp(ctx, t_x, _dim, _eps):
-        return (None if t_x is None else _PixelNorm._apply_jacobian(ctx, t_x)), None
+        if t_x is None:
+            return None, None
+        return _PixelNorm._apply_jacobian(*ctx.saved_tensors, t_x, ctx.dim), None
 
 
 def pixel_norm(x: torch.Tensor, dim=1, eps: float = 1e-8) -> torch.Tensor:
@@ -178,8 +188,7 @@ class _Clip(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.c = inputs[1]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        _save(ctx, output)
 
     @staticmethod
     def _mask(ctx, v):
@@ -197,6 +206,65 @@ class _Clip(torch.autograd.Function):
 
 def clip(x: torch.Tensor, c: float) -> torch.Tensor:
     return _Clip.apply(x, float(c))
+
+
+class _SiLU(torch.autograd.Function):
+    """x·sigmoid(x); derivative via the native silu_backward kernel (one op for the tangent)."""
+
+    @staticmethod
+    def forward(x):
+        return F.silu(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        _save(ctx, inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None if grad is None else torch.ops.aten.silu_backward(grad, ctx.saved_tensors[0])
+
+    @staticmethod
+    def jvp(ctx, t_x):
+        return None if t_x is None else torch.ops.aten.silu_backward(t_x, ctx.saved_tensors[0])
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return _SiLU.apply(x)
+
+
+class _Modulate(torch.autograd.Function):
+    """y·s + b for y [B, C, H, W] and per-channel s, b [B, C, 1, 1] (the adaptive double norm's affine)."""
+
+    @staticmethod
+    def forward(y, s, b):
+        return torch.addcmul(b, y, s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, s, _ = inputs
+        ctx.set_materialize_grads(False)
+        _save(ctx, y, s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None, None, None
+        y, s = ctx.saved_tensors
+        gs = (grad * y).sum(dim=(2, 3), keepdim=True) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(dim=(2, 3), keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad * s, gs, gb
+
+    @staticmethod
+    def jvp(ctx, t_y, t_s, t_b):
+        y, s = ctx.saved_tensors
+        out = None if t_y is None else t_y * s
+        out = _add(out, None if t_s is None else y * t_s)
+        return _add(out, t_b)
+
+
+def modulate(y: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _Modulate.apply(y, s, b)
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:

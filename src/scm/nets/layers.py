@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm.nets.functional import conv2d, lincomb, pixel_norm, scaled_cat
+from scm.nets.functional import conv2d, lincomb, modulate, pixel_norm, scaled_cat
 
 __all__ = [
     "FourierEmbedding",
@@ -66,7 +66,7 @@ def adaptive_double_norm(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     norm(·) (EDM2 blocks have no GroupNorm) and divide the sum by √2, which keeps unit magnitude."""
     s = (normalize(scale, dim=1) / math.sqrt(2)).to(y.dtype)[:, :, None, None]
     b = (normalize(shift, dim=1) / math.sqrt(2)).to(y.dtype)[:, :, None, None]
-    return torch.addcmul(b, normalize(y, dim=1), s)
+    return modulate(normalize(y, dim=1), s, b)
 
 
 class MPConv(nn.Module):

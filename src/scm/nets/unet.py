@@ -17,7 +17,7 @@ from torch import nn
 
 from scm._checks import check_t
 from scm.nets.attention import attention
-from scm.nets.functional import clip, upsample2x
+from scm.nets.functional import clip, silu, upsample2x
 from scm.nets.layers import (
     SILU_GAIN,
     FourierEmbedding,
@@ -145,10 +145,10 @@ class Block(nn.Module):
             x = normalize(x, dim=1)  # pixel norm
 
         # mp_silu = silu·SILU_GAIN; the gain is folded into the next convolution's (tiny) weight.
-        y = self.conv_res0(F.silu(x), gain=SILU_GAIN)
+        y = self.conv_res0(silu(x), gain=SILU_GAIN)
         with torch.autocast(x.device.type, enabled=False):  # embedding maths in fp32 (spec §3.3)
             scale, shift = self.emb_linear(at_least_fp32(emb)).chunk(2, dim=1)
-        y = F.silu(adaptive_double_norm(y, scale, shift))
+        y = silu(adaptive_double_norm(y, scale, shift))
         if self.dropout:
             y = F.dropout(y, p=self.dropout, training=self.training)
         y = self.conv_res1(y, gain=SILU_GAIN)

@@ -108,7 +108,8 @@ def build_objective(cfg: TrainConfig, teacher=None):
         sigma_d=L.sigma_d, P_mean=L.P_mean, P_std=L.P_std, teacher=teacher,
         guidance=tuple(L.guidance) if L.guidance else None, warmup=L.warmup_kimg,
         tangent_norm_c=L.tangent_norm_c, tangent_norm=L.tangent_norm, adaptive_weight=L.adaptive_weight,
-        extra_sigma_weight=L.extra_sigma_weight, share_dropout=L.share_dropout, fused_pass=L.fused_pass,
+        extra_sigma_weight=L.extra_sigma_weight, share_dropout=L.share_dropout,
+        fused_pass=(cfg.distributed != "fsdp") if L.fused_pass is None else L.fused_pass,
         tangent_method=L.tangent_method, tangent_precision=PRECISION_DTYPES[L.tangent_precision],
         rearranged_jvp=L.rearranged_jvp,
     )
