@@ -19,6 +19,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from common import machine, time_interleaved, write_results
@@ -66,7 +67,7 @@ def make_step(name: str, args, device):
 
 def _peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
