@@ -7,6 +7,7 @@ steps, 130 when interrupted (a checkpoint is saved; continue with --resume).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -60,7 +61,8 @@ def train(
         _fail(str(e), e.exit_code)
     except _user_errors() as e:
         _fail(str(e))
-    print(f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}", file=sys.stderr)
 
 
 @app.command()
