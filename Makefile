@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo clean
+.PHONY: test lint demo demo-full clean
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -13,9 +13,17 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
-demo:
-	@echo "make demo arrives with the data/metrics/demo issue; until then see README.md (Python API)." >&2
-	@exit 2
+demo: $(VENV)/.installed-demo
+	$(BIN)/scm data fetch mnist
+	$(BIN)/scm demo --out demo --teacher demo/teacher
+
+demo-full: $(VENV)/.installed-demo
+	$(BIN)/scm data fetch mnist
+	$(BIN)/scm demo --out demo --full
+
+$(VENV)/.installed-demo: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	touch $@
 
 # The venv: torch only if none is importable there (TORCH_SPEC picks the build), then scm with its dev extra.
 $(VENV)/.installed: pyproject.toml

@@ -77,6 +77,7 @@ class TrainConfig:
     data: str = ""
     out: str = ""
     kimg: float = 100.0                       # training budget, thousands of images
+    max_minutes: float | None = None          # also stop (normally, with a checkpoint) after this wall time
     batch: int = 64                           # global batch size
     grad_accum: int = 1                       # micro-batches per step (per process)
     seed: int = 0
@@ -114,6 +115,7 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
         need(self.distributed in ("ddp", "fsdp"), "distributed", self.distributed, "must be 'ddp' or 'fsdp'")
         need(_finite(self.kimg) and self.kimg > 0, "kimg", self.kimg, "must be > 0")
+        need(self.max_minutes is None or self.max_minutes > 0, "max_minutes", self.max_minutes, "must be > 0")
         need(isinstance(self.batch, int) and self.batch > 0, "batch", self.batch, "must be a positive int")
         need(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
         need(self.batch % self.grad_accum == 0, "batch", self.batch,

@@ -1,20 +1,43 @@
-"""Data sets: a path (image folder or .npz) → an in-memory ImageData in the model's value space."""
+"""Data sets: a name or a path → an in-memory ImageData in the model's value space.
+
+- "mnist" (or "mnist:train": 60,000 digits) and "mnist:test" (10,000): the built-in MNIST (`scm data fetch mnist`);
+- a folder of PNG/JPEG images (recursive; class sub-folders become labels);
+- a folder with the MNIST IDX files (train split), or a `cifar-10-batches-py` folder (train split);
+- an .npz with images under 'x' (and labels under 'y').
+A ":test" suffix on an IDX or CIFAR folder picks its test split.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from scm.data.builtin import BUILTIN, load_builtin, load_cifar10_batches
+from scm.data.builtin import _mnist_from_idx as mnist_from_idx
 from scm.data.images import DataError, ImageData, load_folder, load_npz
 
 __all__ = ["DataError", "ImageData", "load_dataset"]
 
 
 def load_dataset(path: str | Path) -> ImageData:
-    """Load a data set from a folder of PNG/JPEG images (class sub-folders become labels) or an .npz file."""
-    p = Path(path).expanduser()
+    spec = str(path)
+    if spec in BUILTIN:
+        return load_builtin(spec)
+    split = "train"
+    if spec.endswith(":test") or spec.endswith(":train"):
+        spec, split = spec.rsplit(":", 1)
+    p = Path(spec).expanduser()
     if not p.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
     if p.is_dir():
+        if (p / "data_batch_1").is_file() or (p / "test_batch").is_file():
+            return load_cifar10_batches(p, split)
+        if any(p.glob("train-images*idx3-ubyte*")):
+            import torch
+
+            arrays = mnist_from_idx(p)
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+            return ImageData(torch.from_numpy(x[:, None].copy()), torch.from_numpy(y), f"MNIST IDX {split} ({p})",
+                             None, "uint8")
         return load_folder(p)
     if p.suffix.lower() == ".npz":
         return load_npz(p)

@@ -43,7 +43,7 @@ from scm.train.samples import sample_grids
 __all__ = ["RunError", "TrainResult", "TrainingStopped", "train"]
 
 # Fields that may differ between a run and its --resume (budget, bookkeeping, where it runs).
-RESUMABLE_CHANGES = {"kimg", "device", "log_every", "ckpt_every_kimg", "keep_ckpts", "sample_every_kimg",
+RESUMABLE_CHANGES = {"kimg", "max_minutes", "device", "log_every", "ckpt_every_kimg", "keep_ckpts", "sample_every_kimg",
                      "sample_count", "sample_ode_steps", "tensorboard", "progress", "max_bad_steps"}
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -162,6 +162,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, objective_wrapper=None) -> 
     autocast = AUTOCAST[cfg.precision]
     params = [p for p in model.parameters() if p.requires_grad]
     log.start(cur_nimg, total_nimg)
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     stats_acc: dict[str, float] = {}
     with stop.installed():
         while cur_nimg < total_nimg:
@@ -214,7 +215,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, objective_wrapper=None) -> 
             if finite:
                 stats_acc = _accumulate(stats_acc, {"loss": step_loss, "grad_norm": grad_norm, **step_stats})
             log.progress(cur_nimg, lr, {"loss": step_loss, "grad_norm": grad_norm, **step_stats}, finite)
-            if step % cfg.log_every == 0 or cur_nimg >= total_nimg:
+            done = cur_nimg >= total_nimg or _agree(time.monotonic() > deadline, info)
+            if step % cfg.log_every == 0 or done:
                 log.metrics(step, cur_nimg, lr, _mean(stats_acc, info), bad_total)
                 stats_acc = {}
             if bad_run >= cfg.max_bad_steps:
@@ -225,7 +227,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, objective_wrapper=None) -> 
                     f"stopped. The last good weights are in {run.latest()} (lower optim.lr, or set optim.grad_clip)",
                     exit_code=3,
                 )
-            done = cur_nimg >= total_nimg
             if stop.requested(info):
                 save_checkpoint()
                 log.close()
@@ -238,8 +239,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, objective_wrapper=None) -> 
                 save_checkpoint()
             if _crossed(cfg.sample_every_kimg, cur_nimg, cfg.batch) or done:
                 save_samples()
+            if done:
+                break
     log.close()
     return TrainResult(str(run.path), step, cur_nimg / 1000, bad_total, unwrap(model), ema, log.last_metrics)
+
+
+def _agree(flag: bool, info: DistInfo) -> bool:
+    """True on every process when it is true on any (so that all stop together)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor(float(flag), device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t > 0)
 
 
 def _crossed(every_kimg: float | None, cur_nimg: int, batch: int) -> bool:
@@ -288,9 +300,5 @@ class _StopFlag:
                 signal.signal(sig, h)
 
     def requested(self, info: DistInfo) -> bool:
-        if not info.enabled:
-            return self.flag
-        t = torch.tensor(float(self.flag), device=info.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t > 0)
+        return _agree(self.flag, info)
 

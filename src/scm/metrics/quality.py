@@ -1,0 +1,152 @@
+"""Quality of generated images against a reference: feature spaces, cached reference statistics, measurement.
+
+Two feature spaces:
+- "classifier:<key>" — the penultimate layer of a small classifier trained on the data set (offline; reported
+  as FD-<KEY>, e.g. FD-MNIST, never as FID). Its class probabilities also say how recognisable samples are.
+- "inception" — the FID Inception-v3 network (needs the local weights file): reported as FID.
+
+Reference statistics (mean, covariance and a feature sample for KID / precision / recall) are computed once
+per data set and feature space and cached as .npz under <data dir>/refs/.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scm.data import DataError, ImageData, load_dataset
+from scm.data.builtin import data_dir
+from scm.metrics.classifier import Classifier, get_classifier
+from scm.metrics.distances import feature_stats, frechet_distance, kernel_distance, precision_recall
+
+__all__ = ["FeatureSpace", "RefStats", "measure", "open_reference"]
+
+SAMPLE = 10_000  # features kept for KID and precision/recall
+
+
+@dataclass
+class FeatureSpace:
+    key: str                         # "classifier:mnist" | "inception"
+    classifier: Classifier | None = None
+    inception: torch.nn.Module | None = None
+
+    @property
+    def metric(self) -> str:
+        return "FID" if self.key == "inception" else f"FD-{self.key.split(':', 1)[1].upper()}"
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.classifier is not None:
+            return self.classifier.embed(images, batch)
+        feats = [self.inception.features(images[i: i + batch]) for i in range(0, len(images), batch)]
+        return torch.cat(feats), None
+
+
+@dataclass
+class RefStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    sample: np.ndarray
+    space: str
+    resolution: int
+    channels: int
+    source: str
+    count: int
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({k: getattr(self, k) for k in ("space", "resolution", "channels", "source", "count")})
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, sample=self.sample, meta=np.array(meta))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> RefStats:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return cls(z["mu"], z["sigma"], z["sample"], **meta)
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{path}: not a scm reference-statistics file ({e})") from None
+
+
+def _space(key: str, train: ImageData | None = None, test: ImageData | None = None, inception_path=None, log=print):
+    if key == "inception":
+        from scm.metrics.inception import load_inception
+
+        return FeatureSpace(key, inception=load_inception(inception_path))
+    name = key.split(":", 1)[1]
+    model, _info = get_classifier(name, train, test, log=log)
+    return FeatureSpace(key, classifier=model)
+
+
+def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print) -> tuple[FeatureSpace, RefStats]:
+    """`ref` is a data set ('mnist', a folder, …) or a reference-statistics .npz; metric 'fd' (classifier) or 'fid'."""
+    if str(ref).endswith(".npz") and Path(ref).is_file() and not _is_image_npz(Path(ref)):
+        stats = RefStats.load(Path(ref))
+        return _space(stats.space, inception_path=inception_path, log=log), stats
+    name = str(ref)
+    key = "inception" if metric == "fid" else f"classifier:{Path(name).name.split(':')[0] or name}"
+    train = load_dataset(name)
+    test = None
+    if key != "inception":
+        if train.labels is None:
+            raise DataError(f"{train.source}: FD-<dataset> needs labels to train its classifier; use --metric fid")
+        test = _test_split(name, train)
+    space = _space(key, train, test, inception_path, log)
+    cache = data_dir() / "refs" / f"{key.replace(':', '-')}-{Path(name).name.replace(':', '-')}.npz"
+    if cache.is_file():
+        return space, RefStats.load(cache)
+    log(f"computing reference statistics of {train.source} in {space.metric} features ...")
+    images = train.to_model(train.images)
+    feats, _ = space.embed(images)
+    mu, sigma = feature_stats(feats)
+    g = torch.Generator().manual_seed(0)
+    sample = feats[torch.randperm(len(feats), generator=g)[:SAMPLE]]
+    stats = RefStats(mu.numpy(), sigma.numpy(), sample.numpy(), key, train.resolution, train.channels, train.source,
+                     len(train))
+    stats.save(cache)
+    return space, stats
+
+
+def _is_image_npz(path: Path) -> bool:
+    with np.load(path, allow_pickle=False) as z:
+        return "meta" not in z.files
+
+
+def _test_split(name: str, train: ImageData) -> ImageData:
+    if name in ("mnist", "mnist:train"):
+        return load_dataset("mnist:test")
+    try:
+        return load_dataset(f"{name}:test")
+    except DataError:  # no separate test split: hold out the last 10 %
+        n = len(train) // 10
+        return ImageData(train.images[-n:], train.labels[-n:], train.source + " (last 10 %)", train.class_names,
+                         train.value_range)
+
+
+def measure(images: torch.Tensor, space: FeatureSpace, ref: RefStats, seed: int = 0) -> dict:
+    """The metric (FD/FID), KID, precision, recall and, with a classifier, recognisability of `images`."""
+    if tuple(images.shape[1:]) != (ref.channels, ref.resolution, ref.resolution):
+        raise DataError(f"reference statistics are for {ref.resolution}×{ref.resolution}×{ref.channels} images "
+                        f"({ref.source}), but the samples are {tuple(images.shape[1:])}")
+    feats, probs = space.embed(images)
+    mu, sigma = feature_stats(feats)
+    sample = torch.from_numpy(ref.sample)
+    g = torch.Generator().manual_seed(seed)
+    k = min(1000, len(feats) // 2, len(sample)) if len(feats) >= 4 else 2
+    out = {
+        space.metric: frechet_distance(mu, sigma, ref.mu, ref.sigma),
+        "KID": kernel_distance(sample, feats, subsets=10, subset_size=k, generator=g),
+    }
+    p, r = precision_recall(sample[: min(len(sample), 5000)], feats[:5000])
+    out.update(precision=p, recall=r, n=len(images))
+    if probs is not None:
+        conf, label = probs.max(1)
+        out["confident"] = float((conf >= 0.9).float().mean())
+        out["classes"] = int(label[conf >= 0.9].unique().numel())
+    return out
