@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from scm.runs import LoadedRun
-from scm.sampling import consistency_sample, consistency_times, ode_sample, ode_times
+from scm.sampling import check_times, consistency_sample, consistency_times, ode_sample, ode_times
 from scm.train.batches import mix_seed
 
 __all__ = ["Sampler", "generate"]
@@ -34,6 +34,11 @@ class Sampler:
     solver: str = "heun"
 
     def times(self, run: LoadedRun) -> list[float]:
+        if self.ts is not None:
+            try:
+                check_times(self.ts)
+            except ValueError as e:
+                raise SamplerError(f"--ts: {e}") from None
         sd = run.cfg.loss.sigma_d
         if run.cfg.method == "diffusion":
             if self.steps is not None and self.nfe is None and self.ts is None:

@@ -64,7 +64,7 @@ def ode_times(
     return [math.atan(s / sigma_d) for s in sigmas]
 
 
-def _check_times(ts: Sequence[float] | torch.Tensor) -> list[float]:
+def check_times(ts: Sequence[float] | torch.Tensor) -> list[float]:
     """Validate ts; return it with a trailing 0 removed."""
     if isinstance(ts, torch.Tensor):
         if ts.ndim != 1:
@@ -112,7 +112,7 @@ def consistency_sample(
 ) -> torch.Tensor:
     """Multistep consistency sampling (§5.3): len(ts) evaluations; fresh noise from `generator`."""
     _check_noise(noise, sigma_d)
-    ts = _check_times(ts)
+    ts = check_times(ts)
     F, tb = _evaluate(fn, noise, ts[0], sigma_d, cond)
     x0 = denoise(noise, F, tb, sigma_d)  # f = cos t·x_t − sin t·σ_d·F (eq. 5)
     for t in ts[1:]:  # re-noise the current estimate to time t_i, then denoise again (§5.2-5.3)
@@ -136,7 +136,7 @@ def ode_sample(
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
     _check_noise(noise, sigma_d)
-    grid = [*_check_times(ts), 0.0]
+    grid = [*check_times(ts), 0.0]
     x = noise
     for t_cur, t_next in itertools.pairwise(grid):
         F, tb = _evaluate(fn, x, t_cur, sigma_d, cond)

@@ -65,13 +65,15 @@ def train_classifier(train: ImageData, test: ImageData, epochs: int = 4, batch: 
     torch.manual_seed(seed)
     model = Classifier(train.channels, max(train.num_classes, test.num_classes))
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    steps = epochs * (len(train) // batch)
+    batch = min(batch, len(train))
+    per_epoch = max(1, len(train) // batch)
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps)
     start = time.perf_counter()
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=g)
-        for i in range(len(train) // batch):
+        for i in range(per_epoch):
             x, y = train.batch(perm[i * batch: (i + 1) * batch])
             dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))

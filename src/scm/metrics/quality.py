@@ -90,7 +90,8 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
         stats = RefStats.load(Path(ref))
         return _space(stats.space, inception_path=inception_path, log=log), stats
     name = str(ref)
-    key = "inception" if metric == "fid" else f"classifier:{Path(name).name.split(':')[0] or name}"
+    data_key = name.split(":")[0] if name.split(":")[0] in ("mnist",) else Path(name.split(":")[0]).stem
+    key = "inception" if metric == "fid" else f"classifier:{data_key}"
     train = load_dataset(name)
     test = None
     if key != "inception":
@@ -98,7 +99,7 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
             raise DataError(f"{train.source}: FD-<dataset> needs labels to train its classifier; use --metric fid")
         test = _test_split(name, train)
     space = _space(key, train, test, inception_path, log)
-    cache = data_dir() / "refs" / f"{key.replace(':', '-')}-{Path(name).name.replace(':', '-')}.npz"
+    cache = data_dir() / "refs" / f"{key.replace(':', '-')}-{data_key}.npz"
     if cache.is_file():
         return space, RefStats.load(cache)
     log(f"computing reference statistics of {train.source} in {space.metric} features ...")

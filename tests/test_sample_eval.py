@@ -1,0 +1,109 @@
+"""`scm sample` and `scm eval` on a tiny run; their bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from scm.cli import app
+
+RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=1"]
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from conftest import make_shapes
+
+    root = tmp_path_factory.mktemp("sample")
+    images, labels = make_shapes(64)
+    np.savez(root / "shapes.npz", x=images[..., 0], y=labels)
+    teacher, student = root / "teacher", root / "scd"
+    for args in (["--preset", "tiny-28-diffusion", "--out", teacher],
+                 ["--preset", "tiny-28-scd", "--out", student, "--teacher", teacher]):
+        code, text = cli("train", *args, "--data", root / "shapes.npz", "--kimg", 0.064, "--batch", 16, *RUN)
+        assert code == 0, text
+    return root, teacher, student
+
+
+def test_sample_formats_and_determinism(runs, tmp_path):
+    _, teacher, student = runs
+    code, text = cli("sample", "--ckpt", student, "--steps", 2, "--n", 10, "--batch", 4, "--out", tmp_path / "a.npz")
+    assert code == 0, text
+    assert "img/s" in text and "ms/image" in text
+    cli("sample", "--ckpt", student, "--steps", 2, "--n", 10, "--batch", 4, "--out", tmp_path / "b.npz")
+    cli("sample", "--ckpt", student, "--steps", 2, "--n", 10, "--batch", 4, "--seed", 1, "--out", tmp_path / "c.npz")
+    a, b, c = (np.load(tmp_path / f"{k}.npz")["x"] for k in "abc")
+    assert a.shape == (10, 28, 28, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    code, text = cli("sample", "--ckpt", student, "--ts", "1.5,1.0,0.4", "--n", 6, "--out", tmp_path / "grid.png")
+    assert code == 0, text
+    assert Image.open(tmp_path / "grid.png").size == (3 * 29 + 1, 2 * 29 + 1)
+    code, text = cli("sample", "--ckpt", teacher, "--nfe", 5, "--n", 3, "--out", tmp_path / "folder")
+    assert code == 0, text
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    code, text = cli("sample", "--ckpt", teacher, "--nfe", 4, "--solver", "euler", "--n", 2, "--out", tmp_path / "e.npz")
+    assert code == 0, text
+
+
+def test_eval_writes_json_and_markdown(runs, tmp_path, monkeypatch):
+    root, teacher, student = runs
+    monkeypatch.setenv("SCM_DATA_DIR", str(tmp_path / "data"))
+    ref = root / "shapes.npz"
+    code, text = cli("eval", "--ckpt", student, "--ref", ref, "--steps", 1, "--steps", 2, "--n", 24, "--batch", 12,
+                     "--out", tmp_path / "ev")
+    assert code == 0, text
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert result["metric"] == "FD-SHAPES" and [r["nfe"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["FD-SHAPES"] > 0 and row["images_per_second"] > 0 and 0 <= row["confident"] <= 1
+    table = (tmp_path / "ev.md").read_text()
+    assert "| 1-step consistency | 1 |" in table and "s / image" in table
+    code, text = cli("eval", "--ckpt", teacher, "--ref", ref, "--nfe", 3, "--n", 8, "--out", tmp_path / "ev2")
+    assert code == 0, text
+    # the cached reference statistics can be given directly
+    stats = next((tmp_path / "data" / "refs").glob("*.npz"))
+    code, text = cli("eval", "--ckpt", student, "--ref", stats, "--steps", 1, "--n", 8, "--out", tmp_path / "ev3")
+    assert code == 0, text
+
+
+def test_bad_inputs(runs, tmp_path, monkeypatch):
+    root, teacher, student = runs
+    monkeypatch.setenv("SCM_DATA_DIR", str(tmp_path / "data"))
+
+    def expect(args, pattern):
+        code, text = cli(*args)
+        assert code != 0 and pattern in text and "Traceback" not in text, text
+
+    out = ["--out", tmp_path / "x.png"]
+    expect(["sample", "--ckpt", tmp_path / "missing", *out], "no such run directory")
+    expect(["sample", "--ckpt", root, *out], "not a scm run directory")
+    expect(["sample", "--ckpt", student, "--steps", 0, *out], "--steps must be >= 1")
+    expect(["sample", "--ckpt", student, "--nfe", 8, *out], "give --steps")
+    expect(["sample", "--ckpt", teacher, "--steps", 2, *out], "give --nfe")
+    expect(["sample", "--ckpt", teacher, "--nfe", 8, *out], "must be odd")
+    expect(["sample", "--ckpt", student, "--ts", "1.0,1.2", *out], "strictly decreasing")
+    expect(["sample", "--ckpt", student, "--class", 3, *out], "unconditional")
+    expect(["eval", "--ckpt", student, "--ref", root / "shapes.npz", "--nfe", 8], "use --steps")
+    expect(["eval", "--ckpt", student, "--ref", root / "nothing.npz"], "does not exist")
+    # reference statistics for another resolution
+    from scm.metrics.quality import RefStats
+
+    RefStats(np.zeros(128), np.eye(128), np.zeros((10, 128)), "classifier:shapes", 32, 3, "elsewhere", 10).save(
+        tmp_path / "ref32.npz")
+    (tmp_path / "data" / "classifiers").mkdir(parents=True)
+    expect(["eval", "--ckpt", student, "--ref", tmp_path / "ref32.npz", "--steps", 1, "--n", 4], "no cached classifier")
+    # a corrupt checkpoint
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(student, broken)
+    ema = next((broken / "checkpoints").glob("*/ema.safetensors"))
+    ema.write_bytes(b"\x00" * 10)
+    expect(["sample", "--ckpt", broken, *out], "corrupt")
