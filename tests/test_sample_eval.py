@@ -48,7 +48,8 @@ def test_sample_formats_and_determinism(runs, tmp_path):
     code, text = cli("sample", "--ckpt", teacher, "--nfe", 5, "--n", 3, "--out", tmp_path / "folder")
     assert code == 0, text
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["000000.png", "000001.png", "000002.png"]
-    code, text = cli("sample", "--ckpt", teacher, "--nfe", 4, "--solver", "euler", "--n", 2, "--out", tmp_path / "e.npz")
+    code, text = cli("sample", "--ckpt", teacher, "--nfe", 4, "--solver", "euler", "--n", 2,
+                     "--out", tmp_path / "e.npz")
     assert code == 0, text
 
 

@@ -1,0 +1,29 @@
+"""The demo's whole pipeline (data → teacher → sCD and sCT → evaluation → report) with a budget of seconds."""
+
+import json
+
+from scm.config import make_config
+from scm.demo import DemoBudget, run_demo
+from scm.train import train
+
+
+def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCM_DATA_DIR", real_mnist)
+    teacher = tmp_path / "teacher"
+    train(make_config("tiny-28-diffusion", None, ["progress=false", "tensorboard=false", "sample_count=4",
+                                                   "sample_ode_steps=1"], data="mnist", out=str(teacher),
+                      kimg=0.032, batch=16))
+    out = tmp_path / "demo"
+    result = run_demo(out, DemoBudget.seconds(), teacher=teacher)
+    assert {"report.md", "report.html", "results.json", "losses.png"} <= {p.name for p in out.iterdir()}
+    rows = result["rows"]
+    assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 3), ("teacher", 2), ("sCD", 1), ("sCD", 2),
+                                                       ("sCT", 1), ("sCT", 2)]
+    for r in rows:
+        assert (out / r["grid"]).is_file() and r["FD-MNIST"] > 0 and r["seconds_per_image"] > 0
+    cal = result["calibration"]
+    assert cal["real test digits"] < cal["blurred test digits"] < cal["uniform noise"]
+    report = (out / "report.md").read_text()
+    assert "| sCD | 2-step consistency | 2 |" in report and "![losses](losses.png)" in report
+    assert "<table" in (out / "report.html").read_text()
+    assert json.loads((out / "results.json").read_text())["metric"] == "FD-MNIST"
