@@ -206,3 +206,21 @@ def test_adaptive_weighting_needs_a_weight_head():
     x0, _, _ = _batch()
     with pytest.raises(TypeError, match="return_weight"):
         ConsistencyLoss()(lambda x, t, return_weight=False: torch.zeros_like(x), x0)
+
+
+def test_discrete_time_consistency_tends_to_the_continuous_target(small_net):
+    """The discrete-time CM (backward difference with Δt = (π/2)/N) approaches the continuous JVP target as N grows."""
+    net = small_net(6, seed=17).double()
+    x0, z, t = _batch(seed=18)
+    x_t, dxdt = add_noise(x0, z, t), sct_velocity(x0, z, t)
+    _, exact = jvp_tangent(net, x_t, t, dxdt, SD)
+    errors = []
+    for n in (64, 1024, 16384):
+        _, approx = jvp_tangent(net, x_t, t, dxdt, SD, method="discrete", fd_step=(math.pi / 2) / n)
+        errors.append(float((approx - exact).norm() / exact.norm()))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3, errors  # first order in Δt
+    assert errors[0] / errors[1] > 8
+    loss, _ = ConsistencyLoss(sigma_d=SD, discrete_steps=256, adaptive_weight=False)(net, x0, t=t, z=z)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="fd_step"):
+        jvp_tangent(net, x_t, t, dxdt, SD, method="discrete")

@@ -52,6 +52,7 @@ class LossConfig:
     tangent_precision: str = "inherit"        # "inherit" | "fp32" | "bf16" | "fp16"
     rearranged_jvp: bool = True
     guidance: tuple[float, float] | None = None  # sCD: guidance scale s ~ U[lo, hi] (needs net.guidance_embed)
+    discrete_steps: int | None = None         # ablation: discrete-time CM with Δt = (π/2)/N
 
 
 @dataclass
@@ -130,6 +131,7 @@ class TrainConfig:
         need(L.tangent_norm in ("l2", "rms"), "loss.tangent_norm", L.tangent_norm, "must be 'l2' or 'rms'")
         need(L.tangent_method in ("forward_ad", "func", "finite_difference"), "loss.tangent_method",
              L.tangent_method, "must be forward_ad, func or finite_difference")
+        need(L.discrete_steps is None or L.discrete_steps >= 1, "loss.discrete_steps", L.discrete_steps, "must be >= 1")
         need(L.tangent_precision in ("inherit", *PRECISIONS), "loss.tangent_precision", L.tangent_precision,
              "must be inherit, fp32, bf16 or fp16")
         if L.guidance is not None:

@@ -190,6 +190,7 @@ class ConsistencyLoss:
     tangent_method: str = "forward_ad"
     tangent_precision: torch.dtype | None = None
     rearranged_jvp: bool = True
+    discrete_steps: int | None = None  # N: a discrete-time CM with Δt = (π/2)/N instead of the exact tangent
 
     def __post_init__(self):
         check_positive("sigma_d", self.sigma_d)
@@ -200,6 +201,8 @@ class ConsistencyLoss:
             check_positive("tangent_norm_c", self.tangent_norm_c)
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
+        if self.discrete_steps is not None and self.discrete_steps < 1:
+            raise ValueError(f"discrete_steps must be >= 1, got {self.discrete_steps!r}")
         if self.tangent_method not in METHODS:
             raise ValueError(f"tangent_method must be one of {METHODS}, got {self.tangent_method!r}")
         if self.guidance is not None:
@@ -233,8 +236,11 @@ class ConsistencyLoss:
         dxdt, cond = self._velocity(x0, z, x_t, t, generator, cond)
 
         student = functools.partial(net, return_weight=True) if self.adaptive_weight else net
+        method, step_dt = self.tangent_method, None
+        if self.discrete_steps:
+            method, step_dt = "discrete", (math.pi / 2) / self.discrete_steps
         tangent = functools.partial(
-            jvp_tangent, student, x_t, t, dxdt, sd, method=self.tangent_method,
+            jvp_tangent, student, x_t, t, dxdt, sd, method=method, fd_step=step_dt,
             precision=self.tangent_precision, rearranged=self.rearranged_jvp, **cond,
         )
         if self.fused_pass:

@@ -111,5 +111,5 @@ def build_objective(cfg: TrainConfig, teacher=None):
         extra_sigma_weight=L.extra_sigma_weight, share_dropout=L.share_dropout,
         fused_pass=(cfg.distributed != "fsdp") if L.fused_pass is None else L.fused_pass,
         tangent_method=L.tangent_method, tangent_precision=PRECISION_DTYPES[L.tangent_precision],
-        rearranged_jvp=L.rearranged_jvp,
+        rearranged_jvp=L.rearranged_jvp, discrete_steps=L.discrete_steps,
     )

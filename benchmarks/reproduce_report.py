@@ -1,0 +1,179 @@
+"""The Markdown report of benchmarks/reproduce.py: tables, plots and sample grids from the results JSON."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _m(results: dict) -> str:
+    return results.get("metric", "FD-MNIST")
+
+
+def headline(results: dict) -> dict:
+    """2-step quality as a fraction of the teacher's best, and the wall-clock speed-up vs 35-NFE sampling."""
+    m = _m(results)
+    best = min(results["teacher_eval"], key=lambda r: r[m])
+    out = {"teacher_best": best[m], "teacher_best_sampler": best["sampler"]}
+    for key, name in (("scd", "sCD"), ("sct-init", "sCT")):
+        two = next(r for r in results["students"][key] if r["nfe"] == 2)
+        out[f"{name}_2step"] = two[m]
+        out[f"{name}_2step_over_teacher"] = two[m] / best[m]
+    speed = {(r["model"], r["nfe"]): r for r in results.get("speed", {}).get("rows", [])}
+    if speed:
+        out["speedup_2step_vs_35nfe"] = {name: speed[(name, 2)]["speedup_vs_teacher_35nfe"] for name in ("sCD", "sCT")
+                                         if (name, 2) in speed}
+    out["budget_fit"] = {name: _fit(results, name, best[m]) for name in ("sCD", "sCT (init)")
+                         if "budgets" in results}
+    return out
+
+
+def _fit(results: dict, name: str, best: float) -> dict:
+    """Fit log(FD_2step/best − 1) = a + b·log(kimg) and solve for the 10 % gap."""
+    m = _m(results)
+    pts = [(b["kimg"], b["rows"][0][m] / best - 1) for b in results["budgets"][name] if b["rows"]]
+    pts = [(k, g) for k, g in pts if g > 0]
+    if len(pts) < 2:
+        return {"points": pts}
+    xs, ys = [math.log(k) for k, _ in pts], [math.log(g) for _, g in pts]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    a = my - b * mx
+    fit = {"points": pts, "slope": b}
+    if b < 0:
+        fit["kimg_for_10_percent"] = math.exp((math.log(0.10) - a) / b)
+    return fit
+
+
+def _table(rows: list[dict], m: str, first: str = "sampler") -> list[str]:
+    lines = [f"| {first} | NFE | {m} | precision | recall | confident | ms / image | samples |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        conf = f"{100 * r['confident']:.0f} %" if "confident" in r else "-"
+        prec = f"{r['precision']:.2f}" if "precision" in r else "-"
+        rec = f"{r['recall']:.2f}" if "recall" in r else "-"
+        lines.append(f"| {r.get('label', r['sampler'])} | {r['nfe']} | {r[m]:.1f} | {prec} | {rec} | {conf} | "
+                     f"{1000 * r['seconds_per_image']:.1f} | [grid]({r['grid']}) |")
+    return lines
+
+
+def _plots(results: dict, assets: Path, name: str) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    m, out = _m(results), {}
+    assets.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for solver in ("euler", "heun"):
+        rows = [r for r in results["teacher_eval"] if r["sampler"].startswith(solver)]
+        ax.plot([r["nfe"] for r in rows], [r[m] for r in rows], "o-", label=f"teacher, {solver}")
+    for key, label in (("scd", "sCD"), ("sct-init", "sCT (from teacher)"), ("sct-scratch", "sCT (scratch)")):
+        rows = results["students"][key]
+        ax.plot([r["nfe"] for r in rows], [r[m] for r in rows], "s--", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=m, title="quality vs network evaluations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(assets / "quality_vs_nfe.png", dpi=90)
+    plt.close(fig)
+    out["quality"] = f"{name}/quality_vs_nfe.png"
+    if "ablations" in results:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        for label, a in results["ablations"].items():
+            c = results["runs"][a["run"]]["curves"]
+            if c.get("kimg"):
+                axes[0].plot(c["kimg"], c["grad_norm"], label=label)
+                axes[1].plot(c["kimg"], c["loss"], label=label)
+        axes[0].set(yscale="log", xlabel="kimg", title="gradient norm")
+        axes[1].set(xlabel="kimg", title="loss (e^w·mse − w)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(assets / "ablation_curves.png", dpi=90)
+        plt.close(fig)
+        out["ablations"] = f"{name}/ablation_curves.png"
+    return out
+
+
+def write_report(results: dict, path: Path, assets: Path, name: str) -> None:
+    m = _m(results)
+    h = headline(results) if "students" in results and "teacher_eval" in results else {}
+    plots = _plots(results, assets, name) if h else {}
+    L = [f"# Reproducing sCM's claims on {name.split('-', 1)[1].upper()} at CPU scale", "",
+         f"Command: `{results.get('command', '')}`  ", f"Machine: {results.get('machine', {})}", "",
+         f"Quality metric: {m} — the Fréchet distance in the features of a small classifier trained on the data set "
+         "(not FID; lower is better), each row from the same number of samples against the training set.", ""]
+    if h:
+        L += ["## Headline", "",
+              f"- Teacher's best: {m} {h['teacher_best']:.1f} ({h['teacher_best_sampler']}).",
+              f"- 2-step sCD: {h['sCD_2step']:.1f} = **{h['sCD_2step_over_teacher']:.2f}× the teacher's best** "
+              f"(the paper's claim: within 1.1×); 2-step sCT: {h['sCT_2step']:.1f} = "
+              f"**{h['sCT_2step_over_teacher']:.2f}×** (claim here: within 1.15×)."]
+        if h.get("speedup_2step_vs_35nfe"):
+            L.append("- Wall-clock per image, 2-step vs the teacher at 35 NFE, same machine and batch: " + ", ".join(
+                f"**{k} {v:.1f}× faster**" for k, v in h["speedup_2step_vs_35nfe"].items()) + ".")
+        for k, fit in h.get("budget_fit", {}).items():
+            if "kimg_for_10_percent" in fit:
+                L.append(f"- {k}: the 2-step gap to the teacher falls as kimg^{fit['slope']:.2f}; at that rate it "
+                         f"reaches 10 % after about {fit['kimg_for_10_percent']:.0f} kimg of training.")
+            elif "slope" in fit:
+                L.append(f"- {k}: the 2-step gap did not fall with budget here (slope {fit['slope']:.2f}).")
+        L.append("")
+    if "teacher" in results:
+        t = results["teacher"]
+        L += ["## Teacher", "", f"{t['path']} (step {t['step']}, preset {t['preset']}).", "", t.get("notes", ""), ""]
+    if "teacher_eval" in results:
+        L += ["## Teacher: first- and second-order ODE samplers", "", *_table(results["teacher_eval"], m), ""]
+        if plots.get("quality"):
+            L += [f"![quality vs NFE]({plots['quality']})", ""]
+    if "students" in results:
+        L += ["## Students (equal budget)", ""]
+        for key, label in (("scd", "sCD (from the teacher)"), ("sct-init", "sCT (from the teacher's weights)"),
+                           ("sct-scratch", "sCT (from scratch)")):
+            run = results["runs"][key]
+            L += [f"### {label}: {run['kimg']} kimg, {run['seconds'] / 60:.1f} min", ""]
+            L += [*_table(results["students"][key], m), ""]
+    if "ablations" in results:
+        L += ["## Ablations (one change each, equal budget)", "",
+              f"| run | status | 1-step {m} | 2-step {m} | max gradient norm | samples |", "|---|---|---|---|---|---|"]
+        for label, a in results["ablations"].items():
+            rows = {r["nfe"]: r for r in a["rows"]}
+            curves = results["runs"][a["run"]]["curves"]
+            gmax = max((g for g in curves.get("grad_norm", []) if g is not None), default=float("nan"))
+            one = f"{rows[1][m]:.1f}" if 1 in rows else "-"
+            two = f"{rows[2][m]:.1f}" if 2 in rows else "-"
+            grid = f"[1-step]({rows[1]['grid']}), [2-step]({rows[2]['grid']})" if rows else "-"
+            L.append(f"| {label} | {a['status']} | {one} | {two} | {gmax:.3g} | {grid} |")
+        L.append("")
+        if plots.get("ablations"):
+            L += [f"![ablation curves]({plots['ablations']})", ""]
+    if "discrete" in results:
+        L += ["## Continuous vs discrete time (sCT from the teacher's weights, equal budget)", "",
+              f"| objective | 1-step {m} | 2-step {m} |", "|---|---|---|"]
+        for label, d in results["discrete"].items():
+            rows = {r["nfe"]: r for r in d["rows"]}
+            L.append(f"| {label} | {rows[1][m]:.1f} | {rows[2][m]:.1f} |")
+        L.append("")
+    if "budgets" in results:
+        L += ["## The 2-step gap with training budget", "", f"| model | kimg | 2-step {m} |", "|---|---|---|"]
+        for name_, pts in results["budgets"].items():
+            for p in pts:
+                if p["rows"]:
+                    L.append(f"| {name_} | {p['kimg']} | {p['rows'][0][m]:.1f} |")
+        L.append("")
+    if "speed" in results:
+        sp = results["speed"]
+        L += [f"## Speed (batch {sp['batch']}, {sp['n']} images, {sp['threads']} threads, one process)", "",
+              "| model | sampler | NFE | ms / image | images / s | speed-up vs teacher at 35 NFE |",
+              "|---|---|---|---|---|---|"]
+        for r in sp["rows"]:
+            L.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {1000 * r['seconds_per_image']:.2f} | "
+                     f"{r['images_per_second']:.1f} | {r['speedup_vs_teacher_35nfe']:.1f}× |")
+        L.append("")
+    if "notes" in results:
+        L += ["## Notes", "", results["notes"], ""]
+    path.write_text("\n".join(L))
