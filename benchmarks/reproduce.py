@@ -166,6 +166,10 @@ class Study:
         k, teacher, res = self.args.kimg, str(self.teacher_path()), self.args.resolution
         out = {}
         for name, (base, extra) in ABLATIONS.items():
+            if not extra:  # the baseline is the students' run of the same budget: reuse it
+                out[name] = {"run": base, "status": self.results["runs"][base]["status"],
+                             "rows": [r for r in self.results["students"][base] if r["nfe"] <= 2]}
+                continue
             key = "abl-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
             if base == "scd":
                 path = self.train_run(key, f"tiny-{res}-scd", self.args.scd_overrides + extra, k, teacher=teacher)

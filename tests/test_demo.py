@@ -11,7 +11,8 @@ def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkey
     monkeypatch.setenv("SCM_DATA_DIR", real_mnist)
     teacher = tmp_path / "teacher"
     train(make_config("tiny-28-diffusion", None, ["progress=false", "tensorboard=false", "sample_count=4",
-                                                   "sample_ode_steps=1"], data="mnist", out=str(teacher),
+                                                   "sample_ode_steps=1", "conditional=true",
+                                                   "net.label_dropout=0.1"], data="mnist", out=str(teacher),
                       kimg=0.032, batch=16))
     out = tmp_path / "demo"
     result = run_demo(out, DemoBudget.seconds(), teacher=teacher)
@@ -24,6 +25,8 @@ def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkey
     cal = result["calibration"]
     assert cal["real test digits"] < cal["blurred test digits"] < cal["uniform noise"]
     report = (out / "report.md").read_text()
-    assert "| sCD | 2-step consistency | 2 |" in report and "![losses](losses.png)" in report
+    assert result["guidance"] == 2.0  # a class-conditional teacher is distilled with classifier-free guidance
+    assert json.loads((out / "runs" / "scd" / "config.json").read_text())["loss"]["guidance"] == [2.0, 2.0]
+    assert "| sCD | 2-step consistency, guidance 2 | 2 |" in report and "![losses](losses.png)" in report
     assert "<table" in (out / "report.html").read_text()
     assert json.loads((out / "results.json").read_text())["metric"] == "FD-MNIST"

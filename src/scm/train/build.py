@@ -68,6 +68,11 @@ def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
     init_path = cfg.init or (cfg.teacher if teacher_net_cfg is not None else None)
     if init_path is not None:
         init_net, src_cfg = _from_run(cfg, init_path, cfg.init_ema, "init", device)
+        note_cond = ""
+        if src_cfg.label_dim and not cfg.conditional:  # a student of a class-conditional run is conditional too
+            cfg.conditional = True
+            check_data(cfg, data)
+            note_cond = ", class-conditional like it"
         if cfg.conditional and src_cfg.label_dim != data.num_classes:
             raise ConfigError(f"init {init_path}: {src_cfg.label_dim} classes, but the data has {data.num_classes}")
         net_cfg = dataclasses.replace(src_cfg, **{k: getattr(cfg.net, k) for k in TRAINING_NET_FIELDS})
@@ -77,7 +82,7 @@ def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
             raise ConfigError(
                 f"init {init_path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        note = f"initialized from {init_path} (EMA σ_rel={cfg.init_ema or 'first'})"
+        note = f"initialized from {init_path} (EMA σ_rel={cfg.init_ema or 'first'}){note_cond}"
     else:
         net = UNet(dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0))
     cfg.net = net.cfg
