@@ -235,3 +235,22 @@ def test_no_pickle_loading():
         for call in re.findall(r"torch\.load\([^)]*\)", text):  # only tensors-only loads are allowed
             assert "weights_only=True" in call, (path, call)
         assert "allow_pickle=True" not in text, path
+
+
+@pytest.mark.parametrize("max_minutes", [None, 2.0])
+def test_progress_bar_counts_kimg_or_the_time_budget(max_minutes, capsys):
+    """A kimg budget shows kimg done/total; a time budget (max_minutes) shows minutes, with kimg in the postfix."""
+    from types import SimpleNamespace
+
+    from scm.train.logger import Logger
+
+    cfg = SimpleNamespace(method="sct", max_minutes=max_minutes, progress=True, tensorboard=False)
+    log = Logger(SimpleNamespace(path=None), cfg, SimpleNamespace(is_main=True))
+    log.start(0, 10_000)
+    log.progress(2_560, 1e-3, {"loss": torch.tensor(0.5), "grad_norm": torch.tensor(1.0)}, True)
+    log.close()
+    err = capsys.readouterr().err
+    if max_minutes:
+        assert "sct (2-min budget)" in err and "kimg=2.6" in err and "/10.0 kimg" not in err
+    else:
+        assert "2.6/10.0 kimg" in err

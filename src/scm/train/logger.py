@@ -39,7 +39,11 @@ class Logger:
     def start(self, cur_nimg: int, total_nimg: int) -> None:
         self._t0 = self._last_t = time.perf_counter()
         self._n0 = self._last_n = cur_nimg
-        if self.main and self.cfg.progress:
+        if self.main and self.cfg.progress and self.cfg.max_minutes:  # a time budget: the bar counts minutes
+            self.bar = tqdm(total=60 * self.cfg.max_minutes, dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+                            desc=f"{self.cfg.method} ({self.cfg.max_minutes:g}-min budget)",
+                            bar_format="{desc} |{bar}| {elapsed}<{remaining} {postfix}")
+        elif self.main and self.cfg.progress:
             self.bar = tqdm(total=total_nimg, initial=cur_nimg, unit_scale=1e-3, unit="kimg",
                             dynamic_ncols=True, file=sys.stderr, desc=self.cfg.method, mininterval=0.5,
                             bar_format="{desc} {n:.1f}/{total:.1f} kimg |{bar}| {elapsed}<{remaining} {postfix}")
@@ -47,9 +51,13 @@ class Logger:
     def progress(self, cur_nimg: int, lr: float, stats: dict, finite: bool) -> None:
         if self.bar is None:
             return
-        self.bar.update(cur_nimg - self.bar.n)
         elapsed = time.perf_counter() - self._t0
         post = {"img/s": f"{(cur_nimg - self._n0) / max(elapsed, 1e-9):.0f}"}
+        if self.cfg.max_minutes:
+            self.bar.update(min(elapsed, self.bar.total) - self.bar.n)
+            post = {"kimg": f"{cur_nimg / 1000:.1f}", **post}
+        else:
+            self.bar.update(cur_nimg - self.bar.n)
         if finite:
             post["loss"] = f"{float(stats['loss']):.4g}"
             post["|∇|"] = f"{float(stats['grad_norm']):.3g}"
