@@ -93,6 +93,8 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     expect(["sample", "--ckpt", student, "--class", 3, *out], "unconditional")
     expect(["eval", "--ckpt", student, "--ref", root / "shapes.npz", "--nfe", 8], "use --steps")
     expect(["eval", "--ckpt", student, "--ref", root / "nothing.npz"], "does not exist")
+    expect(["eval", "--ckpt", teacher, "--ref", root / "shapes.npz", "--nfe", 3, "--n", 4, "--guidance", 2],
+           "class-conditional")
     # reference statistics for another resolution
     from scm.metrics.quality import RefStats
 

@@ -153,6 +153,7 @@ def eval_(
     metric: Annotated[str, typer.Option(help="fd (classifier features) | fid (Inception, local weights)")] = "fd",
     inception: Annotated[str | None, typer.Option(help="FID Inception weights file")] = None,
     ema: Annotated[float | None, typer.Option()] = None,
+    guidance: Annotated[float | None, typer.Option(help="guidance scale (sCD+CFG students, CFG teachers)")] = None,
     out: Annotated[str | None, typer.Option(help="output stem (default RUN/eval/<time>)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ):
@@ -179,7 +180,7 @@ def eval_(
         for s in samplers:
             s.times(run)  # validate every setting before sampling anything
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
-                          log=lambda m: print(m, file=sys.stderr))
+                          log=lambda m: print(m, file=sys.stderr), guidance=guidance)
         stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
         json_path, md_path = write(result, stem)
     except _user_errors() as e:

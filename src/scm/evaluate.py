@@ -14,13 +14,15 @@ __all__ = ["evaluate", "markdown_table"]
 
 
 def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd", batch: int = 256,
-             seed: int = 0, inception=None, log=print, images_out: dict | None = None) -> dict:
+             seed: int = 0, inception=None, log=print, images_out: dict | None = None,
+             guidance: float | None = None) -> dict:
     space, stats = open_reference(ref, metric, inception, log=log)
     rows = []
     for s in samplers:
-        images, seconds = generate(run, n, s, batch=batch, seed=seed)
+        images, seconds = generate(run, n, s, batch=batch, seed=seed, guidance=guidance)
         scores = measure(images, space, stats, seed=seed)
-        row = {"sampler": s.describe(run), "nfe": s.evaluations(run), "seconds_per_image": seconds / n,
+        name = s.describe(run) + (f", guidance {guidance:g}" if guidance is not None else "")
+        row = {"sampler": name, "nfe": s.evaluations(run), "seconds_per_image": seconds / n,
                "images_per_second": n / seconds, **scores}
         rows.append(row)
         log(f"{row['sampler']}: {space.metric} {scores[space.metric]:.2f}, {row['images_per_second']:.1f} img/s")
@@ -28,6 +30,7 @@ def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metri
             images_out[row["sampler"]] = images
     return {"run": str(run.checkpoint), "method": run.cfg.method, "ema_std": run.ema_std, "step": run.step,
             "reference": stats.source, "metric": space.metric, "n": n, "batch": batch, "seed": seed,
+            "guidance": guidance,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
 
 
