@@ -100,7 +100,7 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
 
     RefStats(np.zeros(128), np.eye(128), np.zeros((10, 128)), "classifier:shapes", 32, 3, "elsewhere", 10).save(
         tmp_path / "ref32.npz")
-    (tmp_path / "data" / "classifiers").mkdir(parents=True)
+    (tmp_path / "data" / "classifiers").mkdir(parents=True, exist_ok=True)
     expect(["eval", "--ckpt", student, "--ref", tmp_path / "ref32.npz", "--steps", 1, "--n", 4], "no cached classifier")
     # a corrupt checkpoint
     broken = tmp_path / "broken"

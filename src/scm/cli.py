@@ -179,6 +179,10 @@ def eval_(
             samplers = [Sampler(steps=k) for k in (steps or [1, 2])]
         for s in samplers:
             s.times(run)  # validate every setting before sampling anything
+        if guidance is not None:
+            from scm.generate import conditioning
+
+            conditioning(run, 1, None, guidance, "cpu")  # fails fast on a model without guidance
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
                           log=lambda m: print(m, file=sys.stderr), guidance=guidance)
         stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
