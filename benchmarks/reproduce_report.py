@@ -47,6 +47,11 @@ def _fit(results: dict, name: str, best: float) -> dict:
     return fit
 
 
+def _img(src: str, width: int = 112) -> str:
+    """A sample grid inline (GitHub renders HTML images in Markdown tables; click for full size)."""
+    return f'<a href="{src}"><img src="{src}" width="{width}"></a>'
+
+
 def _table(rows: list[dict], m: str, first: str = "sampler") -> list[str]:
     lines = [f"| {first} | NFE | {m} | precision | recall | confident | ms / image | samples |",
              "|---|---|---|---|---|---|---|---|"]
@@ -55,7 +60,7 @@ def _table(rows: list[dict], m: str, first: str = "sampler") -> list[str]:
         prec = f"{r['precision']:.2f}" if "precision" in r else "-"
         rec = f"{r['recall']:.2f}" if "recall" in r else "-"
         lines.append(f"| {r.get('label', r['sampler'])} | {r['nfe']} | {r[m]:.1f} | {prec} | {rec} | {conf} | "
-                     f"{1000 * r['seconds_per_image']:.1f} | [grid]({r['grid']}) |")
+                     f"{1000 * r['seconds_per_image']:.1f} | {_img(r['grid'])} |")
     return lines
 
 
@@ -146,24 +151,26 @@ def write_report(results: dict, path: Path, assets: Path, name: str) -> None:
             gmax = max((g for g in curves.get("grad_norm", []) if g is not None), default=float("nan"))
             one = f"{rows[1][m]:.1f}" if 1 in rows else "-"
             two = f"{rows[2][m]:.1f}" if 2 in rows else "-"
-            grid = f"[1-step]({rows[1]['grid']}), [2-step]({rows[2]['grid']})" if rows else "-"
+            grid = f"{_img(rows[1]['grid'])} {_img(rows[2]['grid'])}" if rows else "-"
             L.append(f"| {label} | {a['status']} | {one} | {two} | {gmax:.3g} | {grid} |")
         L.append("")
         if plots.get("ablations"):
             L += [f"![ablation curves]({plots['ablations']})", ""]
     if "discrete" in results:
         L += ["## Continuous vs discrete time (sCT from the teacher's weights, equal budget)", "",
-              f"| objective | 1-step {m} | 2-step {m} |", "|---|---|---|"]
+              f"| objective | 1-step {m} | 2-step {m} | samples (1, 2 steps) |", "|---|---|---|---|"]
         for label, d in results["discrete"].items():
             rows = {r["nfe"]: r for r in d["rows"]}
-            L.append(f"| {label} | {rows[1][m]:.1f} | {rows[2][m]:.1f} |")
+            L.append(f"| {label} | {rows[1][m]:.1f} | {rows[2][m]:.1f} | {_img(rows[1]['grid'])} "
+                     f"{_img(rows[2]['grid'])} |")
         L.append("")
     if "budgets" in results:
-        L += ["## The 2-step gap with training budget", "", f"| model | kimg | 2-step {m} |", "|---|---|---|"]
+        L += ["## The 2-step gap with training budget", "", f"| model | kimg | 2-step {m} | samples |",
+              "|---|---|---|---|"]
         for name_, pts in results["budgets"].items():
             for p in pts:
                 if p["rows"]:
-                    L.append(f"| {name_} | {p['kimg']} | {p['rows'][0][m]:.1f} |")
+                    L.append(f"| {name_} | {p['kimg']} | {p['rows'][0][m]:.1f} | {_img(p['rows'][0]['grid'])} |")
         L.append("")
     if "speed" in results:
         sp = results["speed"]
@@ -174,6 +181,7 @@ def write_report(results: dict, path: Path, assets: Path, name: str) -> None:
             L.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {1000 * r['seconds_per_image']:.2f} | "
                      f"{r['images_per_second']:.1f} | {r['speedup_vs_teacher_35nfe']:.1f}× |")
         L.append("")
-    if "notes" in results:
-        L += ["## Notes", "", results["notes"], ""]
+    discussion = path.with_name(path.stem + "-discussion.md")  # written by hand after reading the numbers
+    if discussion.is_file():
+        L += [discussion.read_text(), ""]
     path.write_text("\n".join(L))
