@@ -89,7 +89,8 @@ class Study:
     def train_run(self, key: str, preset: str, overrides: list[str], kimg: float, **flags) -> Path:
         out = self.work / key
         done = self.results.setdefault("runs", {}).get(key)
-        if done and (out / "config.json").is_file() and done.get("kimg") == kimg:
+        interrupted = done and "interrupted" in done.get("status", "")  # stopped by a signal: not a result
+        if done and not interrupted and (out / "config.json").is_file() and done.get("kimg") == kimg:
             return out
         if out.exists():
             shutil.rmtree(out)
