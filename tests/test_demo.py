@@ -27,6 +27,8 @@ def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkey
     report = (out / "report.md").read_text()
     assert result["guidance"] == 2.0  # a class-conditional teacher is distilled with classifier-free guidance
     assert json.loads((out / "runs" / "scd" / "config.json").read_text())["loss"]["guidance"] == [2.0, 2.0]
+    # students of a class-conditional teacher are class-conditional without being told
+    assert json.loads((out / "runs" / "sct" / "config.json").read_text())["conditional"] is True
     assert "| sCD | 2-step consistency, guidance 2 | 2 |" in report and "![losses](losses.png)" in report
     assert "<table" in (out / "report.html").read_text()
     assert json.loads((out / "results.json").read_text())["metric"] == "FD-MNIST"
