@@ -118,17 +118,19 @@ def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, te
 
     for label, path, sampler in settings:
         run = load_run(path)
-        cfg_scale = guidance if label != "sCT" else None  # sCT learns no guidance; the sCD student has it built in
+        # The teacher is guided at sampling time; the sCD student has the guidance built in; sCT learns none.
+        cfg_scale = guidance if label != "sCT" else None
         images, seconds = generate(run, budget.n_eval, sampler, batch=250, seed=0, progress=False,
                                    guidance=cfg_scale if label == "teacher" else None)
         scores = measure(images, space, ref)
-        name = f"{label}, {sampler.describe(run)}" + (f", guidance {cfg_scale:g}" if cfg_scale else "")
+        described = sampler.describe(run) + (f", guidance {cfg_scale:g}" if cfg_scale else "")
         if cfg_scale and label == "teacher":
-            name += " (2 network evaluations per NFE)"
+            described += " (2 network evaluations per NFE)"
+        name = f"{label}, {described}"
         png = f"{label.lower()}-{sampler.evaluations(run)}nfe.png"
         save_png(grid(images[:64]), out / png)
         grids[name] = png
-        rows.append({"model": label, "sampler": name.split(", ", 1)[1], "nfe": sampler.evaluations(run),
+        rows.append({"model": label, "sampler": described, "nfe": sampler.evaluations(run),
                      "seconds_per_image": seconds / budget.n_eval, **scores, "grid": png})
         _log(f"{name}: {space.metric} {scores[space.metric]:.1f}, {100 * scores['confident']:.0f} % confident, "
              f"{1000 * seconds / budget.n_eval:.1f} ms/image")
