@@ -1,10 +1,11 @@
 # Two commands on a fresh clone: `make demo` (the main job) and `make test` (ruff + pytest).
+# `make demo` writes to runs/demo (ignored by git); `make demo-publish` copies its report over the committed one.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo demo-full clean
+.PHONY: test lint demo demo-full demo-publish clean
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -15,11 +16,16 @@ lint: $(VENV)/.installed
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/scm data fetch mnist
-	$(BIN)/scm demo --out demo --teacher demo/teacher
+	$(BIN)/scm demo --out runs/demo --teacher demo/teacher
 
 demo-full: $(VENV)/.installed-demo
 	$(BIN)/scm data fetch mnist
-	$(BIN)/scm demo --out demo --full
+	$(BIN)/scm demo --out runs/demo-full --full
+
+# Deliberately replace the committed report (demo/report.md, report.html, results.json, grids, loss curves).
+demo-publish:
+	@test -f runs/demo/report.md || { echo "no runs/demo/report.md: run make demo first"; exit 1; }
+	cp runs/demo/report.md runs/demo/report.html runs/demo/results.json runs/demo/*.png demo/
 
 $(VENV)/.installed-demo: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,demo]"

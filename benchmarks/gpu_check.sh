@@ -86,15 +86,15 @@ stamp "MNIST pipeline, larger net (model_channels=64) and budget on the GPU"
 RUNS=$OUT/runs
 rm -rf "$RUNS"
 common=(--data mnist --batch 256 progress=false tensorboard=false net.model_channels=64 sample_count=64)
-$PY -m scm.cli train --preset tiny-28-diffusion --out "$RUNS/teacher" --kimg 100000 "${common[@]}" \
+$PY -m scm train --preset tiny-28-diffusion --out "$RUNS/teacher" --kimg 100000 "${common[@]}" \
     max_minutes=4 optim.lr=5e-3 optim.lr_decay_kimg=200 optim.lr_rampup_kimg=10 2>&1 | tail -2
-$PY -m scm.cli train --preset tiny-28-scd --out "$RUNS/scd" --teacher "$RUNS/teacher" --kimg 100000 "${common[@]}" \
+$PY -m scm train --preset tiny-28-scd --out "$RUNS/scd" --teacher "$RUNS/teacher" --kimg 100000 "${common[@]}" \
     max_minutes=1.5 2>&1 | tail -1
-$PY -m scm.cli train --preset tiny-28-sct --out "$RUNS/sct" --init "$RUNS/teacher" --kimg 100000 "${common[@]}" \
+$PY -m scm train --preset tiny-28-sct --out "$RUNS/sct" --init "$RUNS/teacher" --kimg 100000 "${common[@]}" \
     max_minutes=1.5 2>&1 | tail -1
-$PY -m scm.cli eval --ckpt "$RUNS/teacher" --ref mnist --nfe 35 --nfe 3 --n 2000 --out "$OUT/eval-teacher" | tail -4
-$PY -m scm.cli eval --ckpt "$RUNS/scd" --ref mnist --steps 1 --steps 2 --n 2000 --out "$OUT/eval-scd" | tail -4
-$PY -m scm.cli eval --ckpt "$RUNS/sct" --ref mnist --steps 1 --steps 2 --n 2000 --out "$OUT/eval-sct" | tail -4
+$PY -m scm eval --ckpt "$RUNS/teacher" --ref mnist --nfe 35 --nfe 3 --n 2000 --out "$OUT/eval-teacher" | tail -4
+$PY -m scm eval --ckpt "$RUNS/scd" --ref mnist --steps 1 --steps 2 --n 2000 --out "$OUT/eval-scd" | tail -4
+$PY -m scm eval --ckpt "$RUNS/sct" --ref mnist --steps 1 --steps 2 --n 2000 --out "$OUT/eval-sct" | tail -4
 for r in teacher scd sct; do cp "$RUNS/$r/metrics.jsonl" "$OUT/metrics-$r.jsonl"; done
 rm -rf "$RUNS"   # the checkpoints stay behind; only results come back
 stamp "done"

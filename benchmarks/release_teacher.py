@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from scm.train.ema import ema_stds_in
+from scm.runs import ema_stds_in
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -32,9 +31,9 @@ from common import RESULTS, machine
 
 from scm.config import make_config
 from scm.data.builtin import data_dir, fetch_mnist
+from scm.evaluate import evaluate_setting
 from scm.generate import Sampler, generate
-from scm.images import grid, save_png
-from scm.metrics import measure, open_reference
+from scm.metrics import open_reference
 from scm.runs import load_run
 from scm.train import train
 
@@ -117,15 +116,10 @@ class Study:
 
     def evaluate(self, run_dir: Path, sampler: Sampler, tag: str) -> dict:
         space, ref = self.metric()
-        run = load_run(run_dir)
-        images, seconds = generate(run, self.args.n, sampler, batch=250, seed=0, progress=False)
-        finite = bool(torch.isfinite(images).all())
-        scores = measure(images.nan_to_num(0).clamp(-3, 3), space, ref) if finite else {space.metric: math.inf}
-        png = f"{tag}.png"
         self.assets.mkdir(parents=True, exist_ok=True)
-        save_png(grid(images[:64].nan_to_num(0)), self.assets / png)
-        row = {"sampler": sampler.describe(run), "nfe": sampler.evaluations(run), "finite": finite,
-               "seconds_per_image": seconds / self.args.n, **scores, "grid": f"{self.name}/{png}"}
+        row, _ = evaluate_setting(load_run(run_dir), sampler, space, ref, self.args.n, batch=250,
+                                  grid_path=self.assets / f"{tag}.png")
+        row["grid"] = f"{self.name}/{tag}.png"
         log(f"{tag}: {space.metric} {row[space.metric]:.1f}")
         return row
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from scm.app.report import Report, inline_image
+
 
 def _m(results: dict) -> str:
     return results.get("metric", "FD-MNIST")
@@ -47,21 +49,15 @@ def _fit(results: dict, name: str, best: float) -> dict:
     return fit
 
 
-def _img(src: str, width: int = 112) -> str:
-    """A sample grid inline (GitHub renders HTML images in Markdown tables; click for full size)."""
-    return f'<a href="{src}"><img src="{src}" width="{width}"></a>'
-
-
-def _table(rows: list[dict], m: str, first: str = "sampler") -> list[str]:
-    lines = [f"| {first} | NFE | {m} | precision | recall | confident | ms / image | samples |",
-             "|---|---|---|---|---|---|---|---|"]
+def _table(report: Report, rows: list[dict], m: str, first: str = "sampler") -> None:
+    out = []
     for r in rows:
         conf = f"{100 * r['confident']:.0f} %" if "confident" in r else "-"
         prec = f"{r['precision']:.2f}" if "precision" in r else "-"
         rec = f"{r['recall']:.2f}" if "recall" in r else "-"
-        lines.append(f"| {r.get('label', r['sampler'])} | {r['nfe']} | {r[m]:.1f} | {prec} | {rec} | {conf} | "
-                     f"{1000 * r['seconds_per_image']:.1f} | {_img(r['grid'])} |")
-    return lines
+        out.append([r.get("label", r["sampler"]), r["nfe"], f"{r[m]:.1f}", prec, rec, conf,
+                    f"{1000 * r['seconds_per_image']:.1f}", inline_image(r["grid"])])
+    report.table([first, "NFE", m, "precision", "recall", "confident", "ms / image", "samples"], out)
 
 
 def _plots(results: dict, assets: Path, name: str) -> dict[str, str]:
@@ -108,80 +104,73 @@ def write_report(results: dict, path: Path, assets: Path, name: str) -> None:
     m = _m(results)
     h = headline(results) if "students" in results and "teacher_eval" in results else {}
     plots = _plots(results, assets, name) if h else {}
-    L = [f"# Reproducing sCM's claims on {name.split('-', 1)[1].upper()} at CPU scale", "",
-         f"Command: `{results.get('command', '')}`  ", f"Machine: {results.get('machine', {})}", "",
-         f"Quality metric: {m} — the Fréchet distance in the features of a small classifier trained on the data set "
-         "(not FID; lower is better), each row from the same number of samples against the training set.", ""]
+    R = Report(f"Reproducing sCM's claims on {name.split('-', 1)[1].upper()} at CPU scale")
+    R.text(f"Command: `{results.get('command', '')}`  \nMachine: {results.get('machine', {})}",
+           f"Quality metric: {m} — the Fréchet distance in the features of a small classifier trained on the data "
+           "set (not FID; lower is better), each row from the same number of samples against the training set.")
     if h:
-        L += ["## Headline", "",
-              f"- Teacher's best: {m} {h['teacher_best']:.1f} ({h['teacher_best_sampler']}).",
-              f"- 2-step sCD: {h['sCD_2step']:.1f} = **{h['sCD_2step_over_teacher']:.2f}× the teacher's best** "
-              f"(the paper's claim: within 1.1×); 2-step sCT: {h['sCT_2step']:.1f} = "
-              f"**{h['sCT_2step_over_teacher']:.2f}×** (claim here: within 1.15×)."]
+        items = [f"Teacher's best: {m} {h['teacher_best']:.1f} ({h['teacher_best_sampler']}).",
+                 f"2-step sCD: {h['sCD_2step']:.1f} = **{h['sCD_2step_over_teacher']:.2f}× the teacher's best** "
+                 f"(the paper's claim: within 1.1×); 2-step sCT: {h['sCT_2step']:.1f} = "
+                 f"**{h['sCT_2step_over_teacher']:.2f}×** (claim here: within 1.15×)."]
         if h.get("speedup_2step_vs_35nfe"):
-            L.append("- Wall-clock per image, 2-step vs the teacher at 35 NFE, same machine and batch: " + ", ".join(
+            items.append("Wall-clock per image, 2-step vs the teacher at 35 NFE, same machine and batch: " + ", ".join(
                 f"**{k} {v:.1f}× faster**" for k, v in h["speedup_2step_vs_35nfe"].items()) + ".")
         for k, fit in h.get("budget_fit", {}).items():
             if "kimg_for_10_percent" in fit:
-                L.append(f"- {k}: the 2-step gap to the teacher falls as kimg^{fit['slope']:.2f}; at that rate it "
-                         f"reaches 10 % after about {fit['kimg_for_10_percent']:.0f} kimg of training.")
+                items.append(f"{k}: the 2-step gap to the teacher falls as kimg^{fit['slope']:.2f}; at that rate it "
+                             f"reaches 10 % after about {fit['kimg_for_10_percent']:.0f} kimg of training.")
             elif "slope" in fit:
-                L.append(f"- {k}: the 2-step gap did not fall with budget here (slope {fit['slope']:.2f}).")
-        L.append("")
+                items.append(f"{k}: the 2-step gap did not fall with budget here (slope {fit['slope']:.2f}).")
+        R.heading("Headline").bullets(items)
     if "teacher" in results:
         t = results["teacher"]
-        L += ["## Teacher", "", f"{t['path']} (step {t['step']}, preset {t['preset']}).", "", t.get("notes", ""), ""]
+        R.heading("Teacher").text(f"{t['path']} (step {t['step']}, preset {t['preset']}).")
+        R.markdown_text(t.get("notes", ""))
     if "teacher_eval" in results:
-        L += ["## Teacher: first- and second-order ODE samplers", "", *_table(results["teacher_eval"], m), ""]
+        R.heading("Teacher: first- and second-order ODE samplers")
+        _table(R, results["teacher_eval"], m)
         if plots.get("quality"):
-            L += [f"![quality vs NFE]({plots['quality']})", ""]
+            R.image(plots["quality"], "quality vs NFE")
     if "students" in results:
-        L += ["## Students (equal budget)", ""]
+        R.heading("Students (equal budget)")
         for key, label in (("scd", "sCD (from the teacher)"), ("sct-init", "sCT (from the teacher's weights)"),
                            ("sct-scratch", "sCT (from scratch)")):
             run = results["runs"][key]
-            L += [f"### {label}: {run['kimg']} kimg, {run['seconds'] / 60:.1f} min", ""]
-            L += [*_table(results["students"][key], m), ""]
+            R.heading(f"{label}: {run['kimg']} kimg, {run['seconds'] / 60:.1f} min", 3)
+            _table(R, results["students"][key], m)
     if "ablations" in results:
-        L += ["## Ablations (one change each, equal budget)", "",
-              f"| run | status | 1-step {m} | 2-step {m} | max gradient norm | samples |", "|---|---|---|---|---|---|"]
+        rows = []
         for label, a in results["ablations"].items():
-            rows = {r["nfe"]: r for r in a["rows"]}
+            by_nfe = {r["nfe"]: r for r in a["rows"]}
             curves = results["runs"][a["run"]]["curves"]
             gmax = max((g for g in curves.get("grad_norm", []) if g is not None), default=float("nan"))
-            one = f"{rows[1][m]:.1f}" if 1 in rows else "-"
-            two = f"{rows[2][m]:.1f}" if 2 in rows else "-"
-            grid = f"{_img(rows[1]['grid'])} {_img(rows[2]['grid'])}" if rows else "-"
-            L.append(f"| {label} | {a['status']} | {one} | {two} | {gmax:.3g} | {grid} |")
-        L.append("")
+            cells = [f"{by_nfe[k][m]:.1f}" if k in by_nfe else "-" for k in (1, 2)]
+            grids = " ".join(inline_image(by_nfe[k]["grid"]) for k in (1, 2) if k in by_nfe) or "-"
+            rows.append([label, a["status"], *cells, f"{gmax:.3g}", grids])
+        R.heading("Ablations (one change each, equal budget)")
+        R.table(["run", "status", f"1-step {m}", f"2-step {m}", "max gradient norm", "samples"], rows)
         if plots.get("ablations"):
-            L += [f"![ablation curves]({plots['ablations']})", ""]
+            R.image(plots["ablations"], "ablation curves")
     if "discrete" in results:
-        L += ["## Continuous vs discrete time (sCT from the teacher's weights, equal budget)", "",
-              f"| objective | 1-step {m} | 2-step {m} | samples (1, 2 steps) |", "|---|---|---|---|"]
+        rows = []
         for label, d in results["discrete"].items():
-            rows = {r["nfe"]: r for r in d["rows"]}
-            L.append(f"| {label} | {rows[1][m]:.1f} | {rows[2][m]:.1f} | {_img(rows[1]['grid'])} "
-                     f"{_img(rows[2]['grid'])} |")
-        L.append("")
+            by_nfe = {r["nfe"]: r for r in d["rows"]}
+            rows.append([label, f"{by_nfe[1][m]:.1f}", f"{by_nfe[2][m]:.1f}",
+                         f"{inline_image(by_nfe[1]['grid'])} {inline_image(by_nfe[2]['grid'])}"])
+        R.heading("Continuous vs discrete time (sCT from the teacher's weights, equal budget)")
+        R.table(["objective", f"1-step {m}", f"2-step {m}", "samples (1, 2 steps)"], rows)
     if "budgets" in results:
-        L += ["## The 2-step gap with training budget", "", f"| model | kimg | 2-step {m} | samples |",
-              "|---|---|---|---|"]
-        for name_, pts in results["budgets"].items():
-            for p in pts:
-                if p["rows"]:
-                    L.append(f"| {name_} | {p['kimg']} | {p['rows'][0][m]:.1f} | {_img(p['rows'][0]['grid'])} |")
-        L.append("")
+        rows = [[name_, p["kimg"], f"{p['rows'][0][m]:.1f}", inline_image(p["rows"][0]["grid"])]
+                for name_, pts in results["budgets"].items() for p in pts if p["rows"]]
+        R.heading("The 2-step gap with training budget").table(["model", "kimg", f"2-step {m}", "samples"], rows)
     if "speed" in results:
         sp = results["speed"]
-        L += [f"## Speed (batch {sp['batch']}, {sp['n']} images, {sp['threads']} threads, one process)", "",
-              "| model | sampler | NFE | ms / image | images / s | speed-up vs teacher at 35 NFE |",
-              "|---|---|---|---|---|---|"]
-        for r in sp["rows"]:
-            L.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {1000 * r['seconds_per_image']:.2f} | "
-                     f"{r['images_per_second']:.1f} | {r['speedup_vs_teacher_35nfe']:.1f}× |")
-        L.append("")
+        R.heading(f"Speed (batch {sp['batch']}, {sp['n']} images, {sp['threads']} threads, one process)")
+        R.table(["model", "sampler", "NFE", "ms / image", "images / s", "speed-up vs teacher at 35 NFE"],
+                [[r["model"], r["sampler"], r["nfe"], f"{1000 * r['seconds_per_image']:.2f}",
+                  f"{r['images_per_second']:.1f}", f"{r['speedup_vs_teacher_35nfe']:.1f}×"] for r in sp["rows"]])
     discussion = path.with_name(path.stem + "-discussion.md")  # written by hand after reading the numbers
     if discussion.is_file():
-        L += [discussion.read_text(), ""]
-    path.write_text("\n".join(L))
+        R.markdown_text(discussion.read_text())
+    R.write(path)

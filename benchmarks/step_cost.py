@@ -48,7 +48,7 @@ def make_step(name: str, args, device):
     if spec["kind"] == "diffusion":
         objective = DiffusionLoss()
     else:
-        objective = ConsistencyLoss(teacher=teacher if spec["kind"] == "scd" else None, warmup=0,
+        objective = ConsistencyLoss(teacher=teacher if spec["kind"] == "scd" else None, warmup_kimg=0,
                                     fused_pass=spec["fused_pass"])
     opt = torch.optim.Adam(net.parameters(), lr=1e-6)
     x0 = torch.rand(args.batch, args.channels, args.res, args.res, device=device) * 2 - 1

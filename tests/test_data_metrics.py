@@ -103,9 +103,17 @@ def test_cifar10_python_batches(tmp_path):
         load_dataset(folder)
 
 
-def test_builtin_mnist_missing_is_a_clear_error(data_root):
-    with pytest.raises(DataError, match="scm data fetch mnist"):
+def test_builtin_mnist_missing_is_a_clear_error(data_root, tmp_path):
+    with pytest.raises(DataError, match="MNIST is not cached") as info:
         load_dataset("mnist")
+    assert info.value.key == "mnist"  # the CLI words the fix in its own terms:
+    from typer.testing import CliRunner
+
+    from scm.app.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--preset", "tiny-28-diffusion", "--data", "mnist",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "run `scm data fetch mnist`" in result.output, result.output
 
 
 def test_real_mnist_matches_the_reference_file(real_mnist, monkeypatch):
@@ -224,7 +232,7 @@ def test_inception_shapes_and_loading(tmp_path, monkeypatch):
 
 
 def test_cli_data_info_and_fetch_errors(tmp_path):
-    scm = [sys.executable, "-m", "scm.cli"]
+    scm = [sys.executable, "-m", "scm"]
     proc = subprocess.run([*scm, "data", "fetch", "cifar"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown data set 'cifar'" in proc.stderr
     proc = subprocess.run([*scm, "data", "info", str(tmp_path / "none")], capture_output=True, text=True)

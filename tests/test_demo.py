@@ -1,10 +1,17 @@
 """The demo's whole pipeline (data → teacher → sCD and sCT → evaluation → report) with a budget of seconds."""
 
+import inspect
 import json
+from pathlib import Path
 
+from PIL import Image
+
+from scm.app import cli
+from scm.app.demo import DemoBudget, run_demo
 from scm.config import make_config
-from scm.demo import DemoBudget, run_demo
 from scm.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkeypatch):
@@ -29,6 +36,17 @@ def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkey
     assert json.loads((out / "runs" / "scd" / "config.json").read_text())["loss"]["guidance"] == [2.0, 2.0]
     # students of a class-conditional teacher are class-conditional without being told
     assert json.loads((out / "runs" / "sct" / "config.json").read_text())["conditional"] is True
-    assert "| sCD | 2-step consistency, guidance 2 | 2 |" in report and "![losses](losses.png)" in report
+    assert "| sCD | 2-step consistency, guidance 2 (built in) | 2 |" in report and "![losses](losses.png)" in report
+    # 28-px digits are enlarged (nearest neighbour) so that the report's grids can be read: 40 samples → 7 columns
+    assert Image.open(out / rows[0]["grid"]).size[0] == 7 * (3 * 28 + 1) + 1
     assert "<table" in (out / "report.html").read_text()
     assert json.loads((out / "results.json").read_text())["metric"] == "FD-MNIST"
+
+
+def test_the_main_job_leaves_the_checkout_clean():
+    """`make demo` writes into runs/ (ignored by git); only `make demo-publish` replaces the committed report."""
+    default_out = inspect.signature(cli.demo).parameters["out"].default
+    assert default_out.startswith("runs/") and "/runs/" in (ROOT / ".gitignore").read_text().split()
+    make = (ROOT / "Makefile").read_text()
+    demo_recipe = make.split("\ndemo:")[1].split("\n\n")[0]
+    assert "--out runs/demo" in demo_recipe and "demo-publish:" in make

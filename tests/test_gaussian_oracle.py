@@ -113,7 +113,7 @@ class Perturbed(nn.Module):
 def test_consistency_loss_gradient_points_back_to_the_exact_model(method):
     model = Perturbed(G.F_cm)
     teacher = G.F_star if method == "scd" else None
-    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, adaptive_weight=False, warmup=0)
+    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, adaptive_weight=False, warmup_kimg=0)
     gen = torch.Generator().manual_seed(6)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     start = model.theta_norm()

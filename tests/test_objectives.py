@@ -31,7 +31,7 @@ def test_discrete_time_gradient_tends_to_the_continuous_one(small_net, method):
     net = small_net(6, seed=1).double()
     teacher = small_net(6, seed=2).double() if method == "scd" else None
     x0, z, t = _batch()
-    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, tangent_norm_c=None, adaptive_weight=False, warmup=0)
+    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, tangent_norm_c=None, adaptive_weight=False, warmup_kimg=0)
     continuous = _grads(net, loss_fn(net, x0, t=t, z=z)[0])
 
     x_t = add_noise(x0, z, t)
@@ -58,7 +58,7 @@ def test_loss_matches_algorithm_1_by_hand(small_net):
     net = small_net(6, seed=3).double()
     x0, z, t = _batch(seed=4)
     step, H = 300, 1000
-    loss_fn = ConsistencyLoss(sigma_d=SD, warmup=H, adaptive_weight=True)
+    loss_fn = ConsistencyLoss(sigma_d=SD, warmup_kimg=H, adaptive_weight=True)
     loss, stats = loss_fn(net, x0, step, t=t, z=z)
 
     x_t = add_noise(x0, z, t)
@@ -86,7 +86,7 @@ def test_fused_pass_equals_separate_passes_and_dropout_is_shared(small_net):
 
     def grads(**kw):
         torch.manual_seed(11)
-        loss, _ = ConsistencyLoss(sigma_d=SD, warmup=0, **kw)(net, x0, t=t, z=z)
+        loss, _ = ConsistencyLoss(sigma_d=SD, warmup_kimg=0, **kw)(net, x0, t=t, z=z)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
 
     fused = grads(fused_pass=True)
@@ -124,12 +124,12 @@ def test_tangent_normalization_norms():
 def test_extra_sigma_weight_and_weighting_switches(small_net):
     net = small_net(6, seed=9).double()
     x0, z, t = _batch(B=1, seed=10)
-    base = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup=0)
-    extra = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup=0, extra_sigma_weight=True)
+    base = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup_kimg=0)
+    extra = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup_kimg=0, extra_sigma_weight=True)
     l0, _ = base(net, x0, t=t, z=z)
     l1, _ = extra(net, x0, t=t, z=z)
     torch.testing.assert_close(l1, l0 / (SD * torch.tan(t[0])))
-    raw = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup=0, tangent_norm_c=None)
+    raw = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, warmup_kimg=0, tangent_norm_c=None)
     l_raw, stats = raw(net, x0, t=t, z=z)
     # without normalization the loss value is mean(g²) = ‖g‖²/D
     torch.testing.assert_close(l_raw, stats["g_norm"] ** 2 / 6)
@@ -188,16 +188,19 @@ def test_bad_configuration():
         ConsistencyLoss(P_std=0)
     with pytest.raises(ValueError, match="P_std"):
         DiffusionLoss(P_std=-1)
-    with pytest.raises(ValueError, match="guidance needs a teacher"):
-        ConsistencyLoss(guidance=(1.0, 2.0))
-    with pytest.raises(ValueError, match="guidance must be a range"):
+    x0, _, _ = _batch()
+    with pytest.raises(ValueError, match=r"guidance.*is for sCD"):  # a configuration has no teacher: checked in use
+        ConsistencyLoss(guidance=(1.0, 2.0))(lambda x, t, **k: (x, t), x0)
+    with pytest.raises(ValueError, match=r"guidance=\(2.0, 1.0\): must be a range"):
         ConsistencyLoss(teacher=lambda x, t: x, guidance=(2.0, 1.0))
+    with pytest.raises(ValueError, match="tangent_precision"):
+        ConsistencyLoss(tangent_precision="fp8")
     with pytest.raises(ValueError, match="tangent_norm"):
         ConsistencyLoss(tangent_norm="max")
     with pytest.raises(ValueError, match="tangent_method"):
         ConsistencyLoss(tangent_method="magic")
     with pytest.raises(ValueError, match="warmup"):
-        ConsistencyLoss(warmup=-1)
+        ConsistencyLoss(warmup_kimg=-1)
     with pytest.raises(ValueError, match="tangent_norm_c"):
         ConsistencyLoss(tangent_norm_c=0.0)
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from scm.cli import app
+from scm.app.cli import app
 
 RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=1"]
 
@@ -85,14 +85,19 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     out = ["--out", tmp_path / "x.png"]
     expect(["sample", "--ckpt", tmp_path / "missing", *out], "no such run directory")
     expect(["sample", "--ckpt", root, *out], "not a scm run directory")
-    expect(["sample", "--ckpt", student, "--steps", 0, *out], "--steps must be >= 1")
-    expect(["sample", "--ckpt", student, "--nfe", 8, *out], "give --steps")
-    expect(["sample", "--ckpt", teacher, "--steps", 2, *out], "give --nfe")
+    expect(["sample", "--ckpt", student, "--steps", 0, *out], "--steps 0: must be an integer >= 1")
+    expect(["sample", "--ckpt", student, "--nfe", 8, *out], "--nfe: this is a scd run")
+    expect(["sample", "--ckpt", teacher, "--steps", 2, *out], "--steps: this is a diffusion run")
     expect(["sample", "--ckpt", teacher, "--nfe", 8, *out], "must be odd")
     expect(["sample", "--ckpt", student, "--ts", "1.0,1.2", *out], "strictly decreasing")
-    expect(["sample", "--ckpt", student, "--class", 3, *out], "unconditional")
-    expect(["eval", "--ckpt", student, "--ref", root / "shapes.npz", "--nfe", 8], "use --steps")
+    expect(["sample", "--ckpt", student, "--class", 3, *out], "--class 3: this model is unconditional")
+    expect(["sample", "--ckpt", student, "--out", tmp_path / "x.jpg"], "--out")
+    expect(["eval", "--ckpt", student, "--ref", root / "shapes.npz", "--nfe", 8], "--nfe: this is a scd run")
     expect(["eval", "--ckpt", student, "--ref", root / "nothing.npz"], "does not exist")
+    expect(["eval", "--ckpt", student, "--ref", root / "shapes.npz", "--metric", "is"], "--metric 'is'")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip file")
+    expect(["eval", "--ckpt", student, "--ref", corrupt, "--n", 4], "cannot read the .npz file")
     expect(["eval", "--ckpt", teacher, "--ref", root / "shapes.npz", "--nfe", 3, "--n", 4, "--guidance", 2],
            "class-conditional")
     # reference statistics for another resolution
@@ -110,3 +115,30 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     ema = next((broken / "checkpoints").glob("*/ema.safetensors"))
     ema.write_bytes(b"\x00" * 10)
     expect(["sample", "--ckpt", broken, *out], "corrupt")
+
+
+def test_arguments_and_outputs_are_checked_before_sampling(tmp_path):
+    """A bad class or an output that cannot be written fails at once, before any image is generated."""
+    conditional = "demo/teacher"  # the committed class-conditional teacher (10 classes)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    for args, pattern in ((["--class", 42, "--out", tmp_path / "x.png"], "--class 42: this model has classes 0..9"),
+                          (["--out", blocker / "sub" / "x.png"], "--out"),
+                          (["--guidance", -1, "--out", tmp_path / "y.png"], "--guidance -1.0: must be a scale > 0")):
+        code, text = cli("sample", "--ckpt", conditional, "--nfe", 35, "--n", 200, *args)
+        assert code == 2 and pattern in text and "img/s" not in text and "Traceback" not in text, text
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_an_image_depends_on_seed_and_index_only(runs, tmp_path, which):
+    """EDM2's per-image seeds: the first 8 images of n=24 (batch 10) equal n=8 (batch 3), for both samplers."""
+    _, teacher, student = runs
+    ckpt, sampler = (student, ["--steps", 2]) if which == "student" else (teacher, ["--nfe", 5])
+    code, text = cli("sample", "--ckpt", ckpt, *sampler, "--n", 8, "--batch", 3, "--out", tmp_path / "few.npz")
+    assert code == 0, text
+    code, text = cli("sample", "--ckpt", ckpt, *sampler, "--n", 24, "--batch", 10, "--out", tmp_path / "many.npz")
+    assert code == 0, text
+    few, many = np.load(tmp_path / "few.npz")["x"], np.load(tmp_path / "many.npz")["x"]
+    assert np.array_equal(few, many[:8])
+    assert not np.array_equal(many[:8], many[8:16])  # and different images differ

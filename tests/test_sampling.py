@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from scm.sampling import consistency_sample, consistency_times, ode_sample, ode_times
+from scm.sampling import check_times, consistency_sample, consistency_times, ode_sample, ode_times
 from scm.trigflow import add_noise, ddim_step, denoise, t_max_default
 
 SD = 0.5
@@ -130,6 +130,8 @@ def test_bad_times(sampler):
         sampler(Recorder(), noise, [1.0, 0.0, 0.5], SD)
     with pytest.raises(ValueError, match="at least one"):
         sampler(Recorder(), noise, [], SD)
+    with pytest.raises(ValueError, match=r"outside \(0, π/2\]"):
+        sampler(Recorder(), noise, [math.pi / 2 + 2e-5], SD)
     with pytest.raises(ValueError, match="shape"):
         sampler(lambda x, t: x[:, :, :2], noise, [1.0], SD)
 
@@ -141,3 +143,11 @@ def test_bad_solver_and_steps():
         consistency_times(0)
     with pytest.raises(ValueError, match="t_mid"):
         consistency_times(2, t_mid=1.6)
+
+
+def test_times_just_above_half_pi_are_clamped():
+    """diffusers' SCMScheduler stores t_max = π/2 as 1.57080 (3.7e-6 above): accepted, evaluated at π/2."""
+    assert check_times([1.57080, 1.1]) == [math.pi / 2, 1.1]
+    rec = Recorder()
+    consistency_sample(rec, _noise(), [1.57080, 1.1], SD, generator=torch.Generator().manual_seed(0))
+    assert rec.calls[0][1][0].item() == pytest.approx(math.pi / 2, abs=1e-7)

@@ -58,12 +58,12 @@ def test_forward_mode_ad_flows_through_the_adapters(wrap):
     torch.testing.assert_close(JF, JF_ref, atol=1e-10, rtol=1e-9)
 
 
-def test_from_edm_rejects_the_interval_ends():
+def test_from_edm_is_defined_inside_the_interval_only():
+    """An EDM denoiser has no input at σ = 0 or σ = ∞: the wrapper's output there is not finite (it does not read
+    t's values, which would stall a GPU inside every training step); inside, it is finite."""
     x_t, _, _ = _points([0.3, 0.4])
-    with pytest.raises(ValueError, match="0 < t < π/2"):
-        from_edm(G.edm_D, SD)(x_t / SD, torch.tensor([0.0, 0.3], dtype=torch.float64))
-    with pytest.raises(ValueError, match="0 < t < π/2"):
-        from_edm(G.edm_D, SD)(x_t / SD, torch.tensor([0.3, math.pi / 2], dtype=torch.float64))
+    F = from_edm(G.edm_D, SD)(x_t / SD, torch.tensor([0.0, 0.3], dtype=torch.float64))
+    assert not torch.isfinite(F[0]).all() and torch.isfinite(F[1]).all()
     with pytest.raises(ValueError, match="sigma_d"):
         from_edm(G.edm_D, 0.0)
 

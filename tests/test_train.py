@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from scm.cli import app
+from scm.app.cli import app
 from scm.config import make_config
-from scm.train import TrainingStopped, train
-from scm.train.checkpoint import RunDir
+from scm.errors import TrainingStopped
+from scm.runs import RunDir
+from scm.train import train
 
 RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=2"]
 TESTS = Path(__file__).resolve().parent
@@ -159,11 +160,20 @@ class NaNAt:
         return (loss * float("nan"), stats) if self.calls in self.bad else (loss, stats)
 
 
-def test_nan_steps_are_skipped_counted_and_stop_the_run(data_and_teacher, tmp_path):
+def _inject_nan(monkeypatch, bad_calls):
+    """Hand the training loop an objective whose given calls return a NaN loss."""
+    import scm.train.loop
+
+    build = scm.train.loop.build_objective
+    monkeypatch.setattr(scm.train.loop, "build_objective", lambda *a, **k: NaNAt(build(*a, **k), bad_calls))
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run(data_and_teacher, tmp_path, monkeypatch):
     data, _ = data_and_teacher
     cfg = make_config("tiny-28-diffusion", None, [*RUN, "sample_every_kimg=None", "log_every=1"], data=str(data),
                       out=str(tmp_path / "nan"), kimg=0.08, batch=8)
-    result = train(cfg, objective_wrapper=lambda obj: NaNAt(obj, {3, 5}))
+    _inject_nan(monkeypatch, {3, 5})
+    result = train(cfg)
     assert result.bad_steps == 2 and result.step == 10
     assert all(torch.isfinite(p).all() for p in result.net.parameters())
     rows = metrics(tmp_path / "nan")
@@ -171,9 +181,10 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(data_and_teacher, tmp_pa
 
     cfg = make_config("tiny-28-diffusion", None, [*RUN, "sample_every_kimg=None", "max_bad_steps=3"],
                       data=str(data), out=str(tmp_path / "nan2"), kimg=0.2, batch=8)
+    _inject_nan(monkeypatch, {4, 5, 6, 7})
     with pytest.raises(TrainingStopped, match="3 consecutive steps") as info:
-        train(cfg, objective_wrapper=lambda obj: NaNAt(obj, {4, 5, 6, 7}))
-    assert info.value.exit_code == 3
+        train(cfg)
+    assert info.value.reason == "diverged"
     ckpt = RunDir(tmp_path / "nan2").latest()
     weights = load_file(ckpt / "net.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -182,14 +193,13 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(data_and_teacher, tmp_pa
 def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(data_and_teacher, tmp_path):
     data, _ = data_and_teacher
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "scm.cli", "train", "--preset", "tiny-28-diffusion", "--data", str(data),
-           "--out", str(out), "--kimg", "0.08", "--batch", "8", *RUN, "sample_every_kimg=None",
+    cmd = [sys.executable, str(TESTS / "slow_checkpoint_cli.py"), "1", "train", "--preset", "tiny-28-diffusion",
+           "--data", str(data), "--out", str(out), "--kimg", "0.08", "--batch", "8", *RUN, "sample_every_kimg=None",
            "ckpt_every_kimg=0.016"]
-    env = dict(os.environ, SCM_TEST_CHECKPOINT_DELAY="3")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
-        # the first checkpoint completes after its 3 s pause; kill during the second one's pause
+        # the first checkpoint completes after its pauses (1 s per file); kill during the second one's
         while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
             time.sleep(0.2)
         while time.time() < deadline and not list((out / "checkpoints").glob(".tmp-*")):
@@ -214,7 +224,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(data_and_tea
 def test_sigterm_stops_cleanly_with_a_checkpoint(data_and_teacher, tmp_path):
     data, _ = data_and_teacher
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "scm.cli", "train", "--preset", "tiny-28-diffusion", "--data", str(data),
+    cmd = [sys.executable, "-m", "scm", "train", "--preset", "tiny-28-diffusion", "--data", str(data),
            "--out", str(out), "--kimg", "50", "--batch", "8", *RUN, "sample_every_kimg=None", "log_every=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -243,11 +253,12 @@ def test_progress_bar_counts_kimg_or_the_time_budget(max_minutes, capsys):
     from types import SimpleNamespace
 
     from scm.train.logger import Logger
+    from scm.train.step import StepResult
 
-    cfg = SimpleNamespace(method="sct", max_minutes=max_minutes, progress=True, tensorboard=False)
+    cfg = SimpleNamespace(method="sct", max_minutes=max_minutes, progress=True, tensorboard=False, log_every=100)
     log = Logger(SimpleNamespace(path=None), cfg, SimpleNamespace(is_main=True))
     log.start(0, 10_000)
-    log.progress(2_560, 1e-3, {"loss": torch.tensor(0.5), "grad_norm": torch.tensor(1.0)}, True)
+    log.step(40, 2_560, 1e-3, StepResult(True, 0.5, 1.0, {"g_norm": torch.tensor(3.0)}), bad_steps=0)
     log.close()
     err = capsys.readouterr().err
     if max_minutes:

@@ -1,4 +1,10 @@
-"""Input validation shared by the maths modules: clear ValueErrors instead of silent broadcasting."""
+"""Input validation shared by the maths modules: clear errors instead of silent broadcasting.
+
+Two kinds of checks, kept apart so that the hot path never waits for the device:
+- shape and dtype checks (`check_t`, `check_same_shape`, `check_float`) read only metadata: free anywhere;
+- value checks (`checked_t`) read tensor values, which on a GPU is a host-device synchronisation: they run once,
+  where data enters (the objectives when a caller passes its own `t`, the samplers, data loaders, the CLI).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,12 @@ import math
 
 import torch
 
+from scm.errors import InvalidSetting
+
 HALF_PI = math.pi / 2
-# float32 rounds π/2 up to 1.5707964 (2.4e-8 above π/2); allow that much so that t = π/2 given in
-# float32 (or bf16, whose π/2 is 1.5703125 and thus below) is accepted.
-_T_TOL = 1e-6
+# Times a little above π/2 are accepted and clamped to π/2: float32 rounds π/2 up to 1.5707964, and diffusers'
+# SCMScheduler stores t_max = π/2 as 1.57080 (3.7e-6 above).
+T_TOL = 1e-5
 
 
 def check_float(name: str, x: torch.Tensor) -> None:
@@ -20,7 +28,7 @@ def check_float(name: str, x: torch.Tensor) -> None:
 
 
 def check_t(t: torch.Tensor, x: torch.Tensor | None = None, *, name: str = "t") -> None:
-    """t must be a float tensor of shape [B] (B = x.shape[0]) with values in [0, π/2]."""
+    """t must be a float tensor of shape [B] (B = x.shape[0]). Shapes only: no device synchronisation."""
     check_float(name, t)
     if t.ndim != 1:
         raise ValueError(f"{name} must have shape [B] (one time per example), got shape {tuple(t.shape)}")
@@ -29,10 +37,16 @@ def check_t(t: torch.Tensor, x: torch.Tensor | None = None, *, name: str = "t") 
             f"{name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}: "
             f"expected {name} of shape [{x.shape[0] if x.ndim else '?'}] (one time per example)"
         )
-    bad = torch.isnan(t) | (t < 0) | (t > HALF_PI + _T_TOL)
-    if bool(bad.any()):
+
+
+def checked_t(t: torch.Tensor, x: torch.Tensor | None = None, *, name: str = "t") -> torch.Tensor:
+    """Shape checks, then values in [0, π/2 + 1e-5] (clamped to π/2). Reads values: use where data enters."""
+    check_t(t, x, name=name)
+    bad = torch.isnan(t) | (t < 0) | (t > HALF_PI + T_TOL)
+    if bool(bad.any()):  # a host-device synchronisation, once per entry
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} must lie in [0, π/2] (radians); {name}[{i}] = {float(t[i])!r}")
+    return t.clamp(max=HALF_PI)
 
 
 def check_same_shape(**tensors: torch.Tensor) -> None:
@@ -46,5 +60,15 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
 
 
 def check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise InvalidSetting(name, value, "must be a finite positive number")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        raise InvalidSetting(name, value, "must be a finite number")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise InvalidSetting(name, value, f"must be one of {', '.join(map(repr, choices))}")

@@ -1,58 +1,58 @@
-"""`scm eval`: sample a run with several sampler settings and measure each against a reference."""
+"""Measuring a run: sample it with a sampler setting, score the samples against a reference, and describe the
+result as one row. `evaluate_setting` is the one generate → measure → grid → row routine that `scm eval`, the
+demo and the benchmarks share."""
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from pathlib import Path
 
-from scm.generate import Sampler, generate
+import torch
+
+from scm.errors import SamplerError
+from scm.generate import Sampler, check_conditioning, generate
+from scm.images import grid, report_scale, save_png
 from scm.metrics import measure, open_reference
+from scm.metrics.quality import FeatureSpace, RefStats
 from scm.runs import LoadedRun
 
-__all__ = ["evaluate", "markdown_table"]
+__all__ = ["evaluate", "evaluate_setting"]
+
+
+def evaluate_setting(run: LoadedRun, sampler: Sampler, space: FeatureSpace, ref: RefStats, n: int, *,
+                     seed: int = 0, batch: int = 256, guidance: float | None = None, grid_path: Path | None = None,
+                     grid_count: int = 64, progress: bool = False) -> tuple[dict, torch.Tensor]:
+    """Generate n samples, score them (metric, KID, precision, recall, recognisability) and, with `grid_path`,
+    save a grid of the first `grid_count` (enlarged for small images). Non-finite samples score ∞ instead of
+    failing. Returns (row, images)."""
+    images, seconds = generate(run, n, sampler, batch=batch, seed=seed, guidance=guidance, progress=progress)
+    finite = bool(torch.isfinite(images).all())
+    scores = measure(images, space, ref, seed=seed) if finite else {space.metric: math.inf}
+    name = sampler.describe(run) + (f", guidance {guidance:g}" if guidance is not None else "")
+    row = {"sampler": name, "nfe": sampler.evaluations(run), "n": n, "seed": seed, "finite": finite,
+           "seconds_per_image": seconds / n, "images_per_second": n / seconds, **scores}
+    if grid_path is not None:
+        shown = images[:grid_count].nan_to_num(0)
+        save_png(grid(shown, scale=report_scale(run.cfg.resolution)), grid_path)
+        row["grid"] = str(grid_path)
+    return row, images
 
 
 def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd", batch: int = 256,
-             seed: int = 0, inception=None, log=print, images_out: dict | None = None,
-             guidance: float | None = None) -> dict:
+             seed: int = 0, inception=None, log=print, guidance: float | None = None) -> dict:
+    """Every sampler setting of `samplers` against the reference `ref` (a data set or a statistics file)."""
+    if not (isinstance(n, int) and n >= 2):
+        raise SamplerError(f"n={n!r}: need at least 2 samples per setting (a covariance needs two)", key="n")
+    for s in samplers:
+        s.times(run)  # every setting is checked before anything is computed
+    check_conditioning(run.cfg, None, guidance)
     space, stats = open_reference(ref, metric, inception, log=log)
     rows = []
     for s in samplers:
-        images, seconds = generate(run, n, s, batch=batch, seed=seed, guidance=guidance)
-        scores = measure(images, space, stats, seed=seed)
-        name = s.describe(run) + (f", guidance {guidance:g}" if guidance is not None else "")
-        row = {"sampler": name, "nfe": s.evaluations(run), "seconds_per_image": seconds / n,
-               "images_per_second": n / seconds, **scores}
+        row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance)
         rows.append(row)
-        log(f"{row['sampler']}: {space.metric} {scores[space.metric]:.2f}, {row['images_per_second']:.1f} img/s")
-        if images_out is not None:
-            images_out[row["sampler"]] = images
+        log(f"{row['sampler']}: {space.metric} {row[space.metric]:.2f}, {row['images_per_second']:.1f} img/s")
     return {"run": str(run.checkpoint), "method": run.cfg.method, "ema_std": run.ema_std, "step": run.step,
             "reference": stats.source, "metric": space.metric, "n": n, "batch": batch, "seed": seed,
-            "guidance": guidance,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
-
-
-def markdown_table(result: dict) -> str:
-    m = result["metric"]
-    has_conf = any("confident" in r for r in result["rows"])
-    head = f"| sampler | NFE | {m} | KID | precision | recall |" + (" confident ≥ 0.9 | classes |" if has_conf else "")
-    lines = [head + " s / image | images / s |", "|" + "---|" * (head.count("|") + 1)]
-    for r in result["rows"]:
-        cells = [r["sampler"], str(r["nfe"]), f"{r[m]:.2f}", f"{r['KID']:.4f}", f"{r['precision']:.3f}",
-                 f"{r['recall']:.3f}"]
-        if has_conf:
-            cells += [f"{100 * r.get('confident', 0):.1f} %", str(r.get("classes", "-"))]
-        cells += [f"{r['seconds_per_image']:.4f}", f"{r['images_per_second']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write(result: dict, out: Path) -> tuple[Path, Path]:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(f"# {result['metric']} of {result['run']} ({result['n']} samples vs {result['reference']})\n\n"
-                       + markdown_table(result))
-    return json_path, md_path
+            "guidance": guidance, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}

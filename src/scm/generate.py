@@ -1,8 +1,9 @@
 """Generating images from a trained run: consistency sampling for sCT/sCD runs, the PF-ODE for diffusion runs.
 
-One entry point, `generate(run, n, ...)`, used by `scm sample`, `scm eval`, the demo and the benchmarks. Noise
-for batch i comes from a generator seeded with (seed, i), so the output is a function of the seed and the
-batch size. Returns images in the data's model space ([-1, 1] for pixels) and the generation time.
+One entry point, `generate(run, n, sampler, ...)`, used by `scm sample`, `scm eval`, training's sample grids, the
+demo and the benchmarks. Image i's noise comes from its own generator seeded with (seed, i), and its class label
+(when the model is conditional) is i mod the number of classes, so an image depends on (seed, i) only, never on
+the batch size or on n (EDM2's per-image seeds). Everything is validated before any network runs.
 """
 
 from __future__ import annotations
@@ -13,54 +14,59 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from scm.runs import LoadedRun
+from scm.config import TrainConfig
+from scm.errors import SamplerError
+from scm.runs import LoadedRun, mix_seed
 from scm.sampling import check_times, consistency_sample, consistency_times, ode_sample, ode_times
-from scm.train.batches import mix_seed
+from scm.teachers import guided
 
-__all__ = ["Sampler", "generate"]
+__all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "image_generators"]
 
-
-class SamplerError(ValueError):
-    pass
+SOLVERS = ("heun", "euler")
 
 
 @dataclass
 class Sampler:
-    """How to sample: `steps` (or explicit `ts`) for consistency runs; `nfe` and `solver` for diffusion runs."""
+    """How to sample: `steps` (or explicit times `ts`) for consistency runs; `nfe` (or `ts`) and `solver` for
+    diffusion runs. Defaults: 1 step; 35 NFE with Heun."""
 
     steps: int | None = None
     ts: tuple[float, ...] | None = None
     nfe: int | None = None
     solver: str = "heun"
 
-    def times(self, run: LoadedRun) -> list[float]:
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise SamplerError(f"solver={self.solver!r}: use heun or euler", key="solver")
+        for key in ("steps", "nfe"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise SamplerError(f"{key}={value!r}: must be an integer >= 1", key=key)
         if self.ts is not None:
             try:
                 check_times(self.ts)
             except ValueError as e:
-                raise SamplerError(f"--ts: {e}") from None
-        sd = run.cfg.loss.sigma_d
-        if run.cfg.method == "diffusion":
-            if self.steps is not None and self.nfe is None and self.ts is None:
-                raise SamplerError("this is a diffusion run: give --nfe (and --solver), not --steps")
-            if self.ts is not None:
-                return list(self.ts)
+                raise SamplerError(f"ts={self.ts}: {e}", key="ts") from None
+
+    def times(self, run: LoadedRun) -> list[float]:
+        """The network-evaluation times for this run (validated against the run's kind)."""
+        method, sd = run.cfg.method, run.cfg.loss.sigma_d
+        if self.ts is not None:
+            return check_times(self.ts)
+        if method == "diffusion":
+            if self.steps is not None and self.nfe is None:
+                raise SamplerError("this is a diffusion run: sample it with a number of evaluations (NFE) and a "
+                                   "solver, not consistency steps", key="steps")
             nfe = self.nfe or 35
             if self.solver == "heun":
-                if nfe < 1 or nfe % 2 == 0:
-                    raise SamplerError(f"--nfe {nfe}: Heun uses 2N − 1 evaluations, so the NFE must be odd")
+                if nfe % 2 == 0:
+                    raise SamplerError(f"nfe={nfe}: Heun uses 2N − 1 evaluations, so the NFE must be odd", key="nfe")
                 return ode_times((nfe + 1) // 2, sigma_d=sd)
-            if nfe < 1:
-                raise SamplerError(f"--nfe must be >= 1, got {nfe}")
             return ode_times(nfe, sigma_d=sd)
         if self.nfe is not None:
-            raise SamplerError(f"this is a {run.cfg.method} run: give --steps (1, 2, …) or --ts, not --nfe")
-        if self.ts is not None:
-            return list(self.ts)
-        steps = 1 if self.steps is None else self.steps
-        if steps < 1:
-            raise SamplerError(f"--steps must be >= 1, got {steps}")
-        return consistency_times(steps, sigma_d=sd)
+            raise SamplerError(f"this is a {method} run: sample it with consistency steps (1, 2, …) or times, "
+                               "not an NFE", key="nfe")
+        return consistency_times(self.steps or 1, sigma_d=sd)
 
     def evaluations(self, run: LoadedRun) -> int:
         n = len(self.times(run))
@@ -72,64 +78,84 @@ class Sampler:
         return f"{len(self.times(run))}-step consistency"
 
 
-def conditioning(run: LoadedRun, n: int, class_label: int | None, guidance: float | None, device) -> dict:
-    cfg = run.cfg.net
-    cond = {}
-    if cfg.label_dim:
-        if class_label is not None and not 0 <= class_label < cfg.label_dim:
-            raise SamplerError(f"--class {class_label}: this model has classes 0..{cfg.label_dim - 1}")
-        cond["labels"] = (torch.full((n,), class_label, device=device) if class_label is not None
-                          else torch.arange(n, device=device) % cfg.label_dim)
-    elif class_label is not None:
-        raise SamplerError("--class: this model is unconditional")
+def check_conditioning(cfg: TrainConfig, class_label: int | None = None, guidance: float | None = None) -> None:
+    """A class label and a guidance scale that this run's model can take (SamplerError otherwise)."""
+    net = cfg.net
+    if class_label is not None:
+        if not net.label_dim:
+            raise SamplerError(f"class_label={class_label}: this model is unconditional", key="class_label")
+        if not (isinstance(class_label, int) and 0 <= class_label < net.label_dim):
+            raise SamplerError(f"class_label={class_label}: this model has classes 0..{net.label_dim - 1}",
+                               key="class_label")
     if guidance is not None:
-        if not cfg.guidance_embed and run.cfg.method != "diffusion":
-            raise SamplerError("--guidance: this model has no guidance input")
-        if run.cfg.method == "diffusion" and not cfg.label_dim:
-            raise SamplerError("--guidance: classifier-free guidance needs a class-conditional model")
+        if not (isinstance(guidance, (int, float)) and guidance > 0):
+            raise SamplerError(f"guidance={guidance!r}: must be a scale > 0", key="guidance")
+        if cfg.method == "diffusion" and not net.label_dim:
+            raise SamplerError("guidance: classifier-free guidance needs a class-conditional model", key="guidance")
+        if cfg.method != "diffusion" and not net.guidance_embed:
+            raise SamplerError("guidance: this model has no guidance input (it was not distilled with "
+                               "classifier-free guidance)", key="guidance")
+
+
+def conditioning(cfg: TrainConfig, start: int, count: int, *, class_label: int | None = None,
+                 guidance: float | None = None, device=None) -> dict:
+    """The network's inputs besides (x, t) for images start … start + count − 1: class labels (`class_label`,
+    or image i gets class i mod the number of classes) and the guidance scale (`guidance`, or for a student
+    distilled with guidance the lower end of its training range)."""
+    cond = {}
+    if cfg.net.label_dim:
+        index = torch.arange(start, start + count, device=device)
+        cond["labels"] = torch.full_like(index, class_label) if class_label is not None else index % cfg.net.label_dim
+    if guidance is not None:
         cond["guidance"] = float(guidance)
-    elif cfg.guidance_embed and run.cfg.loss.guidance:
-        cond["guidance"] = float(run.cfg.loss.guidance[0])
+    elif cfg.net.guidance_embed and getattr(cfg.loss, "guidance", None):
+        cond["guidance"] = float(cfg.loss.guidance[0])
     return cond
 
 
-@torch.no_grad()
-def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed: int = 0, class_label=None,
-             guidance=None, device=None, progress: bool = True) -> tuple[torch.Tensor, float]:
-    """n images [n, C, H, W] and the seconds spent generating them."""
-    if n < 1 or batch < 1:
-        raise SamplerError(f"need n >= 1 and batch >= 1, got n={n}, batch={batch}")
-    cfg = run.cfg
-    device = device or next(run.net.parameters()).device
-    net = run.net.to(device)
-    ts = sampler.times(run)
-    sd = cfg.loss.sigma_d
-    fn = net
-    if cfg.method == "diffusion" and guidance is not None:
-        from scm.teachers import guided
+def image_generators(seed: int, start: int, count: int, device) -> list[torch.Generator]:
+    """One generator per image, seeded with (seed, image index)."""
+    return [torch.Generator(device).manual_seed(mix_seed(seed, i)) for i in range(start, start + count)]
 
-        fn = guided(net)
-    shape = (cfg.channels, cfg.resolution, cfg.resolution)
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # a deliberate host-device synchronisation: timing
+
+
+@torch.no_grad()
+def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed: int = 0,
+             class_label: int | None = None, guidance: float | None = None, device=None,
+             progress: bool = True) -> tuple[torch.Tensor, float]:
+    """n images [n, C, H, W] in the data's model space ([-1, 1] for pixels) and the seconds spent generating
+    them (network and sampler only, no transfers)."""
+    if not (isinstance(n, int) and n >= 1):
+        raise SamplerError(f"n={n!r}: need at least one image", key="n")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise SamplerError(f"batch={batch!r}: must be >= 1", key="batch")
+    cfg = run.cfg
+    ts = sampler.times(run)
+    check_conditioning(cfg, class_label, guidance)
+    device = torch.device(device) if device is not None else next(run.net.parameters()).device
+    net = run.net.to(device)
+    fn = guided(net) if cfg.method == "diffusion" and guidance is not None else net
+    sd, shape = cfg.loss.sigma_d, (cfg.channels, cfg.resolution, cfg.resolution)
     out, elapsed = [], 0.0
     bar = tqdm(total=n, desc=sampler.describe(run), unit="img", disable=not progress, leave=False)
-    for i, start in enumerate(range(0, n, batch)):
+    for start in range(0, n, batch):
         m = min(batch, n - start)
-        g = torch.Generator(device).manual_seed(mix_seed(seed, i))
-        noise = sd * torch.randn(m, *shape, generator=g, device=device)
-        cond = conditioning(run, m, class_label, guidance, device)
-        if "labels" in cond and class_label is None:
-            cond["labels"] = (torch.arange(start, start + m, device=device)) % cfg.net.label_dim
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        gens = image_generators(seed, start, m, device)
+        noise = sd * torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+        cond = conditioning(cfg, start, m, class_label=class_label, guidance=guidance, device=device)
+        _sync(device)
         t0 = time.perf_counter()
         if cfg.method == "diffusion":
             x = ode_sample(fn, noise, ts, sd, solver=sampler.solver, **cond)
         else:
-            x = consistency_sample(net, noise, ts, sd, generator=g, **cond)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            x = consistency_sample(fn, noise, ts, sd, generator=gens, **cond)
+        _sync(device)
         elapsed += time.perf_counter() - t0
-        out.append(x.cpu())
+        out.append(x.cpu())  # a device-to-host copy per batch (a synchronisation)
         bar.update(m)
     bar.close()
     return torch.cat(out), elapsed

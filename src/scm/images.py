@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["grid", "save_png", "to_uint8"]
+__all__ = ["grid", "report_scale", "save_png", "to_uint8"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -18,9 +18,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile N images into one uint8 array [H', W', C] with `pad` pixels of white between them."""
+def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
+    """Tile N images into one uint8 array [H', W', C] with `pad` pixels of white between them; `scale`
+    enlarges every image by nearest-neighbour pixel repetition (small images stay legible in reports)."""
+    if not (isinstance(scale, int) and scale >= 1):
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
     imgs = to_uint8(x)
+    if scale > 1:
+        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = imgs.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     ncol = math.ceil(n / nrow)
@@ -29,6 +34,12 @@ def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
         r, q = divmod(i, nrow)
         out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = imgs[i]
     return out
+
+
+def report_scale(resolution: int, target: int = 96) -> int:
+    """The nearest-neighbour enlargement that shows an image of `resolution` pixels at about `target` pixels
+    (28-px digits ×3; 64 px and more as they are)."""
+    return max(1, round(target / resolution))
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

@@ -1,9 +1,14 @@
 """Training objectives: the TrigFlow diffusion loss (teachers) and the sCT / sCD consistency loss.
 
-An objective is called as `loss, stats = objective(net, x0, step, generator=..., **cond)`, where
+An objective is called as `loss, stats = objective(net, x0, progress_kimg, generator=..., **cond)`, where
 `net(x_t/σ_d, t, **cond)` returns F, or (F, w) when called with `return_weight=True` (w = the adaptive
-log-weight w_φ(t) of eq. 8; EDM2 calls −w the "logvar"). `loss` is a scalar to backpropagate; `stats`
-holds detached scalars for logging. Objectives know nothing of optimizers, files or devices.
+log-weight w_φ(t) of eq. 8; EDM2 calls −w the "logvar") and `progress_kimg` is the training progress in
+thousands of images (it drives the tangent warm-up). `loss` is a scalar to backpropagate; `stats` holds detached
+scalar tensors for logging. Objectives know nothing of optimizers, files or devices, and never read tensor
+values (no host-device synchronisation), except a caller's own `t`, which is checked once on entry.
+
+An objective's fields are its settings, all plain values: a run's configuration holds the objective's fields
+as they are (`scm.config`), and the objective validates them itself (`validate()`), once.
 """
 
 from __future__ import annotations
@@ -11,17 +16,21 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 
-from scm._checks import check_positive, check_same_shape, check_t
+from scm._checks import check_choice, check_finite, check_positive, check_same_shape, check_t, checked_t
 from scm._rng import rng_replayer
+from scm.errors import InvalidSetting
+from scm.precision import PRECISIONS, compute_dtype, precision_dtype
 from scm.tangents import METHODS, jvp_tangent
 from scm.teachers import guided
 from scm.trigflow import add_noise, expand, sample_t, sct_velocity
 
-__all__ = ["ConsistencyLoss", "DiffusionLoss", "normalize_tangent", "scm_target", "tangent_warmup"]
+__all__ = ["OBJECTIVES", "ConsistencyLoss", "DiffusionLoss", "normalize_tangent", "scm_target", "tangent_warmup"]
+
+TANGENT_NORMS = ("l2", "rms")
 
 
 def scm_target(
@@ -43,17 +52,17 @@ def scm_target(
     check_same_shape(F=F, JF=JF, x_t=x_t, dxdt=dxdt)
     check_t(t, x_t)
     check_positive("sigma_d", sigma_d)
-    work = torch.promote_types(F.dtype, torch.float32)
+    work = compute_dtype(F)
     tt = expand(t.to(work), F)
     c, s = torch.cos(tt), torch.sin(tt)
     g = -c * c * (sigma_d * F.to(work) - dxdt.to(work)) - r * (c * s * x_t.to(work) + sigma_d * JF.to(work))
     return g.to(F.dtype)
 
 
-def tangent_warmup(step: float, H: float) -> float:
-    """r = min(1, step/H): linear tangent warmup over H (§4.2; H = 10k iterations in the paper). `step` and
-    H share a unit: iterations, or kimg (what scm's training loop passes, so the batch size does not matter)."""
-    return 1.0 if H <= 0 else min(1.0, max(0.0, step / H))
+def tangent_warmup(progress: float, H: float) -> float:
+    """r = min(1, progress/H): linear tangent warm-up over H (§4.2; H = 10k iterations in the paper). `progress`
+    and H share a unit (the objectives use kimg, so that the batch size does not change the schedule)."""
+    return 1.0 if H <= 0 else min(1.0, max(0.0, progress / H))
 
 
 def normalize_tangent(g: torch.Tensor, c: float, norm: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,17 +71,11 @@ def normalize_tangent(g: torch.Tensor, c: float, norm: str = "l2") -> tuple[torc
     norm="l2" is the paper's full per-example ℓ2 norm; norm="rms" divides it by sqrt(D) (FastGen's
     resolution-invariant variant), which makes c comparatively much larger.
     """
-    n = torch.linalg.vector_norm(g.flatten(1).to(_work(g)), dim=1)
+    check_choice("norm", norm, TANGENT_NORMS)
+    n = torch.linalg.vector_norm(g.flatten(1).to(compute_dtype(g)), dim=1)
     if norm == "rms":
         n = n / math.sqrt(g[0].numel())
-    elif norm != "l2":
-        raise ValueError(f"tangent norm must be 'l2' or 'rms', got {norm!r}")
     return (g / (expand(n, g) + c).to(g.dtype)), n
-
-
-def _work(x: torch.Tensor) -> torch.dtype:
-    """The loss maths runs in at least float32 (bf16/fp16 network outputs are promoted)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _per_example_mean(x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +93,13 @@ def _call_net(net, x_scaled, t, adaptive: bool, cond: dict):
 
 
 def _draw_t_z(x0, P_mean, P_std, sigma_d, generator, t=None, z=None):
-    """t from the log-normal proposal and z ~ N(0, σ_d²I), unless given (fixed t or z for tests/ablations)."""
+    """t from the log-normal proposal and z ~ N(0, σ_d²I), unless given (fixed t or z for tests/ablations; a
+    given t is checked here, once: values in [0, π/2], which reads them)."""
     if t is None:
-        dtype = torch.promote_types(x0.dtype, torch.float32)
-        t = sample_t(x0.shape[0], P_mean, P_std, sigma_d, generator=generator, device=x0.device, dtype=dtype)
+        t = sample_t(x0.shape[0], P_mean, P_std, sigma_d, generator=generator, device=x0.device,
+                     dtype=compute_dtype(x0))
+    else:
+        t = checked_t(t, x0)
     if z is None:
         z = sigma_d * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return t, z
@@ -116,7 +122,7 @@ class DiffusionLoss:
         t ~ log-normal proposal (P_mean, P_std);  x_t = cos t·x0 + sin t·z;  v_t = cos t·z − sin t·x0
         L = E[ e^{w_φ(t)}·mean((F_θ(x_t/σ_d, t) − v_t/σ_d)²) − w_φ(t) ]
 
-    A uniform weight on ‖F − v_t/σ_d‖² is EDM's λ(σ) = (σ² + σ_d²)/(σ·σ_d)² on ‖D − x0‖² (spec §1.2),
+    A uniform weight on ‖F − v_t/σ_d‖² is EDM's λ(σ) = (σ² + σ_d²)/(σ·σ_d)² on ‖D − x0‖² (paper App. B),
     so this is EDM2's loss in TrigFlow variables; w_φ equalises its scale across t.
     """
 
@@ -126,16 +132,22 @@ class DiffusionLoss:
     adaptive_weight: bool = True
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every setting (InvalidSetting names the field)."""
         check_positive("sigma_d", self.sigma_d)
+        check_finite("P_mean", self.P_mean)
         check_positive("P_std", self.P_std)
 
-    def __call__(self, net: Callable, x0: torch.Tensor, step: float = 0, *, generator=None, t=None, z=None, **cond):
+    def __call__(self, net: Callable, x0: torch.Tensor, progress_kimg: float = 0.0, *, generator=None, t=None,
+                 z=None, **cond):
         sd = self.sigma_d
         t, z = _draw_t_z(x0, self.P_mean, self.P_std, sd, generator, t, z)
         x_t = add_noise(x0, z, t)                                        # eq. 2
         v_t = sct_velocity(x0, z, t)                                     # target of eq. 4
         F, w = _call_net(net, x_t / sd, t, self.adaptive_weight, cond)
-        work = _work(F)
+        work = compute_dtype(F)
         mse = _per_example_mean((F.to(work) - v_t.to(work) / sd) ** 2)
         loss = _weighted(mse, w).mean()
         stats = {"loss": loss.detach(), "mse": mse.detach().mean()}
@@ -152,65 +164,76 @@ class ConsistencyLoss:
         dx_t/dt = cos t·z − sin t·x0                                   (sCT)
                 = σ_d·F_teacher^s(x_t/σ_d, t),  s ~ U[guidance]        (sCD, CFG teacher at scale s)
         F, JF = F_θ(x_t/σ_d, t), cos t·sin t·dF_θ⁻/dt                   (one JVP pass, §5.1)
-        g = −cos²t·(σ_d F⁻ − dx_t/dt) − r·(cos t sin t·x_t + σ_d·JF),  r = min(1, step/H)
+        g = −cos²t·(σ_d F⁻ − dx_t/dt) − r·(cos t sin t·x_t + σ_d·JF),  r = min(1, progress_kimg/warmup_kimg)
         g ← g/(‖g‖ + c)
         L = E[ e^{w_φ(t)}·mean((F_θ − F_θ⁻ − g)²) − w_φ(t) ]           (θ⁻ = stopgrad(θ), not an EMA)
 
     The loss value is not a quality signal (F_θ − F_θ⁻ = 0 in value): only its gradient matters.
+    `teacher` (sCD; None for sCT) and `teacher_uncond` (the unconditional inputs of a guided teacher, default
+    {"labels": None}) are objects, not settings: they are constructor arguments but not fields.
 
-    The open choices of spec §2.7 / §8, decided here (each switchable):
+    The choices the paper leaves open, decided here (each switchable):
     - extra_sigma_weight=False: no extra 1/σ factor. The paper's prior weight w(t) = 1/(σ_d tan t) is what
-      turns −σ_d sin t·df/dt into cos t·df/dt (App. D), so it is already inside g; Sana/FastGen multiply the
-      per-example loss by 1/σ once more, which after tangent normalization is not the same objective.
-    - tangent_norm="l2": the paper writes ‖g‖ (the full per-example norm, as Sana and rCM use); "rms"
+      turns −σ_d sin t·df/dt into cos t·df/dt (App. D), so it is already inside g; Sana-Sprint and NVlabs
+      FastGen multiply the per-example loss by 1/σ once more, which after tangent normalization is not the same
+      objective.
+    - tangent_norm="l2": the paper writes ‖g‖ (the full per-example norm, as Sana-Sprint and rCM use); "rms"
       (FastGen) divides by sqrt(D), making c = 0.1 a much larger relative floor.
     - share_dropout=True: the tangent pass and the training pass draw the same dropout mask (the global
       RNG is rewound between them), so JF is the derivative of the very function whose output F is trained
       and F_θ − F_θ⁻ is exactly zero. The paper is silent; independent masks add variance to g. F⁻ is
-      always the detached output of the training pass (as in Sana/FastGen).
-    - fused_pass=True: one network pass carries the autograd graph of F and the forward-mode tangent JF (the
-      tangent computed from detached values, so it records nothing): about 1.45× a diffusion step for sCT
-      on the tiny U-Net instead of 1.8× with a separate no-grad tangent pass and a training forward (False;
-      needed where the network's wrappers have no forward-AD rule, e.g. FSDP2). Same result either way.
+      always the detached output of the training pass.
+    - fused_pass (None = True): one network pass carries the autograd graph of F and the forward-mode tangent
+      JF (the tangent computed from detached values, so it records nothing): about 1.5× a diffusion step for
+      sCT on the tiny U-Net instead of 1.7× with a separate no-grad tangent pass and a training forward
+      (False; needed where the network's wrappers have no forward-AD rule, e.g. FSDP2, for which `scm.train`
+      turns None into False). Same result either way (benchmarks/results/step_cost.md).
+    - warmup_kimg: the paper's H = 10k iterations is given in iterations; here it is in kimg of training, so
+      that it does not depend on the batch size. The default, 5120 kimg, is 10k iterations at the paper's
+      CIFAR-10 batch of 512.
     """
 
     sigma_d: float = 0.5
     P_mean: float = -1.0
     P_std: float = 1.4
-    teacher: Callable | None = None
-    guidance: tuple[float, float] | None = None
-    teacher_uncond: dict | None = None
-    warmup: float = 10_000  # H, in the units of `step` (the paper: 10k iterations; scm train: kimg)
-    tangent_norm_c: float | None = 0.1
-    tangent_norm: str = "l2"
-    adaptive_weight: bool = True
-    extra_sigma_weight: bool = False
+    guidance: tuple[float, float] | None = None      # sCD: the teacher's CFG scale s ~ U[lo, hi], fed to the student
+    warmup_kimg: float = 5120.0                      # tangent warm-up H (§4.2), in kimg
+    tangent_norm_c: float | None = 0.1               # c of g/(‖g‖ + c); None: no tangent normalization
+    tangent_norm: str = "l2"                         # "l2" (paper) | "rms"
+    adaptive_weight: bool = True                     # w_φ(t) of eq. 8
+    extra_sigma_weight: bool = False                 # the extra 1/σ factor of Sana-Sprint / FastGen (see above)
     share_dropout: bool = True
-    fused_pass: bool = True
-    tangent_method: str = "forward_ad"
-    tangent_precision: torch.dtype | None = None
-    rearranged_jvp: bool = True
-    discrete_steps: int | None = None  # N: a discrete-time CM with Δt = (π/2)/N instead of the exact tangent
+    fused_pass: bool | None = None                   # None: fused (True)
+    tangent_method: str = "forward_ad"               # "forward_ad" | "func" | "finite_difference" (scm.tangents)
+    tangent_precision: str | None = None             # None: the caller's autocast; "fp32" | "bf16" | "fp16"
+    rearranged_jvp: bool = True                      # §5.1's rearranged tangent (False: an ablation)
+    discrete_steps: int | None = None                # ablation: a discrete-time CM with Δt = (π/2)/N (§4.2, Fig. 5)
+    teacher: InitVar[Callable | None] = None
+    teacher_uncond: InitVar[dict | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, teacher, teacher_uncond):
+        self.teacher, self.teacher_uncond = teacher, teacher_uncond
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every setting (InvalidSetting names the field)."""
         check_positive("sigma_d", self.sigma_d)
+        check_finite("P_mean", self.P_mean)
         check_positive("P_std", self.P_std)
-        if self.tangent_norm not in ("l2", "rms"):
-            raise ValueError(f"tangent_norm must be 'l2' or 'rms', got {self.tangent_norm!r}")
+        if self.guidance is not None:
+            ok = len(self.guidance) == 2 and all(isinstance(v, (int, float)) for v in self.guidance)
+            if not (ok and 0 < self.guidance[0] <= self.guidance[1] and math.isfinite(self.guidance[1])):
+                raise InvalidSetting("guidance", self.guidance, "must be a range (lo, hi) with 0 < lo <= hi")
+        if not (isinstance(self.warmup_kimg, (int, float)) and math.isfinite(self.warmup_kimg)
+                and self.warmup_kimg >= 0):
+            raise InvalidSetting("warmup_kimg", self.warmup_kimg, "must be >= 0")
         if self.tangent_norm_c is not None:
             check_positive("tangent_norm_c", self.tangent_norm_c)
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup!r}")
-        if self.discrete_steps is not None and self.discrete_steps < 1:
-            raise ValueError(f"discrete_steps must be >= 1, got {self.discrete_steps!r}")
-        if self.tangent_method not in METHODS:
-            raise ValueError(f"tangent_method must be one of {METHODS}, got {self.tangent_method!r}")
-        if self.guidance is not None:
-            if self.teacher is None:
-                raise ValueError("guidance needs a teacher: classifier-free guidance is for sCD (sCT has no teacher)")
-            lo, hi = self.guidance
-            if not 0 < lo <= hi:
-                raise ValueError(f"guidance must be a range (lo, hi) with 0 < lo <= hi, got {self.guidance!r}")
+        check_choice("tangent_norm", self.tangent_norm, TANGENT_NORMS)
+        check_choice("tangent_method", self.tangent_method, METHODS[:-1])  # "discrete" is set by discrete_steps
+        check_choice("tangent_precision", self.tangent_precision, (None, *PRECISIONS))
+        if self.discrete_steps is not None and not (isinstance(self.discrete_steps, int) and self.discrete_steps >= 1):
+            raise InvalidSetting("discrete_steps", self.discrete_steps, "must be an int >= 1")
 
     @property
     def method(self) -> str:
@@ -220,6 +243,9 @@ class ConsistencyLoss:
     def _velocity(self, x0, z, x_t, t, generator, cond):
         """dx_t/dt and the conditioning the student sees (with the guidance scale s for sCD)."""
         if self.teacher is None:
+            if self.guidance is not None:  # checked here, not in validate(): a configuration has no teacher object
+                raise InvalidSetting("guidance", self.guidance, "classifier-free guidance is for sCD (sCT has no "
+                                     "teacher)")
             return sct_velocity(x0, z, t), cond                                  # sCT (§2.2)
         if self.guidance is None:
             return self.sigma_d * self.teacher(x_t / self.sigma_d, t, **cond), cond  # sCD (App. G.2)
@@ -229,7 +255,8 @@ class ConsistencyLoss:
         dxdt = self.sigma_d * teacher(x_t / self.sigma_d, t, guidance=s, **cond)   # §5.2: CFG teacher at s
         return dxdt, {**cond, "guidance": s}
 
-    def __call__(self, net: Callable, x0: torch.Tensor, step: float = 0, *, generator=None, t=None, z=None, **cond):
+    def __call__(self, net: Callable, x0: torch.Tensor, progress_kimg: float = 0.0, *, generator=None, t=None,
+                 z=None, **cond):
         sd = self.sigma_d
         t, z = _draw_t_z(x0, self.P_mean, self.P_std, sd, generator, t, z)
         x_t = add_noise(x0, z, t)
@@ -241,9 +268,9 @@ class ConsistencyLoss:
             method, step_dt = "discrete", (math.pi / 2) / self.discrete_steps
         tangent = functools.partial(
             jvp_tangent, student, x_t, t, dxdt, sd, method=method, fd_step=step_dt,
-            precision=self.tangent_precision, rearranged=self.rearranged_jvp, **cond,
+            precision=precision_dtype(self.tangent_precision), rearranged=self.rearranged_jvp, **cond,
         )
-        if self.fused_pass:
+        if self.fused_pass is not False:
             F, JF, *aux = tangent(primal_grad=True)
             if self.adaptive_weight and not (aux and len(aux[0]) == 1):
                 raise TypeError("adaptive weighting needs net(x, t, return_weight=True) to return (F, w)")
@@ -256,18 +283,22 @@ class ConsistencyLoss:
             F, w = _call_net(net, x_t / sd, t, self.adaptive_weight, cond)
         F_minus = F.detach()                                                     # θ⁻ = stopgrad(θ)
 
-        r = tangent_warmup(step, self.warmup)
+        r = tangent_warmup(progress_kimg, self.warmup_kimg)
         g = scm_target(F_minus, JF, x_t, dxdt, t, sd, r)                         # Alg. 1
         if self.tangent_norm_c is not None:                                      # §4.2 (Fig. 5a)
             g, g_norm = normalize_tangent(g, self.tangent_norm_c, self.tangent_norm)
         else:
-            g_norm = torch.linalg.vector_norm(g.flatten(1).to(_work(g)), dim=1)
-        work = _work(F)
+            g_norm = torch.linalg.vector_norm(g.flatten(1).to(compute_dtype(g)), dim=1)
+        work = compute_dtype(F)
         mse = _per_example_mean((F.to(work) - F_minus.to(work) - g.to(work)) ** 2)
-        if self.extra_sigma_weight:                                              # spec §2.7 item 1
+        if self.extra_sigma_weight:                                              # Sana-Sprint / FastGen's 1/σ
             mse = mse / (sd * torch.tan(t.to(work)))
         loss = _weighted(mse, w).mean()                                          # eq. 8
-        stats = {"loss": loss.detach(), "g_norm": g_norm.detach().mean(), "r": torch.tensor(r)}
+        stats = {"loss": loss.detach(), "g_norm": g_norm.detach().mean(), "r": torch.full((), r, device=loss.device)}
         if w is not None:
             stats["weight"] = w.detach().float().mean()
         return loss, stats
+
+
+# The objective of each training method; a run's configuration holds the instance's fields.
+OBJECTIVES: dict[str, type] = {"diffusion": DiffusionLoss, "sct": ConsistencyLoss, "scd": ConsistencyLoss}

@@ -1,24 +1,212 @@
-"""Loading trained runs: a run directory → its configuration and a network with its EMA (or raw) weights.
+"""The run directory: what training writes and what inference, teachers and initializations read.
 
-Used for sCD teachers (`--teacher`), initializations (`--init`), sampling and evaluation. Reads only JSON and
-safetensors; every problem is a one-line error naming the path.
+    RUN/config.json                  the resolved TrainConfig
+    RUN/metrics.jsonl                one JSON line per log interval
+    RUN/samples/                     sample grids at fixed seeds
+    RUN/checkpoints/<step>/          net.safetensors, ema.safetensors, optim.safetensors, state.json
+    RUN/checkpoints/latest           the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary folder (each file fsynced, state.json last), then renamed into place
+and `latest` is replaced by rename: a crash at any moment leaves the previous checkpoint intact and loadable.
+Tensors go to safetensors, everything else to JSON; nothing is ever unpickled. The EMA file holds one set of
+weights per σ_rel under keys "<σ_rel:.4f>/<parameter>". Random numbers are functions of seeds mixed by
+`mix_seed`. This module is the only one that knows these formats; it imports nothing of the training engine.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from scm.config import ConfigError, TrainConfig, from_dict
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from scm.config import TrainConfig, from_dict
+from scm.errors import CheckpointError, ConfigError
 from scm.nets.unet import UNet
-from scm.train.checkpoint import CheckpointError, RunDir, load_tensors
-from scm.train.ema import ema_stds_in, ema_weights
 
-__all__ = ["LoadedRun", "load_run", "load_teacher_factory"]
+__all__ = ["LoadedRun", "RunDir", "atomic_write_bytes", "atomic_write_text", "ema_key", "ema_stds_in", "ema_weights",
+           "is_run_dir", "load_run", "load_tensors", "mix_seed", "read_run_config", "save_tensors"]
 
 
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers: the seed of every generator a run or a sampler uses."""
+    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: temporary file, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+
+
+# -- EMA weights -----------------------------------------------------------------------------------------------------
+def ema_key(std: float, name: str) -> str:
+    return f"{float(std):.4f}/{name}"
+
+
+def ema_stds_in(tensors: dict[str, torch.Tensor]) -> list[float]:
+    """The σ_rel values present in an EMA file (keys '<σ_rel>/<name>')."""
+    return sorted({float(k.split("/", 1)[0]) for k in tensors})
+
+
+def ema_weights(tensors: dict[str, torch.Tensor], std: float | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the EMA with σ_rel = std (default: the smallest in the file)."""
+    stds = ema_stds_in(tensors)
+    if not stds:
+        raise KeyError("the checkpoint holds no EMA weights")
+    std = stds[0] if std is None else float(std)
+    if std not in stds:
+        raise KeyError(f"no EMA with σ_rel={std} (available: {stds})")
+    prefix = ema_key(std, "")
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+# -- the directory ---------------------------------------------------------------------------------------------------
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+
+    config_path = property(lambda self: self.path / "config.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    samples_dir = property(lambda self: self.path / "samples")
+    ckpt_dir = property(lambda self: self.path / "checkpoints")
+
+    def read_config(self) -> dict:
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no such run directory")
+        try:
+            return json.loads(self.config_path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: not a scm run directory (no config.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.config_path}: corrupt JSON ({e})") from None
+
+    def write_config(self, cfg: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_path, json.dumps(cfg, indent=2) + "\n")
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints (those with a state.json), oldest first."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        done = [p for p in self.ckpt_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted((p for p in done if (p / "state.json").is_file()), key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if pointer.is_file():
+            candidate = self.ckpt_dir / pointer.read_text().strip()
+            if (candidate / "state.json").is_file():
+                return candidate
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict, keep: int) -> Path:
+        """Write checkpoint <step> atomically, point `latest` at it, keep the newest `keep`."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{step:09d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for stem, tensors in files.items():
+            save_tensors(tensors, tmp / f"{stem}.safetensors")
+        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2) + "\n")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.ckpt_dir)
+        atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+        for old in self.checkpoints()[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def clean_partial(self) -> None:
+        """Remove temporary folders left by a crash during a checkpoint write."""
+        if self.ckpt_dir.is_dir():
+            for p in self.ckpt_dir.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines past `after_step` (written after the checkpoint a resumed run continues from)."""
+        if not self.metrics_path.is_file():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in keep))
+
+    @staticmethod
+    def step_of(ckpt: Path) -> int:
+        """The step a checkpoint was written at (its folder's name)."""
+        return int(ckpt.name)
+
+    @staticmethod
+    def load(ckpt: Path, stems=("net", "ema", "optim")) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint (no state.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{ckpt / 'state.json'}: corrupt JSON ({e})") from None
+        return {s: load_tensors(ckpt / f"{s}.safetensors") for s in stems}, state
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+# -- reading a trained run -------------------------------------------------------------------------------------------
 @dataclass
 class LoadedRun:
     cfg: TrainConfig
@@ -33,7 +221,7 @@ def read_run_config(path: str | Path) -> TrainConfig:
     raw = run.read_config()
     try:
         return from_dict(raw)
-    except (ConfigError, TypeError) as e:
+    except ConfigError as e:
         raise CheckpointError(f"{run.config_path}: not a valid scm configuration ({e})") from None
 
 
@@ -54,30 +242,16 @@ def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = Fals
         try:
             weights = ema_weights(tensors, std)
         except KeyError:
-            raise CheckpointError(f"{ckpt}: no EMA with σ_rel={std} (available: {ema_stds_in(tensors)})") from None
+            raise CheckpointError(f"{ckpt}: no EMA with σ_rel={std} (available: {ema_stds_in(tensors)})",
+                                  key="ema_std") from None
     net = UNet(cfg.net)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt}: weights do not match the run's network (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    step = int(json.loads((ckpt / "state.json").read_text()).get("step", 0))
-    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), ckpt, std, step)
-
-
-def load_teacher_factory(spec: str):
-    """'package.module:function' → function() → a TrigFlow callable fn(x_t/σ_d, t, **cond) -> F."""
-    module_name, _, attr = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"teacher={spec!r}: cannot import {attr!r} from {module_name!r} ({e})") from None
-    fn = factory()
-    if not callable(fn):
-        raise ConfigError(f"teacher={spec!r}: {attr}() must return a callable fn(x_scaled, t, **cond) -> F")
-    return fn
-
-
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
+        step = int(json.loads((ckpt / "state.json").read_text()).get("step", 0))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: corrupt JSON ({e})") from None
+    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), ckpt, std, step)

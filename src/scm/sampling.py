@@ -10,7 +10,9 @@ z_i ~ N(0, σ_d²I) and denoise again. One network evaluation per time. Teacher 
 PF-ODE dx/dt = σ_d·F (eq. 3): "euler" is the first-order DDIM step of eq. 26 (N evaluations), "heun" is
 EDM's second-order Heun method in σ = σ_d·tan t coordinates (2N − 1 evaluations: the last step, to 0, is
 first-order; a step that starts at exactly π/2, where σ = ∞, is too).
-All samplers run without autograd.
+All samplers run without autograd. Noise comes from `generator`: one torch.Generator, or one per example (then
+an example's result does not depend on the batch it is drawn in). The times are Python floats, so the samplers
+never read tensor values: nothing in them waits for a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from scm._checks import _T_TOL, HALF_PI, check_float, check_positive
+from scm._checks import HALF_PI, T_TOL, check_float, check_positive
+from scm._rng import Generators, randn
+from scm.precision import compute_dtype
 from scm.teachers import guided
 from scm.trigflow import add_noise, ddim_step, denoise, t_max_default
 
@@ -40,8 +44,9 @@ def consistency_times(steps: int, *, sigma_d: float = 0.5, t_max: float | None =
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     t_max = t_max_default(sigma_d) if t_max is None else t_max
-    if not 0 < t_mid < t_max <= HALF_PI + _T_TOL:
+    if not 0 < t_mid < t_max <= HALF_PI + T_TOL:
         raise ValueError(f"need 0 < t_mid < t_max <= π/2, got t_mid={t_mid}, t_max={t_max}")
+    t_max = min(t_max, HALF_PI)
     if steps == 1:
         return [t_max]
     return [t_max] + [t_mid * (steps - 1 - i) / (steps - 1) for i in range(steps - 1)]
@@ -65,7 +70,8 @@ def ode_times(
 
 
 def check_times(ts: Sequence[float] | torch.Tensor) -> list[float]:
-    """Validate ts; return it with a trailing 0 removed."""
+    """Validate ts; return it with a trailing 0 removed and times up to π/2 + 1e-5 clamped to π/2 (diffusers'
+    SCMScheduler stores π/2 as 1.57080)."""
     if isinstance(ts, torch.Tensor):
         if ts.ndim != 1:
             raise ValueError(f"ts must be a 1-D sequence of times, got shape {tuple(ts.shape)}")
@@ -76,8 +82,9 @@ def check_times(ts: Sequence[float] | torch.Tensor) -> list[float]:
     if not ts:
         raise ValueError("ts must hold at least one time in (0, π/2]")
     for i, x in enumerate(ts):
-        if not (0 < x <= HALF_PI + _T_TOL):
+        if not (0 < x <= HALF_PI + T_TOL):
             raise ValueError(f"ts[{i}] = {x!r} is outside (0, π/2] (only a trailing 0 is allowed)")
+    ts = [min(x, HALF_PI) for x in ts]
     for i in range(1, len(ts)):
         if not ts[i] < ts[i - 1]:
             raise ValueError(f"ts must be strictly decreasing, but ts[{i - 1}] = {ts[i - 1]!r} <= ts[{i}] = {ts[i]!r}")
@@ -86,7 +93,7 @@ def check_times(ts: Sequence[float] | torch.Tensor) -> list[float]:
 
 def _evaluate(fn: Callable, x: torch.Tensor, t: float, sigma_d: float, cond: dict):
     """F at (x/σ_d, t) with t broadcast to [B]; returns (F, t as a [B] tensor)."""
-    tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    tb = torch.full((x.shape[0],), t, device=x.device, dtype=compute_dtype(x))
     out = fn(x / sigma_d, tb, **cond)
     F = out[0] if isinstance(out, (tuple, list)) else out
     if F.shape != x.shape:
@@ -107,16 +114,17 @@ def consistency_sample(
     noise: torch.Tensor,
     ts: Sequence[float] | torch.Tensor,
     sigma_d: float,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     **cond,
 ) -> torch.Tensor:
-    """Multistep consistency sampling (§5.3): len(ts) evaluations; fresh noise from `generator`."""
+    """Multistep consistency sampling (§5.3): len(ts) evaluations; fresh noise from `generator` (one
+    torch.Generator, or one per example)."""
     _check_noise(noise, sigma_d)
     ts = check_times(ts)
     F, tb = _evaluate(fn, noise, ts[0], sigma_d, cond)
     x0 = denoise(noise, F, tb, sigma_d)  # f = cos t·x_t − sin t·σ_d·F (eq. 5)
     for t in ts[1:]:  # re-noise the current estimate to time t_i, then denoise again (§5.2-5.3)
-        z = sigma_d * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        z = sigma_d * randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         x = add_noise(x0, z, tb.new_full(tb.shape, t))
         F, tb = _evaluate(fn, x, t, sigma_d, cond)
         x0 = denoise(x, F, tb, sigma_d)
@@ -152,7 +160,7 @@ def ode_sample(
 def _heun_correct(x, x_pred, F, F_pred, t_cur: float, t_next: float, sigma_d: float) -> torch.Tensor:
     """EDM's Heun corrector in (σ, x_σ = x/cos t) coordinates, where the PF-ODE reads dx_σ/dσ = ε̂ with
     ε̂ = (sin t·x + cos t·σ_d·F)/σ_d, the noise prediction; x_pred is the predictor's (DDIM) result."""
-    work = torch.promote_types(x.dtype, torch.float32)
+    work = compute_dtype(x)
     c0, s0, c1, s1 = math.cos(t_cur), math.sin(t_cur), math.cos(t_next), math.sin(t_next)
     eps0 = (s0 * x.to(work) + c0 * sigma_d * F.to(work)) / sigma_d
     eps1 = (s1 * x_pred.to(work) + c1 * sigma_d * F_pred.to(work)) / sigma_d

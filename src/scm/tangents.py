@@ -8,7 +8,7 @@ t → 0 or t → π/2 (where dF/dt itself may overflow in low precision):
     JVP of (u, t) ↦ F(u, t) at (x_t/σ_d, t) with tangent (cos t·sin t·dx_t/dt / σ_d, cos t·sin t)
       = cos t·sin t·(∇_u F·d(x_t/σ_d)/dt + ∂_t F) = cos t·sin t·dF/dt =: JF.
 
-(The paper's tangent (cos t sin t·dx_t/dt, σ_d cos t sin t) yields σ_d·JF; spec §3.1. We return JF, and
+(The paper's tangent (cos t sin t·dx_t/dt, σ_d cos t sin t) of §5.1 yields σ_d·JF. We return JF, and
 the target multiplies by σ_d: g = … − r·(cos t·sin t·x_t + σ_d·JF).)
 
 Four methods compute it, all with one call shape:
@@ -25,8 +25,8 @@ Four methods compute it, all with one call shape:
   discrete-time CM with the same tricks (paper §4.2, Fig. 5): its gradient tends to the continuous one as Δt → 0.
 
 No autograd graph is kept for JF, and no tangent survives the call: forward-mode tangents are not stopped
-by `torch.no_grad` (spec §3.2), so they are confined to a dual level (or a `torch.func` transform) that
-closes before this function returns.
+by `torch.no_grad` (PyTorch's forward-mode AD ignores it), so they are confined to a dual level (or a
+`torch.func` transform) that closes before this function returns.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as fwAD
 
 from scm._checks import check_positive, check_same_shape, check_t
 from scm._rng import rng_replayer
+from scm.precision import compute_dtype
 from scm.trigflow import expand
 
 __all__ = ["METHODS", "jvp_tangent"]
@@ -92,7 +93,8 @@ def jvp_tangent(
         primal_grad: keep the autograd graph of F (one fused pass serves the tangent and the training
             forward). JF is always detached.
         rearranged: use the paper's rearranged tangent (default). False takes the naive JVP with tangent
-            (dx_t/dt/σ_d, 1) and multiplies by cos t·sin t afterwards: an ablation (spec §3.1, §7 item 5).
+            (dx_t/dt/σ_d, 1) and multiplies by cos t·sin t afterwards: an ablation of §5.1's rearrangement,
+            which matters in low precision.
         fd_step: the step h of the finite difference (default ε_mach^(1/3) of the working dtype).
 
     Returns:
@@ -104,7 +106,7 @@ def jvp_tangent(
     check_t(t, x_t)
     check_positive("sigma_d", sigma_d)
 
-    work = torch.promote_types(x_t.dtype, torch.float32)
+    work = compute_dtype(x_t)
     if precision in (torch.float32, torch.float64):
         work = precision
     ct_st = torch.cos(t.to(work)) * torch.sin(t.to(work))  # cos t·sin t, shape [B]

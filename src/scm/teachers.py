@@ -1,4 +1,4 @@
-"""Present other diffusion parameterizations as a TrigFlow network F (spec §1.4; paper App. B.2).
+"""Present other diffusion parameterizations as a TrigFlow network F (paper App. B.2).
 
 Each adapter returns `fn(x_scaled, t, **cond) -> F` with x_scaled = x_t/σ_d, the calling convention of
 every scm network. The time map, the input scaling and the output combination all live inside `fn`, so
@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from scm._checks import HALF_PI, check_positive, check_t
+from scm._checks import check_positive, check_t
+from scm.precision import compute_dtype
 from scm.trigflow import expand
 
 __all__ = ["from_edm", "from_flow", "guided"]
@@ -21,7 +22,7 @@ TrigFlowFn = Callable[..., torch.Tensor]
 
 
 def guided(fn: TrigFlowFn, uncond: dict | None = None) -> TrigFlowFn:
-    """Classifier-free guidance: F_s = F_uncond + s·(F_cond − F_uncond) (spec §2.5; s = 1 is no guidance).
+    """Classifier-free guidance: F_s = F_uncond + s·(F_cond − F_uncond) (paper §5.2, App. G.2; s = 1 is no guidance).
 
     Returns g(x_scaled, t, *, guidance, **cond) where `guidance` is a float or a tensor [B] (one scale per
     example, as sCD samples it). The unconditional call replaces entries of cond by `uncond`
@@ -48,16 +49,16 @@ def from_edm(D: Callable[..., torch.Tensor], sigma_d: float) -> TrigFlowFn:
     With σ = σ_d·tan t and x_σ = x_t/cos t (eq. 30) the EDM process is TrigFlow's up to scale, and
     F = (cos t·x_t − D(x_σ, σ))/(σ_d·sin t) (invert f = cos t·x_t − sin t·σ_d·F, eq. 23).
     D receives σ as a tensor of shape [B]. Defined for 0 < t < π/2 only: σ = 0 and σ = ∞ have no
-    EDM input, so t must stay inside the open interval (samplers start at t_max = arctan(80/σ_d)).
+    EDM input, so t must stay inside the open interval (samplers start at t_max = arctan(80/σ_d); the training
+    proposal never reaches either end). The wrapper does not read t's values (it runs inside training steps,
+    where that would stall a GPU): at t = 0 or π/2 its output is not finite.
     """
     check_positive("sigma_d", sigma_d)
 
     def fn(x_scaled: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         check_t(t, x_scaled)
-        if bool(((t <= 0) | (t >= HALF_PI)).any()):
-            raise ValueError("from_edm: an EDM denoiser needs 0 < t < π/2 (σ = σ_d·tan t finite and > 0)")
         x_t = sigma_d * x_scaled
-        tt = expand(t.to(torch.promote_types(t.dtype, torch.float32)), x_t)
+        tt = expand(t.to(compute_dtype(t)), x_t)
         cos, sin = torch.cos(tt), torch.sin(tt)
         sigma = sigma_d * torch.tan(t)
         D_hat = D((x_t / cos).to(x_scaled.dtype), sigma, **cond)
@@ -72,17 +73,17 @@ def from_flow(v: Callable[..., torch.Tensor], sigma_d: float, *, time_scale: flo
     The flow runs on data at unit std: x_s = (1 − s)·y + s·ε with y = x0/σ_d, ε ~ N(0, I), s ∈ [0, 1].
     Matching signal-to-noise ratios gives s = sin t/(sin t + cos t) and x_s = (x_t/σ_d)/(sin t + cos t);
     the TrigFlow target E[cos t·ε − sin t·y | x_t] then follows from v as
-        F = [(1 − 2s)·x_s + (1 − 2s + 2s²)·v] / sqrt(s² + (1 − s)²)          (spec §1.4, Sana-Sprint Prop. 3.1)
+        F = [(1 − 2s)·x_s + (1 − 2s + 2s²)·v] / sqrt(s² + (1 − s)²)          (Sana-Sprint, Chen et al. 2025, Prop. 3.1)
           = [(cos t − sin t)·x_t/σ_d + v] / (sin t + cos t)                   (same, simplified).
     Defined on the closed interval [0, π/2]. `time_scale` multiplies the time fed to v (e.g. 1000 for
-    models trained on s·1000; beware that a large scale amplifies ∂F/∂t, spec §3.4 and §7 item 2).
+    models trained on s·1000; beware that a large scale amplifies ∂F/∂t, the instability of paper §4.1).
     """
     check_positive("sigma_d", sigma_d)
     check_positive("time_scale", time_scale)
 
     def fn(x_scaled: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         check_t(t, x_scaled)
-        t_work = t.to(torch.promote_types(t.dtype, torch.float32))
+        t_work = t.to(compute_dtype(t))
         denom = torch.sin(t_work) + torch.cos(t_work)
         s = torch.sin(t_work) / denom
         tt = expand(t_work, x_scaled)

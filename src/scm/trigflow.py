@@ -7,7 +7,8 @@ From F follow the denoiser / consistency function f = cos t·x_t − sin t·σ_d
 first-order (DDIM) step of eq. 26. σ = σ_d·tan t links TrigFlow time to EDM's noise level (eq. 30).
 
 Every function takes tensors of any float dtype, computes in at least float32 and returns the dtype of
-its main tensor argument; `t` is a float tensor of shape [B] in radians.
+its main tensor argument; `t` is a float tensor of shape [B] in radians. Only shapes are checked here (values
+are checked where data enters: the objectives and samplers), so none of these functions waits for a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import torch
 
 from scm._checks import check_float, check_positive, check_same_shape, check_t
+from scm.precision import compute_dtype
 
 __all__ = [
     "add_noise",
@@ -41,15 +43,8 @@ def expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
 
-def _work_dtype(*xs: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
-
-
 def _cos_sin(t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    tt = expand(t.to(_work_dtype(t, x)), x)
+    tt = expand(t.to(compute_dtype(t, x)), x)
     return torch.cos(tt), torch.sin(tt)
 
 
@@ -85,7 +80,7 @@ def ddim_step(x_s: torch.Tensor, F: torch.Tensor, s: torch.Tensor, t: torch.Tens
     check_same_shape(x_s=x_s, F=F)
     check_t(s, x_s, name="s")
     check_t(t, x_s)
-    h = expand((s - t).to(_work_dtype(s, x_s)), x_s)
+    h = expand((s - t).to(compute_dtype(s, x_s)), x_s)
     return (torch.cos(h) * x_s - torch.sin(h) * sigma_d * F).to(x_s.dtype)
 
 
@@ -93,7 +88,7 @@ def sigma_from_t(t: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """EDM noise level σ = σ_d·tan t (eq. 30). Infinite at t = π/2."""
     check_float("t", t)
     check_positive("sigma_d", sigma_d)
-    return (sigma_d * torch.tan(t.to(_work_dtype(t)))).to(t.dtype)
+    return (sigma_d * torch.tan(t.to(compute_dtype(t)))).to(t.dtype)
 
 
 def t_from_sigma(sigma: torch.Tensor, sigma_d: float) -> torch.Tensor:
@@ -102,7 +97,7 @@ def t_from_sigma(sigma: torch.Tensor, sigma_d: float) -> torch.Tensor:
     check_positive("sigma_d", sigma_d)
     if bool((sigma < 0).any()):
         raise ValueError("sigma must be >= 0")
-    return torch.atan(sigma.to(_work_dtype(sigma)) / sigma_d).to(sigma.dtype)
+    return torch.atan(sigma.to(compute_dtype(sigma)) / sigma_d).to(sigma.dtype)
 
 
 def sample_t(

@@ -163,7 +163,7 @@ def load_builtin(name: str) -> ImageData:
     split = name.split(":", 1)[1] if ":" in name else "train"
     path = data_dir() / "mnist" / "mnist.npz"
     if not path.is_file():
-        raise DataError(f"MNIST is not cached at {path}; run `scm data fetch mnist` first")
+        raise DataError(f"MNIST is not cached at {path}; fetch it first (scm.data.builtin.fetch_mnist)", key="mnist")
     with np.load(path, allow_pickle=False) as z:
         x, y = z[f"x_{split}"], z[f"y_{split}"]
     return ImageData(torch.from_numpy(x[:, None].copy()), torch.from_numpy(y), f"MNIST {split} ({path})",

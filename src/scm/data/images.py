@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scm.errors import DataError
+
 __all__ = ["DataError", "ImageData", "load_folder", "load_npz"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-class DataError(ValueError):
-    """Missing, empty, corrupt or inconsistent data; the message names the file or field."""
 
 
 @dataclass

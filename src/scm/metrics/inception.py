@@ -17,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scm.errors import InceptionError
+
 __all__ = ["INCEPTION_SHA256", "FIDInceptionV3", "load_inception"]
 
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-
-
-class InceptionError(ValueError):
-    pass
 
 
 class Conv(nn.Module):
@@ -175,8 +173,8 @@ def load_inception(path: str | Path | None = None, expected_sha256: str | None =
     """The FID Inception network with weights from `path` (or $SCM_INCEPTION_WEIGHTS), eval mode."""
     path = path or os.environ.get("SCM_INCEPTION_WEIGHTS")
     if not path:
-        raise InceptionError("FID needs the Inception weights pt_inception-2015-12-05-6726825d.pth: pass --inception "
-                             "PATH or set SCM_INCEPTION_WEIGHTS (see README, 'Metrics')")
+        raise InceptionError("FID needs the Inception weights file pt_inception-2015-12-05-6726825d.pth (give its "
+                             "path, or set SCM_INCEPTION_WEIGHTS)", key="inception")
     path = Path(path).expanduser()
     if not path.is_file():
         raise InceptionError(f"{path}: Inception weights file not found")

@@ -70,8 +70,8 @@ class RefStats:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 return cls(z["mu"], z["sigma"], z["sample"], **meta)
-        except (OSError, KeyError, ValueError) as e:
-            raise DataError(f"{path}: not a scm reference-statistics file ({e})") from None
+        except Exception as e:  # BadZipFile, OSError, KeyError, ValueError …
+            raise DataError(f"{path}: not a scm reference-statistics file ({type(e).__name__}: {e})") from None
 
 
 def _space(key: str, train: ImageData | None = None, test: ImageData | None = None, inception_path=None, log=print):
@@ -84,8 +84,13 @@ def _space(key: str, train: ImageData | None = None, test: ImageData | None = No
     return FeatureSpace(key, classifier=model)
 
 
+METRICS = ("fd", "fid")
+
+
 def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print) -> tuple[FeatureSpace, RefStats]:
     """`ref` is a data set ('mnist', a folder, …) or a reference-statistics .npz; metric 'fd' (classifier) or 'fid'."""
+    if metric not in METRICS:
+        raise DataError(f"metric={metric!r}: use fd (a classifier's features) or fid (Inception)", key="metric")
     if str(ref).endswith(".npz") and Path(ref).is_file() and not _is_image_npz(Path(ref)):
         stats = RefStats.load(Path(ref))
         return _space(stats.space, inception_path=inception_path, log=log), stats
@@ -96,7 +101,8 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
     test = None
     if key != "inception":
         if train.labels is None:
-            raise DataError(f"{train.source}: FD-<dataset> needs labels to train its classifier; use --metric fid")
+            raise DataError(f"{train.source}: FD-<dataset> needs labels to train its classifier; measure FID instead",
+                            key="metric")
         test = _test_split(name, train)
     space = _space(key, train, test, inception_path, log)
     cache = data_dir() / "refs" / f"{key.replace(':', '-')}-{data_key}.npz"
@@ -115,8 +121,11 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
 
 
 def _is_image_npz(path: Path) -> bool:
-    with np.load(path, allow_pickle=False) as z:
-        return "meta" not in z.files
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "meta" not in z.files
+    except Exception as e:  # zipfile.BadZipFile, OSError, ValueError …: the file is not a readable .npz
+        raise DataError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from None
 
 
 def _test_split(name: str, train: ImageData) -> ImageData:

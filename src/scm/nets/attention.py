@@ -6,12 +6,14 @@ so no more than `chunk × L` logits per (batch·head) ever exist at once. Each b
 the logit matrix, so its softmax is exact; the backward recomputes them instead of storing p (as
 FlashAttention does). The tangent follows from logits x = s·QKᵀ, p = softmax(x), y = pV:
 
-    t_x = s·(t_Q Kᵀ + Q t_Kᵀ),   t_y = (p ⊙ t_x)V − rowsum(p ⊙ t_x)·y + p·t_V         (spec §3.5)
+    t_x = s·(t_Q Kᵀ + Q t_Kᵀ),   t_y = (p ⊙ t_x)V − rowsum(p ⊙ t_x)·y + p·t_V         (paper §5.1, App. F)
 """
 
 from __future__ import annotations
 
 import torch
+
+from scm.precision import to_compute
 
 __all__ = ["attention"]
 
@@ -27,7 +29,7 @@ def _blocks(q: torch.Tensor, k: torch.Tensor):
 def _probs(q_blk: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax in (at least) float32 whatever the input dtype, so every pass sees the same p."""
     logits = torch.bmm(q_blk, k.transpose(1, 2))
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    logits = to_compute(logits) * scale
     return torch.softmax(logits, dim=-1).to(q_blk.dtype)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from scm.precision import to_compute
+
 __all__ = ["clip", "conv2d", "lincomb", "modulate", "pixel_norm", "scaled_cat", "silu", "upsample2x"]
 
 
@@ -78,7 +80,7 @@ class _PixelNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, dim, eps):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = to_compute(x)
         r = torch.rsqrt(xf.square().mean(dim=dim, keepdim=True) + eps).to(x.dtype)
         return x * r, r
 

@@ -13,23 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from scm.nets.functional import conv2d, lincomb, modulate, pixel_norm, scaled_cat
+from scm.precision import to_compute
 
 __all__ = [
     "FourierEmbedding",
     "MPConv",
     "PositionalEmbedding",
     "adaptive_double_norm",
-    "at_least_fp32",
     "mp_cat",
     "mp_silu",
     "mp_sum",
     "normalize",
 ]
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, or in float64 if it already is: the precision for sensitive maths."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-8) -> torch.Tensor:
@@ -89,7 +84,7 @@ class MPConv(nn.Module):
         return self.weight[0].numel()
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
-        w = normalize(at_least_fp32(self.weight)) * (gain / math.sqrt(self.fan_in))
+        w = normalize(to_compute(self.weight)) * (gain / math.sqrt(self.fan_in))
         if w.ndim == 2:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             return x.to(dtype) @ w.to(dtype).t()
@@ -98,13 +93,15 @@ class MPConv(nn.Module):
     @torch.no_grad()
     def normalize_weight_(self) -> None:
         """Forced weight normalization (EDM2 eq. 66): project the stored weight back to unit RMS per output."""
-        self.weight.copy_(normalize(at_least_fp32(self.weight)).to(self.weight.dtype))
+        self.weight.copy_(normalize(to_compute(self.weight)).to(self.weight.dtype))
 
 
 class PositionalEmbedding(nn.Module):
     """sqrt(2)·[cos(ω_i c), sin(ω_i c)] with ω_i = max_positions^(−i/half), i < half (DDPM++/EDM): the
     positional time embedding of §4.1, fed c_noise(t) = t (no ×1000). Unit magnitude, computed in float32
-    whatever the autocast state (spec §3.3). Its largest frequency is 1, so ∂emb/∂t stays O(1)."""
+    whatever the autocast state (low-precision time embeddings destabilise the JVP; paper §4.1, and
+    NVlabs/rcm's maintainers fixed sCM's gradient spikes on SD3.5 the same way). Its largest frequency is 1,
+    so ∂emb/∂t stays O(1)."""
 
     def __init__(self, num_channels: int, max_positions: float = 10_000.0):
         super().__init__()
@@ -116,7 +113,7 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         with torch.autocast(c.device.type, enabled=False):
-            c = c.to(torch.promote_types(c.dtype, torch.float32))
+            c = to_compute(c)
             a = c[:, None] * self.freqs.to(c.dtype)[None, :]
             return torch.cat([torch.cos(a), torch.sin(a)], dim=1) * math.sqrt(2)
 
@@ -135,6 +132,6 @@ class FourierEmbedding(nn.Module):
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         with torch.autocast(c.device.type, enabled=False):
-            c = c.to(torch.promote_types(c.dtype, torch.float32))
+            c = to_compute(c)
             a = c[:, None] * self.freqs.to(c.dtype)[None, :] + self.phases.to(c.dtype)[None, :]
             return torch.cos(a) * math.sqrt(2)

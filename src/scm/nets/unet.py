@@ -24,12 +24,12 @@ from scm.nets.layers import (
     MPConv,
     PositionalEmbedding,
     adaptive_double_norm,
-    at_least_fp32,
     mp_cat,
     mp_silu,
     mp_sum,
     normalize,
 )
+from scm.precision import to_compute
 
 __all__ = ["NET_PRESETS", "UNet", "UNetConfig", "build_unet"]
 
@@ -146,8 +146,8 @@ class Block(nn.Module):
 
         # mp_silu = silu·SILU_GAIN; the gain is folded into the next convolution's (tiny) weight.
         y = self.conv_res0(silu(x), gain=SILU_GAIN)
-        with torch.autocast(x.device.type, enabled=False):  # embedding maths in fp32 (spec §3.3)
-            scale, shift = self.emb_linear(at_least_fp32(emb)).chunk(2, dim=1)
+        with torch.autocast(x.device.type, enabled=False):  # embedding maths in fp32 (see layers.PositionalEmbedding)
+            scale, shift = self.emb_linear(to_compute(emb)).chunk(2, dim=1)
         y = silu(adaptive_double_norm(y, scale, shift))
         if self.dropout:
             y = F.dropout(y, p=self.dropout, training=self.training)
@@ -229,7 +229,7 @@ class UNet(nn.Module):
 
     def c_noise(self, t: torch.Tensor) -> torch.Tensor:
         """c_noise(t) = t (§4.1, eq. 7) or, for ablations, EDM2's log(σ_d·tan t)/4."""
-        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        t = to_compute(t)
         if self.cfg.c_noise == "t":
             return t
         return torch.log(self.cfg.sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
@@ -243,17 +243,17 @@ class UNet(nn.Module):
         check_t(t, x)
 
     def _labels(self, labels, batch: int, device) -> torch.Tensor:
-        """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; label dropout in training."""
+        """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; label dropout in training.
+
+        Label values are not read here (that would stall a GPU on every call): they are checked where they
+        enter (data loaders, samplers); an index outside [0, label_dim) gives a zero row, i.e. no class."""
         c = self.cfg
         if labels is None:
             return torch.zeros(batch, c.label_dim, device=device)
         if labels.ndim == 1 and not labels.is_floating_point():
             if labels.shape[0] != batch:
                 raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
-            if bool(((labels < 0) | (labels >= c.label_dim)).any()):
-                bad = labels[(labels < 0) | (labels >= c.label_dim)].unique().tolist()
-                raise ValueError(f"labels must be class indices in [0, {c.label_dim}); got {bad}")
-            onehot = F.one_hot(labels.long(), c.label_dim).float()
+            onehot = (labels[:, None] == torch.arange(c.label_dim, device=labels.device)).float()
         elif labels.shape == (batch, c.label_dim):
             onehot = labels.float()
         else:

@@ -1,13 +1,9 @@
 """The training engine: `train(cfg)` runs a diffusion, sCT or sCD run described by a TrainConfig.
 
-Imported lazily, so that `scm.train.checkpoint` (used by `scm.runs`) does not pull in the loop."""
+Inference (scm.runs, scm.generate) never imports this package; this package imports them."""
 
-__all__ = ["RunError", "TrainResult", "TrainingStopped", "train"]
+from scm.train.loop import TrainResult, train
+from scm.train.state import TrainState
+from scm.train.step import train_step
 
-
-def __getattr__(name):
-    if name in __all__:
-        from scm.train import loop
-
-        return getattr(loop, name)
-    raise AttributeError(f"module 'scm.train' has no attribute {name!r}")
+__all__ = ["TrainResult", "TrainState", "train", "train_step"]

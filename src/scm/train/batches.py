@@ -8,18 +8,16 @@ with one micro-batch each compute what one process computes with two micro-batch
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-__all__ = ["BatchPlan", "mix_seed"]
+from scm.runs import mix_seed
 
-
-def mix_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from integers."""
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
+__all__ = ["BatchPlan"]
 
 
 class BatchPlan:
+    """The examples of every step (`indices`, `slot`) and the seeds of its noise and dropout."""
+
     def __init__(self, num_examples: int, batch: int, seed: int):
         self.n, self.batch, self.seed = num_examples, batch, seed
         self._epoch, self._perm = -1, None
@@ -50,3 +48,17 @@ class BatchPlan:
 
     def dropout_seed(self, step: int, slot: int) -> int:
         return mix_seed(self.seed, step, slot, 2)
+
+
+def micro_batches(data, plan: BatchPlan, step: int, rank: int, grad_accum: int, world: int, conditional: bool,
+                  device) -> list:
+    """This process's micro-batches of step `step` (slots rank·grad_accum … rank·grad_accum + grad_accum − 1)."""
+    from scm.train.step import MicroBatch
+
+    out = []
+    for a in range(grad_accum):
+        slot = rank * grad_accum + a
+        x0, labels = data.batch(plan.slot(step, slot, world * grad_accum), device)
+        out.append(MicroBatch(x0, {"labels": labels} if conditional else {}, plan.noise_generator(step, slot, device),
+                              plan.dropout_seed(step, slot)))
+    return out

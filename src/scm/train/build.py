@@ -1,24 +1,25 @@
-"""From a TrainConfig to the objects a run needs: the network (fresh, or initialized from a run's EMA),
-the sCD teacher, and the objective. The only place that maps configuration fields to the maths."""
+"""From a TrainConfig to the objects a run needs: the network (fresh, or initialized from a run's EMA), the
+sCD teacher, and the objective (the configured one, handed its teacher)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 
 import torch
 
-from scm.config import ConfigError, TrainConfig
-from scm.data import DataError, ImageData
+from scm.config import TrainConfig
+from scm.data import ImageData
+from scm.errors import ConfigError, DataError
 from scm.nets.unet import UNet, UNetConfig
 from scm.objectives import ConsistencyLoss, DiffusionLoss
-from scm.runs import is_run_dir, load_run, load_teacher_factory
+from scm.runs import is_run_dir, load_run
 
-__all__ = ["Built", "build", "build_objective"]
+__all__ = ["Built", "build", "build_objective", "load_teacher_factory"]
 
 # Fields a student may change relative to the run it is initialized from (training-time behaviour only).
 TRAINING_NET_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_embed")
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "inherit": None}
 
 
 @dataclass
@@ -34,7 +35,7 @@ def check_data(cfg: TrainConfig, data: ImageData) -> None:
         raise DataError(
             f"{data.source}: {data.resolution}×{data.resolution} with {data.channels} channel(s), but preset "
             f"{cfg.preset or '(none)'} expects {cfg.resolution}×{cfg.resolution} with {cfg.channels} "
-            "(override with resolution=… channels=… if you mean it)"
+            "(set resolution and channels if you mean it)"
         )
     if cfg.conditional and data.labels is None:
         raise DataError(f"{data.source}: conditional=true needs class labels, but the data set has none")
@@ -104,17 +105,26 @@ def _check_teacher_shapes(teacher, cfg: TrainConfig, data: ImageData, device) ->
         raise ConfigError(f"teacher {cfg.teacher}: returns {shape} for inputs of shape {tuple(x.shape)}")
 
 
-def build_objective(cfg: TrainConfig, teacher=None):
-    """The loss of the run's method; the training loop calls it as objective(net, x0, kimg, generator, **cond)."""
-    L = cfg.loss
+def build_objective(cfg: TrainConfig, teacher=None) -> DiffusionLoss | ConsistencyLoss:
+    """The run's objective: the configured one (its fields as they are), handed the sCD teacher."""
+    settings = {f.name: getattr(cfg.loss, f.name) for f in dataclasses.fields(cfg.loss)}
     if cfg.method == "diffusion":
-        return DiffusionLoss(sigma_d=L.sigma_d, P_mean=L.P_mean, P_std=L.P_std, adaptive_weight=L.adaptive_weight)
-    return ConsistencyLoss(
-        sigma_d=L.sigma_d, P_mean=L.P_mean, P_std=L.P_std, teacher=teacher,
-        guidance=tuple(L.guidance) if L.guidance else None, warmup=L.warmup_kimg,
-        tangent_norm_c=L.tangent_norm_c, tangent_norm=L.tangent_norm, adaptive_weight=L.adaptive_weight,
-        extra_sigma_weight=L.extra_sigma_weight, share_dropout=L.share_dropout,
-        fused_pass=(cfg.distributed != "fsdp") if L.fused_pass is None else L.fused_pass,
-        tangent_method=L.tangent_method, tangent_precision=PRECISION_DTYPES[L.tangent_precision],
-        rearranged_jvp=L.rearranged_jvp, discrete_steps=L.discrete_steps,
-    )
+        return DiffusionLoss(**settings)
+    if settings["fused_pass"] is None and cfg.distributed == "fsdp":
+        settings["fused_pass"] = False  # FSDP2's hooks have no forward-mode AD rule: separate tangent pass
+    return ConsistencyLoss(**settings, teacher=teacher)
+
+
+def load_teacher_factory(spec: str):
+    """'package.module:function' → function() → a TrigFlow callable fn(x_t/σ_d, t, **cond) -> F."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"teacher={spec!r}: cannot import {attr!r} from {module_name!r} ({e})",
+                          key="teacher") from None
+    fn = factory()
+    if not callable(fn):
+        raise ConfigError(f"teacher={spec!r}: {attr}() must return a callable fn(x_scaled, t, **cond) -> F",
+                          key="teacher")
+    return fn

@@ -4,7 +4,8 @@ The average at time t weights past parameters by τ^γ (τ ≤ t); its relative 
 σ_rel = sqrt((γ + 1)/((γ + 2)²(γ + 3))), so σ_rel picks γ as the largest real root of
 γ³ + 7γ² + (16 − σ_rel⁻²)γ + (12 − σ_rel⁻²) = 0. Incrementally: ema ← β·ema + (1 − β)·θ with
 β = (1 − Δ/t)^(γ + 1), t the images seen after the step and Δ the batch. The first update copies θ, so a
-short run is never dominated by its random initialization (the fixed-decay pitfall of the platform notes).
+short run is never dominated by its random initialization (which a fixed decay such as 0.9999 would be for
+its first tens of thousands of steps).
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from scm.runs import ema_key
+
 __all__ = ["PowerEMA", "std_to_exp"]
 
 
 def std_to_exp(std: float) -> float:
+    """The exponent γ of the power-function EMA whose relative std is σ_rel = std (EDM2 eq. 3, solved)."""
     s2 = float(std) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
-
-
-def _key(std: float) -> str:
-    return f"{std:.4f}"
 
 
 def _full(v: torch.Tensor) -> torch.Tensor:
@@ -60,12 +60,12 @@ class PowerEMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) tensors; under FSDP2 every process must call it."""
-        return {f"{_key(s)}/{k}": _full(v) for s, shadow in self.shadow.items() for k, v in shadow.items()}
+        return {ema_key(s, k): _full(v) for s, shadow in self.shadow.items() for k, v in shadow.items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         for s, shadow in self.shadow.items():
             for k, v in shadow.items():
-                name = f"{_key(s)}/{k}"
+                name = ema_key(s, k)
                 if name not in tensors:
                     raise KeyError(f"EMA tensor {name!r} missing from the checkpoint")
                 _copy_full_into(v, tensors[name])
@@ -76,19 +76,3 @@ class PowerEMA:
         if std not in self.shadow:
             raise KeyError(f"no EMA with σ_rel={std}; this run keeps {self.stds}")
         return {k: _full(v) for k, v in self.shadow[std].items()}
-
-
-def ema_stds_in(tensors: dict[str, torch.Tensor]) -> list[float]:
-    """The σ_rel values present in an EMA state dict (keys 'σ/name')."""
-    return sorted({float(k.split("/", 1)[0]) for k in tensors})
-
-
-def ema_weights(tensors: dict[str, torch.Tensor], std: float | None = None) -> dict[str, torch.Tensor]:
-    stds = ema_stds_in(tensors)
-    if not stds:
-        raise KeyError("the checkpoint holds no EMA weights")
-    std = stds[0] if std is None else float(std)
-    if std not in stds:
-        raise KeyError(f"no EMA with σ_rel={std} (available: {stds})")
-    prefix = _key(std) + "/"
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -1,4 +1,7 @@
-"""Sample grids at fixed seeds during training: 1- and 2-step for consistency runs, Heun for diffusion."""
+"""Sample grids at fixed seeds during training: 1- and 2-step for consistency runs, Heun for diffusion runs.
+
+The same generator as `scm sample` (`scm.generate`): image i of every grid comes from seed (0, i), so grids
+of successive checkpoints show the same noise."""
 
 from __future__ import annotations
 
@@ -7,21 +10,12 @@ from pathlib import Path
 import torch
 
 from scm.config import TrainConfig
-from scm.images import grid, save_png
+from scm.generate import Sampler, generate
+from scm.images import grid, report_scale, save_png
 from scm.nets.unet import UNet
-from scm.sampling import consistency_sample, consistency_times, ode_sample, ode_times
+from scm.runs import LoadedRun
 
-__all__ = ["conditioning", "sample_grids"]
-
-
-def conditioning(cfg: TrainConfig, count: int, device) -> dict:
-    """Labels cycling through the classes (conditional runs) and the student's guidance input (sCD + CFG)."""
-    cond = {}
-    if cfg.net.label_dim:
-        cond["labels"] = torch.arange(count, device=device) % cfg.net.label_dim
-    if cfg.net.guidance_embed and cfg.loss.guidance:
-        cond["guidance"] = float(cfg.loss.guidance[0])
-    return cond
+__all__ = ["sample_grids"]
 
 
 @torch.no_grad()
@@ -30,19 +24,13 @@ def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: f
         return []  # latents etc.: nothing to look at without a decoder
     net = UNet(cfg.net).to(device).eval()
     net.load_state_dict(weights)
-    sd, n = cfg.loss.sigma_d, cfg.sample_count
-    gen = torch.Generator(device).manual_seed(0)
-    noise = sd * torch.randn(n, cfg.channels, cfg.resolution, cfg.resolution, generator=gen, device=device)
-    cond = conditioning(cfg, n, device)
-    tag = f"{kimg:09.1f}kimg"
-    paths = []
+    run = LoadedRun(cfg, net, out_dir, cfg.ema.stds[0], round(kimg * 1000 / cfg.batch))
     if cfg.method == "diffusion":
-        steps = cfg.sample_ode_steps
-        x = ode_sample(net, noise, ode_times(steps, sigma_d=sd), sd, solver="heun", **cond)
-        paths.append(save_png(grid(x), out_dir / f"{tag}-heun-nfe{2 * steps - 1}.png"))
+        samplers = {f"heun-nfe{2 * cfg.sample_ode_steps - 1}": Sampler(nfe=2 * cfg.sample_ode_steps - 1)}
     else:
-        for steps in (1, 2):
-            g = torch.Generator(device).manual_seed(1)
-            x = consistency_sample(net, noise, consistency_times(steps, sigma_d=sd), sd, generator=g, **cond)
-            paths.append(save_png(grid(x), out_dir / f"{tag}-{steps}step.png"))
+        samplers = {"1step": Sampler(steps=1), "2step": Sampler(steps=2)}
+    paths = []
+    for name, sampler in samplers.items():
+        x, _ = generate(run, cfg.sample_count, sampler, batch=cfg.sample_count, seed=0, progress=False)
+        paths.append(save_png(grid(x, scale=report_scale(cfg.resolution)), out_dir / f"{kimg:09.1f}kimg-{name}.png"))
     return paths

@@ -1,4 +1,4 @@
-"""The `scm` command: thin wrappers that parse arguments and call the library.
+"""The `scm` command: thin wrappers that parse arguments, call the library and word its errors for a person.
 
 Errors the user can fix (missing files, bad values, a run directory of another kind, …) end with one line
 `error: …` on stderr and a non-zero exit code: 2 for bad input, 3 when training stopped on non-finite
@@ -12,29 +12,41 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
+
+from scm.errors import ScmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continuous-time consistency models (sCT / sCD): train, distill, sample, evaluate.")
 
-
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from scm.config import ConfigError
-    from scm.data import DataError
-    from scm.generate import SamplerError
-    from scm.metrics.inception import InceptionError
-    from scm.train import RunError
-    from scm.train.checkpoint import CheckpointError
-
-    return (ConfigError, DataError, RunError, CheckpointError, SamplerError, InceptionError, FileNotFoundError)
+# The library names the setting at fault (ScmError.key); here is how a person sets it on the command line.
+FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "solver": "--solver", "class_label": "--class",
+         "guidance": "--guidance", "n": "--n", "batch": "--batch", "ema_std": "--ema", "metric": "--metric",
+         "method": "--method", "preset": "--preset", "resume": "--resume", "out": "--out", "teacher": "--teacher",
+         "inception": "--inception"}
+HINTS = {"out": "continue it with --resume, or choose another --out", "method": "pick one with --method",
+         "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
+         "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
 
 
 def _fail(msg: str, code: int = 2):
     print(f"error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def _fail_on(e: Exception):
+    """Word a library error for the command line: the flag at fault first, a hint on how to fix it last."""
+    msg, key = str(e), getattr(e, "key", None)
+    if key in FLAGS and msg.startswith(f"{key}="):  # "steps=0: …" → "--steps 0: …"
+        msg = f"{FLAGS[key]} {msg[len(key) + 1:]}"
+    elif key in FLAGS:
+        msg = f"{FLAGS[key]}: {msg}"
+    if key in HINTS:
+        msg = f"{msg}; {HINTS[key]}"
+    _fail(msg)
+
+
+USER_ERRORS = (ScmError, FileNotFoundError)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,13 +60,14 @@ def train(
     kimg: Annotated[float | None, typer.Option(help="training budget in thousands of images")] = None,
     batch: Annotated[int | None, typer.Option(help="global batch size")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its checkpoint")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out (from its newest "
+                                                           "checkpoint, or from the start if it has none)")] = False,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of any config field, "
                                                           "e.g. loss.P_mean=-0.8 net.dropout=0.1")] = None,
 ):
     """Train a diffusion teacher, an sCT model or an sCD student; runs unchanged under torchrun."""
     from scm.config import make_config
-    from scm.train import TrainingStopped
+    from scm.errors import TrainingStopped
     from scm.train import train as run_training
 
     try:
@@ -62,9 +75,10 @@ def train(
                           kimg=kimg, batch=batch, device=device)
         result = run_training(cfg, resume=resume)
     except TrainingStopped as e:
-        _fail(str(e), e.exit_code)
-    except _user_errors() as e:
-        _fail(str(e))
+        hint = "; continue with the same command and --resume" if e.reason == "interrupted" else ""
+        _fail(f"{e}{hint}", 130 if e.reason == "interrupted" else 3)
+    except USER_ERRORS as e:
+        _fail_on(e)
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}", file=sys.stderr)
 
@@ -72,7 +86,7 @@ def train(
 @app.command()
 def presets(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every setting")] = False):
     """List the training presets (paper settings by name; the CPU presets have `tiny` in their names)."""
-    from scm.config import PRESETS
+    from scm.presets import PRESETS
 
     for name, p in PRESETS.items():
         if verbose:
@@ -86,7 +100,11 @@ def _load(ckpt: str, ema: float | None, raw: bool, device: str):
     from scm.runs import load_run
     from scm.train.distributed import resolve_device
 
-    return load_run(ckpt, ema, raw=raw, device=resolve_device(device))
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        _fail(f"--device: {e}")
+    return load_run(ckpt, ema, raw=raw, device=dev)
 
 
 def _ts(text: str | None):
@@ -96,6 +114,24 @@ def _ts(text: str | None):
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         _fail(f"--ts {text!r}: expected comma-separated times in radians, e.g. 1.5645,1.1")
+
+
+def _output(out: str) -> tuple[Path, str]:
+    """Where `scm sample` writes, checked (and its folder made) before anything is sampled."""
+    target = Path(out)
+    kind = {".png": "grid", ".npz": "arrays", "": "folder"}.get(target.suffix.lower())
+    if target.is_dir():
+        kind = "folder"
+    if kind is None:
+        _fail(f"--out {out}: use a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")
+    folder = target if kind == "folder" else target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"--out {out}: cannot create {folder} ({e.strerror})")
+    if not os.access(folder, os.W_OK):
+        _fail(f"--out {out}: {folder} is not writable")
+    return target, kind
 
 
 @app.command()
@@ -108,7 +144,7 @@ def sample(
     solver: Annotated[str, typer.Option(help="diffusion runs: heun | euler")] = "heun",
     n: Annotated[int, typer.Option(help="number of images")] = 64,
     batch: Annotated[int, typer.Option(help="images per network call")] = 256,
-    seed: Annotated[int, typer.Option(help="random seed (output is a function of seed and batch)")] = 0,
+    seed: Annotated[int, typer.Option(help="random seed (image i depends on the seed and i only)")] = 0,
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to use (default: the run's first)")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="use the raw (non-averaged) weights")] = False,
     class_: Annotated[int | None, typer.Option("--class", help="class label (conditional models)")] = None,
@@ -116,26 +152,32 @@ def sample(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ):
     """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs)."""
-    from scm.generate import Sampler, generate
+    import numpy as np
+
+    from scm.generate import Sampler, check_conditioning, generate
     from scm.images import grid, save_png, to_uint8
+    from scm.runs import atomic_write_bytes
 
     try:
-        if solver not in ("heun", "euler"):
-            _fail(f"--solver {solver!r}: use heun or euler")
-        run = _load(ckpt, ema, raw, device)
+        target, kind = _output(out)
         sampler = Sampler(steps=steps, ts=_ts(ts), nfe=nfe, solver=solver)
+        run = _load(ckpt, ema, raw, device)
+        sampler.times(run)
+        check_conditioning(run.cfg, class_, guidance)
         images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance)
-        target = Path(out)
-        if target.suffix == ".png":
+        if kind == "grid":
             save_png(grid(images), target)
-        elif target.suffix == ".npz":
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(target, x=to_uint8(images) if run.cfg.channels in (1, 3) else images.numpy())
+        elif kind == "arrays":
+            import io
+
+            buf = io.BytesIO()
+            np.savez(buf, x=to_uint8(images) if run.cfg.channels in (1, 3) else images.numpy())
+            atomic_write_bytes(target, buf.getvalue())
         else:
             for i, img in enumerate(to_uint8(images)):
                 save_png(img, target / f"{i:06d}.png")
-    except _user_errors() as e:
-        _fail(str(e))
+    except USER_ERRORS as e:
+        _fail_on(e)
     print(f"{n} images ({sampler.describe(run)}) in {seconds:.2f} s: {n / seconds:.1f} img/s, "
           f"{1000 * seconds / n:.2f} ms/image → {out}", file=sys.stderr)
 
@@ -158,55 +200,66 @@ def eval_(
     device: Annotated[str, typer.Option()] = "auto",
 ):
     """Measure a run's samples (FD-<dataset> or FID, KID, precision/recall) per sampler setting; JSON + Markdown."""
+    import json
     import time
 
-    from scm.evaluate import evaluate, markdown_table, write
+    from scm.app.report import Report
+    from scm.evaluate import evaluate
     from scm.generate import Sampler
+    from scm.runs import atomic_write_text
 
     try:
-        if metric not in ("fd", "fid"):
-            _fail(f"--metric {metric!r}: use fd or fid")
-        if n < 2:
-            _fail(f"--n {n}: need at least 2 samples per setting")
         run = _load(ckpt, ema, False, device)
-        if run.cfg.method == "diffusion":
-            if steps:
-                _fail("this is a diffusion run: use --nfe, not --steps")
-            samplers = [Sampler(nfe=k, solver=solver) for k in (nfe or [35])]
-        else:
-            if nfe:
-                _fail(f"this is a {run.cfg.method} run: use --steps, not --nfe")
-            samplers = [Sampler(steps=k) for k in (steps or [1, 2])]
-        for s in samplers:
-            s.times(run)  # validate every setting before sampling anything
-        if guidance is not None:
-            from scm.generate import conditioning
-
-            conditioning(run, 1, None, guidance, "cpu")  # fails fast on a model without guidance
+        samplers = [Sampler(steps=k) for k in steps or []] + [Sampler(nfe=k, solver=solver) for k in nfe or []]
+        if not samplers:  # defaults: 1 and 2 steps for consistency runs, Heun at 35 NFE for diffusion runs
+            diffusion = run.cfg.method == "diffusion"
+            samplers = [Sampler(nfe=35, solver=solver)] if diffusion else [Sampler(steps=1), Sampler(steps=2)]
+        stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
                           log=lambda m: print(m, file=sys.stderr), guidance=guidance)
-        stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
-        json_path, md_path = write(result, stem)
-    except _user_errors() as e:
-        _fail(str(e))
-    print(markdown_table(result))
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        report = Report(f"{result['metric']} of {result['run']} ({n} samples vs {result['reference']})")
+        report.table(*eval_table(result)).write(md_path)
+    except USER_ERRORS as e:
+        _fail_on(e)
+    print(report.to_markdown().split("\n", 2)[2], end="")
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
+
+
+def eval_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    m = result["metric"]
+    conf = any("confident" in r for r in result["rows"])
+    header = ["sampler", "NFE", m, "KID", "precision", "recall", *(["confident ≥ 0.9", "classes"] if conf else []),
+              "s / image", "images / s"]
+    rows = []
+    for r in result["rows"]:
+        scores = ([f"{r[m]:.2f}", f"{r['KID']:.4f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
+                  if r["finite"] else [f"{r[m]}", "-", "-", "-"])
+        extra = [f"{100 * r.get('confident', 0):.1f} %", str(r.get("classes", "-"))] if conf else []
+        rows.append([r["sampler"], r["nfe"], *scores, *extra, f"{r['seconds_per_image']:.4f}",
+                     f"{r['images_per_second']:.1f}"])
+    return header, rows
 
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option(help="where the report and the runs go")] = "demo",
+    out: Annotated[str, typer.Option(help="where the runs and the report go")] = "runs/demo",
     teacher: Annotated[str, typer.Option(help="the diffusion teacher run")] = "demo/teacher",
     full: Annotated[bool, typer.Option("--full", help="train the teacher too (about an hour more on a CPU)")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="seconds per stage (a smoke test)")] = False,
 ):
     """The main job on MNIST: teacher → sCD and sCT → evaluation → report (report.md, report.html)."""
-    from scm.demo import DemoBudget, run_demo
+    from scm.app.demo import DemoBudget, run_demo
 
+    if not full and not Path(teacher, "config.json").is_file():
+        _fail(f"--teacher {teacher}: not a run directory (run from the repository root, pass --teacher RUN, or "
+              "train one with --full)")
     try:
         result = run_demo(Path(out), DemoBudget.seconds() if quick else DemoBudget(), full=full, teacher=Path(teacher))
-    except _user_errors() as e:
-        _fail(str(e))
+    except USER_ERRORS as e:
+        _fail_on(e)
     if not quick and not result["scd_2step_recognisable"]:
         print("warning: the 2-step sCD samples did not reach the recognisability bar (see the report)", file=sys.stderr)
 
@@ -227,8 +280,8 @@ def data_fetch(
         _fail(f"unknown data set {name!r}; built-in: mnist")
     try:
         fetch_mnist(source, log=lambda m: print(m, file=sys.stderr))
-    except _user_errors() as e:
-        _fail(str(e))
+    except USER_ERRORS as e:
+        _fail_on(e)
 
 
 @data_app.command("info")
@@ -238,8 +291,8 @@ def data_info(path: Annotated[str, typer.Argument(help="a data set name or path"
 
     try:
         print(load_dataset(path).describe())
-    except _user_errors() as e:
-        _fail(str(e))
+    except USER_ERRORS as e:
+        _fail_on(e)
 
 
 def main() -> None:

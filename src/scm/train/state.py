@@ -1,0 +1,85 @@
+"""The training state: everything that changes while training and is saved in a checkpoint (EDM2's `state`
+plus its checkpoint I/O). `TrainState.save` / `load` write and read it through the run-directory format
+(`scm.runs`); a resumed run continues bit for bit (tests/test_train.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scm.config import TrainConfig
+from scm.errors import CheckpointError
+from scm.runs import RunDir
+from scm.train.distributed import (
+    DistInfo,
+    barrier,
+    full_model_state,
+    load_full_model_state,
+    load_optimizer_state,
+    optimizer_state,
+    unwrap,
+    wrap_model,
+)
+from scm.train.ema import PowerEMA
+from scm.train.optim import make_optimizer
+
+__all__ = ["TrainState"]
+
+
+@dataclass
+class TrainState:
+    model: nn.Module                   # the network as trained (wrapped in DDP / FSDP2 under torchrun)
+    optimizer: torch.optim.Optimizer
+    ema: PowerEMA
+    scaler: torch.amp.GradScaler       # loss scaling (enabled for fp16 only)
+    step: int = 0                      # optimizer steps taken, skipped ones included
+    cur_nimg: int = 0                  # training images seen
+    bad_steps: int = 0                 # steps skipped for a non-finite loss or gradient, in all
+    bad_run: int = 0                   # … in a row (a good step resets it)
+
+    @classmethod
+    def create(cls, net: nn.Module, cfg: TrainConfig, info: DistInfo) -> TrainState:
+        """Wrap `net` for this process group, with a fresh optimizer, EMA and loss scaler."""
+        model = wrap_model(net.train(), info, cfg.distributed)
+        return cls(model, make_optimizer(model.parameters(), cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds),
+                   torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
+
+    @property
+    def net(self) -> nn.Module:
+        return unwrap(self.model)
+
+    @property
+    def kimg(self) -> float:
+        return self.cur_nimg / 1000
+
+    def save(self, run: RunDir, keep: int, info: DistInfo) -> Path | None:
+        """Write a checkpoint (every process takes part in gathering; the main process writes)."""
+        tensors, meta = optimizer_state(self.model, self.optimizer)
+        files = {"net": full_model_state(self.model), "ema": self.ema.state_dict(), "optim": tensors}
+        path = None
+        if info.is_main:
+            state = {"step": self.step, "cur_nimg": self.cur_nimg, "kimg": self.kimg, "bad_steps": self.bad_steps,
+                     "bad_run": self.bad_run, "optimizer": meta,
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                     "time": time.time(), "torch": torch.__version__}
+            path = run.save(self.step, files, state, keep)
+        barrier(info)
+        return path
+
+    def load(self, ckpt: Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, EMA, loss scale and counters."""
+        files, state = RunDir.load(ckpt)
+        try:
+            load_full_model_state(self.model, files["net"])
+            load_optimizer_state(self.model, self.optimizer, files["optim"], state["optimizer"])
+            self.ema.load_state_dict(files["ema"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{ckpt}: does not fit this run ({type(e).__name__}: {e})") from None
+        self.bad_steps, self.bad_run = int(state.get("bad_steps", 0)), int(state.get("bad_run", 0))
