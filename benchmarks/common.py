@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from scm.app.report import Report
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -77,11 +79,12 @@ def time_interleaved(fns: dict, device: torch.device, repeats: int = 10, warmup:
     }
 
 
-def write_results(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+def write_results(name: str, payload: dict, report: Report, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """The figures as JSON and the report as Markdown, both stamped with the command and the machine."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(), **payload}
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    header = f"Command: `{payload['command']}`  \nMachine: {payload['machine']}\n\n"
-    md_path.write_text(markdown.replace("{header}", header))
+    report.blocks.insert(0, ("text", f"Command: `{payload['command']}`  \nMachine: {payload['machine']}"))
+    report.write(md_path)
     return json_path, md_path

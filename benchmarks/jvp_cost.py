@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from common import machine, time_interleaved, write_results  # benchmarks/ is on sys.path when run as a script
 
+from scm.app.report import Report
 from scm.nets import build_unet
 from scm.nets import functional as fn_ops
 from scm.tangents import jvp_tangent
@@ -104,27 +105,18 @@ def main() -> None:
         "tangent_over_forward_minima": rows["tangent (forward_ad)"]["min_ratio_to_forward"],
         "native_tangent_over_native_forward": native,
     }
-    lines = [
-        f"# Tangent-pass cost: `{args.preset}` U-Net, {args.res}×{args.res}×{args.channels}, batch {args.batch}\n",
-        "{header}",
-        "| pass | median ms | min ms | × forward (medians) | × forward (minima) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['ratio_to_forward']:.2f} "
-            f"| {r['min_ratio_to_forward']:.2f} |"
-        )
-    lines += [
-        "",
-        f"**Tangent pass / forward = {payload['tangent_over_forward']:.2f}** on medians, "
-        f"{payload['tangent_over_forward_minima']:.2f} on minima (with PyTorch's own JVP formulas: {native:.2f}). "
-        "This machine is a shared VM: timings drift by ±30 % over minutes, so every row is timed round-robin.",
-        "",
-        NOTES,
-    ]
-    json_path, md_path = write_results(args.name, payload, "\n".join(lines) + "\n")
-    print("\n".join(lines[2:-1]).replace("{header}", ""))
+    report = Report(f"Tangent-pass cost: `{args.preset}` U-Net, {args.res}×{args.res}×{args.channels}, "
+                    f"batch {args.batch}")
+    report.table(["pass", "median ms", "min ms", "× forward (medians)", "× forward (minima)"],
+                 [[name, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['ratio_to_forward']:.2f}",
+                   f"{r['min_ratio_to_forward']:.2f}"] for name, r in rows.items()])
+    report.text(f"**Tangent pass / forward = {payload['tangent_over_forward']:.2f}** on medians, "
+                f"{payload['tangent_over_forward_minima']:.2f} on minima (with PyTorch's own JVP formulas: "
+                f"{native:.2f}). This machine is a shared VM: timings drift by ±30 % over minutes, so every row "
+                "is timed round-robin.")
+    report.markdown_text(NOTES)
+    print(report.to_markdown())
+    json_path, md_path = write_results(args.name, payload, report)
     print(f"wrote {json_path} and {md_path}  (machine: {machine()['cpu']})")
 
 
@@ -143,7 +135,7 @@ NOTES = """## What was tried (and kept)
    weight instead of the activation; the adaptive double norm's 1/√2 to the [B, C] scale and shift.
 4. **Upsampling as a broadcast view + copy** instead of `F.interpolate` (several times slower on CPU, and its
    tangent too).
-5. Not kept: `torch.compile` of the tangent pass (the platform notes report 47–66 s compile time on these
+5. Not kept: `torch.compile` of the tangent pass (47–66 s of compile time measured on these
    machines and failures with GroupNorm; our ops avoid GroupNorm, but the compile time exceeds the whole
    tiny-net budget of a CPU run, and inductor has been reported to drop tangents silently).
 

@@ -25,6 +25,7 @@ import torch
 from common import machine, time_interleaved, write_results
 from jvp_cost import native_ops
 
+from scm.app.report import Report
 from scm.nets import build_unet
 from scm.objectives import ConsistencyLoss, DiffusionLoss
 
@@ -123,20 +124,15 @@ def main() -> None:
     memory_kind = "peak RSS of the process" if device.type == "cpu" else "max_memory_allocated above the model"
     payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "device": str(device),
                "net": "tiny", "memory": memory_kind, "timings": rows}
-    lines = [
-        f"# Training-step cost: diffusion vs sCT vs sCD (`tiny` U-Net, {args.res}×{args.res}×{args.channels}, "
-        f"batch {args.batch}, {device})\n",
-        "{header}",
-        f"| step | median ms | img/s | × diffusion step | peak memory (MB, {memory_kind}) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['median_ms']:.0f} | {r['img_per_s']:.1f} | {r['ratio_to_diffusion']:.2f} "
-                     f"| {r['peak_memory_mb']:.0f} |")
-    lines += ["", NOTES]
+    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`tiny` U-Net, {args.res}×{args.res}×"
+                    f"{args.channels}, batch {args.batch}, {device})")
+    report.table(["step", "median ms", "img/s", "× diffusion step", f"peak memory (MB, {memory_kind})"],
+                 [[name, f"{r['median_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['ratio_to_diffusion']:.2f}",
+                   f"{r['peak_memory_mb']:.0f}"] for name, r in rows.items()])
+    report.markdown_text(NOTES)
     name = "step_cost" if device.type == "cpu" else f"step_cost-{device.type}"
-    json_path, md_path = write_results(name, payload, "\n".join(lines) + "\n")
-    print("\n".join(lines[2:-2]))
+    print(report.to_markdown())
+    json_path, md_path = write_results(name, payload, report)
     print(f"wrote {json_path} and {md_path} ({machine()['cpu']})")
 
 

@@ -221,6 +221,32 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(data_and_tea
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial write was cleaned up
 
 
+def test_a_run_killed_before_its_first_checkpoint_continues_with_resume(data_and_teacher, tmp_path):
+    """SIGKILL (or a power cut) during the first checkpoint write: the same command with --resume starts the run
+    over, instead of refusing (no checkpoint) or being refused (a run is there)."""
+    data, _ = data_and_teacher
+    out = tmp_path / "early"
+    args = ["train", "--preset", "tiny-28-diffusion", "--data", str(data), "--out", str(out), "--kimg", "0.048",
+            "--batch", "8", *RUN, "sample_every_kimg=None", "ckpt_every_kimg=0.016", "log_every=1"]
+    proc = subprocess.Popen([sys.executable, str(TESTS / "slow_checkpoint_cli.py"), "2", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "checkpoints").glob(".tmp-*")):
+            time.sleep(0.1)
+        assert list((out / "checkpoints").glob(".tmp-*")), "no first checkpoint in progress"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert RunDir(out).latest() is None and (out / "config.json").is_file()
+    code, text = cli(*args)
+    assert code != 0 and "--resume" in text  # the plain command refuses, and says what to do
+    code, text = cli(*args, "--resume")
+    assert code == 0 and "no checkpoint yet: starting from the beginning" in text, text
+    assert RunDir(out).latest().name == "000000006"
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]  # the killed attempt's lines were dropped
+
+
 def test_sigterm_stops_cleanly_with_a_checkpoint(data_and_teacher, tmp_path):
     data, _ = data_and_teacher
     out = tmp_path / "stopped"

@@ -184,10 +184,10 @@ class ConsistencyLoss:
       and F_θ − F_θ⁻ is exactly zero. The paper is silent; independent masks add variance to g. F⁻ is
       always the detached output of the training pass.
     - fused_pass (None = True): one network pass carries the autograd graph of F and the forward-mode tangent
-      JF (the tangent computed from detached values, so it records nothing): about 1.5× a diffusion step for
-      sCT on the tiny U-Net instead of 1.7× with a separate no-grad tangent pass and a training forward
-      (False; needed where the network's wrappers have no forward-AD rule, e.g. FSDP2, for which `scm.train`
-      turns None into False). Same result either way (benchmarks/results/step_cost.md).
+      JF (the tangent computed from detached values, so it records nothing): 1.5–1.65× a diffusion step for
+      sCT on the tiny U-Net (two CPUs) instead of 1.6–1.7× with a separate no-grad tangent pass and a training
+      forward (False; needed where the network's wrappers have no forward-AD rule, e.g. FSDP2, for which
+      `scm.train` turns None into False). Same result either way (benchmarks/results/step_cost.md).
     - warmup_kimg: the paper's H = 10k iterations is given in iterations; here it is in kimg of training, so
       that it does not depend on the batch size. The default, 5120 kimg, is 10k iterations at the paper's
       CIFAR-10 batch of 512.

@@ -154,7 +154,7 @@ def sample(
     """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs)."""
     import numpy as np
 
-    from scm.generate import Sampler, check_conditioning, generate
+    from scm.generate import Sampler, generate
     from scm.images import grid, save_png, to_uint8
     from scm.runs import atomic_write_bytes
 
@@ -162,8 +162,6 @@ def sample(
         target, kind = _output(out)
         sampler = Sampler(steps=steps, ts=_ts(ts), nfe=nfe, solver=solver)
         run = _load(ckpt, ema, raw, device)
-        sampler.times(run)
-        check_conditioning(run.cfg, class_, guidance)
         images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance)
         if kind == "grid":
             save_png(grid(images), target)
