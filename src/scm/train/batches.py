@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from scm.runs import mix_seed
+from scm.train.step import MicroBatch
 
-__all__ = ["BatchPlan"]
+__all__ = ["BatchPlan", "micro_batches"]
 
 
 class BatchPlan:
@@ -51,10 +52,8 @@ class BatchPlan:
 
 
 def micro_batches(data, plan: BatchPlan, step: int, rank: int, grad_accum: int, world: int, conditional: bool,
-                  device) -> list:
+                  device) -> list[MicroBatch]:
     """This process's micro-batches of step `step` (slots rank·grad_accum … rank·grad_accum + grad_accum − 1)."""
-    from scm.train.step import MicroBatch
-
     out = []
     for a in range(grad_accum):
         slot = rank * grad_accum + a

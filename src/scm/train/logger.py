@@ -21,7 +21,7 @@ __all__ = ["Logger"]
 
 class Logger:
     def __init__(self, run, cfg, info):
-        self.run, self.cfg, self.info_ = run, cfg, info
+        self.run, self.cfg, self.dist = run, cfg, info
         self.main = info.is_main
         self.bar = None
         self.tb = None
@@ -99,7 +99,7 @@ class Logger:
             keys = sorted(self._sums)
             if keys:  # one all-reduce and one device-to-host read for all statistics
                 stacked = torch.stack([self._sums[k] for k in keys]) / self._count
-                means = dict(zip(keys, all_reduce_mean(stacked, self.info_).tolist(), strict=True))
+                means = dict(zip(keys, all_reduce_mean(stacked, self.dist).tolist(), strict=True))
             means["loss"] = self._host["loss"] / self._count        # already averaged over processes
             means["grad_norm"] = self._host["grad_norm"] / self._count
         self._reset()
