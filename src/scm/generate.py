@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from scm._rng import randn
 from scm.config import TrainConfig
 from scm.errors import SamplerError
 from scm.runs import LoadedRun, mix_seed
@@ -145,7 +146,7 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
     for start in range(0, n, batch):
         m = min(batch, n - start)
         gens = image_generators(seed, start, m, device)
-        noise = sd * torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+        noise = sd * randn((m, *shape), gens, device=device)
         cond = conditioning(cfg, start, m, class_label=class_label, guidance=guidance, device=device)
         _sync(device)
         t0 = time.perf_counter()

@@ -55,14 +55,14 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _train(preset: str, out: Path, minutes: float, budget: DemoBudget, overrides=(), **flags) -> Path:
+def _train(preset: str, out: Path, minutes: float, budget: DemoBudget, overrides=(), **flags) -> tuple[Path, float]:
+    """Train for `minutes`; returns the run directory and the kimg it reached."""
     if out.exists():
         shutil.rmtree(out)
     overrides = ["tensorboard=false", f"max_minutes={minutes}", "sample_every_kimg=None", "sample_count=16",
                  "ckpt_every_kimg=1000", "log_every=5", *overrides]
     cfg = make_config(preset, None, overrides, data="mnist", out=str(out), kimg=10_000, batch=budget.batch, **flags)
-    train(cfg)
-    return out
+    return out, round(train(cfg).kimg, 1)
 
 
 def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, teacher: Path | None = None) -> dict:
@@ -85,7 +85,7 @@ def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, te
 
     t0 = time.perf_counter()
     if full:
-        teacher = _train("tiny-28-diffusion", work / "teacher", budget.teacher_minutes, budget,
+        teacher, _ = _train("tiny-28-diffusion", work / "teacher", budget.teacher_minutes, budget,
                          overrides=["conditional=true", "net.label_dropout=0.1"])
     else:
         _log(f"teacher: {teacher} (trained by this project with `scm train`; see {teacher / 'README.md'})")
@@ -97,11 +97,11 @@ def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, te
     # A class-conditional teacher is distilled with classifier-free guidance at the demo's scale (paper §5.2): the
     # student gets the scale as an input (fixed here, a range in the ImageNet presets) and samples in one pass.
     cfg_overrides = ["conditional=true", "net.guidance_embed=true", f"loss.guidance={guidance},{guidance}"]
-    scd = _train("tiny-28-scd", work / "scd", budget.scd_minutes, budget, teacher=str(teacher),
+    scd, scd_kimg = _train("tiny-28-scd", work / "scd", budget.scd_minutes, budget, teacher=str(teacher),
                  overrides=cfg_overrides if guidance else [])
     stage("sCD distillation", t0)
     t0 = time.perf_counter()
-    sct = _train("tiny-28-sct", work / "sct", budget.sct_minutes, budget, init=str(teacher))
+    sct, sct_kimg = _train("tiny-28-sct", work / "sct", budget.sct_minutes, budget, init=str(teacher))
     stage("sCT training", t0)
 
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, te
     real = _calibration(space, ref, budget.n_eval)
 
     result = {"metric": space.metric, "n_eval": budget.n_eval, "rows": rows, "calibration": real,
-              "trained_kimg": {"sCD": _trained_kimg(scd), "sCT": _trained_kimg(sct)},
+              "trained_kimg": {"sCD": scd_kimg, "sCT": sct_kimg},
               "stages_seconds": stages, "total_seconds": round(time.perf_counter() - t_start, 1),
               "teacher": str(teacher), "budget": asdict(budget), "full": full, "guidance": guidance,
               "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -139,11 +139,6 @@ def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, te
     _report(result, curves).write(out / "report.md", out / "report.html")
     _log(f"done in {result['total_seconds'] / 60:.1f} min: {out / 'report.md'} and {out / 'report.html'}")
     return result
-
-
-def _trained_kimg(path: Path) -> float:
-    run = load_run(path)
-    return round(run.step * run.cfg.batch / 1000, 1)
 
 
 def _calibration(space, ref, n: int) -> dict:

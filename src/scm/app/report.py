@@ -105,7 +105,7 @@ class Report:
                 f"<style>{style}</style><body>\n" + "\n".join(body) + "\n</body>\n")
 
     def write(self, markdown_path: Path, html_path: Path | None = None) -> None:
-        for path, text in ((markdown_path, self.to_markdown()), (html_path, self.to_html() if html_path else None)):
-            if path is not None:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(Path(path), text)
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(markdown_path), self.to_markdown())
+        if html_path is not None:
+            atomic_write_text(Path(html_path), self.to_html())

@@ -4,6 +4,7 @@ plus its checkpoint I/O). `TrainState.save` / `load` write and read it through t
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,11 @@ class TrainState:
     @property
     def net(self) -> nn.Module:
         return unwrap(self.model)
+
+    @functools.cached_property
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (those whose gradient norm is clipped)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def kimg(self) -> float:

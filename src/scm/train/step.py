@@ -58,7 +58,7 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
             stats[k] = stats.get(k, 0) + v.detach().float() / len(batches)
     scaler.unscale_(opt)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.trainable, clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     step_loss = all_reduce_mean(step_loss, info)
     loss_value, norm_value = torch.stack([step_loss, grad_norm.float()]).tolist()  # the step's one synchronisation
