@@ -18,6 +18,16 @@ from scm.app.report import Report
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+@torch.no_grad()
+def awake(net: torch.nn.Module) -> torch.nn.Module:
+    """Give a fresh network's zero-initialised parameters (the U-Net's output gain, a DiT's gates and output
+    layer) non-zero values, so that its output and tangent depend on every layer, as after training."""
+    for p in net.parameters():
+        if not p.any():
+            p.fill_(1.0) if p.numel() == 1 else p.normal_(0, 0.02)
+    return net
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:

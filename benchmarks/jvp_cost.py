@@ -15,10 +15,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from common import machine, time_interleaved, write_results  # benchmarks/ is on sys.path when run as a script
+from common import awake, machine, time_interleaved, write_results  # benchmarks/ is on sys.path when run as a script
 
 from scm.app.report import Report
-from scm.nets import build_unet
+from scm.nets import NET_PRESETS, build_net, net_config
 from scm.nets import functional as fn_ops
 from scm.tangents import jvp_tangent
 
@@ -26,16 +26,26 @@ from scm.tangents import jvp_tangent
 @contextlib.contextmanager
 def native_ops():
     """Swap the custom-JVP primitives for plain PyTorch compositions (PyTorch's generic JVP formulas)."""
-    saved = {c: c.apply for c in (fn_ops._Conv2d, fn_ops._PixelNorm, fn_ops._LinComb, fn_ops._ScaledCat, fn_ops._Clip)}
+    saved = {c: c.apply for c in (fn_ops._Conv2d, fn_ops._PixelNorm, fn_ops._LinComb, fn_ops._ScaledCat, fn_ops._Clip,
+                                  fn_ops._Linear, fn_ops._ModulatedLayerNorm, fn_ops._GatedResidual, fn_ops._GELU)}
 
     def pixel_norm(x, dim, eps):
         return x * torch.rsqrt(x.square().mean(dim=dim, keepdim=True) + eps), None
+
+    def modulated_layer_norm(x, s, b, eps, gain):  # (out, normalized x, rstd) like the op; only out is used
+        n = F.layer_norm(x, (x.shape[-1],), eps=eps)
+        out = n if s is None else n * (s * gain)
+        return (out if b is None else out + b * gain), None, None
 
     fn_ops._Conv2d.apply = staticmethod(lambda x, w, p: F.conv2d(x, w, padding=p))
     fn_ops._PixelNorm.apply = staticmethod(pixel_norm)
     fn_ops._LinComb.apply = staticmethod(lambda a, b, al, be: a * al + b * be)
     fn_ops._ScaledCat.apply = staticmethod(lambda a, b, al, be: torch.cat([a * al, b * be], dim=1))
     fn_ops._Clip.apply = staticmethod(lambda x, c: x.clamp(-c, c))
+    fn_ops._Linear.apply = staticmethod(F.linear)
+    fn_ops._ModulatedLayerNorm.apply = staticmethod(modulated_layer_norm)
+    fn_ops._GatedResidual.apply = staticmethod(lambda x, g, h: x + g * h)
+    fn_ops._GELU.apply = staticmethod(F.gelu)
     try:
         yield
     finally:
@@ -48,7 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--res", type=int, default=28)
     ap.add_argument("--channels", type=int, default=1)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", choices=list(NET_PRESETS), help="network preset")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -59,9 +69,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net = build_unet(args.preset, args.res, args.channels).to(device).eval()
-    with torch.no_grad():
-        net.out_gain.fill_(1.0)
+    net = awake(build_net(net_config(args.preset, img_resolution=args.res, img_channels=args.channels)))
+    net = net.to(device).eval()
     sd = 0.5
     x_t = sd * torch.randn(args.batch, args.channels, args.res, args.res, device=device)
     t = torch.rand(args.batch, device=device) * 1.5 + 0.03
@@ -105,7 +114,7 @@ def main() -> None:
         "tangent_over_forward_minima": rows["tangent (forward_ad)"]["min_ratio_to_forward"],
         "native_tangent_over_native_forward": native,
     }
-    report = Report(f"Tangent-pass cost: `{args.preset}` U-Net, {args.res}×{args.res}×{args.channels}, "
+    report = Report(f"Tangent-pass cost: `{args.preset}` {type(net).__name__}, {args.res}×{args.res}×{args.channels}, "
                     f"batch {args.batch}")
     report.table(["pass", "median ms", "min ms", "× forward (medians)", "× forward (minima)"],
                  [[name, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['ratio_to_forward']:.2f}",

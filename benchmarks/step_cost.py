@@ -1,13 +1,13 @@
-"""Cost of one training step: diffusion vs sCT vs sCD, same `tiny` net and batch.
+"""Cost of one training step: diffusion vs sCT vs sCD, same net and batch.
 
-    python benchmarks/step_cost.py [--batch 64] [--res 28] [--channels 1] [--device cpu|cuda]
+    python benchmarks/step_cost.py [--net tiny|dit-tiny|…] [--batch 64] [--res 28] [--channels 1] [--device cpu|cuda]
 
 A step is the objective (its passes through the network), the backward and an Adam update, as the training
 loop runs it. Variants: the separate tangent pass (a no-grad JVP pass, then a training forward) and the fused
 pass (one pass carries the autograd graph of F and the forward-mode tangent); and, for reference, sCT with
 PyTorch's generic JVP formulas instead of scm's custom rules. Timings are round-robin medians; peak memory
 is measured in a fresh process per variant (CPU: peak RSS growth; CUDA: max_memory_allocated).
-Writes benchmarks/results/step_cost[-<device>].{json,md}.
+Writes benchmarks/results/step_cost[-<net>][-<device>].{json,md} (the `tiny` U-Net's without -<net>).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
-from common import machine, time_interleaved, write_results
+from common import awake, machine, time_interleaved, write_results
 from jvp_cost import native_ops
 
 from scm.app.report import Report
-from scm.nets import build_unet
+from scm.nets import NET_PRESETS, build_net, net_config
 from scm.objectives import ConsistencyLoss, DiffusionLoss
 
 VARIANTS = {
@@ -42,9 +42,7 @@ VARIANTS = {
 def make_step(name: str, args, device):
     spec = VARIANTS[name]
     torch.manual_seed(0)
-    net = build_unet("tiny", args.res, args.channels).to(device)
-    with torch.no_grad():
-        net.out_gain.fill_(1.0)
+    net = awake(build_net(net_config(args.net, img_resolution=args.res, img_channels=args.channels))).to(device)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     if spec["kind"] == "diffusion":
         objective = DiffusionLoss()
@@ -61,7 +59,8 @@ def make_step(name: str, args, device):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            net.normalize_weights_()
+            if hasattr(net, "normalize_weights_"):
+                net.normalize_weights_()
 
     return step
 
@@ -77,7 +76,7 @@ def _peak_rss_mb() -> float:
 def peak_memory(name: str, args) -> float:
     """Peak memory of `steps` steps of one variant, in MB, measured in a fresh process."""
     cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
-           "--channels", str(args.channels), "--device", args.device]
+           "--channels", str(args.channels), "--device", args.device, "--net", args.net]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -108,6 +107,8 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--net", default="tiny", choices=list(NET_PRESETS), help="network preset")
+    ap.add_argument("--name", default=None, help="result file stem (default: step_cost[-<net>][-<device>])")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -123,14 +124,15 @@ def main() -> None:
         r["peak_memory_mb"] = peak_memory(name, args)
     memory_kind = "peak RSS of the process" if device.type == "cpu" else "max_memory_allocated above the model"
     payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "device": str(device),
-               "net": "tiny", "memory": memory_kind, "timings": rows}
-    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`tiny` U-Net, {args.res}×{args.res}×"
+               "net": args.net, "memory": memory_kind, "timings": rows}
+    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`, {args.res}×{args.res}×"
                     f"{args.channels}, batch {args.batch}, {device})")
     report.table(["step", "median ms", "img/s", "× diffusion step", f"peak memory (MB, {memory_kind})"],
                  [[name, f"{r['median_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['ratio_to_diffusion']:.2f}",
                    f"{r['peak_memory_mb']:.0f}"] for name, r in rows.items()])
     report.markdown_text(NOTES)
-    name = "step_cost" if device.type == "cpu" else f"step_cost-{device.type}"
+    name = args.name or "-".join(["step_cost", *([args.net.replace("/", "")] if args.net != "tiny" else []),
+                                  *([device.type] if device.type != "cpu" else [])])
     print(report.to_markdown())
     json_path, md_path = write_results(name, payload, report)
     print(f"wrote {json_path} and {md_path} ({machine()['cpu']})")

@@ -133,3 +133,11 @@ def mnist_classifier(real_mnist):
     save_file(model.state_dict(), str(base / "mnist.safetensors"))
     (base / "mnist.json").write_text(json.dumps(info))
     return model, info
+
+
+# -- Triton kernels without CUDA: Triton's interpreter runs them on CPU tensors (tests/test_attention_triton.py).
+# Triton reads the variable when a kernel is defined, so it is set here, before any test module imports one.
+import os  # noqa: E402  (kept with the section it serves)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

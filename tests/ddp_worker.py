@@ -22,4 +22,5 @@ state = full_model_state(result.net) if cfg.distributed == "fsdp" else result.ne
 if state:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_file.replace("RANK", str(rank)))
 if torch.distributed.is_initialized():
+    torch.distributed.barrier()  # no rank tears gloo down while another still gathers (an abort at exit)
     torch.distributed.destroy_process_group()

@@ -21,7 +21,9 @@ import typing
 from dataclasses import dataclass, field
 
 from scm.errors import ConfigError, InvalidSetting
-from scm.nets.unet import NET_PRESETS, UNetConfig
+from scm.nets.dit import DiTConfig
+from scm.nets.registry import NET_PRESETS, config_class, net_config
+from scm.nets.unet import UNetConfig
 from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss
 from scm.precision import PRECISIONS
 from scm.presets import FAMILIES, PRESETS
@@ -94,8 +96,8 @@ class TrainConfig:
     teacher_ema: float | None = None          # σ_rel of the teacher's EMA to use (None: its first)
     init: str | None = None                   # start from this run's EMA (sCD: defaults to the teacher)
     init_ema: float | None = None
-    net_preset: str = "tiny"
-    net: UNetConfig = field(default_factory=UNetConfig)
+    net_preset: str = "tiny"                 # a U-Net (tiny, cifar, S…XXL) or transformer (dit-tiny, DiT-S/2…) preset
+    net: UNetConfig | DiTConfig = field(default_factory=UNetConfig)  # the network of `net_preset`, resolved
     loss: DiffusionLoss | ConsistencyLoss = field(default_factory=DiffusionLoss)  # the objective of `method`
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -127,7 +129,9 @@ class TrainConfig:
         for key in ("keep_ckpts", "log_every", "max_bad_steps", "sample_count", "sample_ode_steps"):
             _need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         _part("loss", self.loss.validate)
-        _part("net", lambda: UNetConfig(**dataclasses.asdict(self.net)))
+        _need(type(self.net) is config_class(self.net_preset), "net", type(self.net).__name__,
+              f"net_preset {self.net_preset} is a {config_class(self.net_preset).__name__}")
+        _part("net", lambda: type(self.net)(**dataclasses.asdict(self.net)))
         self.optim.validate()
         self.ema.validate()
         L = self.loss
@@ -296,8 +300,8 @@ def make_config(preset: str, method: str | None = None, overrides=(), **flags) -
     _need(cfg.method in METHODS, "method", cfg.method, f"must be one of {METHODS}")
     _need(cfg.net_preset in NET_PRESETS, "net_preset", cfg.net_preset, f"must be one of {list(NET_PRESETS)}")
     cfg.loss = OBJECTIVES[cfg.method]()
-    _part("net", lambda: setattr(cfg, "net", UNetConfig(**NET_PRESETS[cfg.net_preset], img_resolution=cfg.resolution,
-                                                       img_channels=cfg.channels)))
+    _part("net", lambda: setattr(cfg, "net", net_config(cfg.net_preset, img_resolution=cfg.resolution,
+                                                         img_channels=cfg.channels)))
     for k, v in merged.items():
         if k.startswith(parts):
             set_key(cfg, k, v)
@@ -322,6 +326,11 @@ def from_dict(d: dict, cls=TrainConfig):
         tp = hints[k]
         if cls is TrainConfig and k == "loss":
             tp = OBJECTIVES.get(d.get("method", "diffusion"), DiffusionLoss)
+        if cls is TrainConfig and k == "net":
+            preset = d.get("net_preset", "tiny")
+            if preset not in NET_PRESETS:
+                raise ConfigError(f"net_preset={preset!r}: must be one of {list(NET_PRESETS)}", key="net_preset")
+            tp = config_class(preset)
         if dataclasses.is_dataclass(tp):
             kwargs[k] = from_dict(v, tp)
         else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 __all__ = ["FAMILIES", "PRESETS"]
 
 _TINY = {"net_preset": "tiny", "batch": 64, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 20.0, "sample_every_kimg": 40.0}
+_DIT_TINY = {"net_preset": "dit-tiny", "batch": 64, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 20.0, "sample_every_kimg": 40.0}
 _C10 = {"net_preset": "cifar", "resolution": 32, "channels": 3, "batch": 512, "ema.stds": (0.05,), "ckpt_every_kimg": 5000.0, "sample_every_kimg": 5000.0}
 _IMG64 = {"resolution": 64, "channels": 3, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 71680.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0}
 _IMG512 = {"resolution": 64, "channels": 4, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 143360.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0}
@@ -32,6 +33,15 @@ PRESETS: dict[str, dict] = {
     "tiny-32-diffusion": {**_TINY, "resolution": 32, "channels": 3, "method": "diffusion", "kimg": 200.0, "optim.lr": 1e-2, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
     "tiny-32-sct":       {**_TINY, "resolution": 32, "channels": 3, "method": "sct", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
     "tiny-32-scd":       {**_TINY, "resolution": 32, "channels": 3, "method": "scd", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+
+    # CPU: the tiny transformer (patch 4) on 28×28×1 and 32×32×3. Its weights are not magnitude-preserving, so Adam's
+    # learning rates are a transformer's (DiT: 1e-4 at batch 256), not EDM2's; the CMs' is the teacher's × 0.1 as above.
+    "dit-tiny-28-diffusion": {**_DIT_TINY, "resolution": 28, "channels": 1, "method": "diffusion", "kimg": 200.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
+    "dit-tiny-28-sct":       {**_DIT_TINY, "resolution": 28, "channels": 1, "method": "sct", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "dit-tiny-28-scd":       {**_DIT_TINY, "resolution": 28, "channels": 1, "method": "scd", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "dit-tiny-32-diffusion": {**_DIT_TINY, "resolution": 32, "channels": 3, "method": "diffusion", "kimg": 200.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
+    "dit-tiny-32-sct":       {**_DIT_TINY, "resolution": 32, "channels": 3, "method": "sct", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "dit-tiny-32-scd":       {**_DIT_TINY, "resolution": 32, "channels": 3, "method": "scd", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
 
     # CIFAR-10, unconditional 32×32, DDPM++-size U-Net, batch 512. Teacher: EDM's settings; CMs: RAdam 1e-4, constant.
     "cifar10-diffusion": {**_C10, "method": "diffusion", "kimg": 204800.0, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999), "net.dropout": 0.13, "loss.P_mean": -1.2, "loss.P_std": 1.2},

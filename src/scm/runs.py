@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from scm.config import TrainConfig, from_dict
 from scm.errors import CheckpointError, ConfigError
-from scm.nets.unet import UNet
+from scm.nets.registry import build_net
 
 __all__ = ["LoadedRun", "RunDir", "atomic_write_bytes", "atomic_write_text", "ema_key", "ema_stds_in", "ema_weights",
            "is_run_dir", "load_run", "load_tensors", "mix_seed", "read_run_config", "save_tensors"]
@@ -210,7 +210,7 @@ def is_run_dir(path: str | Path) -> bool:
 @dataclass
 class LoadedRun:
     cfg: TrainConfig
-    net: UNet
+    net: torch.nn.Module
     checkpoint: Path
     ema_std: float | None      # None: raw (non-averaged) weights
     step: int
@@ -244,7 +244,7 @@ def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = Fals
         except KeyError:
             raise CheckpointError(f"{ckpt}: no EMA with σ_rel={std} (available: {ema_stds_in(tensors)})",
                                   key="ema_std") from None
-    net = UNet(cfg.net)
+    net = build_net(cfg.net)
     missing, unexpected = net.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(

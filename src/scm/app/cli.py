@@ -92,7 +92,7 @@ def presets(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show 
         if verbose:
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()))
         else:
-            print(f"{name:24s} {p['method']:9s} net={p['net_preset']:5s} {p['resolution']}×{p['resolution']}×"
+            print(f"{name:24s} {p['method']:9s} net={p['net_preset']:8s} {p['resolution']}×{p['resolution']}×"
                   f"{p['channels']}  batch={p['batch']:<5d} kimg={p['kimg']:g}  lr={p.get('optim.lr', '-')}")
 
 

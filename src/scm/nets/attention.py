@@ -7,15 +7,35 @@ the logit matrix, so its softmax is exact; the backward recomputes them instead 
 FlashAttention does). The tangent follows from logits x = s·QKᵀ, p = softmax(x), y = pV:
 
     t_x = s·(t_Q Kᵀ + Q t_Kᵀ),   t_y = (p ⊙ t_x)V − rowsum(p ⊙ t_x)·y + p·t_V         (paper §5.1, App. F)
+
+Two backends compute it:
+
+* "math" (CPU, float64, and wherever Triton is missing): the blocked path above. Peak extra memory: one
+  block of `chunk × Lk` logits per (batch·head), at most `_BLOCK_ELEMENTS` (4M) logits over the batch, plus
+  the block's probabilities and tangent logits of the same size.
+* "triton" (CUDA tensors of fp16 / bf16 / fp32 with head dims ≤ 128, Triton installed:
+  `pip install scm[triton]`): FlashAttention-style kernels in `scm.nets.attention_triton` that stream over
+  key blocks with the online softmax. Peak: O(BLOCK_M × BLOCK_N) logits per program (≤ 64 × 64), never
+  N × Nk; besides the outputs, a float32 log-sum-exp per query.
+
+`attention` (the layer, [N, L, C]) takes the kernels on CUDA when Triton is installed. Its forward kernel
+returns O and saves the log-sum-exp; its JVP rule runs one tangent kernel from the saved O and log-sum-exp
+(probabilities come out normalised, so one pass over the keys with two accumulators; the forward has already
+produced O, so the fused kernel would only redo it); its backward is the exact FlashAttention-2 backward
+from the log-sum-exp. On the CPU it runs the math path, unchanged. `attention_jvp(q, k, v, tq, tk, tv)`
+([B, heads, N, d]) returns O and tO from one call: on "triton" from ONE fused kernel pass that carries three
+accumulators (P̃V, P̃·tV + (P̃ ⊙ tS)V, rowsum(P̃ ⊙ tS)) rescaled by the running max.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from scm.precision import to_compute
+from scm.precision import compute_dtype, to_compute
 
-__all__ = ["attention"]
+__all__ = ["BACKENDS", "LAYER_BACKEND", "attention", "attention_jvp"]
 
 _BLOCK_ELEMENTS = 1 << 22  # logits per block across the batch: 4M (16 MB in fp32)
 
@@ -33,13 +53,45 @@ def _probs(q_blk: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.softmax(logits, dim=-1).to(q_blk.dtype)
 
 
+def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    out = torch.empty(*q.shape[:2], v.shape[2], dtype=v.dtype, device=v.device)
+    for blk in _blocks(q, k):
+        out[:, blk] = torch.bmm(_probs(q[:, blk], k, scale), v)
+    return out
+
+
+def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float) -> torch.Tensor:
+    """The tangent of out = attention(q, k, v) along (t_q, t_k, t_v), any of them None, block by block."""
+    t_out = torch.zeros_like(out)
+    for blk in _blocks(q, k):
+        p = _probs(q[:, blk], k, s)
+        t_x = 0
+        if t_q is not None:
+            t_x = torch.bmm(t_q[:, blk], k.transpose(1, 2))
+        if t_k is not None:
+            t_x = t_x + torch.bmm(q[:, blk], t_k.transpose(1, 2))
+        a = p * (t_x * s) if t_q is not None or t_k is not None else None
+        blk_out = torch.zeros_like(out[:, blk])
+        if a is not None:
+            blk_out = torch.bmm(a, v) - a.sum(-1, keepdim=True) * out[:, blk]
+        if t_v is not None:
+            blk_out = blk_out + torch.bmm(p, t_v)
+        t_out[:, blk] = blk_out
+    return t_out
+
+
+def _blocked_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """log Σ_j exp(scale·q_i·k_j) per query, float32 (float64 for float64 inputs), block by block."""
+    lse = torch.empty(q.shape[:2], dtype=compute_dtype(q), device=q.device)
+    for blk in _blocks(q, k):
+        lse[:, blk] = torch.logsumexp(to_compute(torch.bmm(q[:, blk], k.transpose(1, 2))) * scale, dim=-1)
+    return lse
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, scale):
-        out = torch.empty(*q.shape[:2], v.shape[2], dtype=v.dtype, device=v.device)
-        for blk in _blocks(q, k):
-            out[:, blk] = torch.bmm(_probs(q[:, blk], k, scale), v)
-        return out
+        return _blocked_forward(q, k, v, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -70,29 +122,73 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_q, t_k, t_v, _):
         q, k, v, out = ctx.saved_tensors
-        s = ctx.scale
-        t_out = torch.zeros_like(out)
-        for blk in _blocks(q, k):
-            p = _probs(q[:, blk], k, s)
-            t_x = 0
-            if t_q is not None:
-                t_x = torch.bmm(t_q[:, blk], k.transpose(1, 2))
-            if t_k is not None:
-                t_x = t_x + torch.bmm(q[:, blk], t_k.transpose(1, 2))
-            a = p * (t_x * s) if t_q is not None or t_k is not None else None
-            blk_out = torch.zeros_like(out[:, blk])
-            if a is not None:
-                blk_out = torch.bmm(a, v) - a.sum(-1, keepdim=True) * out[:, blk]
-            if t_v is not None:
-                blk_out = blk_out + torch.bmm(p, t_v)
-            t_out[:, blk] = blk_out
-        return t_out
+        return _blocked_jvp(q, k, v, out, t_q, t_k, t_v, ctx.scale)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """The same op on the Triton kernels, for q, k, v of shape [N, 1, L, C]: the forward saves the
+    log-sum-exp; the JVP is one pass over the keys from the saved output and log-sum-exp; the backward is
+    the exact FlashAttention-2 backward from them. `blocks` (BLOCK_M, BLOCK_N) is for tests (None: per head dim)."""
+
+    @staticmethod
+    def forward(q, k, v, scale, blocks):
+        return _triton().forward_op(q, k, v, scale, blocks)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, blocks = inputs
+        out, lse = output
+        ctx.scale, ctx.blocks = scale, blocks
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        values = tuple(t.detach() for t in (q, k, v, out, lse))
+        ctx.save_for_backward(*values)
+        ctx.save_for_forward(*values)
+
+    @staticmethod
+    def backward(ctx, d_out, _):
+        if d_out is None:
+            return None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _triton().backward_op(q, k, v, out, lse, d_out, ctx.scale, ctx.blocks)
+        return dq, dk, dv, None, None
+
+    @staticmethod
+    def jvp(ctx, t_q, t_k, t_v, _scale, _blocks):
+        q, k, v, out, lse = ctx.saved_tensors
+        t_out = _triton().tangent_op(q, k, v, out, lse, t_q, t_k, t_v, ctx.scale, ctx.blocks)
+        return t_out, None
+
+
+BACKENDS = ("auto", "math", "triton")
+LAYER_BACKEND = "auto"  # "math" keeps `attention` on the blocked math path on CUDA too (a switch for comparisons)
+
+
+@functools.cache
+def _triton():
+    """scm.nets.attention_triton, imported on first use (so that TRITON_INTERPRET is read late)."""
+    from scm.nets import attention_triton
+
+    return attention_triton
+
+
+def _on_kernels(*xs: torch.Tensor) -> bool:
+    """The "auto" choice: the Triton kernels for CUDA tensors they support, when Triton is installed."""
+    return all(x.is_cuda for x in xs) and _triton().available() and _triton().unsupported(*xs) is None
+
+
+def _common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    return dtype
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(scale·q kᵀ) v for q [N, Lq, C], k [N, Lk, C], v [N, Lk, Cv]; scale defaults to 1/sqrt(C).
 
-    Exact under backward AD, `torch.autograd.forward_ad` and `torch.func.jvp`.
+    Exact under backward AD, `torch.autograd.forward_ad` and `torch.func.jvp`. On CUDA with Triton installed
+    (fp16 / bf16 / fp32, C and Cv ≤ 128) it runs the Triton kernels, elsewhere the blocked math path.
     """
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -100,7 +196,63 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"attention shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    if torch.is_autocast_enabled(q.device.type):
-        dtype = torch.get_autocast_dtype(q.device.type)
-    return _Attention.apply(q.to(dtype), k.to(dtype), v.to(dtype), scale)
+    dtype = _common_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.is_cuda and LAYER_BACKEND == "auto" and _on_kernels(q, k, v):
+        q, k, v = (x.unsqueeze(1).contiguous() for x in (q, k, v))  # one copy, not one per kernel (U-Net views)
+        out, _ = _TritonAttention.apply(q, k, v, scale, None)
+        return out.squeeze(1)
+    return _Attention.apply(q, k, v, scale)
+
+
+def attention_jvp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tq: torch.Tensor | None, tk: torch.Tensor | None, tv: torch.Tensor | None,
+    *, scale: float | None = None, backend: str = "auto", return_lse: bool = False,
+):
+    """(O, tO) of O = softmax(scale·Q Kᵀ)V along the tangents (tQ, tK, tV) (any may be None), in one call.
+
+    Shapes: q [B, heads, N, d], k [B, heads, Nk, d], v [B, heads, Nk, dv]; scale defaults to 1/sqrt(d).
+    backend: "math" (the blocked exact path; float64 too), "triton" (one fused kernel pass computing O and
+    tO together; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors
+    it supports when Triton is installed, else math). return_lse: also return the row log-sum-exp of
+    scale·Q Kᵀ [B, heads, N] (float32; float64 for float64 math). A functional primitive: its outputs carry
+    no autograd history (`attention` is the differentiable op).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"attention_jvp expects 4-D q, k, v of shape [B, heads, N, d]; got {shapes}")
+    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    for name, t, x in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"attention_jvp: {name} has shape {tuple(t.shape)}, its primal {tuple(x.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dtype = _common_dtype(q, k, v)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    tq, tk, tv = (None if t is None else t.to(dtype) for t in (tq, tk, tv))
+    if backend == "triton":
+        if not _triton().available():
+            raise RuntimeError("attention backend 'triton' needs Triton: pip install scm[triton]")
+        reason = _triton().unsupported(q, k, v, *(t for t in (tq, tk, tv) if t is not None))
+        if reason is not None:
+            raise RuntimeError(f"attention backend 'triton': {reason}; the 'math' backend takes any tensors "
+                               "(Triton itself: pip install scm[triton])")
+    elif backend == "auto":
+        backend = "triton" if q.is_cuda and _on_kernels(q, k, v) else "math"
+
+    with torch.no_grad():
+        if backend == "triton":
+            out, t_out, lse = _triton().jvp_op(q, k, v, tq, tk, tv, scale)
+            return (out, t_out, lse) if return_lse else (out, t_out)
+        b, h = q.shape[:2]
+        fold = lambda a: None if a is None else a.reshape(b * h, *a.shape[2:])  # noqa: E731
+        q3, k3, v3 = fold(q), fold(k), fold(v)
+        out = _blocked_forward(q3, k3, v3, scale)
+        t_out = _blocked_jvp(q3, k3, v3, out, fold(tq), fold(tk), fold(tv), scale)
+        unfold = lambda a: a.reshape(b, h, *a.shape[1:])  # noqa: E731
+        if return_lse:
+            return unfold(out), unfold(t_out), unfold(_blocked_lse(q3, k3, scale))
+        return unfold(out), unfold(t_out)

@@ -1,7 +1,8 @@
 """JVP-ready layers: magnitude-preserving (EDM2, Karras et al. 2024) building blocks plus sCM's time
-conditioning (Lu & Song §4.1). Every layer is a pure function of its input and weights: nothing is modified
-in place during a forward, so one code path serves the forward, the tangent (JVP) pass and sampling, under
-`torch.autograd.forward_ad` and `torch.func.jvp` alike.
+conditioning (Lu & Song §4.1), the transformer's linear layer and adaptive double layer norm, and the label
+and guidance inputs shared by the networks. Every layer is a pure function of its input and weights: nothing is
+modified in place during a forward, so one code path serves the forward, the tangent (JVP) pass and sampling,
+under `torch.autograd.forward_ad` and `torch.func.jvp` alike.
 """
 
 from __future__ import annotations
@@ -12,14 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm.nets.functional import conv2d, lincomb, modulate, pixel_norm, scaled_cat
+from scm.nets.functional import conv2d, lincomb, linear, modulate, modulated_layer_norm, pixel_norm, scaled_cat
 from scm.precision import to_compute
 
 __all__ = [
     "FourierEmbedding",
+    "Linear",
     "MPConv",
     "PositionalEmbedding",
+    "adaptive_double_layer_norm",
     "adaptive_double_norm",
+    "class_labels",
+    "guidance_scales",
     "mp_cat",
     "mp_silu",
     "mp_sum",
@@ -62,6 +67,51 @@ def adaptive_double_norm(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
     s = (normalize(scale, dim=1) / math.sqrt(2)).to(y.dtype)[:, :, None, None]
     b = (normalize(shift, dim=1) / math.sqrt(2)).to(y.dtype)[:, :, None, None]
     return modulate(normalize(y, dim=1), s, b)
+
+
+def adaptive_double_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Adaptive double normalization (paper §4.1) for tokens x [B, L, C]: LayerNorm(x) ⊙ pnorm(s) + pnorm(b),
+    divided by √2 as in `adaptive_double_norm`, with per-example scale s and shift b [B, 1, C] pixel-normalized
+    over channels (in at least float32)."""
+    s, b = normalize(to_compute(scale), dim=-1), normalize(to_compute(shift), dim=-1)
+    return modulated_layer_norm(x, s, b, gain=1 / math.sqrt(2))  # the gain inside the op: no extra tangent ops
+
+
+def class_labels(labels: torch.Tensor | None, batch: int, label_dim: int, device, dropout: float = 0.0) -> torch.Tensor:
+    """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; with `dropout` > 0 each row is
+    zeroed with that probability (label dropout for classifier-free guidance), drawn with torch.rand from the
+    global RNG so that a replayed pass (scm._rng.rng_replayer) drops the same rows.
+
+    Label values are not read here (that would stall a GPU on every call): they are checked where they
+    enter (data loaders, samplers); an index outside [0, label_dim) gives a zero row, i.e. no class."""
+    if labels is None:
+        return torch.zeros(batch, label_dim, device=device)
+    if labels.ndim == 1 and not labels.is_floating_point():
+        if labels.shape[0] != batch:
+            raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
+        onehot = (labels[:, None] == torch.arange(label_dim, device=labels.device)).float()
+    elif labels.shape == (batch, label_dim):
+        onehot = labels.float()
+    else:
+        raise ValueError(f"labels must be class indices of shape [{batch}] or a [{batch}, {label_dim}] array")
+    if dropout:
+        keep = torch.rand(batch, device=device) >= dropout
+        onehot = onehot * keep[:, None]
+    return onehot
+
+
+def guidance_scales(guidance, batch: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """The guidance-scale input as a [B] tensor of `dtype`: 1 when None, a number or 0-d tensor broadcast."""
+    g = torch.ones(batch, device=device) if guidance is None else torch.as_tensor(guidance, device=device)
+    return g.to(dtype).expand(batch) if g.ndim == 0 else g.to(dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) computed by `scm.nets.functional.linear`, whose JVP skips
+    the weight-tangent product when the weights carry no tangent. Honours autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class MPConv(nn.Module):

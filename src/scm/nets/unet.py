@@ -24,6 +24,8 @@ from scm.nets.layers import (
     MPConv,
     PositionalEmbedding,
     adaptive_double_norm,
+    class_labels,
+    guidance_scales,
     mp_cat,
     mp_silu,
     mp_sum,
@@ -243,25 +245,10 @@ class UNet(nn.Module):
         check_t(t, x)
 
     def _labels(self, labels, batch: int, device) -> torch.Tensor:
-        """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; label dropout in training.
-
-        Label values are not read here (that would stall a GPU on every call): they are checked where they
-        enter (data loaders, samplers); an index outside [0, label_dim) gives a zero row, i.e. no class."""
-        c = self.cfg
-        if labels is None:
-            return torch.zeros(batch, c.label_dim, device=device)
-        if labels.ndim == 1 and not labels.is_floating_point():
-            if labels.shape[0] != batch:
-                raise ValueError(f"labels must have shape [{batch}], got {tuple(labels.shape)}")
-            onehot = (labels[:, None] == torch.arange(c.label_dim, device=labels.device)).float()
-        elif labels.shape == (batch, c.label_dim):
-            onehot = labels.float()
-        else:
-            raise ValueError(f"labels must be class indices of shape [{batch}] or a [{batch}, {c.label_dim}] array")
-        if self.training and c.label_dropout:
-            keep = torch.rand(batch, device=device) >= c.label_dropout
-            onehot = onehot * keep[:, None]
-        return onehot
+        """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; label dropout in training
+        (layers.class_labels)."""
+        dropout = self.cfg.label_dropout if self.training else 0.0
+        return class_labels(labels, batch, self.cfg.label_dim, device, dropout)
 
     def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
         """The conditioning vector fed to every block, computed in float32."""
@@ -274,8 +261,7 @@ class UNet(nn.Module):
             elif labels is not None:
                 raise ValueError("this network is unconditional (label_dim=0) but labels were given")
             if self.emb_guidance is not None:
-                g = torch.ones(batch, device=device) if guidance is None else torch.as_tensor(guidance, device=device)
-                g = g.to(emb.dtype).expand(batch) if g.ndim == 0 else g.to(emb.dtype)
+                g = guidance_scales(guidance, batch, device, emb.dtype)
                 emb = mp_sum(emb, self.emb_guidance(self.guidance_embed(g)), t=0.5)  # added to the time embedding
             return mp_silu(emb)
 

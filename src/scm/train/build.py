@@ -12,7 +12,7 @@ import torch
 from scm.config import TrainConfig
 from scm.data import ImageData
 from scm.errors import ConfigError, DataError
-from scm.nets.unet import UNet, UNetConfig
+from scm.nets.registry import NetConfig, build_net
 from scm.objectives import ConsistencyLoss, DiffusionLoss
 from scm.runs import is_run_dir, load_run
 
@@ -25,7 +25,7 @@ TRAINING_NET_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_
 @dataclass
 class Built:
     cfg: TrainConfig
-    net: UNet
+    net: torch.nn.Module
     teacher: object | None
     init_note: str
 
@@ -41,7 +41,8 @@ def check_data(cfg: TrainConfig, data: ImageData) -> None:
         raise DataError(f"{data.source}: conditional=true needs class labels, but the data set has none")
 
 
-def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device) -> tuple[UNet, UNetConfig]:
+def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device):
+    """(network, its config, its preset name) of a run's EMA, checked against this run's data shape."""
     loaded = load_run(path, std, device=device)
     src = loaded.cfg.net
     if (src.img_resolution, src.img_channels) != (cfg.resolution, cfg.channels):
@@ -49,7 +50,11 @@ def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device)
             f"{role} {path}: its network is {src.img_resolution}×{src.img_resolution}×{src.img_channels} but this "
             f"run's data is {cfg.resolution}×{cfg.resolution}×{cfg.channels}"
         )
-    return loaded.net, src
+    return loaded.net, src, loaded.cfg.net_preset
+
+
+def _arch(net_cfg: NetConfig) -> str:
+    return type(net_cfg).__name__.removesuffix("Config")
 
 
 def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
@@ -59,16 +64,26 @@ def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
     teacher_net_cfg = None
     if cfg.method == "scd":
         if is_run_dir(cfg.teacher):
-            teacher, teacher_net_cfg = _from_run(cfg, cfg.teacher, cfg.teacher_ema, "teacher", device)
+            teacher, teacher_net_cfg, _ = _from_run(cfg, cfg.teacher, cfg.teacher_ema, "teacher", device)
         elif ":" in cfg.teacher:
             teacher = load_teacher_factory(cfg.teacher)
         else:
             raise ConfigError(f"teacher={cfg.teacher!r}: not a run directory (no config.json) nor 'module:function'")
         _check_teacher_shapes(teacher, cfg, data, device)
 
-    init_path = cfg.init or (cfg.teacher if teacher_net_cfg is not None else None)
+    init_path = cfg.init
+    if init_path is None and teacher_net_cfg is not None:  # sCD starts from its teacher (paper App. G.2) …
+        if type(teacher_net_cfg) is type(cfg.net):
+            init_path = cfg.teacher
+        else:  # … when the teacher's architecture is the student's
+            note = (f"fresh initialization (the teacher is a {_arch(teacher_net_cfg)}, this preset's "
+                    f"network a {_arch(cfg.net)})")
     if init_path is not None:
-        init_net, src_cfg = _from_run(cfg, init_path, cfg.init_ema, "init", device)
+        init_net, src_cfg, src_preset = _from_run(cfg, init_path, cfg.init_ema, "init", device)
+        if type(src_cfg) is not type(cfg.net):
+            raise ConfigError(f"init {init_path}: its network is a {_arch(src_cfg)} ({src_preset}), "
+                              f"this run's a {_arch(cfg.net)} ({cfg.net_preset})", key="init")
+        cfg.net_preset = src_preset
         note_cond = ""
         if src_cfg.label_dim and not cfg.conditional:  # a student of a class-conditional run is conditional too
             cfg.conditional = True
@@ -76,16 +91,17 @@ def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
             note_cond = ", class-conditional like it"
         if cfg.conditional and src_cfg.label_dim != data.num_classes:
             raise ConfigError(f"init {init_path}: {src_cfg.label_dim} classes, but the data has {data.num_classes}")
-        net_cfg = dataclasses.replace(src_cfg, **{k: getattr(cfg.net, k) for k in TRAINING_NET_FIELDS})
-        net = UNet(net_cfg)
+        # The init run's network, with this run's training-time settings.
+        changes = {k: getattr(cfg.net, k) for k in TRAINING_NET_FIELDS if hasattr(cfg.net, k)}
+        net = build_net(dataclasses.replace(src_cfg, **changes))
         missing, unexpected = net.load_state_dict(init_net.state_dict(), strict=False)
-        if unexpected or any(not k.startswith(("emb_guidance", "guidance_embed")) for k in missing):
+        if unexpected or any("guidance" not in k for k in missing):  # only a new guidance input may be fresh
             raise ConfigError(
                 f"init {init_path}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         note = f"initialized from {init_path} (EMA σ_rel={cfg.init_ema or 'first'}){note_cond}"
     else:
-        net = UNet(dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0))
+        net = build_net(dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0))
     cfg.net = net.cfg
     return Built(cfg, net.to(device), teacher, note)
 

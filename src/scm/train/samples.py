@@ -12,7 +12,7 @@ import torch
 from scm.config import TrainConfig
 from scm.generate import Sampler, generate
 from scm.images import grid, report_scale, save_png
-from scm.nets.unet import UNet
+from scm.nets.registry import build_net
 from scm.runs import LoadedRun
 
 __all__ = ["sample_grids"]
@@ -22,7 +22,7 @@ __all__ = ["sample_grids"]
 def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: float) -> list[Path]:
     if cfg.channels not in (1, 3):
         return []  # latents etc.: nothing to look at without a decoder
-    net = UNet(cfg.net).to(device).eval()
+    net = build_net(cfg.net).to(device).eval()
     net.load_state_dict(weights)
     run = LoadedRun(cfg, net, out_dir, cfg.ema.stds[0], round(kimg * 1000 / cfg.batch))
     if cfg.method == "diffusion":

@@ -1,0 +1,355 @@
+"""A diffusion transformer (DiT, Peebles & Xie 2023) made ready for sCM's JVP: `net(x_t/σ_d, t, labels,
+guidance=None, return_weight=False)` -> F (or (F, w)), the same call as `scm.nets.unet.UNet`.
+
+Structure (DiT): p×p patches -> a linear embedding + a fixed 2-D sin-cos position embedding -> `depth`
+pre-norm transformer blocks (attention, then a GELU MLP, each a residual branch modulated and gated by the
+conditioning vector) -> a modulated final norm and linear layer -> unpatchify. The conditioning vector sums
+the time embedding (positional embedding of c_noise(t) -> MLP), the class embedding and, optionally, the
+guidance scale's embedding. Attention runs through `scm.nets.attention.attention` (exact JVP, bounded
+memory) with the heads folded into the batch; every op with a costly or graph-recording forward-AD formula
+is an op of `scm.nets.functional` with a hand-written JVP, so one code path serves the forward, the tangent
+pass (`torch.autograd.forward_ad`, `torch.func.jvp`), the fused pass and sampling.
+
+sCM's stabilisers, carried over from the U-Net to the transformer (each a decision; sources in brackets):
+
+(a) Time conditioning: c_noise(t) = t (radians, no ×1000) through a positional embedding whose largest
+    frequency is 1, computed in float32 whatever the autocast state, then an MLP also in float32 [sCM §4.1,
+    eq. 7]. DiT embeds integer timesteps 0…999; a time scaled like that multiplies sin t·∂F/∂t by ~1000
+    (Sana-Sprint's "dense time embedding" removes the same factor [Sana-Sprint, Chen et al. 2025, §3.2]).
+    `c_noise="log_sigma"` (EDM's log(σ_d tan t)/4) is kept as an ablation: there sin t·∂F/∂t grows like
+    1/cos t as t -> π/2.
+
+(b) Well-conditioned modulation. sCM replaces the U-Net's AdaGN norm(x)·s(t) + b(t) by adaptive double
+    normalization norm(x)·pnorm(s(t)) + pnorm(b(t)) [sCM §4.1]. Its transformer counterpart here
+    (`modulation="double_norm"`, the default) replaces DiT's adaLN-Zero LN(x)·(1 + s) + b by
+        LN(x)·pnorm(s)/√2 + pnorm(b)/√2            (layers.adaptive_double_layer_norm)
+    with pnorm the pixel norm of the per-example vectors s, b over channels; and the conditioning vector
+    itself is pixel-normalized before the SiLU and the modulation layers (the counterpart of EDM2's
+    magnitude-preserving embedding that the U-Net has by construction). Why: the modulation's scale and
+    shift, and hence ∂F/∂t through them, then no longer grow with the norms of the embedding MLP or of the
+    modulation weights — they are invariant to both scales, as in the U-Net — which is what the double
+    normalization is for. The gates of the residual branches are kept as in adaLN-Zero, linear in the
+    (normalized) conditioning and zero-initialized, so every block starts as the identity [DiT §3.2]; only
+    their rows of the modulation weights start at zero (pnorm of an all-zero vector would have an unbounded
+    derivative, so the scale/shift rows start random). The whole modulation is computed in float32 under
+    autocast, like the U-Net's embedding [sCM §4.1]. `modulation="adaln_zero"` is DiT's original scheme,
+    an ablation.
+
+(c) QK normalization: q and k are RMS-normalized per head (`qk_norm=True`, the default), so the logits
+    lie in [−sqrt(d_head), sqrt(d_head)] and the softmax's Jacobian, which the JVP multiplies through, stays
+    bounded whatever the weights do. Sana-Sprint found QK normalization necessary for a stable sCM JVP in
+    its transformer [Sana-Sprint, Chen et al. 2025, §3.2]; it is the transformer form of EDM2's cosine
+    attention, which the U-Net uses (and, like it, has no learned gain).
+
+Other choices: the adaptive-weight head w_φ(t) is the U-Net's (positional embedding of c_noise(t) -> one
+linear layer); class labels enter as the U-Net's one-hot rows through a linear table (a zero row is
+"unconditional", where DiT learns a null class), with label dropout drawn by torch.rand so that a replayed
+pass drops the same rows; the guidance scale gets a positional embedding and a linear layer, added to the time
+embedding [sCM §5.2]; GELU is the exact (erf) one, not DiT's tanh approximation (the same function to 1e-3,
+and on CPU a fifth of the cost); dropout acts on the MLP's hidden layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scm._checks import check_t
+from scm.nets.attention import attention
+from scm.nets.functional import gated_residual, gelu, modulated_layer_norm, silu
+from scm.nets.layers import (
+    Linear,
+    MPConv,
+    PositionalEmbedding,
+    adaptive_double_layer_norm,
+    class_labels,
+    guidance_scales,
+    normalize,
+)
+from scm.precision import to_compute
+
+__all__ = ["DIT_PRESETS", "DiT", "DiTConfig", "build_dit"]
+
+MODULATIONS = ("double_norm", "adaln_zero")
+
+
+@dataclass
+class DiTConfig:
+    """Transformer configuration (one line a field; presets set a few of them, see DIT_PRESETS)."""
+
+    img_resolution: int = 32
+    img_channels: int = 4
+    label_dim: int = 0                  # number of classes; 0 = unconditional
+    patch_size: int = 2                 # p: the image is cut into (resolution/p)² patches of p×p pixels
+    hidden_size: int = 384              # token width
+    depth: int = 12                     # transformer blocks
+    num_heads: int = 6                  # attention heads (hidden_size must be a multiple)
+    mlp_ratio: float = 4.0              # MLP hidden width = hidden_size·this
+    dropout: float = 0.0                # dropout on the MLP's hidden layer (sCT)
+    label_dropout: float = 0.0          # drop labels with this probability in training (classifier-free guidance)
+    guidance_embed: bool = False        # take a guidance-scale input (sCD students with CFG, §5.2)
+    embed_channels: int = 256           # channels of the positional time (and guidance) embedding (DiT: 256)
+    weight_channels: int = 128          # embedding width of the adaptive-weight head w_φ(t)
+    qk_norm: bool = True                # RMS-normalize q and k per head (stabiliser (c), module docstring)
+    modulation: str = "double_norm"     # "double_norm" (stabiliser (b)) | "adaln_zero" (DiT's; ablation)
+    c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM's log(σ_d tan t)/4 (ablation)
+    sigma_d: float = 0.5                # only used by c_noise = "log_sigma"
+
+    def __post_init__(self):
+        for name in ("img_resolution", "img_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                     "embed_channels", "weight_channels"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"DiTConfig.{name} must be a positive int, got {v!r}")
+        if not (isinstance(self.label_dim, int) and self.label_dim >= 0):
+            raise ValueError(f"DiTConfig.label_dim must be an int >= 0, got {self.label_dim!r}")
+        if self.img_resolution % self.patch_size:
+            raise ValueError(f"DiTConfig.img_resolution={self.img_resolution} is not divisible by "
+                             f"patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_heads={self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"DiTConfig.hidden_size must be a multiple of 4 (2-D sin-cos position embedding), "
+                             f"got {self.hidden_size}")
+        for name in ("embed_channels", "weight_channels"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"DiTConfig.{name} must be even, got {getattr(self, name)}")
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0 and self.mlp_hidden >= 1):
+            raise ValueError(f"DiTConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        for name in ("dropout", "label_dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ValueError(f"DiTConfig.{name} must lie in [0, 1), got {v!r}")
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"DiTConfig.modulation must be one of {MODULATIONS}, got {self.modulation!r}")
+        if self.c_noise not in ("t", "log_sigma"):
+            raise ValueError(f"DiTConfig.c_noise must be 't' or 'log_sigma', got {self.c_noise!r}")
+        if not (isinstance(self.sigma_d, (int, float)) and self.sigma_d > 0):
+            raise ValueError(f"DiTConfig.sigma_d must be positive, got {self.sigma_d!r}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields: {unknown}")
+        return cls(**d)
+
+
+# One line a preset. DiT-S/B/L/XL with 2×2 patches (Peebles & Xie 2023, Table 1) for 32×32×4 latents.
+# dit-tiny for CPU tests and the demo (28×28×1 or 32×32×3): 2.4M parameters, head dim 64 as in DiT, 4×4 patches
+# (49 or 64 tokens). Measured at batch 64 on 28×28×1 (two CPU threads): a forward costs ~80 ms, ~0.4× the tiny
+# U-Net's, and the tangent pass ~2.25× the forward; with 2×2 patches (196 tokens) the same net's forward costs
+# ~390 ms (~2× the U-Net's) and its tangent pass ~2.8× that (attention grows with the square of the tokens).
+DIT_PRESETS: dict[str, dict] = {
+    "dit-tiny": dict(patch_size=4, hidden_size=128, depth=8, num_heads=2, embed_channels=128),
+    "DiT-S/2":  dict(patch_size=2, hidden_size=384, depth=12, num_heads=6),
+    "DiT-B/2":  dict(patch_size=2, hidden_size=768, depth=12, num_heads=12),
+    "DiT-L/2":  dict(patch_size=2, hidden_size=1024, depth=24, num_heads=16),
+    "DiT-XL/2": dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+def build_dit(preset: str, img_resolution: int, img_channels: int, label_dim: int = 0, **overrides) -> DiT:
+    """A DiT from a named preset (DIT_PRESETS) for the given image shape; keyword overrides win."""
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; known: {', '.join(DIT_PRESETS)}")
+    cfg = dict(DIT_PRESETS[preset], img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
+    cfg.update(overrides)
+    return DiT(DiTConfig(**cfg))
+
+
+def sincos_position_embedding(grid: int, channels: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid², channels] of a grid×grid token layout (row-major): a
+    quarter of the channels each for sin and cos of (row·ω_i) and of (column·ω_i), ω_i = 10000^(−i/quarter)."""
+    quarter = channels // 4
+    omega = 10_000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = pos.repeat_interleave(grid), pos.repeat(grid)
+    a, b = rows[:, None] * omega[None], cols[:, None] * omega[None]
+    return torch.cat([torch.sin(a), torch.cos(a), torch.sin(b), torch.cos(b)], dim=1).float()
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + g₁·Attn(mod₁(LN(x))), then x + g₂·MLP(mod₂(LN(x))), with the
+    modulations and gates computed from the conditioning vector in float32 (module docstring, (b))."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        c = cfg.hidden_size
+        self.cfg, self.num_heads = cfg, cfg.num_heads
+        self.modulation = Linear(c, 6 * c)  # shift, scale, gate of the attention branch, then of the MLP branch
+        self.qkv = Linear(c, 3 * c)
+        self.proj = Linear(c, c)
+        self.fc1 = Linear(c, cfg.mlp_hidden)
+        self.fc2 = Linear(cfg.mlp_hidden, c)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            mod = self.modulation(to_compute(cond))[:, None, :]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = gated_residual(x, gate1, self.attention(modulate(x, scale1, shift1, self.cfg.modulation)))
+        x = gated_residual(x, gate2, self.mlp(modulate(x, scale2, shift2, self.cfg.modulation)))
+        return x
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        n, length, c = h.shape
+        heads = self.num_heads
+        qkv = self.qkv(h).reshape(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4).contiguous()  # [3,N,H,L,D]
+        if self.cfg.qk_norm:
+            q, k = normalize(qkv[:2], dim=-1).unbind(0)  # RMS norm per head (stabiliser (c))
+        else:
+            q, k = qkv[0], qkv[1]
+        fold = lambda a: a.reshape(n * heads, length, c // heads)  # noqa: E731
+        y = attention(fold(q), fold(k), fold(qkv[2]))  # exact JVP, bounded memory
+        return self.proj(y.reshape(n, heads, length, c // heads).transpose(1, 2).reshape(n, length, c))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        h = gelu(self.fc1(h))
+        if self.cfg.dropout:
+            h = F.dropout(h, p=self.cfg.dropout, training=self.training)
+        return self.fc2(h)
+
+
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, kind: str) -> torch.Tensor:
+    """The modulated pre-norm of a branch: adaptive double layer norm, or DiT's LN(x)·(1 + s) + b."""
+    if kind == "double_norm":
+        return adaptive_double_layer_norm(x, scale, shift)
+    return modulated_layer_norm(x, 1 + scale, shift)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, p = cfg.hidden_size, cfg.patch_size
+        self.grid = cfg.img_resolution // p
+        patch_dim = cfg.img_channels * p * p
+
+        # Tokens: a linear map of p×p patches plus a fixed 2-D sin-cos position embedding.
+        self.patch_embed = Linear(patch_dim, c)
+        self.register_buffer("pos_embed", sincos_position_embedding(self.grid, c), persistent=False)
+
+        # Conditioning (time, class, guidance), all computed in float32, and the adaptive-weight head.
+        self.time_embed = PositionalEmbedding(cfg.embed_channels)
+        self.time_mlp1 = Linear(cfg.embed_channels, c)
+        self.time_mlp2 = Linear(c, c)
+        self.label_embed = Linear(cfg.label_dim, c, bias=False) if cfg.label_dim else None  # a table on one-hots
+        self.guidance_embed = PositionalEmbedding(cfg.embed_channels) if cfg.guidance_embed else None
+        self.guidance_linear = Linear(cfg.embed_channels, c) if cfg.guidance_embed else None
+        self.weight_embed = PositionalEmbedding(cfg.weight_channels)
+        self.weight_linear = MPConv(cfg.weight_channels, 1)
+
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_modulation = Linear(c, 2 * c)  # shift, scale
+        self.final_linear = Linear(c, patch_dim)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """DiT's initialization: Xavier-uniform linear layers with zero biases; N(0, 0.02²) embedding MLP and
+        label table; zero gates and output layer (adaLN-Zero: every block starts as the identity, F = 0)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in (self.time_mlp1, self.time_mlp2, self.label_embed, self.guidance_linear):
+            if m is not None:
+                nn.init.normal_(m.weight, std=0.02)
+        c = self.cfg.hidden_size
+        zero_rows = [slice(0, 6 * c)] if self.cfg.modulation == "adaln_zero" else [slice(2 * c, 3 * c),
+                                                                                   slice(5 * c, 6 * c)]
+        for block in self.blocks:
+            for rows in zero_rows:  # the gates (adaLN-Zero); double_norm's scale/shift rows stay random
+                block.modulation.weight[rows].zero_()
+        if self.cfg.modulation == "adaln_zero":
+            nn.init.zeros_(self.final_modulation.weight)
+        nn.init.zeros_(self.final_linear.weight)
+        nn.init.zeros_(self.final_linear.bias)
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        """c_noise(t) = t (§4.1, eq. 7) or, for ablations, EDM's log(σ_d·tan t)/4."""
+        t = to_compute(t)
+        if self.cfg.c_noise == "t":
+            return t
+        return torch.log(self.cfg.sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
+
+    # -- conditioning ---------------------------------------------------------------------------------------
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        c = self.cfg
+        expected = (c.img_channels, c.img_resolution, c.img_resolution)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"DiT expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        check_t(t, x)
+
+    def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
+        """The conditioning vector fed to every block (after its SiLU), computed in float32."""
+        batch, device = t.shape[0], t.device
+        with torch.autocast(device.type, enabled=False):
+            emb = self.time_mlp2(silu(self.time_mlp1(self.time_embed(self.c_noise(t)))))
+            if self.label_embed is not None:
+                dropout = self.cfg.label_dropout if self.training else 0.0
+                onehot = class_labels(labels, batch, self.cfg.label_dim, device, dropout)
+                emb = emb + self.label_embed(onehot.to(emb.dtype))
+            elif labels is not None:
+                raise ValueError("this network is unconditional (label_dim=0) but labels were given")
+            if self.guidance_linear is not None:
+                if isinstance(guidance, torch.Tensor) and guidance.ndim and tuple(guidance.shape) != (batch,):
+                    raise ValueError(f"guidance must be a number or of shape [{batch}], got {tuple(guidance.shape)}")
+                g = guidance_scales(guidance, batch, device, emb.dtype)
+                emb = emb + self.guidance_linear(self.guidance_embed(g))  # added to the time embedding (§5.2)
+            if self.cfg.modulation == "double_norm":
+                emb = normalize(emb, dim=1)  # unit RMS (stabiliser (b))
+            return silu(emb)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B]."""
+        with torch.autocast(t.device.type, enabled=False):
+            return self.weight_linear(self.weight_embed(self.c_noise(t))).reshape(-1)
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> tokens [B, (H/p)(W/p), C·p·p] (row-major patches; channel, row, column inside)."""
+        n, ch, g, p = x.shape[0], x.shape[1], self.grid, self.cfg.patch_size
+        return x.reshape(n, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, ch * p * p)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, ch, g, p = tokens.shape[0], self.cfg.img_channels, self.grid, self.cfg.patch_size
+        x = tokens.reshape(n, g, g, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, g * p, g * p)
+        return x.clone() if x._base is not None else x  # a view (one channel) would trip FSDP2's backward hook
+
+    def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
+        self._check_inputs(x, t)
+        cond = self.embedding(t, labels, guidance)
+        h = self.patch_embed(self.patchify(x)) + self.pos_embed
+        for block in self.blocks:
+            h = block(h, cond)
+        with torch.autocast(x.device.type, enabled=False):
+            shift, scale = self.final_modulation(to_compute(cond))[:, None, :].chunk(2, dim=-1)
+        h = self.final_linear(modulate(h, scale, shift, self.cfg.modulation))
+        out = self.unpatchify(h).to(x.dtype)
+        return (out, self.weight(t)) if return_weight else out
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """Forced weight normalization of the adaptive-weight head (an MPConv, as in the U-Net); call after each
+        optimizer step. The transformer's own layers are plain linear layers."""
+        self.weight_linear.normalize_weight_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
