@@ -83,7 +83,7 @@ for dtype, bound in bounds.items():
             grads = torch.autograd.grad(out, leaves, gout)
         _, t_func = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
         lref = [fold(x).clone().requires_grad_() for x in ref[:3]]
-        grads_r = torch.autograd.grad(A._Attention.apply(*lref, d ** -0.5), lref, gout.double())
+        grads_r = torch.autograd.grad(A._Attention.apply(*lref, d ** -0.5)[0], lref, gout.double())
         errs |= {"layer O": rel(out, fold(o_r)), "layer tO": rel(t_layer, fold(t_r)), "func tO": rel(t_func, fold(t_r))}
         errs |= {f"d{name}": rel(gr, gr_r) for name, gr, gr_r in zip("qkv", grads, grads_r)}
         print(f"{str(dtype):15} B={b} H={h} N={n} Nk={nk} d={d} dv={dv}: " + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))

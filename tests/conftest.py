@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 torch.set_num_threads(2)
@@ -137,7 +140,42 @@ def mnist_classifier(real_mnist):
 
 # -- Triton kernels without CUDA: Triton's interpreter runs them on CPU tensors (tests/test_attention_triton.py).
 # Triton reads the variable when a kernel is defined, so it is set here, before any test module imports one.
-import os  # noqa: E402  (kept with the section it serves)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# -- helpers shared by test modules (`from conftest import …`) --------------------------------------------------
+def jvp_both(fn, primals, tangents):
+    """The JVP under torch.func.jvp and under forward_ad dual tensors; they must agree exactly."""
+    primals, tangents = tuple(primals), tuple(tangents)
+    _, a = torch.func.jvp(fn, primals, tangents)
+    with fwAD.dual_level():
+        out = fn(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)])
+        b = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
+    return a
+
+
+def central_difference(fn, primals, tangents, h=1e-6):
+    """Float64 central difference: truncation ~h²·|f⁽³⁾| ≈ 1e-12, rounding ~1e-16/h ≈ 1e-10, so tests compare
+    with tolerance 1e-7 (relative to O(1) outputs)."""
+    with torch.no_grad():
+        plus = fn(*[p + h * t for p, t in zip(primals, tangents, strict=True)])
+        minus = fn(*[p - h * t for p, t in zip(primals, tangents, strict=True)])
+    return (plus - minus) / (2 * h)
+
+
+def cli(*args):
+    """Run the `scm` command in-process: (exit code, output)."""
+    from typer.testing import CliRunner
+
+    from scm.app.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def run_metrics(run) -> list[dict]:
+    """The metric lines of a run directory."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

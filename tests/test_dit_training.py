@@ -11,27 +11,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from scm.app.cli import app
 from scm.config import from_dict, make_config, to_dict
 from scm.errors import ConfigError
 from scm.nets import DiTConfig, UNetConfig
 from scm.runs import RunDir, load_run
 from scm.train import train
 
+from conftest import cli, run_metrics
+
 RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=2"]
 TESTS = Path(__file__).resolve().parent
 SMALL = ["net.hidden_size=48", "net.depth=2", "net.num_heads=2"]  # dit-tiny's shape, less of it: seconds per run
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def test_diffusion_teacher_trains(dit_teacher):
     _, teacher = dit_teacher
     cfg = json.loads(RunDir(teacher).config_path.read_text())
     assert cfg["net_preset"] == "dit-tiny" and cfg["net"]["patch_size"] == 4
-    rows = metrics(teacher)
+    rows = run_metrics(teacher)
     assert rows[-1]["mse"] < 0.8 * rows[0]["mse"], [r["mse"] for r in rows]
     run = load_run(teacher)
     assert type(run.net).__name__ == "DiT" and run.step == 20
@@ -88,7 +79,7 @@ def test_consistency_students_of_a_transformer(dit_teacher, tmp_path, method):
                      "net.dropout=0.1")
     assert code == 0, text
     assert f"initialized from {teacher}" in text
-    rows = metrics(out)
+    rows = run_metrics(out)
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]  # the adaptive weight alone lowers it
     assert json.loads(RunDir(out).config_path.read_text())["net"]["dropout"] == 0.1

@@ -15,6 +15,8 @@ from scm.nets.attention import attention
 from scm.nets.functional import clip, conv2d, lincomb, modulate, pixel_norm, scaled_cat, silu, upsample2x
 from scm.nets.layers import FourierEmbedding, MPConv, PositionalEmbedding, adaptive_double_norm, mp_cat, mp_sum
 
+from conftest import central_difference, jvp_both
+
 D = torch.float64
 
 
@@ -22,30 +24,10 @@ def _rand(*shape, seed=0):
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-def _jvp_both(fn, primals, tangents):
-    """The JVP under torch.func.jvp and under forward_ad dual tensors; they must agree exactly."""
-    primals, tangents = tuple(primals), tuple(tangents)
-    _, a = torch.func.jvp(fn, primals, tangents)
-    with fwAD.dual_level():
-        out = fn(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents, strict=True)])
-        b = fwAD.unpack_dual(out).tangent
-    torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
-    return a
-
-
-def _central_difference(fn, primals, tangents, h=1e-6):
-    """Float64 central difference: truncation ~h²·|f'''| ≈ 1e-12, rounding ~1e-16/h ≈ 1e-10, so the tests
-    below compare with tolerance 1e-7 (relative to O(1) outputs)."""
-    with torch.no_grad():
-        plus = fn(*[p + h * t for p, t in zip(primals, tangents, strict=True)])
-        minus = fn(*[p - h * t for p, t in zip(primals, tangents, strict=True)])
-    return (plus - minus) / (2 * h)
-
-
 def _check_layer(fn, primals, seed=1):
     tangents = [_rand(*p.shape, seed=seed + i) for i, p in enumerate(primals)]
-    jvp = _jvp_both(fn, primals, tangents)
-    torch.testing.assert_close(jvp, _central_difference(fn, primals, tangents), atol=1e-7, rtol=1e-6)
+    jvp = jvp_both(fn, primals, tangents)
+    torch.testing.assert_close(jvp, central_difference(fn, primals, tangents), atol=1e-7, rtol=1e-6)
 
 
 # -- primitive ops: exact backward and forward AD (gradcheck compares both to finite differences) ----------
@@ -75,11 +57,11 @@ def test_primitive_ops_gradcheck_backward_and_forward_ad(name, fn, shapes):
 def test_primitive_ops_accept_partial_tangents():
     x, w = _rand(2, 3, 5, 5), _rand(4, 3, 3, 3, seed=1)
     t = _rand(2, 3, 5, 5, seed=2)
-    jvp = _jvp_both(lambda a: conv2d(a, w, 1), (x,), (t,))
+    jvp = jvp_both(lambda a: conv2d(a, w, 1), (x,), (t,))
     torch.testing.assert_close(jvp, torch.nn.functional.conv2d(t, w, padding=1))
     a, b = _rand(2, 3), _rand(2, 3, seed=1)
-    torch.testing.assert_close(_jvp_both(lambda u: lincomb(u, b, 2.0, 3.0), (a,), (b,)), 2 * b)
-    torch.testing.assert_close(_jvp_both(lambda u: scaled_cat(a, u, 2.0, 3.0)[:, 3:], (b,), (a,)), 3 * a)
+    torch.testing.assert_close(jvp_both(lambda u: lincomb(u, b, 2.0, 3.0), (a,), (b,)), 2 * b)
+    torch.testing.assert_close(jvp_both(lambda u: scaled_cat(a, u, 2.0, 3.0)[:, 3:], (b,), (a,)), 3 * a)
 
 
 def test_attention_jvp_matches_autograd_of_naive_attention(monkeypatch):
@@ -157,8 +139,8 @@ def test_tiny_net_jvp_equals_finite_difference(wrt):
     else:
         fn, primals = (lambda c: net(x, c, labels, guidance=s)), [t]
     tangents = [_rand(*p.shape, seed=9) for p in primals]
-    jvp = _jvp_both(fn, primals, tangents)
-    fd = _central_difference(fn, primals, tangents)
+    jvp = jvp_both(fn, primals, tangents)
+    fd = central_difference(fn, primals, tangents)
     scale = float(fd.abs().max())
     torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, scale), rtol=1e-6)
 

@@ -5,16 +5,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from scm.app.cli import app
+from conftest import cli
 
 RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=1"]
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

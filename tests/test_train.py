@@ -14,25 +14,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from scm.app.cli import app
 from scm.config import make_config
 from scm.errors import TrainingStopped
 from scm.runs import RunDir
 from scm.train import train
 
+from conftest import cli, run_metrics
+
 RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=2"]
 TESTS = Path(__file__).resolve().parent
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def test_diffusion_run_directory_is_complete_and_loss_falls(data_and_teacher):
     assert state["step"] == 20 and state["cur_nimg"] == 320
     assert set(load_file(ckpt / "ema.safetensors")) >= {"0.0500/out_gain", "0.1000/out_gain"}
     assert sorted(p.name for p in run.samples_dir.iterdir()) == ["0000000.3kimg-heun-nfe3.png"]
-    rows = metrics(teacher)
+    rows = run_metrics(teacher)
     assert [r["step"] for r in rows] == [4, 8, 12, 16, 20]
     for key in ("loss", "grad_norm", "lr", "img_per_s", "mse", "weight"):
         assert key in rows[-1]
@@ -84,7 +75,7 @@ def test_consistency_runs_through_the_cli(data_and_teacher, tmp_path, method):
     assert f"initialized from {teacher}" in text
     samples = sorted(p.name for p in (out / "samples").iterdir())
     assert samples == ["0000000.2kimg-1step.png", "0000000.2kimg-2step.png"]
-    rows = metrics(out)
+    rows = run_metrics(out)
     assert {"g_norm", "r", "weight"} <= set(rows[-1]) and rows[-1]["r"] == 1.0
     # The loss value is e^w·mean((F − F⁻ − g)²) − w with F − F⁻ = 0: it must fall as the adaptive weight
     # w_φ(t) rises towards −log mean(g²) (measured for scd: −0.16 → −0.82 over these 10 steps).
@@ -176,7 +167,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(data_and_teacher, tmp_pa
     result = train(cfg)
     assert result.bad_steps == 2 and result.step == 10
     assert all(torch.isfinite(p).all() for p in result.net.parameters())
-    rows = metrics(tmp_path / "nan")
+    rows = run_metrics(tmp_path / "nan")
     assert rows[-1]["bad_steps"] == 2 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
     cfg = make_config("tiny-28-diffusion", None, [*RUN, "sample_every_kimg=None", "max_bad_steps=3"],
@@ -244,7 +235,7 @@ def test_a_run_killed_before_its_first_checkpoint_continues_with_resume(data_and
     code, text = cli(*args, "--resume")
     assert code == 0 and "no checkpoint yet: starting from the beginning" in text, text
     assert RunDir(out).latest().name == "000000006"
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]  # the killed attempt's lines were dropped
+    assert [r["step"] for r in run_metrics(out)] == [1, 2, 3, 4, 5, 6]  # the killed attempt's lines were dropped
 
 
 def test_sigterm_stops_cleanly_with_a_checkpoint(data_and_teacher, tmp_path):
@@ -254,7 +245,7 @@ def test_sigterm_stops_cleanly_with_a_checkpoint(data_and_teacher, tmp_path):
            "--out", str(out), "--kimg", "50", "--batch", "8", *RUN, "sample_every_kimg=None", "log_every=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(run_metrics(out)) >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)

@@ -53,18 +53,26 @@ def _probs(q_blk: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.softmax(logits, dim=-1).to(q_blk.dtype)
 
 
-def _blocked_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _forward_and_probs(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output and, when all the logits fit in one block (≤ _BLOCK_ELEMENTS), the probabilities, which the
+    JVP and the backward then reuse instead of recomputing them (the same values: memory stays bounded)."""
+    blocks = _blocks(q, k)
+    if len(blocks) == 1:
+        p = _probs(q, k, scale)
+        return torch.bmm(p, v), p
     out = torch.empty(*q.shape[:2], v.shape[2], dtype=v.dtype, device=v.device)
-    for blk in _blocks(q, k):
+    for blk in blocks:
         out[:, blk] = torch.bmm(_probs(q[:, blk], k, scale), v)
-    return out
+    return out, None
 
 
-def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float) -> torch.Tensor:
-    """The tangent of out = attention(q, k, v) along (t_q, t_k, t_v), any of them None, block by block."""
-    t_out = torch.zeros_like(out)
-    for blk in _blocks(q, k):
-        p = _probs(q[:, blk], k, s)
+def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The tangent of out = attention(q, k, v) along (t_q, t_k, t_v), any of them None, block by block
+    (`probs`: the probabilities of a single block, from the forward)."""
+    blocks = _blocks(q, k)
+    t_out = torch.zeros_like(out) if len(blocks) > 1 else None
+    for blk in blocks:
+        p = _probs(q[:, blk], k, s) if probs is None else probs
         t_x = 0
         if t_q is not None:
             t_x = torch.bmm(t_q[:, blk], k.transpose(1, 2))
@@ -76,6 +84,8 @@ def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float) -> torch.Tensor:
             blk_out = torch.bmm(a, v) - a.sum(-1, keepdim=True) * out[:, blk]
         if t_v is not None:
             blk_out = blk_out + torch.bmm(p, t_v)
+        if t_out is None:
+            return blk_out
         t_out[:, blk] = blk_out
     return t_out
 
@@ -89,28 +99,35 @@ def _blocked_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor
 
 
 class _Attention(torch.autograd.Function):
+    """Outputs (out, p): p is the probabilities when they fit in one block (else an empty tensor), kept for the
+    JVP and the backward; not differentiable."""
+
     @staticmethod
     def forward(q, k, v, scale):
-        return _blocked_forward(q, k, v, scale)
+        out, p = _forward_and_probs(q, k, v, scale)
+        return out, (p if p is not None else out.new_empty(0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, scale = inputs
+        out, p = output
         ctx.scale = scale
+        ctx.has_probs = p.numel() > 0
+        ctx.mark_non_differentiable(p)
         ctx.set_materialize_grads(False)  # absent tangents / gradients arrive as None, not zeros
-        values = tuple(t.detach() for t in (q, k, v, output))  # no tangent kept alive, no graph for tangents
+        values = tuple(t.detach() for t in (q, k, v, out, p))  # no tangent kept alive, no graph for tangents
         ctx.save_for_backward(*values)
         ctx.save_for_forward(*values)
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx, d_out, _):
         if d_out is None:
             return None, None, None, None
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, probs = ctx.saved_tensors
         s = ctx.scale
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for blk in _blocks(q, k):
-            p = _probs(q[:, blk], k, s)
+            p = probs if ctx.has_probs else _probs(q[:, blk], k, s)
             d_o = d_out[:, blk]
             dv += torch.bmm(p.transpose(1, 2), d_o)                             # dV = pᵀ dO
             dp = torch.bmm(d_o, v.transpose(1, 2))                              # dp = dO Vᵀ
@@ -121,8 +138,8 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_q, t_k, t_v, _):
-        q, k, v, out = ctx.saved_tensors
-        return _blocked_jvp(q, k, v, out, t_q, t_k, t_v, ctx.scale)
+        q, k, v, out, probs = ctx.saved_tensors
+        return _blocked_jvp(q, k, v, out, t_q, t_k, t_v, ctx.scale, probs if ctx.has_probs else None), None
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -202,7 +219,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         q, k, v = (x.unsqueeze(1).contiguous() for x in (q, k, v))  # one copy, not one per kernel (U-Net views)
         out, _ = _TritonAttention.apply(q, k, v, scale, None)
         return out.squeeze(1)
-    return _Attention.apply(q, k, v, scale)
+    return _Attention.apply(q, k, v, scale)[0]
 
 
 def attention_jvp(
@@ -250,8 +267,8 @@ def attention_jvp(
         b, h = q.shape[:2]
         fold = lambda a: None if a is None else a.reshape(b * h, *a.shape[2:])  # noqa: E731
         q3, k3, v3 = fold(q), fold(k), fold(v)
-        out = _blocked_forward(q3, k3, v3, scale)
-        t_out = _blocked_jvp(q3, k3, v3, out, fold(tq), fold(tk), fold(tv), scale)
+        out, probs = _forward_and_probs(q3, k3, v3, scale)
+        t_out = _blocked_jvp(q3, k3, v3, out, fold(tq), fold(tk), fold(tv), scale, probs)
         unfold = lambda a: a.reshape(b, h, *a.shape[1:])  # noqa: E731
         if return_lse:
             return unfold(out), unfold(t_out), unfold(_blocked_lse(q3, k3, scale))

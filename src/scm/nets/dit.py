@@ -52,7 +52,7 @@ and on CPU a fifth of the cost); dropout acts on the MLP's hidden layer.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -135,17 +135,6 @@ class DiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields: {unknown}")
-        return cls(**d)
 
 
 # One line a preset. DiT-S/B/L/XL with 2×2 patches (Peebles & Xie 2023, Table 1) for 32×32×4 latents.

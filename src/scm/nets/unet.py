@@ -9,7 +9,7 @@ passes, and sampling.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,17 +84,6 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.c_noise must be 't' or 'log_sigma', got {self.c_noise!r}")
         if self.label_dim < 0:
             raise ValueError(f"UNetConfig.label_dim must be >= 0, got {self.label_dim}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig fields: {unknown}")
-        return cls(**d)
 
 
 # One line a preset. EDM2 config G (S…XXL, channels 192…448) as in sCM's ImageNet 64×64 pixel and 512×512
