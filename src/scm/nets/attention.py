@@ -5,7 +5,8 @@ written as a custom autograd Function whose `forward`, `backward` and `jvp` all 
 so no more than `chunk × L` logits per (batch·head) ever exist at once. Each block holds complete rows of
 the logit matrix, so its softmax is exact; the backward and the JVP recompute them instead of storing p (as
 FlashAttention does), except when all the logits fit in one block: then the forward's p (at most
-`_BLOCK_ELEMENTS` values, 16 MB in fp32) is kept for them, which costs no more memory than one block. The tangent follows from logits x = s·QKᵀ, p = softmax(x), y = pV:
+`_BLOCK_ELEMENTS` values, 16 MB in fp32) is kept for them, which costs no more memory than one block.
+The tangent follows from logits x = s·QKᵀ, p = softmax(x), y = pV:
 
     t_x = s·(t_Q Kᵀ + Q t_Kᵀ),   t_y = (p ⊙ t_x)V − rowsum(p ⊙ t_x)·y + p·t_V         (paper §5.1, App. F)
 
