@@ -6,12 +6,11 @@ usage: ddp_worker.py OUT_FILE PRESET DATA RUN_DIR [key=value ...]
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 from scm.config import make_config
 from scm.train import train
-from scm.train.distributed import full_model_state
+from scm.train.distributed import full_model_state, shutdown
 
 out_file, preset, data, run_dir, *overrides = sys.argv[1:]
 cfg = make_config(preset, None, overrides, data=data, out=run_dir)
@@ -21,6 +20,4 @@ rank = int(os.environ.get("RANK", "0"))
 state = full_model_state(result.net) if cfg.distributed == "fsdp" else result.net.state_dict()
 if state:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_file.replace("RANK", str(rank)))
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()  # no rank tears gloo down while another still gathers (an abort at exit)
-    torch.distributed.destroy_process_group()
+shutdown()

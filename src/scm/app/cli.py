@@ -69,6 +69,7 @@ def train(
     from scm.config import make_config
     from scm.errors import TrainingStopped
     from scm.train import train as run_training
+    from scm.train.distributed import shutdown
 
     try:
         cfg = make_config(preset, method, overrides or [], data=data, out=out, teacher=teacher, init=init,
@@ -79,6 +80,7 @@ def train(
         _fail(f"{e}{hint}", 130 if e.reason == "interrupted" else 3)
     except USER_ERRORS as e:
         _fail_on(e)
+    shutdown()  # after a successful run only: a failed rank must not wait for the others in a barrier
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}", file=sys.stderr)
 

@@ -153,3 +153,11 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """End a torchrun process's process group: a barrier (no rank tears gloo/NCCL down while another still
+    communicates, which can abort it at exit), then destroy_process_group. No-op outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
