@@ -51,14 +51,12 @@ and on CPU a fifth of the cost); dropout acts on the MLP's hidden layer.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm._checks import check_t
 from scm.nets.attention import attention
 from scm.nets.functional import gated_residual, gelu, modulated_layer_norm, silu
 from scm.nets.layers import (
@@ -66,6 +64,8 @@ from scm.nets.layers import (
     MPConv,
     PositionalEmbedding,
     adaptive_double_layer_norm,
+    c_noise,
+    check_image_input,
     class_labels,
     guidance_scales,
     normalize,
@@ -272,19 +272,9 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_linear.bias)
 
     def c_noise(self, t: torch.Tensor) -> torch.Tensor:
-        """c_noise(t) = t (§4.1, eq. 7) or, for ablations, EDM's log(σ_d·tan t)/4."""
-        t = to_compute(t)
-        if self.cfg.c_noise == "t":
-            return t
-        return torch.log(self.cfg.sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
+        return c_noise(t, self.cfg.c_noise, self.cfg.sigma_d)
 
     # -- conditioning ---------------------------------------------------------------------------------------
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        c = self.cfg
-        expected = (c.img_channels, c.img_resolution, c.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiT expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
-        check_t(t, x)
 
     def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
         """The conditioning vector fed to every block (after its SiLU), computed in float32."""
@@ -323,7 +313,7 @@ class DiT(nn.Module):
         return x.clone() if x._base is not None else x  # a view (one channel) would trip FSDP2's backward hook
 
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
-        self._check_inputs(x, t)
+        check_image_input("DiT", x, t, self.cfg.img_channels, self.cfg.img_resolution)
         cond = self.embedding(t, labels, guidance)
         h = self.patch_embed(self.patchify(x)) + self.pos_embed
         for block in self.blocks:

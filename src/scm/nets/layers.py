@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scm._checks import check_t
 from scm.nets.functional import conv2d, lincomb, linear, modulate, modulated_layer_norm, pixel_norm, scaled_cat
 from scm.precision import to_compute
 
@@ -23,6 +24,8 @@ __all__ = [
     "PositionalEmbedding",
     "adaptive_double_layer_norm",
     "adaptive_double_norm",
+    "c_noise",
+    "check_image_input",
     "class_labels",
     "guidance_scales",
     "mp_cat",
@@ -185,3 +188,20 @@ class FourierEmbedding(nn.Module):
             c = to_compute(c)
             a = c[:, None] * self.freqs.to(c.dtype)[None, :] + self.phases.to(c.dtype)[None, :]
             return torch.cos(a) * math.sqrt(2)
+
+
+def c_noise(t: torch.Tensor, kind: str = "t", sigma_d: float = 0.5) -> torch.Tensor:
+    """The time input of the networks' embeddings: c_noise(t) = t (§4.1, eq. 7), in float32 at least, or, for
+    ablations (kind="log_sigma"), EDM2's log(σ_d·tan t)/4."""
+    t = to_compute(t)
+    if kind == "t":
+        return t
+    return torch.log(sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
+
+
+def check_image_input(net: str, x: torch.Tensor, t: torch.Tensor, channels: int, resolution: int) -> None:
+    """Shapes only (values are checked where data enters): x [B, channels, resolution, resolution], t [B]."""
+    expected = (channels, resolution, resolution)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"{net} expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+    check_t(t, x)

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm._checks import check_t
 from scm.nets.attention import attention
 from scm.nets.functional import clip, silu, upsample2x
 from scm.nets.layers import (
@@ -24,6 +23,8 @@ from scm.nets.layers import (
     MPConv,
     PositionalEmbedding,
     adaptive_double_norm,
+    c_noise,
+    check_image_input,
     class_labels,
     guidance_scales,
     mp_cat,
@@ -219,19 +220,9 @@ class UNet(nn.Module):
         return PositionalEmbedding(channels)
 
     def c_noise(self, t: torch.Tensor) -> torch.Tensor:
-        """c_noise(t) = t (§4.1, eq. 7) or, for ablations, EDM2's log(σ_d·tan t)/4."""
-        t = to_compute(t)
-        if self.cfg.c_noise == "t":
-            return t
-        return torch.log(self.cfg.sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
+        return c_noise(t, self.cfg.c_noise, self.cfg.sigma_d)
 
     # -- conditioning ---------------------------------------------------------------------------------------
-    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        c = self.cfg
-        expected = (c.img_channels, c.img_resolution, c.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"UNet expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
-        check_t(t, x)
 
     def _labels(self, labels, batch: int, device) -> torch.Tensor:
         """One-hot (or given soft) labels [B, label_dim], zeros = unconditional; label dropout in training
@@ -261,7 +252,7 @@ class UNet(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
-        self._check_inputs(x, t)
+        check_image_input("UNet", x, t, self.cfg.img_channels, self.cfg.img_resolution)
         emb = self.embedding(t, labels, guidance)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
