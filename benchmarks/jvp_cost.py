@@ -1,6 +1,7 @@
 """Cost of the sCM tangent pass relative to a forward, on the `tiny` U-Net.
 
-    python benchmarks/jvp_cost.py [--batch 64] [--res 28] [--channels 1] [--device cpu]
+    python benchmarks/jvp_cost.py [--preset tiny] [--batch 64] [--res 28] [--channels 1] [--device cpu]
+                                  [--precision fp32|bf16|fp16]
 
 Times, at the same batch: a forward (no autograd), the tangent pass of `scm.tangents.jvp_tangent` (one
 forward-mode JVP through the network, as ConsistencyLoss runs it), the same with `torch.func.jvp`, and,
@@ -20,6 +21,7 @@ from common import awake, machine, time_interleaved, write_results  # benchmarks
 from scm.app.report import Report
 from scm.nets import NET_PRESETS, build_net, net_config
 from scm.nets import functional as fn_ops
+from scm.precision import PRECISIONS
 from scm.tangents import jvp_tangent
 
 
@@ -61,6 +63,8 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny", choices=list(NET_PRESETS), help="network preset")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                    help="autocast dtype of every pass (fp32: none), as `scm train precision=…`")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--name", default="jvp_cost", help="result file stem under benchmarks/results/")
     args = ap.parse_args()
@@ -76,6 +80,15 @@ def main() -> None:
     t = torch.rand(args.batch, device=device) * 1.5 + 0.03
     dxdt = torch.randn_like(x_t)
 
+    half = PRECISIONS[args.precision] if args.precision != "fp32" else None
+
+    def amp(fn):  # each pass under the precision's autocast, as a training step runs it
+        def run():
+            with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                fn()
+        return run
+
+    @amp
     def forward():
         with torch.no_grad():
             net(x_t / sd, t)
@@ -86,18 +99,23 @@ def main() -> None:
                 fn()
         return run
 
-    tangent = lambda: jvp_tangent(net, x_t, t, dxdt, sd)  # noqa: E731
-    rows = time_interleaved(  # round-robin: the machine's noise hits every row alike
-        {
-            "forward": forward,
-            "tangent (forward_ad)": tangent,
-            "tangent (torch.func.jvp)": lambda: jvp_tangent(net, x_t, t, dxdt, sd, method="func"),
-            "forward, PyTorch-native ops": native(forward),
-            "tangent, PyTorch-native JVP rules": native(tangent),
-        },
-        device,
-        args.repeats,
-    )
+    tangent = amp(lambda: jvp_tangent(net, x_t, t, dxdt, sd))
+    passes = {
+        "forward": forward,
+        "tangent (forward_ad)": tangent,
+        "tangent (torch.func.jvp)": amp(lambda: jvp_tangent(net, x_t, t, dxdt, sd, method="func")),
+        "forward, PyTorch-native ops": native(forward),
+        "tangent, PyTorch-native JVP rules": native(tangent),
+    }
+    rows = time_interleaved(passes, device, args.repeats)  # round-robin: the machine's noise hits every row alike
+    if device.type == "cuda":  # the peak of one call of each pass, above what was allocated before it
+        for name, fn in passes.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            rows[name]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     base, base_min = rows["forward"]["median_ms"], rows["forward"]["min_ms"]
     for r in rows.values():
         r["ratio_to_forward"] = r["median_ms"] / base
@@ -108,6 +126,7 @@ def main() -> None:
         "net": {"preset": args.preset, "resolution": args.res, "channels": args.channels,
                 "parameters": net.num_parameters()},
         "batch": args.batch,
+        "precision": args.precision,
         "device": str(device),
         "timings": rows,
         "tangent_over_forward": rows["tangent (forward_ad)"]["ratio_to_forward"],
@@ -115,10 +134,12 @@ def main() -> None:
         "native_tangent_over_native_forward": native,
     }
     report = Report(f"Tangent-pass cost: `{args.preset}` {type(net).__name__}, {args.res}×{args.res}×{args.channels}, "
-                    f"batch {args.batch}")
-    report.table(["pass", "median ms", "min ms", "× forward (medians)", "× forward (minima)"],
+                    f"batch {args.batch}, {args.precision}, {device}")
+    memory = ["peak MB above inputs"] if device.type == "cuda" else []
+    report.table(["pass", "median ms", "min ms", "× forward (medians)", "× forward (minima)", *memory],
                  [[name, f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}", f"{r['ratio_to_forward']:.2f}",
-                   f"{r['min_ratio_to_forward']:.2f}"] for name, r in rows.items()])
+                   f"{r['min_ratio_to_forward']:.2f}", *([f"{r['peak_memory_mb']:.0f}"] if memory else [])]
+                  for name, r in rows.items()])
     report.text(f"**Tangent pass / forward = {payload['tangent_over_forward']:.2f}** on medians, "
                 f"{payload['tangent_over_forward_minima']:.2f} on minima (with PyTorch's own JVP formulas: "
                 f"{native:.2f}). This machine is a shared VM: timings drift by ±30 % over minutes, so every row "

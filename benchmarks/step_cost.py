@@ -1,12 +1,13 @@
 """Cost of one training step: diffusion vs sCT vs sCD, same net and batch.
 
     python benchmarks/step_cost.py [--net tiny|dit-tiny|…] [--batch 64] [--res 28] [--channels 1] [--device cpu|cuda]
+                                   [--precision fp32|bf16|fp16]
 
 A step is the objective (its passes through the network), the backward and an Adam update, as the training
 loop runs it. Variants: the separate tangent pass (a no-grad JVP pass, then a training forward) and the fused
 pass (one pass carries the autograd graph of F and the forward-mode tangent); and, for reference, sCT with
 PyTorch's generic JVP formulas instead of scm's custom rules. Timings are round-robin medians; peak memory
-is measured in a fresh process per variant (CPU: peak RSS growth; CUDA: max_memory_allocated).
+is measured in a fresh process per variant, all at once (CPU: peak RSS; CUDA: max_memory_allocated).
 Writes benchmarks/results/step_cost[-<net>][-<device>].{json,md} (the `tiny` U-Net's without -<net>).
 """
 
@@ -28,6 +29,7 @@ from jvp_cost import native_ops
 from scm.app.report import Report
 from scm.nets import NET_PRESETS, build_net, net_config
 from scm.objectives import ConsistencyLoss, DiffusionLoss
+from scm.precision import PRECISIONS
 
 VARIANTS = {
     "diffusion": dict(kind="diffusion"),
@@ -52,10 +54,12 @@ def make_step(name: str, args, device):
     opt = torch.optim.Adam(net.parameters(), lr=1e-6)
     x0 = torch.rand(args.batch, args.channels, args.res, args.res, device=device) * 2 - 1
     ctx = native_ops if spec.get("native") else contextlib.nullcontext
+    half = PRECISIONS[args.precision] if args.precision != "fp32" else None  # autocast, as scm.train.step
 
     def step():
         with ctx():
-            loss, _ = objective(net, x0, 100.0, generator=torch.Generator(device).manual_seed(0))
+            with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                loss, _ = objective(net, x0, 100.0, generator=torch.Generator(device).manual_seed(0))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -73,12 +77,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(name: str, args) -> float:
-    """Peak memory of `steps` steps of one variant, in MB, measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
-           "--channels", str(args.channels), "--device", args.device, "--net", args.net]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+def peak_memory(names, args) -> dict[str, float]:
+    """Peak memory of two steps of each variant, in MB, each in a fresh process (all run at once: each
+    process's peak is its own)."""
+    procs = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
+               "--channels", str(args.channels), "--device", args.device, "--net", args.net,
+               "--precision", args.precision]
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peaks = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"peak-memory worker for {name!r} failed (exit {proc.returncode})")
+        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
+    return peaks
 
 
 def worker(args) -> None:
@@ -108,6 +122,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--net", default="tiny", choices=list(NET_PRESETS), help="network preset")
+    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (fp32: none)")
     ap.add_argument("--name", default=None, help="result file stem (default: step_cost[-<net>][-<device>])")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,15 +133,16 @@ def main() -> None:
     steps = {name: make_step(name, args, device) for name in VARIANTS}
     rows = time_interleaved(steps, device, args.repeats)
     base = rows["diffusion"]["median_ms"]
+    peaks = peak_memory(rows, args)
     for name, r in rows.items():
         r["ratio_to_diffusion"] = r["median_ms"] / base
         r["img_per_s"] = args.batch / (r["median_ms"] / 1000)
-        r["peak_memory_mb"] = peak_memory(name, args)
+        r["peak_memory_mb"] = peaks[name]
     memory_kind = "peak RSS of the process" if device.type == "cpu" else "max_memory_allocated above the model"
     payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "device": str(device),
-               "net": args.net, "memory": memory_kind, "timings": rows}
+               "net": args.net, "precision": args.precision, "memory": memory_kind, "timings": rows}
     report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`, {args.res}×{args.res}×"
-                    f"{args.channels}, batch {args.batch}, {device})")
+                    f"{args.channels}, batch {args.batch}, {args.precision}, {device})")
     report.table(["step", "median ms", "img/s", "× diffusion step", f"peak memory (MB, {memory_kind})"],
                  [[name, f"{r['median_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['ratio_to_diffusion']:.2f}",
                    f"{r['peak_memory_mb']:.0f}"] for name, r in rows.items()])

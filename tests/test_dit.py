@@ -357,3 +357,19 @@ def test_shape_errors_name_the_expected_shape():
         net(x, t, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="unconditional"):
         build_dit("dit-tiny", 28, 1)(x, t, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("value, expected", [("math", "math"), ("auto", "auto"), ("", "auto"), ("flash", None)])
+def test_scm_attention_environment_variable(value, expected):
+    """SCM_ATTENTION=math sets the layer backend for a process; anything but auto/math is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SCM_ATTENTION": value}
+    proc = subprocess.run([sys.executable, "-c", "import scm.nets.attention as a; print(a.LAYER_BACKEND)"],
+                          env=env, capture_output=True, text=True)
+    if expected is None:
+        assert proc.returncode != 0 and f"SCM_ATTENTION={value!r}" in proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == expected

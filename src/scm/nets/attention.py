@@ -32,6 +32,7 @@ accumulators (P̃V, P̃·tV + (P̃ ⊙ tS)V, rowsum(P̃ ⊙ tS)) rescaled by the
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -180,7 +181,11 @@ class _TritonAttention(torch.autograd.Function):
 
 
 BACKENDS = ("auto", "math", "triton")
-LAYER_BACKEND = "auto"  # "math" keeps `attention` on the blocked math path on CUDA too (a switch for comparisons)
+# "math" keeps `attention` on the blocked math path on CUDA too: a switch for comparisons, or a way round a Triton
+# that fails on some machine; the environment variable SCM_ATTENTION=math sets it for a whole process.
+LAYER_BACKEND = os.environ.get("SCM_ATTENTION") or "auto"  # unset or empty: auto
+if LAYER_BACKEND not in ("auto", "math"):
+    raise ValueError(f"SCM_ATTENTION={LAYER_BACKEND!r}: must be 'auto' or 'math'")
 
 
 @functools.cache
