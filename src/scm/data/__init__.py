@@ -1,9 +1,10 @@
-"""Data sets: a name or a path → an in-memory ImageData in the model's value space.
+"""Data sets: a name or a path → an ImageData (in memory) or PreparedData (memory-mapped), in the model's space.
 
 - "mnist" (or "mnist:train": 60,000 digits) and "mnist:test" (10,000): the built-in MNIST (`scm data fetch mnist`);
 - a folder of PNG/JPEG images (recursive; class sub-folders become labels);
 - a folder with the MNIST IDX files (train split), or a `cifar-10-batches-py` folder (train split);
-- an .npz with images under 'x' (and labels under 'y').
+- an .npz with images under 'x' (and labels under 'y');
+- a prepared directory (`scm data prepare` / `scm data encode`: memory-mapped, for data larger than memory).
 A ":test" suffix on an IDX or CIFAR folder picks its test split.
 """
 
@@ -14,11 +15,12 @@ from pathlib import Path
 from scm.data.builtin import BUILTIN, load_builtin, load_cifar10_batches
 from scm.data.builtin import _mnist_from_idx as mnist_from_idx
 from scm.data.images import DataError, ImageData, load_folder, load_npz
+from scm.data.prepared import PreparedData, is_prepared, load_prepared
 
-__all__ = ["DataError", "ImageData", "load_dataset"]
+__all__ = ["DataError", "ImageData", "PreparedData", "load_dataset"]
 
 
-def load_dataset(path: str | Path) -> ImageData:
+def load_dataset(path: str | Path) -> ImageData | PreparedData:
     spec = str(path)
     if spec in BUILTIN:
         return load_builtin(spec)
@@ -29,6 +31,8 @@ def load_dataset(path: str | Path) -> ImageData:
     if not p.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
     if p.is_dir():
+        if is_prepared(p):
+            return load_prepared(p)
         if (p / "data_batch_1").is_file() or (p / "test_batch").is_file():
             return load_cifar10_batches(p, split)
         if any(p.glob("train-images*idx3-ubyte*")):

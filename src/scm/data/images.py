@@ -72,6 +72,12 @@ class ImageData:
         y = None if self.labels is None else self.labels[index].to(device)
         return x, y
 
+    def subset(self, start: int, stop: int | None = None, source: str | None = None) -> ImageData:
+        """Items start … stop − 1."""
+        sl = slice(start, stop)
+        return ImageData(self.images[sl], None if self.labels is None else self.labels[sl], source or self.source,
+                         self.class_names, self.value_range)
+
     def describe(self) -> str:
         lo, hi = (float(v) for v in (self.images.min(), self.images.max()))
         space = {"uint8": "8-bit pixels → [-1, 1]", "unit": "[0, 1] floats → [-1, 1]", "raw": "used as is"}

@@ -1,0 +1,253 @@
+"""Prepared data sets: one directory of memory-mapped arrays, read with memory that does not grow with its size.
+
+A prepared directory (made by `scm data prepare` from images, or `scm data encode` from images through a VAE):
+
+    DIR/meta.json    {"format": "scm-prepared", "version": 1, "count": N, "shape": [C, H, W], "dtype": "uint8" |
+                      "float16" | "float32", "value_range": "uint8" | "raw", "labelled": bool, "class_names": [...] |
+                      null, "source": ..., plus what made it: "preprocessing", "latent", "skipped", ...}
+    DIR/images.bin   N·C·H·W values of `dtype`, C order, little-endian: np.memmap(shape=(N, C, H, W))
+    DIR/labels.bin   N int64 labels (when labelled)
+
+Writing goes to DIR.partial/, which records after every appended chunk how many items are on disk (its data
+flushed first), so an interrupted run continues where it stopped (`PreparedWriter(..., resume=True)`) and a
+crash leaves no half-written directory under DIR's name: `finish()` truncates the arrays to the items written,
+writes meta.json and renames DIR.partial to DIR.
+
+Reading (`PreparedData`) maps the files and gathers each batch by index (sorted, for locality); only the labels
+are held in memory (8 bytes per item). Values are checked where they enter, i.e. when they are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scm.errors import DataError
+
+__all__ = ["FORMAT", "PreparedData", "PreparedWriter", "is_prepared", "load_prepared"]
+
+FORMAT, VERSION = "scm-prepared", 1
+DTYPES = ("uint8", "float16", "float32")
+VALUE_RANGES = ("uint8", "raw")
+
+
+def is_prepared(path: Path) -> bool:
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class PreparedWriter:
+    """Append items to DIR.partial/ and turn it into DIR with `finish()`.
+
+    `key` identifies what is being written (the source's file list, the settings): a partial directory left
+    by an interrupted run is continued only when its key is the same, otherwise it is an error (or, with
+    `resume=False`, discarded). `capacity` is the most items that will be appended.
+    """
+
+    def __init__(self, out: str | Path, shape: tuple[int, int, int], dtype: str, capacity: int, *, labelled: bool,
+                 key: str, resume: bool = True):
+        self.out = Path(out)
+        if dtype not in DTYPES:
+            raise DataError(f"dtype {dtype!r}: must be one of {DTYPES}", key="dtype")
+        if self.out.exists():
+            raise DataError(f"{self.out} already exists; choose another output directory or remove it", key="out")
+        self.shape, self.dtype, self.capacity, self.labelled, self.key = tuple(shape), dtype, capacity, labelled, key
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.progress_path = self.partial / "progress.json"
+        self.written = 0
+        if self.partial.exists():
+            progress = self._read_progress()
+            if progress is not None and progress.get("key") == key and resume:
+                self.written = int(progress["written"])
+            elif resume and progress is not None:
+                raise DataError(f"{self.partial} holds an interrupted preparation of something else (another source "
+                                "or other settings); remove it, or prepare into another directory", key="out")
+            else:
+                shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        item = int(np.prod(self.shape)) * np.dtype(dtype).itemsize
+        for name, size in (("images.bin", item), ("labels.bin", 8)):
+            if name == "labels.bin" and not labelled:
+                continue
+            with open(self.partial / name, "ab") as f:  # preallocate (sparse where the file system allows)
+                f.truncate(max(os.fstat(f.fileno()).st_size, size * capacity))
+        self.images = np.memmap(self.partial / "images.bin", dtype=dtype, mode="r+", shape=(capacity, *self.shape))
+        self.labels = (np.memmap(self.partial / "labels.bin", dtype="<i8", mode="r+", shape=(capacity,))
+                       if labelled else None)
+        if self.written == 0:
+            self._save_progress()
+
+    def _read_progress(self) -> dict | None:
+        try:
+            return json.loads(self.progress_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _save_progress(self, extra: dict | None = None) -> None:
+        _write_json(self.progress_path, {"key": self.key, "written": self.written, **(extra or {})})
+
+    @property
+    def progress(self) -> dict:
+        """What the last `append` recorded with its `extra` (e.g. how many source files were consumed)."""
+        return self._read_progress() or {}
+
+    def append(self, images: np.ndarray, labels: np.ndarray | None = None, extra: dict | None = None) -> None:
+        """Write a chunk [n, C, H, W] (and its n labels) after the items already written; flush; record it."""
+        n = images.shape[0]
+        if tuple(images.shape[1:]) != self.shape:
+            raise DataError(f"chunk of shape {tuple(images.shape)} does not match the data set's item shape "
+                            f"{self.shape}")
+        if self.written + n > self.capacity:
+            raise DataError(f"more items than the capacity {self.capacity}")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise DataError("the chunk contains NaN or Inf values")
+        if (labels is None) == self.labelled:
+            raise DataError("labels must be given exactly when the data set is labelled")
+        self.images[self.written:self.written + n] = images
+        self.images.flush()
+        if self.labelled:
+            self.labels[self.written:self.written + n] = labels
+            self.labels.flush()
+        self.written += n
+        self._save_progress(extra)
+
+    def finish(self, meta: dict) -> Path:
+        """Truncate to the items written, write meta.json, and rename DIR.partial to DIR (atomically)."""
+        if self.written == 0:
+            raise DataError("no items were written: the data set would be empty")
+        del self.images, self.labels  # unmap before truncating
+        item = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        os.truncate(self.partial / "images.bin", item * self.written)
+        if self.labelled:
+            os.truncate(self.partial / "labels.bin", 8 * self.written)
+        full = {"format": FORMAT, "version": VERSION, "count": self.written, "shape": list(self.shape),
+                "dtype": self.dtype, "labelled": self.labelled, **meta}
+        full.setdefault("value_range", "uint8" if self.dtype == "uint8" else "raw")
+        full.setdefault("class_names", None)
+        if full["value_range"] not in VALUE_RANGES:
+            raise DataError(f"value_range {full['value_range']!r}: must be one of {VALUE_RANGES}")
+        _write_json(self.partial / "meta.json", full)
+        self.progress_path.unlink()
+        os.replace(self.partial, self.out)
+        return self.out
+
+
+class PreparedData:
+    """A prepared directory as a data set: the interface of `ImageData` (len, resolution, channels, labels,
+    num_classes, to_model, batch, describe, subset), with the images memory-mapped."""
+
+    def __init__(self, path: str | Path, meta: dict, images: np.ndarray, labels: torch.Tensor | None):
+        self.path, self.meta, self.images, self.labels = Path(path), meta, images, labels
+        self.source = f"{meta.get('source', self.path)} (prepared: {self.path})"
+        self.class_names = meta.get("class_names")
+        self.value_range = meta["value_range"]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def latent(self) -> dict | None:
+        """How the items were encoded (VAE, normalisation), for decoding; None for pixels."""
+        return self.meta.get("latent")
+
+    @property
+    def num_classes(self) -> int:
+        if self.labels is None:
+            return 0
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 127.5 - 1 if self.value_range == "uint8" else x.float()
+
+    def gather(self, index) -> torch.Tensor:
+        """The stored items at `index` (any integer sequence), read in sorted order, returned in the given one."""
+        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} items")
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((idx.size, *self.images.shape[1:]), dtype=self.images.dtype)
+        out[order] = self.images[idx[order]]
+        return torch.from_numpy(out)
+
+    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.to_model(self.gather(index)).to(device)
+        y = None if self.labels is None else self.labels[torch.as_tensor(index).cpu()].to(device)
+        return x, y
+
+    def subset(self, start: int, stop: int | None = None, source: str | None = None) -> PreparedData:
+        """Items start … stop − 1 (a view of the same files)."""
+        sl = slice(start, stop)
+        sub = PreparedData(self.path, self.meta, self.images[sl], None if self.labels is None else self.labels[sl])
+        sub.source = source or sub.source
+        return sub
+
+    def describe(self) -> str:
+        classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
+        space = "8-bit pixels → [-1, 1]" if self.value_range == "uint8" else f"{self.meta['dtype']} values used as is"
+        what = "latents" if self.latent else "images"
+        return (f"{self.source}: {len(self)} {what}, {self.resolution}×{self.resolution}, {self.channels} channel(s)"
+                f"{classes} ({space}; memory-mapped)")
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Open a prepared directory; every inconsistency names the file."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: cannot read the prepared data set's metadata ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{meta_path}: not a prepared data set (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise DataError(f"{meta_path}: version {meta.get('version')!r} of the format; this scm reads {VERSION}")
+    try:
+        count, shape, dtype = int(meta["count"]), tuple(int(s) for s in meta["shape"]), meta["dtype"]
+        labelled, value_range = bool(meta["labelled"]), meta["value_range"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{meta_path}: missing or malformed field ({e})") from None
+    if dtype not in DTYPES or value_range not in VALUE_RANGES or len(shape) != 3 or count < 1:
+        raise DataError(f"{meta_path}: bad dtype/value_range/shape/count ({dtype}, {value_range}, {shape}, {count})")
+    if shape[1] != shape[2]:
+        raise DataError(f"{meta_path}: items must be square, got {shape[1]}×{shape[2]}")
+    files = [("images.bin", count * int(np.prod(shape)) * np.dtype(dtype).itemsize)]
+    if labelled:
+        files.append(("labels.bin", count * 8))
+    for name, size in files:
+        f = path / name
+        if not f.is_file():
+            raise DataError(f"{f}: missing (the prepared data set is incomplete)")
+        if f.stat().st_size != size:
+            raise DataError(f"{f}: {f.stat().st_size} bytes, but meta.json describes {size} "
+                            "(a corrupt or truncated file)")
+    images = np.memmap(path / "images.bin", dtype=dtype, mode="r", shape=(count, *shape))
+    labels = None
+    if labelled:
+        labels = torch.from_numpy(np.fromfile(path / "labels.bin", dtype="<i8").astype(np.int64))
+        if bool((labels < 0).any()):
+            raise DataError(f"{path / 'labels.bin'}: labels must be >= 0")
+    return PreparedData(path, meta, images, labels)
