@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "InceptionError",
     "InvalidSetting",
+    "MissingDependency",
     "RunError",
     "SamplerError",
     "ScmError",
@@ -59,6 +60,14 @@ class SamplerError(ScmError, ValueError):
 
 class InceptionError(ScmError, ValueError):
     """The FID Inception weights are missing or are not the expected file."""
+
+
+class MissingDependency(ScmError, ImportError):
+    """An optional dependency is not installed; `extra` names the `pip install scm[<extra>]` that provides it."""
+
+    def __init__(self, message: str, *, extra: str, key: str | None = None):
+        super().__init__(message, key=key)
+        self.extra = extra
 
 
 class TrainingStopped(ScmError, RuntimeError):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from scm.errors import SamplerError
-from scm.generate import Sampler, check_conditioning, generate
+from scm.data.prepared import is_prepared, load_prepared
+from scm.errors import DataError, SamplerError
+from scm.generate import Sampler, check_conditioning, generate, sample_shape
 from scm.images import grid, report_scale, save_png
 from scm.metrics import measure, open_reference
 from scm.metrics.quality import FeatureSpace, RefStats
@@ -34,20 +35,31 @@ def evaluate_setting(run: LoadedRun, sampler: Sampler, space: FeatureSpace, ref:
            "seconds_per_image": seconds / n, "images_per_second": n / seconds, **scores}
     if grid_path is not None:
         shown = images[:grid_count].nan_to_num(0)
-        save_png(grid(shown, scale=report_scale(run.cfg.resolution)), grid_path)
+        save_png(grid(shown, scale=report_scale(images.shape[-1])), grid_path)
         row["grid"] = str(grid_path)
     return row, images
 
 
 def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd", batch: int = 256,
              seed: int = 0, inception=None, log=print, guidance: float | None = None) -> dict:
-    """Every sampler setting of `samplers` against the reference `ref` (a data set or a statistics file)."""
+    """Every sampler setting of `samplers` against the reference `ref` (a data set or a statistics file). A run
+    on latents is measured on its decoded samples, so `ref` must be images (those the latents came from)."""
     if not (isinstance(n, int) and n >= 2):
         raise SamplerError(f"n={n!r}: need at least 2 samples per setting (a covariance needs two)", key="n")
     for s in samplers:
         s.times(run)  # every setting is checked before anything is computed
     check_conditioning(run.cfg, None, guidance)
+    if run.latent is not None and is_prepared(Path(ref)) and load_prepared(ref).latent is not None:
+        raise DataError(f"reference {ref}: latents; this run's samples are decoded to images, so the reference must "
+                        "be the images the latents were encoded from", key="ref")
     space, stats = open_reference(ref, metric, inception, log=log)
+    shape = sample_shape(run)  # a run on latents is measured on its decoded images, against images
+    if (stats.channels, stats.resolution, stats.resolution) != shape:
+        what = "decoded images" if run.latent is not None else "samples"
+        raise DataError(f"reference {stats.source} is {stats.resolution}×{stats.resolution}×{stats.channels}, but "
+                        f"this run's {what} are {shape[1]}×{shape[2]}×{shape[0]}"
+                        + ("; give the image data set the latents were encoded from" if run.latent else ""),
+                        key="ref")
     rows = []
     for s in samplers:
         row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance)

@@ -4,6 +4,10 @@ One entry point, `generate(run, n, sampler, ...)`, used by `scm sample`, `scm ev
 demo and the benchmarks. Image i's noise comes from its own generator seeded with (seed, i), and its class label
 (when the model is conditional) is i mod the number of classes, so an image depends on (seed, i) only, never on
 the batch size or on n (EDM2's per-image seeds). Everything is validated before any network runs.
+
+A run on latents (`LoadedRun.latent`, from RUN/latent.json) is decoded here, batch by batch, through the VAE its
+data were encoded with (`scm.data.latents.decode`): this is the one place where samples leave latent space, so
+`scm sample`, `scm eval` and training's grids all get images.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from scm.runs import LoadedRun, mix_seed
 from scm.sampling import check_times, consistency_sample, consistency_times, ode_sample, ode_times
 from scm.teachers import guided
 
-__all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "image_generators"]
+__all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "image_generators", "sample_shape"]
 
 SOLVERS = ("heun", "euler")
 
@@ -119,6 +123,15 @@ def image_generators(seed: int, start: int, count: int, device) -> list[torch.Ge
     return [torch.Generator(device).manual_seed(mix_seed(seed, i)) for i in range(start, start + count)]
 
 
+def sample_shape(run: LoadedRun, decode: bool = True) -> tuple[int, int, int]:
+    """(C, H, W) of what `generate` returns: the data's shape, or for a run on latents (with `decode`) the
+    shape of the images they were encoded from."""
+    if decode and run.latent is not None:
+        r = int(run.latent["image_resolution"])
+        return int(run.latent["image_channels"]), r, r
+    return run.cfg.channels, run.cfg.resolution, run.cfg.resolution
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a deliberate host-device synchronisation: timing
@@ -127,9 +140,10 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed: int = 0,
              class_label: int | None = None, guidance: float | None = None, device=None,
-             progress: bool = True) -> tuple[torch.Tensor, float]:
+             progress: bool = True, decode: bool = True) -> tuple[torch.Tensor, float]:
     """n images [n, C, H, W] in the data's model space ([-1, 1] for pixels) and the seconds spent generating
-    them (network and sampler only, no transfers)."""
+    them (network and sampler only, no transfers). For a run on latents the samples are decoded to images in
+    [-1, 1] (`sample_shape`), unless `decode=False`; decoding is not counted in the seconds."""
     if not (isinstance(n, int) and n >= 1):
         raise SamplerError(f"n={n!r}: need at least one image", key="n")
     if not (isinstance(batch, int) and batch >= 1):
@@ -140,6 +154,12 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
     device = torch.device(device) if device is not None else next(run.net.parameters()).device
     net = run.net.to(device)
     fn = guided(net) if cfg.method == "diffusion" and guidance is not None else net
+    latent = run.latent if decode else None
+    if latent is not None:  # the VAE is loaded (and its absence reported) before any network runs
+        from scm.data.latents import decode as decode_latents
+        from scm.data.latents import decoder
+
+        vae = decoder(latent)
     sd, shape = cfg.loss.sigma_d, (cfg.channels, cfg.resolution, cfg.resolution)
     out, elapsed = [], 0.0
     bar = tqdm(total=n, desc=sampler.describe(run), unit="img", disable=not progress, leave=False)
@@ -156,6 +176,8 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
             x = consistency_sample(fn, noise, ts, sd, generator=gens, **cond)
         _sync(device)
         elapsed += time.perf_counter() - t0
+        if latent is not None:
+            x = decode_latents(x, latent, vae)
         out.append(x.cpu())  # a device-to-host copy per batch (a synchronisation)
         bar.update(m)
     bar.close()

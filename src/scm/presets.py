@@ -34,6 +34,12 @@ PRESETS: dict[str, dict] = {
     "tiny-32-sct":       {**_TINY, "resolution": 32, "channels": 3, "method": "sct", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
     "tiny-32-scd":       {**_TINY, "resolution": 32, "channels": 3, "method": "scd", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
 
+    # CPU: the tiny U-Net on 16×16×4 latents (`scm data encode` of 32×32×3 images with a small VAE of two down
+    # blocks; normalised per channel to σ_d = 0.5 as in App. G.1); otherwise the tiny-32 settings.
+    "tiny-latent-diffusion": {**_TINY, "resolution": 16, "channels": 4, "method": "diffusion", "kimg": 200.0, "optim.lr": 1e-2, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
+    "tiny-latent-sct":       {**_TINY, "resolution": 16, "channels": 4, "method": "sct", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "tiny-latent-scd":       {**_TINY, "resolution": 16, "channels": 4, "method": "scd", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+
     # CPU: the tiny transformer (patch 4) on 28×28×1 and 32×32×3. Its weights are not magnitude-preserving, so Adam's
     # learning rates are a transformer's (DiT: 1e-4 at batch 256), not EDM2's; the CMs' is the teacher's × 0.1 as above.
     "dit-tiny-28-diffusion": {**_DIT_TINY, "resolution": 28, "channels": 1, "method": "diffusion", "kimg": 200.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
@@ -62,7 +68,8 @@ PRESETS: dict[str, dict] = {
     "img64-XL-sct":       {**_IMG64, "method": "sct", "net_preset": "XL", "kimg": 819200.0, "optim.lr": 7e-5, "net.dropout": 0.45, "net.dropout_max_res": 16, "loss.P_mean": -1.0, "loss.P_std": 1.6, "loss.warmup_kimg": 20480.0, "ema.stds": (0.05,), "init_ema": 0.04},
     "img64-XL-scd":       {**_IMG64, "method": "scd", "net_preset": "XL", "kimg": 819200.0, "optim.lr": 7e-5, "net.dropout": 0.0, "loss.P_mean": -1.0, "loss.P_std": 1.6, "loss.warmup_kimg": 20480.0, "ema.stds": (0.05,), "init_ema": 0.04, "teacher_ema": 0.04},
 
-    # ImageNet 512×512 as 64×64×4 SD-VAE latents, class-conditional, label dropout 0.1 (CFG), batch 2048.
+    # ImageNet 512×512 as 64×64×4 SD-VAE latents, class-conditional, label dropout 0.1 (CFG), batch 2048. The data:
+    # `scm data encode --vae <sd-vae-ft-mse folder> --normalization sd-vae-ft-mse` of images prepared at 512×512.
     "img512-S-diffusion":   {**_IMG512, "method": "diffusion", "net_preset": "S", "kimg": 2146304.0, "optim.lr": 1e-2, "optim.lr_rampup_kimg": 10000.0, "net.dropout": 0.0, "net.label_dropout": 0.1, "loss.P_mean": -0.4, "loss.P_std": 1.0, "ema.stds": (0.025, 0.05)},
     "img512-S-sct":         {**_IMG512, "method": "sct", "net_preset": "S", "kimg": 204800.0, "optim.lr": 1e-4, "net.dropout": 0.25, "net.dropout_max_res": 16, "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 20480.0, "ema.stds": (0.05,), "init_ema": 0.025},
     "img512-S-scd":         {**_IMG512, "method": "scd", "net_preset": "S", "kimg": 409600.0, "optim.lr": 1e-4, "net.dropout": 0.0, "net.guidance_embed": True, "loss.guidance": (1.0, 2.0), "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 20480.0, "ema.stds": (0.05,), "init_ema": 0.025, "teacher_ema": 0.025},

@@ -1,6 +1,7 @@
 """The run directory: what training writes and what inference, teachers and initializations read.
 
     RUN/config.json                  the resolved TrainConfig
+    RUN/latent.json                  for a run on latents: the data's meta["latent"] (VAE, normalisation), to decode
     RUN/metrics.jsonl                one JSON line per log interval
     RUN/samples/                     sample grids at fixed seeds
     RUN/checkpoints/<step>/          net.safetensors, ema.safetensors, optim.safetensors, state.json
@@ -115,6 +116,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     samples_dir = property(lambda self: self.path / "samples")
     ckpt_dir = property(lambda self: self.path / "checkpoints")
+    latent_path = property(lambda self: self.path / "latent.json")
 
     def read_config(self) -> dict:
         if not self.path.is_dir():
@@ -129,6 +131,25 @@ class RunDir:
     def write_config(self, cfg: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config_path, json.dumps(cfg, indent=2) + "\n")
+
+    def read_latent(self) -> dict | None:
+        """How the run's data were encoded (`scm.data.latents`), or None for a run on pixels."""
+        if not self.latent_path.is_file():
+            return None
+        try:
+            info = json.loads(self.latent_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.latent_path}: corrupt JSON ({e})") from None
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.latent_path}: expected a JSON object")
+        return info
+
+    def write_latent(self, info: dict | None) -> None:
+        """Record the data's latent information (None: pixels, the file is removed)."""
+        if info is None:
+            self.latent_path.unlink(missing_ok=True)
+        else:
+            atomic_write_text(self.latent_path, json.dumps(info, indent=2) + "\n")
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints (those with a state.json), oldest first."""
@@ -214,6 +235,7 @@ class LoadedRun:
     checkpoint: Path
     ema_std: float | None      # None: raw (non-averaged) weights
     step: int
+    latent: dict | None = None  # a run on latents: how to decode its samples (RUN/latent.json)
 
 
 def read_run_config(path: str | Path) -> TrainConfig:
@@ -226,7 +248,8 @@ def read_run_config(path: str | Path) -> TrainConfig:
 
 
 def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = False, device="cpu") -> LoadedRun:
-    """The newest checkpoint of a run as an eval-mode network without gradients.
+    """The newest checkpoint of a run as an eval-mode network without gradients (and, for a run on latents,
+    how to decode its samples).
 
     ema_std picks the EMA by σ_rel (default: the run's first); raw=True takes the non-averaged weights."""
     run = RunDir(path)
@@ -254,4 +277,4 @@ def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = Fals
         step = int(json.loads((ckpt / "state.json").read_text()).get("step", 0))
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{ckpt / 'state.json'}: corrupt JSON ({e})") from None
-    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), ckpt, std, step)
+    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), ckpt, std, step, run.read_latent())

@@ -28,21 +28,30 @@ HINTS = {"out": "continue it with --resume, or choose another --out", "method": 
          "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
          "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
 
+# the data commands' settings and hints (over FLAGS / HINTS)
+DATA_FLAGS = {"src": "--data", "data": "--data", "out": "--out", "resolution": "--resolution", "channels": "--channels",
+              "alpha": "--alpha", "vae": "--vae", "dtype": "--dtype", "normalization": "--normalization",
+              "which": "--sample", "batch": "--batch"}
+DATA_HINTS = {"out": "choose another --out, or remove it", "skip_bad": "--skip-bad skips such files (and lists them "
+              "in meta.json)"}
+
 
 def _fail(msg: str, code: int = 2):
     print(f"error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
 
 
-def _fail_on(e: Exception):
-    """Word a library error for the command line: the flag at fault first, a hint on how to fix it last."""
+def _fail_on(e: Exception, flags: dict | None = None, hints: dict | None = None):
+    """Word a library error for the command line: the flag at fault first, a hint on how to fix it last
+    (`flags`/`hints`: a command's own words, over the common ones)."""
+    flags, hints = {**FLAGS, **(flags or {})}, {**HINTS, **(hints or {})}
     msg, key = str(e), getattr(e, "key", None)
-    if key in FLAGS and msg.startswith(f"{key}="):  # "steps=0: …" → "--steps 0: …"
-        msg = f"{FLAGS[key]} {msg[len(key) + 1:]}"
-    elif key in FLAGS:
-        msg = f"{FLAGS[key]}: {msg}"
-    if key in HINTS:
-        msg = f"{msg}; {HINTS[key]}"
+    if key in flags and msg.startswith(f"{key}="):  # "steps=0: …" → "--steps 0: …"
+        msg = f"{flags[key]} {msg[len(key) + 1:]}"
+    elif key in flags:
+        msg = f"{flags[key]}: {msg}"
+    if hints.get(key):
+        msg = f"{msg}; {hints[key]}"
     _fail(msg)
 
 
@@ -153,7 +162,8 @@ def sample(
     guidance: Annotated[float | None, typer.Option(help="guidance scale (sCD+CFG students, CFG teachers)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ):
-    """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs)."""
+    """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs); a run on
+    latents (`scm data encode`) is decoded through its VAE."""
     import numpy as np
 
     from scm.generate import Sampler, generate
@@ -171,7 +181,7 @@ def sample(
             import io
 
             buf = io.BytesIO()
-            np.savez(buf, x=to_uint8(images) if run.cfg.channels in (1, 3) else images.numpy())
+            np.savez(buf, x=to_uint8(images) if images.shape[1] in (1, 3) else images.numpy())
             atomic_write_bytes(target, buf.getvalue())
         else:
             for i, img in enumerate(to_uint8(images)):
@@ -185,7 +195,8 @@ def sample(
 @app.command("eval")
 def eval_(
     ckpt: Annotated[str, typer.Option(help="a run directory")],
-    ref: Annotated[str, typer.Option(help="a data set (mnist, a folder, …) or a reference-statistics .npz")],
+    ref: Annotated[str, typer.Option(help="a data set (mnist, a folder, …) or a reference-statistics .npz; images "
+                                          "also for a run on latents (its samples are decoded)")],
     steps: Annotated[list[int] | None, typer.Option(help="consistency runs: step counts (repeatable)")] = None,
     nfe: Annotated[list[int] | None, typer.Option(help="diffusion runs: NFEs (repeatable)")] = None,
     solver: Annotated[str, typer.Option(help="diffusion runs: heun | euler")] = "heun",
@@ -293,6 +304,92 @@ def data_info(path: Annotated[str, typer.Argument(help="a data set name or path"
         print(load_dataset(path).describe())
     except USER_ERRORS as e:
         _fail_on(e)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    data: Annotated[str, typer.Option(help="a folder of images (recursive; class sub-folders = labels), an .npz, "
+                                           "mnist, an IDX or CIFAR-10 folder")],
+    out: Annotated[str, typer.Option(help="the prepared directory to create")],
+    resolution: Annotated[int, typer.Option(help="image size R: others are centre-cropped and area-resized "
+                                                 "(ADM/EDM2)")],
+    channels: Annotated[int | None, typer.Option(help="1 | 3 (default: the source's, if all images agree)")] = None,
+    alpha: Annotated[str, typer.Option(help="transparency: white (composite on white) | drop")] = "white",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip undecodable files (listed in meta.json)")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+):
+    """Convert images into a prepared directory (memory-mapped: for data larger than memory). An interrupted
+    run continues where it stopped when the same command is run again."""
+    from scm.data import load_dataset
+    from scm.data.prepare import prepare
+
+    try:
+        path = prepare(data, out, resolution=resolution, channels=channels, alpha=alpha, skip_bad=skip_bad,
+                       progress=not no_progress, log=lambda m: print(m, file=sys.stderr))
+        print(load_dataset(path).describe())
+    except KeyboardInterrupt:
+        _fail("interrupted; the same command continues where it stopped", 130)
+    except USER_ERRORS as e:
+        _fail_on(e, DATA_FLAGS, DATA_HINTS)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+
+@data_app.command("encode")
+def data_encode(
+    vae: Annotated[str, typer.Option(help="a diffusers AutoencoderKL folder (or a pipeline folder with vae/)")],
+    data: Annotated[str, typer.Option(help="the images: a prepared directory, a folder of images, an .npz, …")],
+    out: Annotated[str, typer.Option(help="the prepared latent directory to create")],
+    resolution: Annotated[int | None, typer.Option(help="image size R: unless --data is a prepared R×R directory, "
+                                                        "the images are first prepared into OUT-images (centre "
+                                                        "crop, area resize), the pixel reference for scm eval")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="also store each image's horizontal mirror, right after "
+                                                      "it (twice the items)")] = False,
+    dtype: Annotated[str, typer.Option(help="storage: float16 | float32")] = "float16",
+    normalization: Annotated[str, typer.Option(help="per-channel µ_c, σ_c: measure (on this data) | sd-vae-ft-mse "
+                                                    "(the paper's values)")] = "measure",
+    sample: Annotated[bool, typer.Option("--sample", help="store a posterior sample (seeded per image) instead of "
+                                                          "the posterior mean")] = False,
+    seed: Annotated[int, typer.Option(help="the seed of --sample's noise")] = 0,
+    batch: Annotated[int, typer.Option(help="images per encoder call")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+):
+    """Encode images with a VAE into a prepared latent directory (normalised per channel to σ_d = 0.5, App. G.1),
+    to train on with `scm train --data`; samples of such a run are decoded by `scm sample` and `scm eval`. An
+    interrupted run continues where it stopped when the same command is run again. Needs `pip install scm[latent]`."""
+    from scm.data import load_dataset
+    from scm.data.latents import encode
+    from scm.data.prepare import prepare
+    from scm.data.prepared import is_prepared, load_prepared
+    from scm.train.distributed import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        _fail(f"--device: {e}")
+    try:
+        if resolution is not None and not (is_prepared(Path(data)) and load_prepared(data).resolution == resolution):
+            pixels = Path(f"{str(out).rstrip('/')}-images")
+            if not (is_prepared(pixels) and load_prepared(pixels).resolution == resolution):
+                prepare(data, pixels, resolution=resolution, channels=3, progress=not no_progress,
+                        log=lambda m: print(m, file=sys.stderr))
+            print(f"images at {resolution}×{resolution}: {pixels} (the pixel reference for scm eval --ref)",
+                  file=sys.stderr)
+            data = str(pixels)
+        path = encode(data, vae, out, normalization=normalization, which="sample" if sample else "mean", flip=flip,
+                      dtype=dtype, batch=batch, resolution=resolution, seed=seed, progress=not no_progress,
+                      device=dev)
+        encoded = load_dataset(path)
+    except KeyboardInterrupt:
+        _fail("interrupted; the same command continues where it stopped", 130)
+    except USER_ERRORS as e:
+        _fail_on(e, DATA_FLAGS, DATA_HINTS)
+    info = encoded.latent
+    print(encoded.describe())
+    print(f"normalisation ({info['normalization']}): µ_c = {', '.join(f'{v:.4g}' for v in info['mean'])}; "
+          f"σ_c = {', '.join(f'{v:.4g}' for v in info['std'])}; σ_d = {info['sigma_d']}")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def main() -> None:

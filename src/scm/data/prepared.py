@@ -13,8 +13,14 @@ flushed first), so an interrupted run continues where it stopped (`PreparedWrite
 crash leaves no half-written directory under DIR's name: `finish()` truncates the arrays to the items written,
 writes meta.json and renames DIR.partial to DIR.
 
-Reading (`PreparedData`) maps the files and gathers each batch by index (sorted, for locality); only the labels
-are held in memory (8 bytes per item). Values are checked where they enter, i.e. when they are written.
+Reading (`PreparedData`) gathers each batch by index with positioned reads (`os.pread`, in sorted order for
+locality) into a fresh buffer; only the labels are held in memory (8 bytes per item). The pages read stay in the
+OS page cache, not in the process: its resident memory does not grow with the data set (a memory map's pages
+would count in its RSS as random batches touch them: with the kernel's large folios, one random batch of 256
+maps hundreds of MB). `images` is a read-only memory map of the whole array, for sequential scans. A small set
+(images.bin ≤ 64 MiB, e.g. MNIST's 45 MB) is read into memory once instead, since positioned reads cost about
+1 µs per item in Python; `load_prepared(path, in_memory=...)` overrides the choice. Values are checked where they
+enter, i.e. when they are written.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ __all__ = ["FORMAT", "PreparedData", "PreparedWriter", "is_prepared", "load_prep
 
 FORMAT, VERSION = "scm-prepared", 1
 DTYPES = ("uint8", "float16", "float32")
+IN_MEMORY_BYTES = 64 * 2**20  # prepared sets up to this size are read into memory by default
 VALUE_RANGES = ("uint8", "raw")
 
 
@@ -152,8 +159,13 @@ class PreparedData:
     """A prepared directory as a data set: the interface of `ImageData` (len, resolution, channels, labels,
     num_classes, to_model, batch, describe, subset), with the images memory-mapped."""
 
-    def __init__(self, path: str | Path, meta: dict, images: np.ndarray, labels: torch.Tensor | None):
+    def __init__(self, path: str | Path, meta: dict, images: np.ndarray, labels: torch.Tensor | None, start: int = 0,
+                 in_memory: bool = False):
         self.path, self.meta, self.images, self.labels = Path(path), meta, images, labels
+        self.in_memory = in_memory  # images is an in-memory array (else a memory map, and batches are read)
+        self._start = start  # index of images[0] in images.bin (a subset is a view)
+        self._item_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+        self._fd: tuple[int, int] | None = None  # (pid, descriptor): a forked worker opens its own
         self.source = f"{meta.get('source', self.path)} (prepared: {self.path})"
         self.class_names = meta.get("class_names")
         self.value_range = meta["value_range"]
@@ -183,14 +195,34 @@ class PreparedData:
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() / 127.5 - 1 if self.value_range == "uint8" else x.float()
 
+    def _descriptor(self) -> int:
+        if self._fd is None or self._fd[0] != os.getpid():
+            self._fd = (os.getpid(), os.open(self.path / "images.bin", os.O_RDONLY))
+        return self._fd[1]
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._fd[0] == os.getpid():
+            os.close(self._fd[1])
+
     def gather(self, index) -> torch.Tensor:
         """The stored items at `index` (any integer sequence), read in sorted order, returned in the given one."""
         idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} items")
+        idx = np.where(idx < 0, idx + len(self), idx)
+        if self.in_memory:
+            return torch.from_numpy(self.images[idx])
         order = np.argsort(idx, kind="stable")
-        out = np.empty((idx.size, *self.images.shape[1:]), dtype=self.images.dtype)
-        out[order] = self.images[idx[order]]
+        size, fd = self._item_bytes, self._descriptor()
+        buf = bytearray(size * idx.size)
+        view = memoryview(buf)
+        for slot, i in enumerate(idx[order].tolist()):
+            n = os.preadv(fd, [view[slot * size:(slot + 1) * size]], (self._start + i) * size)
+            if n != size:
+                raise DataError(f"{self.path / 'images.bin'}: short read at item {self._start + i} (truncated file?)")
+        rows = np.frombuffer(buf, dtype=self.images.dtype).reshape(idx.size, *self.images.shape[1:])
+        out = np.empty_like(rows)
+        out[order] = rows
         return torch.from_numpy(out)
 
     def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -201,7 +233,9 @@ class PreparedData:
     def subset(self, start: int, stop: int | None = None, source: str | None = None) -> PreparedData:
         """Items start … stop − 1 (a view of the same files)."""
         sl = slice(start, stop)
-        sub = PreparedData(self.path, self.meta, self.images[sl], None if self.labels is None else self.labels[sl])
+        first = range(len(self))[sl].start if len(range(len(self))[sl]) else 0
+        sub = PreparedData(self.path, self.meta, self.images[sl], None if self.labels is None else self.labels[sl],
+                           start=self._start + first, in_memory=self.in_memory)
         sub.source = source or sub.source
         return sub
 
@@ -209,12 +243,14 @@ class PreparedData:
         classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
         space = "8-bit pixels → [-1, 1]" if self.value_range == "uint8" else f"{self.meta['dtype']} values used as is"
         what = "latents" if self.latent else "images"
+        how = "read into memory" if self.in_memory else "read from disk by batch"
         return (f"{self.source}: {len(self)} {what}, {self.resolution}×{self.resolution}, {self.channels} channel(s)"
-                f"{classes} ({space}; memory-mapped)")
+                f"{classes} ({space}; {how})")
 
 
-def load_prepared(path: str | Path) -> PreparedData:
-    """Open a prepared directory; every inconsistency names the file."""
+def load_prepared(path: str | Path, in_memory: bool | None = None) -> PreparedData:
+    """Open a prepared directory; every inconsistency names the file. `in_memory`: read the images into memory
+    (None: when images.bin is at most IN_MEMORY_BYTES)."""
     path = Path(path)
     meta_path = path / "meta.json"
     try:
@@ -244,10 +280,15 @@ def load_prepared(path: str | Path) -> PreparedData:
         if f.stat().st_size != size:
             raise DataError(f"{f}: {f.stat().st_size} bytes, but meta.json describes {size} "
                             "(a corrupt or truncated file)")
-    images = np.memmap(path / "images.bin", dtype=dtype, mode="r", shape=(count, *shape))
+    if in_memory is None:
+        in_memory = files[0][1] <= IN_MEMORY_BYTES
+    if in_memory:
+        images = np.fromfile(path / "images.bin", dtype=dtype).reshape(count, *shape)
+    else:
+        images = np.memmap(path / "images.bin", dtype=dtype, mode="r", shape=(count, *shape))
     labels = None
     if labelled:
         labels = torch.from_numpy(np.fromfile(path / "labels.bin", dtype="<i8").astype(np.int64))
         if bool((labels < 0).any()):
             raise DataError(f"{path / 'labels.bin'}: labels must be >= 0")
-    return PreparedData(path, meta, images, labels)
+    return PreparedData(path, meta, images, labels, in_memory=in_memory)

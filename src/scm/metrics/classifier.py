@@ -83,9 +83,11 @@ def train_classifier(train: ImageData, test: ImageData, epochs: int = 4, batch: 
             opt.step()
             sched.step()
         log(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
-    x_test, y_test = test.batch(torch.arange(len(test)))
-    _, probs = model.embed(x_test)
-    acc = float((probs.argmax(1) == y_test).float().mean())
+    correct = 0
+    for i in range(0, len(test), 5000):  # a chunk at a time: the test split may be memory-mapped and large
+        x_test, y_test = test.batch(torch.arange(i, min(i + 5000, len(test))))
+        correct += int((model.embed(x_test)[1].argmax(1) == y_test).sum())
+    acc = correct / len(test)
     info = {"test_accuracy": acc, "train_source": train.source, "epochs": epochs,
             "seconds": time.perf_counter() - start,
             "channels": train.channels, "resolution": train.resolution, "num_classes": model.num_classes}

@@ -6,7 +6,8 @@ Two feature spaces:
 - "inception" — the FID Inception-v3 network (needs the local weights file): reported as FID.
 
 Reference statistics (mean, covariance and a feature sample for KID / precision / recall) are computed once
-per data set and feature space and cached as .npz under <data dir>/refs/.
+per data set and feature space, a chunk of images at a time (so a memory-mapped prepared data set of any size
+fits), and cached as .npz under <data dir>/refs/.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scm.data import DataError, ImageData, load_dataset
+from scm.data import DataError, ImageData, PreparedData, load_dataset
 from scm.data.builtin import data_dir
 from scm.metrics.classifier import Classifier, get_classifier
 from scm.metrics.distances import feature_stats, frechet_distance, kernel_distance, precision_recall
 
-__all__ = ["FeatureSpace", "RefStats", "measure", "open_reference"]
+__all__ = ["FeatureSpace", "RefStats", "measure", "open_reference", "reference_stats"]
 
 SAMPLE = 10_000  # features kept for KID and precision/recall
+EMBED_CHUNK = 5000  # images embedded at a time: a multiple of both embedding batches (500, 250)
 
 
 @dataclass
@@ -74,7 +76,8 @@ class RefStats:
             raise DataError(f"{path}: not a scm reference-statistics file ({type(e).__name__}: {e})") from None
 
 
-def _space(key: str, train: ImageData | None = None, test: ImageData | None = None, inception_path=None, log=print):
+def _space(key: str, train: ImageData | PreparedData | None = None, test: ImageData | PreparedData | None = None,
+           inception_path=None, log=print):
     if key == "inception":
         from scm.metrics.inception import load_inception
 
@@ -109,15 +112,46 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
     if cache.is_file():
         return space, RefStats.load(cache)
     log(f"computing reference statistics of {train.source} in {space.metric} features ...")
-    images = train.to_model(train.images)
-    feats, _ = space.embed(images)
-    mu, sigma = feature_stats(feats)
-    g = torch.Generator().manual_seed(0)
-    sample = feats[torch.randperm(len(feats), generator=g)[:SAMPLE]]
-    stats = RefStats(mu.numpy(), sigma.numpy(), sample.numpy(), key, train.resolution, train.channels, train.source,
-                     len(train))
+    stats = reference_stats(space, train)
     stats.save(cache)
     return space, stats
+
+
+def _merge(a: tuple | None, b: tuple) -> tuple:
+    """Two (count, mean, scatter Σ(x − mean)(x − mean)ᵀ) summaries → the summary of their union (Chan, Golub &
+    LeVeque 1979, the pairwise update: stable, and exact in exact arithmetic)."""
+    if a is None:
+        return b
+    (na, ma, sa), (nb, mb, sb) = a, b
+    n, d = na + nb, mb - ma
+    return n, ma + d * (nb / n), sa + sb + torch.outer(d, d) * (na * nb / n)
+
+
+def reference_stats(space: FeatureSpace, data, chunk: int = EMBED_CHUNK) -> RefStats:
+    """Mean, covariance and a random sample (SAMPLE features, seed 0) of a data set's features, embedded
+    `chunk` images at a time (`data.batch`), so that memory does not grow with the data set. The features,
+    their order and the sample are those of embedding the whole set at once (`chunk` is a multiple of the
+    embedding batch); mean and covariance are merged per chunk in float64."""
+    n = len(data)
+    if n < 2:
+        raise DataError(f"{data.source}: reference statistics need at least 2 images, got {n}")
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:SAMPLE]
+    slot = torch.full((n,), -1, dtype=torch.int64)
+    slot[pick] = torch.arange(len(pick))
+    summary, sample = None, None
+    for start in range(0, n, chunk):
+        index = torch.arange(start, min(start + chunk, n))
+        feats, _ = space.embed(data.batch(index)[0])
+        f = feats.double()
+        mean = f.mean(0)
+        summary = _merge(summary, (len(f), mean, (f - mean).T @ (f - mean)))
+        if sample is None:
+            sample = torch.empty(len(pick), feats.shape[1], dtype=feats.dtype)
+        here = slot[index]
+        sample[here[here >= 0]] = feats[here >= 0]
+    count, mu, scatter = summary
+    return RefStats(mu.numpy(), (scatter / (count - 1)).numpy(), sample.numpy(), space.key, data.resolution,
+                    data.channels, data.source, n)
 
 
 def _is_image_npz(path: Path) -> bool:
@@ -128,15 +162,18 @@ def _is_image_npz(path: Path) -> bool:
         raise DataError(f"{path}: cannot read the .npz file ({type(e).__name__}: {e})") from None
 
 
-def _test_split(name: str, train: ImageData) -> ImageData:
+def _test_split(name: str, train: ImageData | PreparedData) -> ImageData | PreparedData:
+    """The data set's test split (MNIST's, an IDX or CIFAR folder's), else its last 10 % (a view: not copied)."""
     if name in ("mnist", "mnist:train"):
         return load_dataset("mnist:test")
     try:
-        return load_dataset(f"{name}:test")
-    except DataError:  # no separate test split: hold out the last 10 %
-        n = len(train) // 10
-        return ImageData(train.images[-n:], train.labels[-n:], train.source + " (last 10 %)", train.class_names,
-                         train.value_range)
+        test = load_dataset(f"{name}:test")
+        if test.source != train.source:  # a folder, .npz or prepared directory has no ":test": the same data
+            return test
+    except DataError:
+        pass
+    n = max(1, len(train) // 10)
+    return train.subset(len(train) - n, None, train.source + " (last 10 %)")
 
 
 def measure(images: torch.Tensor, space: FeatureSpace, ref: RefStats, seed: int = 0) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from scm.config import TrainConfig
-from scm.data import ImageData
+from scm.data import ImageData, PreparedData
 from scm.errors import ConfigError, DataError
 from scm.nets.registry import NetConfig, build_net
 from scm.objectives import ConsistencyLoss, DiffusionLoss
@@ -30,7 +30,7 @@ class Built:
     init_note: str
 
 
-def check_data(cfg: TrainConfig, data: ImageData) -> None:
+def check_data(cfg: TrainConfig, data: ImageData | PreparedData) -> None:
     if (data.resolution, data.channels) != (cfg.resolution, cfg.channels):
         raise DataError(
             f"{data.source}: {data.resolution}×{data.resolution} with {data.channels} channel(s), but preset "
@@ -39,6 +39,10 @@ def check_data(cfg: TrainConfig, data: ImageData) -> None:
         )
     if cfg.conditional and data.labels is None:
         raise DataError(f"{data.source}: conditional=true needs class labels, but the data set has none")
+    latent = getattr(data, "latent", None)  # latents are normalised to their σ_d when encoded (App. G.1)
+    if latent and float(latent.get("sigma_d", cfg.loss.sigma_d)) != cfg.loss.sigma_d:
+        raise DataError(f"{data.source}: the latents were normalised to σ_d = {latent['sigma_d']}, but the run's "
+                        f"loss.sigma_d is {cfg.loss.sigma_d}", key="loss.sigma_d")
 
 
 def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device):
@@ -57,7 +61,7 @@ def _arch(net_cfg: NetConfig) -> str:
     return type(net_cfg).__name__.removesuffix("Config")
 
 
-def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
+def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device) -> Built:
     check_data(cfg, data)
     cfg = dataclasses.replace(cfg)
     teacher, note = None, "fresh initialization"
@@ -106,7 +110,7 @@ def build(cfg: TrainConfig, data: ImageData, device: torch.device) -> Built:
     return Built(cfg, net.to(device), teacher, note)
 
 
-def _check_teacher_shapes(teacher, cfg: TrainConfig, data: ImageData, device) -> None:
+def _check_teacher_shapes(teacher, cfg: TrainConfig, data: ImageData | PreparedData, device) -> None:
     x = torch.zeros(2, cfg.channels, cfg.resolution, cfg.resolution, device=device)
     t = torch.tensor([0.5, 1.0], device=device)
     cond = {"labels": data.labels[:2].to(device)} if cfg.conditional else {}

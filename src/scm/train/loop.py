@@ -57,7 +57,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
     built = build(cfg, data, info.device)
     cfg, run = built.cfg, RunDir(cfg.out)
-    ckpt = _prepare_run_dir(run, cfg, resume, info)
+    latent = getattr(data, "latent", None)  # latents (scm.data.latents): recorded so that samples can be decoded
+    ckpt = _prepare_run_dir(run, cfg, resume, info, latent)
     log = Logger(run, cfg, info)
     log.info(data.describe())
     log.info(f"{cfg.method} | preset {cfg.preset} | {built.net.num_parameters() / 1e6:.2f}M parameters | "
@@ -96,16 +97,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             if _crossed(cfg.sample_every_kimg, state.cur_nimg, cfg.batch) or done:
                 weights = {k: v.to(info.device) for k, v in state.ema.weights().items()}  # gathers FSDP shards
                 if info.is_main:
-                    for p in sample_grids(cfg, weights, info.device, run.samples_dir, state.kimg):
+                    for p in sample_grids(cfg, weights, info.device, run.samples_dir, state.kimg, latent=latent,
+                                          warn=log.warn):
                         log.info(f"samples {p}")
                 barrier(info)
     log.close()
     return TrainResult(str(run.path), state.step, state.kimg, state.bad_steps, state.net, state.ema, log.last_metrics)
 
 
-def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo) -> Path | None:
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo,
+                     latent: dict | None = None) -> Path | None:
     """Refuse to overwrite another run; when resuming, check the configuration and find the newest checkpoint
-    (None: the run was stopped before its first one, and starts over). Writes the resolved configuration."""
+    (None: the run was stopped before its first one, and starts over). Writes the resolved configuration and,
+    for data in a VAE's latent space, the data's latent information (RUN/latent.json)."""
     ckpt = None
     if resume:
         if not run.config_path.is_file():
@@ -123,6 +127,7 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo
     barrier(info)
     if info.is_main:
         run.write_config(to_dict(cfg))
+        run.write_latent(latent)
         run.clean_partial()
         if resume:  # metric lines written after the checkpoint would be repeated
             run.truncate_metrics(RunDir.step_of(ckpt) if ckpt is not None else 0)

@@ -1,0 +1,343 @@
+"""Latent space: images encoded by a VAE (a diffusers `AutoencoderKL`), normalised per channel, stored as a
+prepared directory (`scm.data.prepared`), and decoded back to images after sampling.
+
+The paper trains its ImageNet 512×512 models on 64×64×4 latents of Stable Diffusion's VAE (sd-vae-ft-mse) and
+normalises each latent channel c to the data's scale σ_d (App. G.1):
+
+    latent ← (latent − µ_c) · σ_d / σ_c                    (`normalize`)
+    latent = x · σ_c / σ_d + µ_c                           (`denormalize`, its exact inverse, before decoding)
+
+with µ_c and σ_c the mean and standard deviation of channel c over the data set (all items and positions). They
+are measured on the encoded data set (`normalization="measure"`), given explicitly (a pair of sequences), or the
+paper's values for sd-vae-ft-mse (`normalization="sd-vae-ft-mse"`): µ_c = [1.56, −0.695, 0.483, 0.729],
+σ_c = [5.27, 5.91, 4.21, 4.31]. Those were measured on raw latents — the encoder's output for images in [−1, 1],
+*without* the VAE's `scaling_factor` (0.18215) — and so are ours: the per-channel normalisation replaces the
+scaling factor, which is never applied (nor a `shift_factor`).
+
+Which latent is stored: the posterior mean (`latent_dist.mean`) by default, deterministic; or a sample
+mean + std·ε of the posterior (`which="sample"`), ε from a generator per image seeded with (seed, image index),
+so that a sample does not depend on the batch size. EDM2 stores the posterior's mean and std and draws a sample
+each time an item is loaded; we store one tensor, so that a latent data set has one array like a pixel one.
+
+Horizontal flips (`flip=True`) store each image's mirror right after it: item 2i is image i, item 2i + 1 its
+mirror (encoded from the mirrored image: a VAE is not equivariant), both with image i's label. Interleaving keeps
+the output one append-only stream, as the writer requires.
+
+Measuring µ_c, σ_c needs every latent before the first normalised one is written. `encode` makes one pass
+through the encoder: it writes the raw latents (float32) to a scratch writer next to the output while it
+accumulates per-channel moments (float64, merged chunk by chunk with Chan et al.'s update), then streams the
+scratch through `normalize` into the output and removes the scratch. Memory stays one chunk; the cost is a
+temporary float32 copy on disk — cheaper than encoding twice (the encoder dominates the cost of a VAE pass), and
+unlike normalising in place it rounds to a float16 output once, and an interruption anywhere resumes (both
+writers record their progress with every chunk). Named or given statistics need no scratch: one pass.
+
+diffusers is an optional dependency (`pip install scm[latent]`), imported only when a VAE is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from scm.errors import DataError, MissingDependency
+
+__all__ = ["NAMED_STATS", "ChannelMoments", "decode", "decoder", "denormalize", "encode", "load_vae", "normalize",
+           "vae_latent_shape"]
+
+INSTALL = "pip install scm[latent]"
+# The paper's per-channel statistics of sd-vae-ft-mse latents (App. G.1): raw latents of images in [−1, 1].
+NAMED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "sd-vae-ft-mse": ((1.56, -0.695, 0.483, 0.729), (5.27, 5.91, 4.21, 4.31)),
+}
+WHICH = ("mean", "sample")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_VAES: dict[str, torch.nn.Module] = {}
+
+
+# -- the VAE ------------------------------------------------------------------------------------------------------
+def _autoencoder_kl():
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise MissingDependency(f"latent space needs diffusers, which is not installed ({e}): {INSTALL}",
+                                extra="latent") from None
+    return AutoencoderKL
+
+
+def load_vae(path: str | Path) -> torch.nn.Module:
+    """A diffusers `AutoencoderKL` in eval mode without gradients, from a local folder (config.json and
+    safetensors weights) or a pipeline folder holding a `vae/` sub-folder. A hub id ("org/name") is tried only
+    when no such path exists (it needs the network). Weights are read from safetensors only (never unpickled)."""
+    AutoencoderKL = _autoencoder_kl()
+    spec = str(path)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise DataError(f"VAE {p}: not a folder (expected a diffusers AutoencoderKL folder)", key="vae")
+        folder = p if (p / "config.json").is_file() or not (p / "vae" / "config.json").is_file() else p / "vae"
+        if not (folder / "config.json").is_file():
+            raise DataError(f"VAE {p}: no config.json (expected a diffusers AutoencoderKL folder, or a pipeline "
+                            "folder with a vae/ sub-folder)", key="vae")
+        try:
+            vae = AutoencoderKL.from_pretrained(str(folder.resolve()), local_files_only=True, use_safetensors=True,
+                                               low_cpu_mem_usage=False)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise DataError(f"VAE {folder}: cannot load it as an AutoencoderKL with safetensors weights "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", key="vae") from None
+    elif _HUB_ID.match(spec):
+        try:
+            vae = AutoencoderKL.from_pretrained(spec, use_safetensors=True, low_cpu_mem_usage=False)
+        except Exception as e:  # any failure of the download (offline, unknown id, no safetensors …)
+            raise DataError(f"VAE {spec!r}: no such folder, and loading it as a hub id failed ({type(e).__name__}); "
+                            "offline, the VAE must be a local folder", key="vae") from None
+    else:
+        raise DataError(f"VAE {spec}: no such folder (a diffusers AutoencoderKL folder is needed)", key="vae")
+    if not isinstance(vae, AutoencoderKL):
+        raise DataError(f"VAE {spec}: not an AutoencoderKL ({type(vae).__name__})", key="vae")
+    return vae.eval().requires_grad_(False)
+
+
+def _cached_vae(path: str) -> torch.nn.Module:
+    """The VAE at `path`, loaded once per process."""
+    if path not in _VAES:
+        _VAES[path] = load_vae(path)
+    return _VAES[path]
+
+
+def _vae_path(path: str | Path) -> str:
+    """What a latent data set records as its VAE: the absolute folder, or the hub id when there is no folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(path)
+    return str((p / "vae").resolve() if not (p / "config.json").is_file() and (p / "vae").is_dir() else p.resolve())
+
+
+def vae_latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+    """The latent shape (C, r, r) of R×R images: AutoencoderKL halves the resolution in every down block but
+    the last, r = R / 2^(len(block_out_channels) − 1)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise DataError(f"image resolution {resolution} is not divisible by the VAE's downsampling factor {factor}",
+                        key="resolution")
+    return int(vae.config.latent_channels), resolution // factor, resolution // factor
+
+
+# -- normalisation (App. G.1) ---------------------------------------------------------------------------------------
+def _per_channel(v, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float64, device=like.device).reshape(1, -1, 1, 1)
+
+
+def normalize(z: torch.Tensor, mu: Sequence[float], sigma: Sequence[float], sigma_d: float = 0.5) -> torch.Tensor:
+    """Raw latents → the model's space: (z − µ_c)·σ_d/σ_c per channel c (App. G.1), computed in float64."""
+    return ((z.double() - _per_channel(mu, z)) * (sigma_d / _per_channel(sigma, z))).to(z.dtype)
+
+
+def denormalize(x: torch.Tensor, mu: Sequence[float], sigma: Sequence[float], sigma_d: float = 0.5) -> torch.Tensor:
+    """The inverse of `normalize`: x·σ_c/σ_d + µ_c, the VAE decoder's input."""
+    return (x.double() * (_per_channel(sigma, x) / sigma_d) + _per_channel(mu, x)).to(x.dtype)
+
+
+@dataclass
+class ChannelMoments:
+    """Per-channel count, mean and sum of squared deviations (M2), accumulated in float64 over chunks
+    [B, C, H, W] with Chan et al.'s pairwise update (no cancellation when the mean is large)."""
+
+    n: int = 0
+    mean: list[float] = field(default_factory=list)
+    m2: list[float] = field(default_factory=list)
+
+    def add(self, z: np.ndarray) -> None:
+        v = np.moveaxis(np.asarray(z, dtype=np.float64), 1, 0).reshape(z.shape[1], -1)
+        nb, mb = v.shape[1], v.mean(axis=1)
+        m2b = ((v - mb[:, None]) ** 2).sum(axis=1)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mb.tolist(), m2b.tolist()
+            return
+        ma, m2a, n = np.array(self.mean), np.array(self.m2), self.n + nb
+        delta = mb - ma
+        self.mean = (ma + delta * nb / n).tolist()
+        self.m2 = (m2a + m2b + delta**2 * self.n * nb / n).tolist()
+        self.n = n
+
+    @property
+    def std(self) -> list[float]:
+        """The population standard deviation σ_c (over all items and positions)."""
+        return np.sqrt(np.array(self.m2) / self.n).tolist()
+
+
+def _stats(normalization, channels: int) -> tuple[str, tuple[list[float], list[float]] | None]:
+    """(how, (µ, σ) or None when they are to be measured) from `normalization`."""
+    if normalization == "measure":
+        return "measured", None
+    if isinstance(normalization, str):
+        if normalization not in NAMED_STATS:
+            raise DataError(f"normalization={normalization!r}: use 'measure', one of {list(NAMED_STATS)}, or "
+                            "(mean, std) per channel", key="normalization")
+        how, (mu, sigma) = normalization, NAMED_STATS[normalization]
+    else:
+        try:
+            mu, sigma = normalization
+            mu, sigma = [float(v) for v in mu], [float(v) for v in sigma]
+        except (TypeError, ValueError):
+            raise DataError(f"normalization={normalization!r}: expected (mean, std), one value per channel each",
+                            key="normalization") from None
+        how = "given"
+    if len(mu) != channels or len(sigma) != channels:
+        raise DataError(f"normalization={normalization!r}: {len(mu)} means and {len(sigma)} stds, but the VAE's "
+                        f"latents have {channels} channels", key="normalization")
+    if not all(np.isfinite(mu)) or not all(np.isfinite(sigma) & (np.array(sigma) > 0)):
+        raise DataError(f"normalization={normalization!r}: means must be finite and stds > 0", key="normalization")
+    return how, (list(mu), list(sigma))
+
+
+# -- encoding -------------------------------------------------------------------------------------------------------
+def _noise(seed: int, index: int, copy: int, shape, device) -> torch.Tensor:
+    """ε of image `index` (copy 1: its mirror), from its own generator: independent of the batch."""
+    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, index, copy]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(s)).to(device)
+
+
+@torch.no_grad()
+def _encode_batch(vae, x: torch.Tensor, start: int, *, flip: bool, which: str, seed: int) -> torch.Tensor:
+    """Raw float32 latents of the images x (items start …), each followed by its mirror's when `flip`."""
+    m = x.shape[0]
+    inputs = torch.cat([x, x.flip(-1)]) if flip else x
+    dist = vae.encode(inputs).latent_dist
+    z = dist.mean
+    if which == "sample":
+        eps = torch.stack([_noise(seed, start + i % m, i // m, z.shape[1:], z.device) for i in range(z.shape[0])])
+        z = z + dist.std * eps
+    if flip:  # [x₀ … x_m−1, x̄₀ … x̄_m−1] → x₀, x̄₀, x₁, x̄₁, …
+        z = torch.stack([z[:m], z[m:]], dim=1).flatten(0, 1)
+    return z.float()
+
+
+def _check_images(data, vae, resolution: int | None) -> None:
+    if getattr(data, "latent", None):
+        raise DataError(f"{data.source}: already latents (encoded with {data.latent.get('vae')}); encode images",
+                        key="data")
+    if resolution is not None and data.resolution != resolution:
+        raise DataError(f"{data.source}: the images are {data.resolution}×{data.resolution}, not {resolution}×"
+                        f"{resolution}; prepare them at {resolution}×{resolution} first (scm data prepare), then "
+                        "encode the prepared directory", key="resolution")
+    if data.channels != vae.config.in_channels:
+        raise DataError(f"{data.source}: {data.channels} channel(s), but the VAE encodes {vae.config.in_channels}",
+                        key="data")
+
+
+def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", which: str = "mean",
+           flip: bool = False, dtype: str = "float16", batch: int = 64, sigma_d: float = 0.5,
+           resolution: int | None = None, seed: int = 0, progress: bool = True, device="cpu",
+           resume: bool = True) -> Path:
+    """Encode a data set of images (a name or path, or what `scm.data.load_dataset` returns) with the VAE at
+    `vae` into the prepared directory `out`: latents normalised per channel (App. G.1, see the module's
+    docstring), `value_range="raw"`, and meta["latent"] recording the VAE, µ_c, σ_c, σ_d and how they were
+    obtained, for decoding. `normalization`: "measure" | "sd-vae-ft-mse" | (means, stds). An interrupted
+    encoding with the same settings continues where it stopped (`resume`)."""
+    from scm.data import load_dataset
+    from scm.data.prepared import PreparedWriter
+
+    if which not in WHICH:
+        raise DataError(f"which={which!r}: store the posterior 'mean' or a 'sample'", key="which")
+    if not (isinstance(batch, int) and batch >= 1):
+        raise DataError(f"batch={batch!r}: must be an integer >= 1", key="batch")
+    if not (isinstance(sigma_d, (int, float)) and sigma_d > 0):
+        raise DataError(f"sigma_d={sigma_d!r}: must be > 0", key="sigma_d")
+    data = load_dataset(data) if isinstance(data, (str, Path)) else data
+    model = load_vae(vae).to(device)
+    _check_images(data, model, resolution)
+    shape = vae_latent_shape(model, data.resolution)
+    how, stats = _stats(normalization, shape[0])
+    out, factor = Path(out), 2 if flip else 1
+    count, labelled = len(data) * factor, data.labels is not None
+    settings = {"vae": _vae_path(vae), "which": which, "flip": flip, "dtype": dtype, "normalization": how,
+                "stats": stats, "sigma_d": sigma_d, "seed": seed if which == "sample" else None}
+    key = json.dumps({"encode": settings, "source": data.source, "count": len(data)}, sort_keys=True)
+    final = PreparedWriter(out, shape, dtype, count, labelled=labelled, key=key, resume=resume)
+    labels = data.labels.repeat_interleave(factor).numpy() if labelled else None
+
+    def batches(writer, name):  # source images start … start + m − 1 not yet in `writer`, encoded
+        bar = tqdm(total=len(data), initial=writer.written // factor, unit="img", desc=name, disable=not progress,
+                   leave=False)
+        for start in range(writer.written // factor, len(data), batch):
+            m = min(batch, len(data) - start)
+            x, _ = data.batch(torch.arange(start, start + m), device)
+            if x.abs().max() > 1 + 1e-3:
+                raise DataError(f"{data.source}: items {start}…{start + m - 1} have values outside [-1, 1]: not "
+                                "images (latents are encoded from images)", key="data")
+            yield start, _encode_batch(model, x, start, flip=flip, which=which, seed=seed).cpu().numpy()
+            bar.update(m)
+        bar.close()
+
+    def item_labels(a, b):
+        return None if labels is None else labels[a:b]
+
+    if stats is None:  # measure: raw latents to a float32 scratch (with the moments), then normalised
+        scratch = PreparedWriter(out.with_name(out.name + ".raw"), shape, "float32", count, labelled=False, key=key,
+                                 resume=resume)
+        moments = ChannelMoments(**scratch.progress.get("moments", {}))
+        if final.written == 0:
+            for _, z in batches(scratch, "encoding"):
+                moments.add(z)
+                scratch.append(z, extra={"moments": vars(moments)})
+        stats = (moments.mean, moments.std)
+        if not all(v > 0 for v in stats[1]):
+            raise DataError(f"{data.source}: a latent channel is constant over the data set (σ_c = {stats[1]}): "
+                            "cannot normalise it; give the statistics instead", key="normalization")
+        chunk = batch * factor
+        for a in range(final.written, count, chunk):
+            b = min(a + chunk, count)
+            z = torch.from_numpy(np.asarray(scratch.images[a:b]))
+            final.append(normalize(z, *stats, sigma_d).numpy().astype(dtype), item_labels(a, b))
+    else:
+        for start, z in batches(final, "encoding"):
+            a = start * factor
+            x = normalize(torch.from_numpy(z), *stats, sigma_d)
+            final.append(x.numpy().astype(dtype), item_labels(a, a + z.shape[0]))
+        scratch = None
+    info = {"vae": settings["vae"], "mean": list(stats[0]), "std": list(stats[1]), "sigma_d": sigma_d,
+            "which": which, "image_resolution": data.resolution, "image_channels": data.channels,
+            "scaling": "per-channel App. G.1", "normalization": how, "flip": flip,
+            "seed": settings["seed"], "images": data.source}
+    origin = getattr(data, "meta", {}).get("source", data.source)  # a prepared directory's own source
+    path = final.finish({"source": f"latents of {origin}", "class_names": data.class_names,
+                         "value_range": "raw", "latent": info})
+    if scratch is not None:
+        partial = scratch.partial
+        del scratch
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+# -- decoding -------------------------------------------------------------------------------------------------------
+def _info(info: dict) -> tuple[list[float], list[float], float, str]:
+    try:
+        mu, sigma = [float(v) for v in info["mean"]], [float(v) for v in info["std"]]
+        return mu, sigma, float(info["sigma_d"]), str(info["vae"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"latent information {info!r} is incomplete or malformed ({e})", key="latent") from None
+
+
+def decoder(info: dict) -> torch.nn.Module:
+    """The VAE recorded in `info` (a latent data set's meta["latent"]), loaded once per process."""
+    return _cached_vae(_info(info)[3])
+
+
+@torch.no_grad()
+def decode(latents: torch.Tensor, info: dict, vae=None, *, batch: int = 16) -> torch.Tensor:
+    """Latents in the model's space [N, C, r, r] → images [N, C', R, R] in [-1, 1] (clamped): the exact inverse
+    of the normalisation recorded in `info` (a latent data set's meta["latent"]), then the decoder of `vae` or
+    of the recorded VAE (`decoder`), on the latents' device, `batch` latents at a time."""
+    mu, sigma, sigma_d, _ = _info(info)
+    vae = (vae if vae is not None else decoder(info)).to(latents.device)
+    z = denormalize(latents.float(), mu, sigma, sigma_d)
+    out = [vae.decode(z[i:i + batch]).sample.float().clamp(-1, 1) for i in range(0, z.shape[0], batch)]
+    return torch.cat(out)

@@ -1,0 +1,166 @@
+"""Decoding and preprocessing of images for a prepared data set (`scm.data.prepare`): every rule in one place.
+
+Decoding. A file is opened with Pillow and decoded fully (a truncated or undecodable file raises `DataError`
+naming it); GIF, WebP and TIFF files give their first frame. EXIF orientation is not applied (as in ADM and
+EDM2's dataset tool).
+
+Modes → 8-bit greyscale ("L") or colour ("RGB"), in this order:
+- 16-bit greyscale ("I;16", "I;16B", "I;16L", and "I" holding values 0..65535) → 8 bits by round(v / 257),
+  the nearest 8-bit value on the same scale (the inverse of the usual 8 → 16 bit expansion v·257; 65535 → 255,
+  32768 → 128), not clipped at 255 as Pillow's own conversion does. "I" values outside 0..65535 and 32-bit
+  float images ("F") are refused. (16-bit colour PNGs are given by Pillow as 8-bit "RGB": their high bytes.)
+- bilevel "1" → "L" (0 / 255); palette "P" → "RGBA" when it has a transparent colour, else "RGB"; "L" and
+  "RGB" with a transparent colour (PNG tRNS) → "LA" / "RGBA"; "PA", "La", "RGBa" → "LA" / "RGBA";
+  "CMYK" (and "YCbCr", "LAB", "HSV", "RGBX") → "RGB" by Pillow's conversion.
+- alpha ("LA", "RGBA"): `alpha="white"` (default) composites on white, round((c·a + 255·(255 − a)) / 255)
+  per channel (a 50 % red pixel becomes (255, 128, 128)); `alpha="drop"` keeps the colour values as they are
+  and discards alpha (transparent areas then show whatever colour they store, often black).
+- channels: greyscale → 3 channels by replication when 3 are asked; colour → 1 channel by Pillow's "L"
+  conversion (ITU-R 601-2 luma, L = 0.299 R + 0.587 G + 0.114 B) when 1 is asked.
+
+Geometry (`center_crop_resize`): the ImageNet preprocessing of ADM (Dhariwal & Nichol 2021, guided-diffusion's
+`center_crop_arr`), which EDM2's dataset_tool uses for images of another size: while the shorter side is at least
+2R, halve the image with a box filter (area averaging); then resize with bicubic interpolation so that the
+shorter side is R (the longer side rounded to the nearest pixel); then crop the central R×R square (offsets
+rounded down). An R×R image is left unchanged.
+
+Arrays already in memory (an .npz, MNIST, …) go through the same rules: [C, H, W] uint8 with C = 1, 2, 3, 4
+is read as "L", "LA", "RGB", "RGBA".
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from scm.errors import DataError
+
+__all__ = ["ALPHA", "SIXTEEN_BIT", "SUFFIXES", "center_crop_resize", "image_channels", "open_image",
+           "preprocess_array", "preprocess_image", "to_array"]
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+ALPHA = ("white", "drop")
+SIXTEEN_BIT = "round(v / 257)"
+GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def open_image(path: Path, decode: bool = True):
+    """The image at `path` (its first frame), decoded fully unless `decode=False` (then only its header is
+    read: enough for its mode and size)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warnings on odd metadata; errors still raise
+            img = Image.open(path)
+            if decode:
+                img.load()  # a truncated file raises here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def image_channels(img) -> int:
+    """1 for greyscale modes, 3 for every other (palette and CMYK included): the channels the image has once
+    its alpha is handled."""
+    return 1 if img.mode in GREY_MODES or img.mode.startswith("I;16") else 3
+
+
+def _sixteen_to_eight(img, name: str) -> np.ndarray:
+    v = np.asarray(img).astype(np.int64)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+        raise DataError(f"{name}: {img.mode} pixels from {v.min()} to {v.max()}; only 8- or 16-bit images are "
+                        "supported")
+    return ((v + 128) // 257).astype(np.uint8)  # = round(v / 257): v / 257 is never exactly k + ½
+
+
+def _normalise_mode(img, name: str) -> np.ndarray:
+    """[H, W, C] uint8 in "L", "LA", "RGB" or "RGBA" order (C = 1, 2, 3, 4), by the mode rules."""
+    mode, transparent = img.mode, "transparency" in img.info
+    if mode.startswith("I;16") or mode == "I":
+        return _sixteen_to_eight(img, name)[:, :, None]
+    if mode == "F":
+        raise DataError(f"{name}: 32-bit float pixels (mode F) are not supported; convert the image to 8 or 16 bits")
+    if mode == "1":
+        img = img.convert("L")
+    elif mode == "P":
+        img = img.convert("RGBA" if transparent else "RGB")
+    elif mode in ("L", "RGB") and transparent:
+        img = img.convert("LA" if mode == "L" else "RGBA")
+    elif mode in ("La", "PA", "RGBa"):
+        img = img.convert("LA" if mode == "La" else "RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _apply_alpha(arr: np.ndarray, alpha: str) -> np.ndarray:
+    if arr.shape[2] not in (2, 4):
+        return arr
+    colour, a = arr[:, :, :-1], arr[:, :, -1:]
+    if alpha == "drop":
+        return np.ascontiguousarray(colour)
+    c, a = colour.astype(np.int32), a.astype(np.int32)
+    return ((2 * (c * a + 255 * (255 - a)) + 255) // 510).astype(np.uint8)  # round((c·a + 255·(255 − a)) / 255)
+
+
+def _to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    if arr.shape[2] == channels:
+        return arr
+    if channels == 3:
+        return np.repeat(arr, 3, axis=2)
+    return np.asarray(Image.fromarray(arr, "RGB").convert("L"))[:, :, None]
+
+
+def to_array(img, channels: int, alpha: str = "white", name: str = "image") -> np.ndarray:
+    """A decoded Pillow image → [H, W, channels] uint8 by the mode, alpha and channel rules (module docstring)."""
+    return _to_channels(_apply_alpha(_normalise_mode(img, name), alpha), channels)
+
+
+def center_crop_resize(img, resolution: int):
+    """ADM's centre crop with area resize, as a Pillow image → Pillow image (module docstring)."""
+    from PIL import Image
+
+    while min(img.size) >= 2 * resolution:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
+    scale = resolution / min(img.size)
+    size = (round(img.width * scale), round(img.height * scale))
+    if size != img.size:
+        img = img.resize(size, resample=Image.Resampling.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    if (left, top) != (0, 0) or img.size != (resolution, resolution):
+        img = img.crop((left, top, left + resolution, top + resolution))
+    return img
+
+
+def _resize_array(arr: np.ndarray, resolution: int) -> np.ndarray:
+    """[H, W, C] uint8 (C = 1 or 3) → [R, R, C] by `center_crop_resize`."""
+    from PIL import Image
+
+    if arr.shape[:2] == (resolution, resolution):
+        return arr
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, ARRAY_MODES[arr.shape[2]])
+    out = np.asarray(center_crop_resize(img, resolution))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def preprocess_image(path: Path, resolution: int, channels: int, alpha: str = "white") -> np.ndarray:
+    """A file → [channels, R, R] uint8 by every rule of this module."""
+    img = open_image(path)
+    try:
+        arr = to_array(img, channels, alpha, str(path))
+    finally:
+        img.close()
+    return _resize_array(arr, resolution).transpose(2, 0, 1)
+
+
+def preprocess_array(x: np.ndarray, resolution: int, channels: int, alpha: str = "white") -> np.ndarray:
+    """One image held in memory, [C, H, W] uint8 with C = 1…4 → [channels, R, R] uint8 by the same rules."""
+    arr = _to_channels(_apply_alpha(np.ascontiguousarray(x.transpose(1, 2, 0)), alpha), channels)
+    return _resize_array(arr, resolution).transpose(2, 0, 1)
