@@ -199,6 +199,16 @@ def test_train_sample_and_eval_on_latents(files, tmp_path, monkeypatch):
     code, text = cli("train", "--preset", "tiny-latent-sct", "--data", lat, "--out", tmp_path / "bad", "--kimg",
                      0.032, "--batch", 16, *RUN, "loss.sigma_d=1.0")
     assert code == 2 and "σ_d = 0.5" in text, text
+    # a teacher (or init) of another space is refused: pixels, or latents normalised otherwise
+    code, text = cli("train", "--preset", "tiny-32-scd", "--teacher", teacher, "--data", files / "pixels.npz", "--out",
+                     tmp_path / "bad2", "--kimg", 0.032, "--batch", 16, *RUN)
+    assert code == 2 and f"teacher {teacher} was trained on latents of" in text and "data are pixels" in text, text
+    code, text = cli("data", "encode", "--vae", files / "vae", "--data", files / "pixels.npz", "--out",
+                     tmp_path / "lat-sd", "--normalization", "sd-vae-ft-mse", "--no-progress")
+    assert code == 0, text
+    code, text = cli("train", "--preset", "tiny-latent-sct", "--init", teacher, "--data", tmp_path / "lat-sd",
+                     "--out", tmp_path / "bad3", "--kimg", 0.032, "--batch", 16, *RUN)
+    assert code == 2 and "(they differ in mean, std)" in text, text
 
     code, text = cli("sample", "--ckpt", sct, "--steps", 2, "--n", 5, "--batch", 2, "--out", tmp_path / "s.npz")
     assert code == 0, text

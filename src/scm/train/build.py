@@ -45,9 +45,27 @@ def check_data(cfg: TrainConfig, data: ImageData | PreparedData) -> None:
                         f"loss.sigma_d is {cfg.loss.sigma_d}", key="loss.sigma_d")
 
 
-def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device):
-    """(network, its config, its preset name) of a run's EMA, checked against this run's data shape."""
+SPACE_FIELDS = ("vae", "mean", "std", "sigma_d")  # what makes two latent spaces the same one
+
+
+def check_same_space(path: str, run_latent: dict | None, data, role: str) -> None:
+    """A teacher or init run must have been trained in the data's space: pixels, or latents of the same VAE with
+    the same per-channel normalisation (App. G.1); otherwise its F would be of other values."""
+    here = getattr(data, "latent", None)
+    if run_latent is None and here is None:
+        return
+    describe = lambda info: "pixels" if info is None else f"latents of {info.get('vae')}"  # noqa: E731
+    if run_latent is None or here is None or any(run_latent.get(k) != here.get(k) for k in SPACE_FIELDS):
+        diff = [k for k in SPACE_FIELDS if run_latent and here and run_latent.get(k) != here.get(k)]
+        raise ConfigError(f"{role} {path} was trained on {describe(run_latent)}, this run's data are "
+                          f"{describe(here)}" + (f" (they differ in {', '.join(diff)})" if diff else ""), key=role)
+
+
+def _from_run(cfg: TrainConfig, path: str, std: float | None, role: str, device, data=None):
+    """(network, its config, its preset name) of a run's EMA, checked against this run's data shape and space."""
     loaded = load_run(path, std, device=device)
+    if data is not None:
+        check_same_space(path, loaded.latent, data, role)
     src = loaded.cfg.net
     if (src.img_resolution, src.img_channels) != (cfg.resolution, cfg.channels):
         raise ConfigError(
@@ -68,7 +86,7 @@ def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device
     teacher_net_cfg = None
     if cfg.method == "scd":
         if is_run_dir(cfg.teacher):
-            teacher, teacher_net_cfg, _ = _from_run(cfg, cfg.teacher, cfg.teacher_ema, "teacher", device)
+            teacher, teacher_net_cfg, _ = _from_run(cfg, cfg.teacher, cfg.teacher_ema, "teacher", device, data)
         elif ":" in cfg.teacher:
             teacher = load_teacher_factory(cfg.teacher)
         else:
@@ -83,7 +101,7 @@ def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device
             note = (f"fresh initialization (the teacher is a {_arch(teacher_net_cfg)}, this preset's "
                     f"network a {_arch(cfg.net)})")
     if init_path is not None:
-        init_net, src_cfg, src_preset = _from_run(cfg, init_path, cfg.init_ema, "init", device)
+        init_net, src_cfg, src_preset = _from_run(cfg, init_path, cfg.init_ema, "init", device, data)
         if type(src_cfg) is not type(cfg.net):
             raise ConfigError(f"init {init_path}: its network is a {_arch(src_cfg)} ({src_preset}), "
                               f"this run's a {_arch(cfg.net)} ({cfg.net_preset})", key="init")
