@@ -5,11 +5,18 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo demo-full demo-publish clean
+.PHONY: test test-browser lint demo demo-full demo-publish clean
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The page of `scm serve` in a real browser: headless Chromium (Debian's package) driven by Playwright for Python
+# (launched with the system browser, so nothing is downloaded from a browser CDN). Installs what is missing.
+test-browser: $(VENV)/.installed
+	command -v chromium >/dev/null || apt-get install -y -q chromium || sudo apt-get install -y -q chromium
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/pip install --quiet "playwright>=1.40"
+	$(BIN)/pytest -q tests/test_serve_browser.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

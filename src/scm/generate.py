@@ -25,7 +25,8 @@ from scm.runs import LoadedRun, mix_seed
 from scm.sampling import check_times, consistency_sample, consistency_times, ode_sample, ode_times
 from scm.teachers import guided
 
-__all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "image_generators", "sample_shape"]
+__all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "generate_items", "image_generators",
+           "sample_shape"]
 
 SOLVERS = ("heun", "euler")
 
@@ -137,6 +138,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # a deliberate host-device synchronisation: timing
 
 
+class _Batches:
+    """What `generate` and `generate_items` share: the checks, the network (guided for CFG), the VAE of a run on
+    latents, and one batch of images from their generators and conditioning."""
+
+    def __init__(self, run: LoadedRun, sampler: Sampler, guidance: float | None, device, decode: bool,
+                 class_labels=()):
+        self.run, self.sampler, cfg = run, sampler, run.cfg
+        self.ts = sampler.times(run)
+        for c in class_labels:
+            check_conditioning(cfg, c, None)
+        check_conditioning(cfg, None, guidance)
+        self.device = torch.device(device) if device is not None else next(run.net.parameters()).device
+        net = run.net.to(self.device)
+        self.fn = guided(net) if cfg.method == "diffusion" and guidance is not None else net
+        self.latent, self.vae = (run.latent if decode else None), None
+        if self.latent is not None:  # the VAE is loaded (and its absence reported) before any network runs
+            from scm.data.latents import decoder
+
+            self.vae = decoder(self.latent)
+        self.elapsed = 0.0
+
+    def __call__(self, gens: list[torch.Generator], cond: dict) -> torch.Tensor:
+        cfg, device = self.run.cfg, self.device
+        sd, shape = cfg.loss.sigma_d, (cfg.channels, cfg.resolution, cfg.resolution)
+        noise = sd * randn((len(gens), *shape), gens, device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        if cfg.method == "diffusion":
+            x = ode_sample(self.fn, noise, self.ts, sd, solver=self.sampler.solver, **cond)
+        else:
+            x = consistency_sample(self.fn, noise, self.ts, sd, generator=gens, **cond)
+        _sync(device)
+        self.elapsed += time.perf_counter() - t0
+        if self.latent is not None:
+            from scm.data.latents import decode as decode_latents
+
+            x = decode_latents(x, self.latent, self.vae)
+        return x.cpu()  # a device-to-host copy per batch (a synchronisation)
+
+
 @torch.no_grad()
 def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed: int = 0,
              class_label: int | None = None, guidance: float | None = None, device=None,
@@ -148,37 +189,29 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
         raise SamplerError(f"n={n!r}: need at least one image", key="n")
     if not (isinstance(batch, int) and batch >= 1):
         raise SamplerError(f"batch={batch!r}: must be >= 1", key="batch")
-    cfg = run.cfg
-    ts = sampler.times(run)
-    check_conditioning(cfg, class_label, guidance)
-    device = torch.device(device) if device is not None else next(run.net.parameters()).device
-    net = run.net.to(device)
-    fn = guided(net) if cfg.method == "diffusion" and guidance is not None else net
-    latent = run.latent if decode else None
-    if latent is not None:  # the VAE is loaded (and its absence reported) before any network runs
-        from scm.data.latents import decode as decode_latents
-        from scm.data.latents import decoder
-
-        vae = decoder(latent)
-    sd, shape = cfg.loss.sigma_d, (cfg.channels, cfg.resolution, cfg.resolution)
-    out, elapsed = [], 0.0
+    check_conditioning(run.cfg, class_label, guidance)
+    images = _Batches(run, sampler, guidance, device, decode)
+    out = []
     bar = tqdm(total=n, desc=sampler.describe(run), unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch):
         m = min(batch, n - start)
-        gens = image_generators(seed, start, m, device)
-        noise = sd * randn((m, *shape), gens, device=device)
-        cond = conditioning(cfg, start, m, class_label=class_label, guidance=guidance, device=device)
-        _sync(device)
-        t0 = time.perf_counter()
-        if cfg.method == "diffusion":
-            x = ode_sample(fn, noise, ts, sd, solver=sampler.solver, **cond)
-        else:
-            x = consistency_sample(fn, noise, ts, sd, generator=gens, **cond)
-        _sync(device)
-        elapsed += time.perf_counter() - t0
-        if latent is not None:
-            x = decode_latents(x, latent, vae)
-        out.append(x.cpu())  # a device-to-host copy per batch (a synchronisation)
+        cond = conditioning(run.cfg, start, m, class_label=class_label, guidance=guidance, device=images.device)
+        out.append(images(image_generators(seed, start, m, images.device), cond))
         bar.update(m)
     bar.close()
-    return torch.cat(out), elapsed
+    return torch.cat(out), images.elapsed
+
+
+@torch.no_grad()
+def generate_items(run: LoadedRun, sampler: Sampler, items: list[tuple[int, int, int | None]], *,
+                   guidance: float | None = None, device=None, decode: bool = True) -> tuple[torch.Tensor, float]:
+    """The images (seed, i, class_label) of `items` in one batch: each equal to image i of `generate(seed=seed,
+    class_label=class_label)` (up to the batch's floating-point differences), so that requests with different
+    seeds and classes can share a network call (`scm serve`). Returns the images and the seconds, as `generate`."""
+    if not items:
+        raise SamplerError("items: need at least one image", key="n")
+    images = _Batches(run, sampler, guidance, device, decode, {c for _, _, c in items if c is not None})
+    gens = [torch.Generator(images.device).manual_seed(mix_seed(seed, i)) for seed, i, _ in items]
+    conds = [conditioning(run.cfg, i, 1, class_label=c, guidance=guidance, device=images.device) for _, i, c in items]
+    cond = {k: torch.cat([c[k] for c in conds]) if k == "labels" else v for k, v in conds[0].items()}
+    return images(gens, cond), images.elapsed

@@ -255,6 +255,61 @@ def eval_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
 
 @app.command()
+def serve(
+    ckpt: Annotated[str, typer.Option(help="the run to serve: a consistency run (1/2/4 steps) or a diffusion run")],
+    teacher: Annotated[str | None, typer.Option(help="a diffusion run shown beside it: the same noise (seed, "
+                                                      "class) through its Heun ODE, with its own time")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (default: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (0: any free one)")] = 8000,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    teacher_nfe: Annotated[int, typer.Option(help="the teacher's Heun NFE (odd)")] = 35,
+    ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to use (default: the run's first)")] = None,
+):
+    """Generate in the browser: a page whose images follow its controls (seed, class, steps, guidance, number of
+    images) as they move, with the time per image; with --teacher, the teacher's images from the same noise
+    beside them. The models are loaded once; nothing a request says can name a file. Needs Starlette and
+    uvicorn (the `serve` extra of scm)."""
+    from scm.errors import MissingDependency
+
+    try:
+        from scm.serve import ServedModel, bind, check_pair, create_app, make_server, require, url_of
+
+        require()
+    except MissingDependency as e:
+        _fail(str(e))
+    from concurrent.futures import ThreadPoolExecutor
+
+    flags = {"nfe": "--teacher-nfe", "port": "--port", "teacher": "--teacher"}
+    try:
+        with ThreadPoolExecutor(1) as loader:  # a thread that ends: no torch thread team of its own is left
+            run = loader.submit(_load, ckpt, ema, False, device).result()
+            teacher_run = None if teacher is None else loader.submit(_load, teacher, None, False, device).result()
+        student = ServedModel(run, "student")
+        served_teacher = None
+        if teacher_run is not None:
+            check_pair(run, teacher_run)
+            served_teacher = ServedModel(teacher_run, "teacher", steps=(teacher_nfe,))
+        app_ = create_app(student, served_teacher)
+        sock = bind(host, port)
+    except USER_ERRORS as e:
+        _fail_on(e, flags)
+    except OSError as e:  # the address: in use, not this machine's, not allowed
+        _fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
+    what = f"{Path(ckpt).name} ({student.describe()['sampler']}, {'/'.join(map(str, student.steps))} " \
+           f"{'NFE' if student.diffusion else 'steps'})"
+    if served_teacher is not None:
+        what += f" beside {Path(teacher).name} (Heun ODE, {teacher_nfe} NFE)"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the models", file=sys.stderr)
+    print(f"serving {what} at {url_of(sock)} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    import contextlib
+
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully on Ctrl-C, then raises it again
+        make_server(app_).run(sockets=[sock])
+    print("stopped", file=sys.stderr)
+
+
+@app.command()
 def demo(
     out: Annotated[str, typer.Option(help="where the runs and the report go")] = "runs/demo",
     teacher: Annotated[str, typer.Option(help="the diffusion teacher run")] = "demo/teacher",
@@ -355,9 +410,9 @@ def data_encode(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ):
-    """Encode images with a VAE into a prepared latent directory (normalised per channel to σ_d = 0.5, App. G.1),
+    r"""Encode images with a VAE into a prepared latent directory (normalised per channel to σ_d = 0.5, App. G.1),
     to train on with `scm train --data`; samples of such a run are decoded by `scm sample` and `scm eval`. An
-    interrupted run continues where it stopped when the same command is run again. Needs `pip install scm[latent]`."""
+    interrupted run continues where it stopped when the same command is run again. Needs `pip install scm\[latent]`."""
     from scm.data import load_dataset
     from scm.data.latents import encode
     from scm.data.prepare import prepare

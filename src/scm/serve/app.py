@@ -1,0 +1,373 @@
+"""The web side of `scm serve`: a Starlette app over one student (and optionally a teacher), and the server.
+
+Endpoints (all GET; anything else is 404/405 as JSON):
+
+    /                  the page (page.html; its script and style at /static/page.js, /static/page.css)
+    /api/info          the models: method, sampler, allowed steps/NFEs, resolution, channels, classes and their
+                       names, whether they take guidance and its default, batch sizes, the teacher (or null)
+    /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &client=
+                       → 200 image/png (one image, or a grid for batch 4 / 16), timings in headers:
+                         X-Generation-Ms (network + sampler for all images), X-Ms-Per-Image,
+                         X-Images-Per-Second, X-Images, X-NFE, X-Steps, X-Seed, X-Model, X-Server-Ms (arrival to
+                         response: waiting, decoding and PNG encoding included)
+                       → 400 {"error": "...", "parameter": name} for a bad, unknown or repeated parameter
+                       → 409 {"error": "superseded ...", "superseded": true}: a newer request from the same
+                         client arrived before this one started, so it was dropped without generating
+                       → 503 {"error": "busy ..."}: too many requests are waiting for this model
+    /api/stats         per model: requests, generated, superseded, gone, busy, failed, images, waiting, running
+
+Why PNG with headers rather than JSON with base64: the browser shows the bytes as they come (an object URL of
+the response's blob), a third smaller than base64, and the timings are a header away; errors are JSON.
+
+One generation at a time per model, latest wins per client. Each model has a `Worker`: a single asyncio task
+that takes requests in arrival order from a table of *slots*, at most one slot per client, and runs each
+generation in the model's own one-thread executor (the event loop never blocks; a burst cannot start more than
+one generation per model, so memory stays bounded). A request that names a client whose slot is still waiting
+takes over that slot in place (keeping its place in the queue, so a client that sends on every input event is not
+pushed to the back) and the request it replaces is answered 409 at once, without generating. So while a
+slider moves, the image follows at the rate the model can generate: the generation under way finishes and is
+shown, the newest position is generated next, every position in between is dropped. The alternative, an
+asyncio.Lock with per-client sequence numbers, drops the same requests but only when their turn comes: until
+then they hold their connections (a browser has six per host) and their memory. Requests without a client id
+each get their own slot (never superseded). A request whose client has disconnected before its turn is skipped;
+a generation cannot be interrupted, so one under way when its client leaves runs to the end and is thrown away.
+At most `max_waiting` slots wait per model; more are answered 503. Requests that wait together are batched:
+when the worker takes the first waiting request, it takes with it, in queue order, every waiting request with
+the same steps and guidance (seeds and classes may differ: image i of a request still depends only on its seed
+and i, as in `scm sample`), up to `max_batch` images, and generates them in one network call
+(`ServedModel.generate_many`). So many pages at once cost a few batched calls rather than one call each
+(benchmarks/serve_load.py measures it).
+
+The student and the teacher have separate workers, so a slow 35-NFE teacher never delays the student. On a CPU
+each worker's thread runs torch with its share of the cores (`threads`: with two models on two cores, one each,
+so the two never compete). The runs should be loaded in a thread that then ends, as `scm serve` does: torch's
+OpenMP keeps a team of threads for every thread that ran a parallel operation, and while a team of another
+thread exists (the loader's), libgomp counts more threads than cores and stops spinning between parallel
+regions, which made a worker's batch-1 generation 2× slower on the 2-core VM (tiny U-Net: 78 vs 38 ms).
+
+Nothing a request says can reach a file: the runs are loaded once, before the server starts, from paths given
+by the operator; the page and its two static files are read from the package when the app is built, and are
+the only files served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import itertools
+import logging
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from scm.errors import InvalidSetting, MissingDependency, ScmError
+from scm.serve.models import SEED_MAX, ServedModel, parse_query
+
+__all__ = ["GONE", "SUPERSEDED", "Worker", "bind", "create_app", "make_server", "require", "url_of"]
+
+INSTALL = "pip install scm[serve]"
+log = logging.getLogger("scm.serve")
+
+SUPERSEDED = "superseded"  # a worker's answer for a request replaced in its slot by a newer one of its client
+GONE = "gone"              # … for a request whose client disconnected before its turn
+
+
+def require() -> None:
+    """MissingDependency (extra "serve") unless Starlette and uvicorn are importable."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise MissingDependency(f"serving needs starlette and uvicorn, which are not installed ({e}): {INSTALL}",
+                                extra="serve") from None
+
+
+@dataclass
+class _Job:
+    payload: object                           # what the worker's `run_batch` is given (a Query, or a callable)
+    disconnected: Callable[[], Awaitable[bool]]
+    future: asyncio.Future
+    group: object = None                      # jobs of one (non-None) group may be generated together …
+    size: int = 1                             # … up to `max_batch` images in all
+
+
+def _call_each(payloads: list) -> list:
+    """The default `run_batch`: each payload is a callable; its result, or the exception it raised."""
+    out = []
+    for run in payloads:
+        try:
+            out.append(run())
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+@dataclass
+class Worker:
+    """One model's queue: one generation at a time, at most one waiting request per client (latest wins), and
+    waiting requests of one group (same sampler settings) generated together in one batch."""
+
+    model: ServedModel
+    max_waiting: int = 64
+    threads: int | None = None  # torch's intra-op threads in the worker's thread (None: torch's default)
+    run_batch: Callable[[list], list] = _call_each  # payloads → a result (or an exception) for each
+    max_batch: int = 64         # images per joint generation
+    stats: dict = field(default_factory=lambda: dict.fromkeys(
+        ("requests", "generated", "superseded", "gone", "busy", "failed", "images", "batches"), 0))
+
+    def __post_init__(self):
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"scm-serve-{self.model.name}",
+                                           initializer=_torch_threads, initargs=(self.threads,))
+        self._slots: OrderedDict[object, _Job] = OrderedDict()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.running = False
+
+    def submit(self, key, payload, disconnected: Callable[[], Awaitable[bool]], *, group=None,
+               size: int = 1) -> asyncio.Future | None:
+        """Queue `payload` under `key` (a client id, or a key of its own); the future gets its result, SUPERSEDED
+        or GONE, or its exception. None (nothing queued) when `max_waiting` other requests are waiting."""
+        loop = asyncio.get_running_loop()
+        self.stats["requests"] += 1
+        old = self._slots.get(key)
+        if old is None and len(self._slots) >= self.max_waiting:
+            self.stats["busy"] += 1
+            return None
+        job = _Job(payload, disconnected, loop.create_future(), group, size)
+        self._slots[key] = job  # a key already present keeps its place in the queue
+        if old is not None and not old.future.done():
+            self.stats["superseded"] += 1
+            old.future.set_result(SUPERSEDED)
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name=f"scm-serve-{self.model.name}")
+        self._wake.set()
+        return job.future
+
+    def _take_group(self) -> list[_Job]:
+        """The first waiting job, and after it, in queue order, the waiting jobs of its group that fit."""
+        _, first = self._slots.popitem(last=False)
+        jobs, images = [first], first.size
+        if first.group is not None:
+            for key, job in list(self._slots.items()):
+                if job.group == first.group and images + job.size <= self.max_batch:
+                    del self._slots[key]
+                    jobs.append(job)
+                    images += job.size
+        return jobs
+
+    async def _present(self, job: _Job) -> bool:
+        """False (and the job answered GONE) when its handler is done or its client has left."""
+        if job.future.done():  # the handler was cancelled (its client left)
+            return False
+        try:
+            gone = await job.disconnected()
+        except Exception:  # an unreadable connection is a gone client
+            gone = True
+        if gone:
+            self.stats["gone"] += 1
+            job.future.set_result(GONE)
+        return not gone
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._slots:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            jobs = [job for job in self._take_group() if await self._present(job)]
+            if not jobs:
+                continue
+            self.running = True
+            try:
+                results = await loop.run_in_executor(self.executor, self.run_batch, [j.payload for j in jobs])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # handed to the requests; the worker goes on
+                results = [e] * len(jobs)
+            finally:
+                self.running = False
+            self.stats["batches"] += 1
+            for job, result in zip(jobs, results, strict=True):
+                if isinstance(result, Exception):
+                    self.stats["failed"] += 1
+                    if not job.future.done():
+                        job.future.set_exception(result)
+                    continue
+                self.stats["generated"] += 1
+                self.stats["images"] += result.images
+                if not job.future.done():
+                    job.future.set_result(result)
+
+    def describe(self) -> dict:
+        return {**self.stats, "waiting": len(self._slots), "running": self.running}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in self._slots.values():
+            if not job.future.done():
+                job.future.set_result(GONE)
+        self._slots.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _torch_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.get_num_threads()  # torch's lazy per-thread set-up first, so that it cannot undo the next line
+        torch.set_num_threads(n)
+
+
+# -- the app ----------------------------------------------------------------------------------------------------------
+STATIC = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+SECURITY = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _package_file(name: str) -> bytes:
+    return importlib.resources.files("scm.serve").joinpath(name).read_bytes()
+
+
+def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_waiting: int = 64,
+               warm_up: bool = True, threads: int | str | None = "auto"):
+    """The Starlette app serving `student` (and `teacher` beside it). With `warm_up`, each model generates once
+    per batch size at start-up, before the first request is answered. `threads`: torch's intra-op threads of
+    each model's worker; "auto" shares the calling thread's among the models on a CPU (none set on a GPU)."""
+    require()
+    import torch
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+    if threads == "auto":
+        on_cpu = any(m.device.type == "cpu" for m in models.values())
+        threads = max(1, torch.get_num_threads() // len(models)) if on_cpu else None
+    workers = {name: Worker(m, max_waiting, threads, run_batch=m.generate_many) for name, m in models.items()}
+    page = _package_file("page.html")
+    static = {name: _package_file(name) for name in STATIC}
+    keys = itertools.count()
+
+    def error(status: int, message: str, **extra) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status,
+                            headers={**SECURITY, "Cache-Control": "no-store"})
+
+    async def index(request):
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={**SECURITY, "Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+
+    def static_file(name: str):
+        async def endpoint(request):
+            return Response(static[name], media_type=STATIC[name], headers={**SECURITY, "Cache-Control": "no-cache"})
+        return endpoint
+
+    async def info(request):
+        return JSONResponse({"student": student.describe(), "teacher": teacher.describe() if teacher else None,
+                             "seed_max": SEED_MAX}, headers={**SECURITY, "Cache-Control": "no-store"})
+
+    async def stats(request):
+        return JSONResponse({name: w.describe() for name, w in workers.items()},
+                            headers={**SECURITY, "Cache-Control": "no-store"})
+
+    async def generate(request):
+        start = time.perf_counter()
+        try:
+            model, q = parse_query(request.query_params.multi_items(), models)
+        except InvalidSetting as e:
+            return error(400, str(e), parameter=e.key)
+        key = ("client", q.client) if q.client else ("request", next(keys))
+        worker = workers[model.name]
+        future = worker.submit(key, q, request.is_disconnected, group=(q.steps, q.guidance), size=q.batch)
+        if future is None:
+            return error(503, f"busy: {worker.max_waiting} requests are waiting for the {model.name}; try again")
+        try:
+            outcome = await future
+        except ScmError as e:  # a setting the sampler refuses that the checks above let through
+            return error(400, str(e), parameter=e.key)
+        except Exception as e:  # the server keeps serving (out of memory, a device error …)
+            log.exception("generation failed")
+            return error(500, f"generation failed: {type(e).__name__}: {e}")
+        if outcome == SUPERSEDED:
+            return error(409, "superseded: a newer request from this client arrived before this one started",
+                         superseded=True)
+        if outcome == GONE:  # nobody is listening; answered for completeness
+            return error(409, "the client disconnected before this request started", gone=True)
+        ms = 1000 * outcome.seconds
+        per_image = ms / outcome.images
+        headers = {
+            **SECURITY, "Cache-Control": "no-store",
+            "X-Model": model.name, "X-Seed": str(q.seed), "X-Steps": str(q.steps), "X-NFE": str(outcome.nfe),
+            "X-Images": str(outcome.images), "X-Generation-Ms": f"{ms:.3f}", "X-Ms-Per-Image": f"{per_image:.3f}",
+            "X-Images-Per-Second": f"{1000 / per_image:.1f}" if per_image > 0 else "inf",
+            "X-Server-Ms": f"{1000 * (time.perf_counter() - start):.3f}",
+        }
+        return Response(outcome.png, media_type="image/png", headers=headers)
+
+    async def not_found(request, exc):
+        status = getattr(exc, "status_code", 404)
+        return error(status, "not found" if status == 404 else str(getattr(exc, "detail", "")) or "error")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        if warm_up:
+            for w in workers.values():
+                await loop.run_in_executor(w.executor, w.model.warm_up)
+        try:
+            yield
+        finally:
+            for w in workers.values():
+                await w.close()
+
+    routes = [Route("/", index), Route("/api/info", info), Route("/api/stats", stats),
+              Route("/api/generate", generate),
+              *[Route(f"/static/{name}", static_file(name)) for name in STATIC]]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    app.state.workers = workers
+    return app
+
+
+# -- the server -----------------------------------------------------------------------------------------------------
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening TCP socket on (host, port) (port 0: a free one); OSError if it cannot be had."""
+    if not (isinstance(port, int) and 0 <= port <= 65535):
+        raise InvalidSetting("port", port, "must be an integer in 0..65535")
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def make_server(app, *, log_level: str = "warning", access_log: bool = False):
+    """A uvicorn server for `app`; run it with `.run(sockets=[bind(...)])` (in any thread; `should_exit = True`
+    stops it)."""
+    require()
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                                         timeout_graceful_shutdown=2))
+

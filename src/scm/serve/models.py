@@ -1,0 +1,267 @@
+"""What a server holds of a run: what it can be asked for, the validation of a request's parameters, and one
+generation encoded as PNG. No web framework here (`scm.serve.app` is the web side), so all of this works, and is
+checked, without one.
+
+A request's parameters arrive as strings. Each is parsed strictly (an integer is digits only, no sign, spaces or
+underscores) and checked against the model: a value that does not fit raises `InvalidSetting` with `key` = the
+parameter's name, which the web side answers with HTTP 400. Parameters nobody asked for, or given twice, are
+refused too, so no request can carry anything the server would silently ignore (file paths included: the runs
+are loaded once, from the command line).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from scm.errors import InvalidSetting, RunError
+from scm.generate import Sampler, generate_items, sample_shape
+from scm.images import grid, to_uint8
+from scm.runs import LoadedRun
+
+__all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "GUIDANCE_MAX", "PARAMETERS", "SEED_MAX", "Query",
+           "ServedModel", "check_pair", "parse_query"]
+
+SEED_MAX = 2**31 - 1
+BATCHES = (1, 4, 16)                 # images per request: one image, or a 2×2 / 4×4 grid
+CONSISTENCY_STEPS = (1, 2, 4)        # consistency runs: sampling steps (= network evaluations)
+DIFFUSION_NFES = (3, 5, 9, 17, 35)   # diffusion runs served on their own: Heun NFEs (odd: 2N − 1 evaluations)
+GUIDANCE_MAX = 10.0
+# every parameter /api/generate accepts; `model` picks the student or the teacher, `client` names the page
+# (a newer request with the same client id supersedes an older one that has not started: scm.serve.app)
+PARAMETERS = ("model", "client", "seed", "steps", "class", "guidance", "batch")
+_DIGITS = re.compile(r"[0-9]{1,10}")
+_DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{0,6})?|\.[0-9]{1,6}")
+_CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One validated generation request."""
+
+    model: str = "student"
+    client: str | None = None
+    seed: int = 0
+    steps: int = 1
+    class_label: int | None = None
+    guidance: float | None = None
+    batch: int = 1
+
+
+@dataclass
+class Generated:
+    png: bytes
+    images: int
+    seconds: float     # network and sampler only (`generate`'s time): no decoding, no PNG encoding
+    nfe: int
+    width: int
+    height: int
+    batched: int = 1   # requests generated together in the same network call
+
+
+def _class_names(run: LoadedRun) -> list[str]:
+    """The class names of a conditional run: those its prepared data directory records, else the ids."""
+    n = run.cfg.net.label_dim
+    names = [str(i) for i in range(n)]
+    try:
+        meta = json.loads((Path(str(run.cfg.data)) / "meta.json").read_text())
+        given = meta.get("class_names") if isinstance(meta, dict) else None
+    except (OSError, ValueError, TypeError):
+        return names
+    if isinstance(given, list) and len(given) == n and all(isinstance(s, str) for s in given):
+        return given
+    return names
+
+
+class ServedModel:
+    """A loaded run as the server offers it: the allowed steps (consistency) or NFEs (diffusion, Heun), whether
+    it takes classes and a guidance scale, and `run(query)` → PNG bytes and timings.
+
+    `steps` overrides the allowed step counts / NFEs (a teacher beside a student is served at one NFE)."""
+
+    def __init__(self, run: LoadedRun, name: str, *, steps: Iterable[int] | None = None,
+                 default_steps: int | None = None, batches: Iterable[int] = BATCHES):
+        self.run, self.name = run, name
+        cfg = run.cfg
+        self.diffusion = cfg.method == "diffusion"
+        self.steps = tuple(steps) if steps is not None else (DIFFUSION_NFES if self.diffusion else CONSISTENCY_STEPS)
+        for k in self.steps:  # validated once, here: every allowed value is a valid sampler for this run
+            self.sampler(k).times(run)
+        if default_steps is None:
+            default_steps = 2 if 2 in self.steps else self.steps[0]
+        if default_steps not in self.steps:
+            raise InvalidSetting("steps", default_steps, f"not one of the allowed {list(self.steps)}")
+        self.default_steps = default_steps
+        self.batches = tuple(sorted(batches))
+        self.channels, self.height, self.width = sample_shape(run)
+        if run.latent is not None:  # the VAE is loaded (and its absence reported) before the server starts
+            from scm.data.latents import decoder
+
+            decoder(run.latent)
+        if self.channels not in (1, 3):
+            raise RunError(f"{name}: its samples have {self.channels} channels; a page shows images of 1 or 3")
+        self.classes = int(cfg.net.label_dim or 0)
+        self.class_names = _class_names(run) if self.classes else []
+        # guidance: classifier-free guidance for a conditional diffusion run, the guidance input of an sCD student
+        # distilled with it (as `generate` and `scm sample` decide)
+        self.takes_guidance = bool(self.classes) if self.diffusion else bool(cfg.net.guidance_embed)
+        trained = getattr(cfg.loss, "guidance", None)
+        self.default_guidance = (float(trained[0]) if trained and not self.diffusion else 1.0) \
+            if self.takes_guidance else None
+        self.device = next(run.net.parameters()).device
+
+    # -- what it offers -------------------------------------------------------------------------------------------
+    def sampler(self, steps: int) -> Sampler:
+        return Sampler(nfe=steps, solver="heun") if self.diffusion else Sampler(steps=steps)
+
+    def describe(self) -> dict:
+        cfg = self.run.cfg
+        return {
+            "name": self.name,
+            "run": self.run.checkpoint.parent.parent.name,
+            "method": cfg.method,
+            "sampler": "Heun ODE" if self.diffusion else "consistency",
+            "steps_kind": "nfe" if self.diffusion else "steps",
+            "steps": list(self.steps),
+            "default_steps": self.default_steps,
+            "resolution": self.height,
+            "channels": self.channels,
+            "latent": self.run.latent is not None,
+            "classes": self.classes,
+            "class_names": self.class_names,
+            "guidance": self.takes_guidance,
+            "default_guidance": self.default_guidance,
+            "guidance_range": [0.0, GUIDANCE_MAX] if self.takes_guidance else None,
+            "batches": list(self.batches),
+            "checkpoint_step": self.run.step,
+            "parameters": sum(p.numel() for p in self.run.net.parameters()),
+            "device": str(self.device),
+        }
+
+    # -- one request ----------------------------------------------------------------------------------------------
+    def check(self, params: dict[str, str]) -> Query:
+        """A Query from this model's parameters (strings; absent ones take their defaults); InvalidSetting
+        (key = the parameter) for a value it cannot take."""
+        seed = _integer(params, "seed", 0, 0, SEED_MAX)
+        steps = self.default_steps
+        if "steps" in params:
+            steps = _integer(params, "steps", 0, 0, 10**9)
+            if steps not in self.steps:
+                what = "NFE" if self.diffusion else "step count"
+                raise InvalidSetting("steps", params["steps"], f"this model's {what} is one of {list(self.steps)}")
+        class_label = None
+        if "class" in params:
+            if not self.classes:
+                raise InvalidSetting("class", params["class"], "this model is unconditional")
+            class_label = _integer(params, "class", 0, 0, self.classes - 1)
+        guidance = None
+        if "guidance" in params:
+            value = params["guidance"]
+            if not self.takes_guidance:
+                why = ("it is unconditional, so it has no classifier-free guidance" if self.diffusion else
+                       "it has no guidance input (it was not distilled with classifier-free guidance)")
+                raise InvalidSetting("guidance", value, f"this model takes no guidance: {why}")
+            guidance = float(value) if _DECIMAL.fullmatch(value) else math.nan
+            if not 0 < guidance <= GUIDANCE_MAX:
+                raise InvalidSetting("guidance", value, f"must be a number in (0, {GUIDANCE_MAX:g}]")
+        elif self.default_guidance is not None and not self.diffusion:
+            guidance = self.default_guidance
+        batch = _integer(params, "batch", 1, 0, 10**9)
+        if batch not in self.batches:
+            raise InvalidSetting("batch", params["batch"], f"must be one of {list(self.batches)}")
+        return Query(self.name, None, seed, steps, class_label, guidance, batch)
+
+    def generate(self, q: Query) -> Generated:
+        """The images of `q` (image i from (seed, i), as `scm sample`) as one PNG: the image for batch 1, else a
+        grid with 1-pixel white gaps. Blocks: the web side calls it in a worker thread."""
+        return self.generate_many([q])[0]
+
+    def generate_many(self, queries: list[Query]) -> list[Generated]:
+        """`generate` of several queries with the same steps and guidance, in one network call (their seeds and
+        classes may differ; each image is what it would be alone). Each result's `seconds` is its share (by
+        images) of the joint call's time, and `batched` how many requests shared it."""
+        steps, guidance = queries[0].steps, queries[0].guidance
+        if any((q.steps, q.guidance) != (steps, guidance) for q in queries):
+            raise ValueError("generate_many: the queries must share steps and guidance")
+        sampler = self.sampler(steps)
+        items = [(q.seed, i, q.class_label) for q in queries for i in range(q.batch)]
+        images, seconds = generate_items(self.run, sampler, items, guidance=guidance, device=self.device)
+        out, start, total = [], 0, len(items)
+        for q in queries:
+            part = images[start:start + q.batch]
+            start += q.batch
+            array = grid(part) if q.batch > 1 else to_uint8(part)[0]
+            out.append(Generated(encode_png(array), q.batch, seconds * q.batch / total, sampler.evaluations(self.run),
+                                 array.shape[1], array.shape[0], len(queries)))
+        return out
+
+    def warm_up(self) -> None:
+        """One generation per batch size, so the first requests are not slowed by one-time set-up (allocator,
+        CUDA context, kernel selection)."""
+        for b in self.batches:
+            self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b))
+
+
+def _integer(params: dict[str, str], key: str, default: int, lo: int, hi: int) -> int:
+    if key not in params:
+        return default
+    text = params[key]
+    if not _DIGITS.fullmatch(text) or not lo <= int(text) <= hi:
+        raise InvalidSetting(key, text, f"must be an integer in {lo}..{hi}")
+    return int(text)
+
+
+def encode_png(array) -> bytes:
+    """uint8 [H, W, C] (C = 1 or 3) as PNG bytes, in memory."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def parse_query(items: Iterable[tuple[str, str]], models: dict[str, ServedModel]) -> tuple[ServedModel, Query]:
+    """The model a request names (`model`, default "student") and its validated Query. `items` are the
+    query string's (name, value) pairs in order; an unknown or repeated name is refused (InvalidSetting)."""
+    params: dict[str, str] = {}
+    for key, value in items:
+        if key not in PARAMETERS:
+            raise InvalidSetting(key, value, f"unknown parameter (accepted: {', '.join(PARAMETERS)})")
+        if key in params:
+            raise InvalidSetting(key, value, "given more than once")
+        params[key] = value
+    name = params.pop("model", "student")
+    if name not in models:
+        known = " or ".join(models)
+        why = "no teacher run was given to this server" if name == "teacher" else f"must be {known}"
+        raise InvalidSetting("model", name, why)
+    client = params.pop("client", None)
+    if client is not None and not _CLIENT.fullmatch(client):
+        raise InvalidSetting("client", client, "must be 1 to 64 letters, digits, '-' or '_'")
+    model = models[name]
+    q = model.check(params)
+    return model, Query(name, client, q.seed, q.steps, q.class_label, q.guidance, q.batch)
+
+
+def check_pair(student: LoadedRun, teacher: LoadedRun) -> None:
+    """A teacher shown beside a student must be a diffusion run that draws the same noise for the same seed and
+    class: the same sample shape, σ_d and classes (RunError, key "teacher", otherwise)."""
+    if teacher.cfg.method != "diffusion":
+        raise RunError(f"the teacher is a {teacher.cfg.method} run; a teacher is a diffusion run (its Heun ODE is "
+                       "shown beside the student)", key="teacher")
+    s, t = student.cfg, teacher.cfg
+    pairs = {"model-space shape": ((s.channels, s.resolution), (t.channels, t.resolution)),
+             "image shape": (sample_shape(student), sample_shape(teacher)),
+             "sigma_d": (s.loss.sigma_d, t.loss.sigma_d),
+             "classes": (s.net.label_dim or 0, t.net.label_dim or 0),
+             "latent space": (student.latent is not None, teacher.latent is not None)}
+    for what, (a, b) in pairs.items():
+        if a != b:
+            raise RunError(f"the teacher does not draw the student's noise: {what} {b} vs the student's {a}",
+                           key="teacher")
+
