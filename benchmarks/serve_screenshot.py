@@ -11,11 +11,13 @@ that the displayed timing is a number; it returns what it saw and, with `screens
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -94,6 +96,29 @@ def drive(url: str, screenshot: Path | None = None, teacher: bool = False, settl
     return seen
 
 
+@contextlib.contextmanager
+def serving(ckpt, teacher=None, port: int = 8765, extra=(), timeout_s: float = 120):
+    """`scm serve` in a subprocess on 127.0.0.1:`port` (CPU), waited for until it answers: its URL."""
+    cmd = [sys.executable, "-m", "scm", "serve", "--ckpt", str(ckpt), "--port", str(port), "--device", "cpu",
+           *(["--teacher", str(teacher)] if teacher else []), *map(str, extra)]
+    server = subprocess.Popen(cmd)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(url + "api/info", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start: {' '.join(cmd)}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True)
@@ -101,28 +126,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("demo/serve.png"))
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
-    cmd = [sys.executable, "-m", "scm", "serve", "--ckpt", args.ckpt, "--port", str(args.port), "--device", "cpu",
-           *(["--teacher", args.teacher] if args.teacher else [])]
-    server = subprocess.Popen(cmd)
-    try:
-        url = f"http://127.0.0.1:{args.port}/"
-        deadline = time.monotonic() + 120
-        import urllib.request
-
-        while True:
-            try:
-                urllib.request.urlopen(url + "api/info", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.3)
+    with serving(args.ckpt, args.teacher, args.port) as url:
         seen = drive(url, args.out, teacher=bool(args.teacher), settle_s=8.0)  # the teacher catches up
-        print(f"{len(seen['images'])} images shown, times {seen['ms']} ms (teacher {seen.get('teacher_ms')}); "
-              f"screenshot {args.out}")
-    finally:
-        server.terminate()
-        server.wait(30)
+    print(f"{len(seen['images'])} images shown, times {seen['ms']} ms (teacher {seen.get('teacher_ms')}); "
+          f"screenshot {args.out}")
 
 
 if __name__ == "__main__":

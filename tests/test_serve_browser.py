@@ -2,16 +2,13 @@
 class controls change the image, and the displayed timing is a number. Run by `make test-browser` (which installs
 what is missing); `make test` skips it, with the reason, when no browser or no Playwright is present."""
 
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from serve_screenshot import browser_path, drive
+from serve_screenshot import browser_path, drive, serving
 
 pytest.importorskip("starlette", reason="scm serve needs starlette and uvicorn: pip install scm[serve]")
 pytest.importorskip("uvicorn", reason="scm serve needs starlette and uvicorn: pip install scm[serve]")
@@ -35,24 +32,8 @@ def test_the_page_follows_its_controls(tmp_path):
     teacher = make_run(tmp_path / "teacher", "tiny-28-diffusion", cond)
     student = make_run(tmp_path / "scd", "tiny-28-scd", [*cond, "net.guidance_embed=true", "loss.guidance=1,2"],
                        teacher=str(teacher))
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "scm", "serve", "--ckpt", str(student), "--teacher", str(teacher),
-                               "--port", str(port), "--device", "cpu", "--teacher-nfe", "5"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "api/info", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.2)
+    with serving(student, teacher, _free_port(), ["--teacher-nfe", 5], timeout_s=60) as url:
         seen = drive(url, tmp_path / "page.png", teacher=True)
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
     assert (tmp_path / "page.png").stat().st_size > 1000
     assert len(seen["images"]) == 4, seen["seqs"]  # first image, two seed moves, one class change
     assert seen["seqs"] == sorted(set(seen["seqs"]))  # each step showed a new image ...

@@ -20,8 +20,30 @@ __all__ = ["DataError", "ImageData", "load_folder", "load_npz"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
+class ArrayShape:
+    """What a data set's `images` ([N, C, H, W], square) and `labels`/`class_names` tell: its size, resolution,
+    channels and number of classes (shared by `ImageData` and `scm.data.prepared.PreparedData`)."""
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        if self.labels is None:
+            return 0
+        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+
+
 @dataclass
-class ImageData:
+class ImageData(ArrayShape):
     images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W]
     labels: torch.Tensor | None             # int64 [N] or None
     source: str
@@ -41,23 +63,6 @@ class ImageData:
             raise DataError(f"{self.source}: the images contain NaN or Inf values")
         if self.labels is not None and bool((self.labels < 0).any()):
             raise DataError(f"{self.source}: labels must be >= 0")
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def resolution(self) -> int:
-        return self.images.shape[-1]
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        if self.labels is None:
-            return 0
-        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Stored values → model space (float32): [-1, 1] for pixels."""

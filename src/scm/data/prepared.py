@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scm.data.images import ArrayShape
 from scm.errors import DataError
 
 __all__ = ["FORMAT", "PreparedData", "PreparedWriter", "is_prepared", "load_prepared"]
@@ -155,9 +156,9 @@ class PreparedWriter:
         return self.out
 
 
-class PreparedData:
+class PreparedData(ArrayShape):
     """A prepared directory as a data set: the interface of `ImageData` (len, resolution, channels, labels,
-    num_classes, to_model, batch, describe, subset), with the images memory-mapped."""
+    num_classes, to_model, batch, describe, subset), its images read from disk by batch (or, small, in memory)."""
 
     def __init__(self, path: str | Path, meta: dict, images: np.ndarray, labels: torch.Tensor | None, start: int = 0,
                  in_memory: bool = False):
@@ -170,27 +171,10 @@ class PreparedData:
         self.class_names = meta.get("class_names")
         self.value_range = meta["value_range"]
 
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def resolution(self) -> int:
-        return self.images.shape[-1]
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
     @property
     def latent(self) -> dict | None:
         """How the items were encoded (VAE, normalisation), for decoding; None for pixels."""
         return self.meta.get("latent")
-
-    @property
-    def num_classes(self) -> int:
-        if self.labels is None:
-            return 0
-        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() / 127.5 - 1 if self.value_range == "uint8" else x.float()
