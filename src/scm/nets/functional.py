@@ -224,25 +224,27 @@ def clip(x: torch.Tensor, c: float) -> torch.Tensor:
     return _Clip.apply(x, float(c))
 
 
-class _SiLU(torch.autograd.Function):
-    """x·sigmoid(x); derivative via the native silu_backward kernel (one op for the tangent)."""
+def _activation(name: str, f, f_backward, doc: str) -> type[torch.autograd.Function]:
+    """An elementwise activation f whose JVP and backward are one native kernel each, `f_backward(g, x)` =
+    g·f'(x) (PyTorch's own formulas go through several ops)."""
 
-    @staticmethod
-    def forward(x):
-        return F.silu(x)
-
-    @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
         _save(ctx, inputs[0])
 
-    @staticmethod
-    def backward(ctx, grad):
-        return None if grad is None else torch.ops.aten.silu_backward(grad, ctx.saved_tensors[0])
+    def forward(x):  # one input (F.silu and F.gelu take optional arguments too)
+        return f(x)
 
-    @staticmethod
-    def jvp(ctx, t_x):
-        return None if t_x is None else torch.ops.aten.silu_backward(t_x, ctx.saved_tensors[0])
+    def derivative(ctx, g):
+        return None if g is None else f_backward(g, ctx.saved_tensors[0])
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(derivative), "jvp": staticmethod(derivative)})
+
+
+_SiLU = _activation("_SiLU", F.silu, torch.ops.aten.silu_backward,
+                    "x·sigmoid(x); derivative via the native silu_backward kernel (one op for the tangent).")
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -465,26 +467,10 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torc
     return _GatedResidual.apply(x, gate, h)
 
 
-class _GELU(torch.autograd.Function):
-    """GELU x·Φ(x) (exact, erf form); derivative via the native gelu_backward kernel. DiT uses the tanh
-    approximation, which on CPU costs about 5× as much (forward) and 2.5× (derivative) and buys nothing here."""
-
-    @staticmethod
-    def forward(x):
-        return F.gelu(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        _save(ctx, inputs[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None if grad is None else torch.ops.aten.gelu_backward(grad, ctx.saved_tensors[0])
-
-    @staticmethod
-    def jvp(ctx, t_x):
-        return None if t_x is None else torch.ops.aten.gelu_backward(t_x, ctx.saved_tensors[0])
+_GELU = _activation("_GELU", F.gelu, torch.ops.aten.gelu_backward,
+                    "GELU x·Φ(x) (exact, erf form); derivative via the native gelu_backward kernel. DiT uses the tanh "
+                    "approximation, which on CPU costs about 5× as much (forward) and 2.5× (derivative) and buys "
+                    "nothing here.")
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
