@@ -15,7 +15,7 @@ import torch
 
 from scm.errors import DataError
 
-__all__ = ["DataError", "ImageData", "load_folder", "load_npz"]
+__all__ = ["DataError", "ImageData", "folder_labels", "load_folder", "load_npz"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -128,13 +128,17 @@ def load_folder(root: Path) -> ImageData:
             )
         arrays.append(a)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    rel = [f.relative_to(root).parts for f in files]
-    labels = names = None
-    if all(len(parts) >= 2 for parts in rel):
-        names = sorted({parts[0] for parts in rel})
-        index = {n: i for i, n in enumerate(names)}
-        labels = torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64)
-    return ImageData(images, labels, str(root), names, "uint8")
+    labels, names = folder_labels([f.relative_to(root) for f in files])
+    return ImageData(images, None if labels is None else torch.from_numpy(labels), str(root), names, "uint8")
+
+
+def folder_labels(rel: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:
+    """Labels and class names from relative paths: the sorted first-level sub-folders, when every file has one."""
+    if not all(len(r.parts) >= 2 for r in rel):
+        return None, None
+    names = sorted({r.parts[0] for r in rel})
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[r.parts[0]] for r in rel], dtype=np.int64), names
 
 
 def load_npz(path: Path) -> ImageData:

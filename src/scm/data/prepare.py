@@ -35,10 +35,11 @@ import torch
 from tqdm import tqdm
 
 from scm.data import preprocess as pp
+from scm.data.images import folder_labels
 from scm.data.prepared import PreparedWriter, is_prepared
 from scm.errors import DataError
 
-__all__ = ["folder_labels", "list_images", "prepare"]
+__all__ = ["list_images", "prepare"]
 
 SKIPPED_LISTED = 100
 RULES = 1  # the version of the preprocessing rules, part of the resume key
@@ -47,15 +48,6 @@ RULES = 1  # the version of the preprocessing rules, part of the resume key
 def list_images(root: Path) -> list[Path]:
     """Every image file under root (recursive), sorted."""
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in pp.SUFFIXES and p.is_file())
-
-
-def folder_labels(rel: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:
-    """Labels and class names from relative paths: the first-level sub-folder when every file has one."""
-    if not all(len(r.parts) >= 2 for r in rel):
-        return None, None
-    names = sorted({r.parts[0] for r in rel})
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[r.parts[0]] for r in rel], dtype=np.int64), names
 
 
 def _is_image_folder(src: str) -> bool:
