@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scm._stats import merge_moments
 from scm.errors import DataError, MissingDependency
 
 __all__ = ["NAMED_STATS", "ChannelMoments", "decode", "decoder", "denormalize", "encode", "load_vae", "normalize",
@@ -156,16 +157,10 @@ class ChannelMoments:
 
     def add(self, z: np.ndarray) -> None:
         v = np.moveaxis(np.asarray(z, dtype=np.float64), 1, 0).reshape(z.shape[1], -1)
-        nb, mb = v.shape[1], v.mean(axis=1)
-        m2b = ((v - mb[:, None]) ** 2).sum(axis=1)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = nb, mb.tolist(), m2b.tolist()
-            return
-        ma, m2a, n = np.array(self.mean), np.array(self.m2), self.n + nb
-        delta = mb - ma
-        self.mean = (ma + delta * nb / n).tolist()
-        self.m2 = (m2a + m2b + delta**2 * self.n * nb / n).tolist()
-        self.n = n
+        mb = v.mean(axis=1)
+        state = (self.n, np.array(self.mean), np.array(self.m2)) if self.n else None
+        self.n, mean, m2 = merge_moments(state, (v.shape[1], mb, ((v - mb[:, None]) ** 2).sum(axis=1)))
+        self.mean, self.m2 = mean.tolist(), m2.tolist()
 
     @property
     def std(self) -> list[float]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scm._stats import merge_moments
 from scm.data import DataError, ImageData, PreparedData, load_dataset
 from scm.data.builtin import data_dir
 from scm.metrics.classifier import Classifier, get_classifier
@@ -117,16 +118,6 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
     return space, stats
 
 
-def _merge(a: tuple | None, b: tuple) -> tuple:
-    """Two (count, mean, scatter Σ(x − mean)(x − mean)ᵀ) summaries → the summary of their union (Chan, Golub &
-    LeVeque 1979, the pairwise update: stable, and exact in exact arithmetic)."""
-    if a is None:
-        return b
-    (na, ma, sa), (nb, mb, sb) = a, b
-    n, d = na + nb, mb - ma
-    return n, ma + d * (nb / n), sa + sb + torch.outer(d, d) * (na * nb / n)
-
-
 def reference_stats(space: FeatureSpace, data, chunk: int = EMBED_CHUNK) -> RefStats:
     """Mean, covariance and a random sample (SAMPLE features, seed 0) of a data set's features, embedded
     `chunk` images at a time (`data.batch`), so that memory does not grow with the data set. The features,
@@ -144,7 +135,7 @@ def reference_stats(space: FeatureSpace, data, chunk: int = EMBED_CHUNK) -> RefS
         feats, _ = space.embed(data.batch(index)[0])
         f = feats.double()
         mean = f.mean(0)
-        summary = _merge(summary, (len(f), mean, (f - mean).T @ (f - mean)))
+        summary = merge_moments(summary, (len(f), mean, (f - mean).T @ (f - mean)))
         if sample is None:
             sample = torch.empty(len(pick), feats.shape[1], dtype=feats.dtype)
         here = slot[index]
