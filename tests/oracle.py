@@ -68,6 +68,14 @@ class Gaussian:
         r = x_s - (1 - ss) * a
         return ss / V * r - (a + (1 - ss) * b2 / V * r)
 
+    def eps_y(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, k: float = 1.0):
+        """(E[ε | x], E[y | x]) for x = α·y + σ·ε with y = x0/k ~ N(μ/k, s²/k²), ε ~ N(0, I): the ideal noise and data
+        predictions of a diffusion model of y at that noise level (α, σ: [B])."""
+        my, vy = self.mu / k, (self.s / k) ** 2
+        a, sg = _col(alpha, x).to(x.dtype), _col(sigma, x).to(x.dtype)
+        r = (x - a * my) / (a * a * vy + sg * sg)
+        return sg * r, my + a * vy * r
+
     def posterior_x0(self, x_t: torch.Tensor, t: torch.Tensor, n: int, generator=None) -> torch.Tensor:
         """n samples of x0 | x_t for one x_t of shape [1, D]: returns [n, D]."""
         c, si, m, v2 = self._moments(t, x_t)

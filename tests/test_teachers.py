@@ -32,7 +32,8 @@ def test_from_edm_of_the_closed_form_denoiser_is_F_star():
 
 def test_from_flow_of_the_closed_form_velocity_is_F_star_on_the_closed_interval():
     x_t, t, _ = _points([0.0, *INTERIOR, math.pi / 2])
-    torch.testing.assert_close(from_flow(G.flow_v, SD)(x_t / SD, t), G.F_star(x_t / SD, t), atol=1e-12, rtol=1e-12)
+    F = from_flow(G.flow_v, SD, data="unit")(x_t / SD, t)  # the oracle's flow runs on y = x0/σ_d
+    torch.testing.assert_close(F, G.F_star(x_t / SD, t), atol=1e-12, rtol=1e-12)
 
 
 def test_from_flow_time_scale_feeds_scaled_time():
@@ -43,14 +44,14 @@ def test_from_flow_time_scale_feeds_scaled_time():
         return G.flow_v(x, s / 1000)
 
     x_t, t, _ = _points([0.3, 1.0])
-    F = from_flow(v, SD, time_scale=1000)(x_t / SD, t)
+    F = from_flow(v, SD, time_scale=1000, data="unit")(x_t / SD, t)
     assert float(seen["s"].max()) > 1.0
     torch.testing.assert_close(F, G.F_star(x_t / SD, t))
 
 
 @pytest.mark.parametrize("wrap", ["edm", "flow"])
 def test_forward_mode_ad_flows_through_the_adapters(wrap):
-    fn = from_edm(G.edm_D, SD) if wrap == "edm" else from_flow(G.flow_v, SD)
+    fn = from_edm(G.edm_D, SD) if wrap == "edm" else from_flow(G.flow_v, SD, data="unit")
     x_t, t, dxdt = _points([0.05, 0.7, 1.4])
     F, JF = jvp_tangent(fn, x_t, t, dxdt, SD)
     F_ref, JF_ref = jvp_tangent(G.F_star, x_t, t, dxdt, SD)

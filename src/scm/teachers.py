@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import torch
 
-from scm._checks import check_positive, check_t
+from scm._checks import check_choice, check_positive, check_t
 from scm.precision import compute_dtype
 from scm.trigflow import expand
 
-__all__ = ["from_edm", "from_flow", "guided"]
+__all__ = ["from_diffusers", "from_edm", "from_flow", "guided"]
 
 TrigFlowFn = Callable[..., torch.Tensor]
 
@@ -67,29 +67,45 @@ def from_edm(D: Callable[..., torch.Tensor], sigma_d: float) -> TrigFlowFn:
     return fn
 
 
-def from_flow(v: Callable[..., torch.Tensor], sigma_d: float, *, time_scale: float = 1.0) -> TrigFlowFn:
+def from_flow(v: Callable[..., torch.Tensor], sigma_d: float, *, time_scale: float = 1.0,
+              data: str = "own") -> TrigFlowFn:
     """Wrap a rectified-flow velocity v(x_s, s·time_scale, **cond) ≈ E[ε − y | x_s] as a TrigFlow F.
 
-    The flow runs on data at unit std: x_s = (1 − s)·y + s·ε with y = x0/σ_d, ε ~ N(0, I), s ∈ [0, 1].
-    Matching signal-to-noise ratios gives s = sin t/(sin t + cos t) and x_s = (x_t/σ_d)/(sin t + cos t);
-    the TrigFlow target E[cos t·ε − sin t·y | x_t] then follows from v as
-        F = [(1 − 2s)·x_s + (1 − 2s + 2s²)·v] / sqrt(s² + (1 − s)²)          (Sana-Sprint, Chen et al. 2025, Prop. 3.1)
-          = [(cos t − sin t)·x_t/σ_d + v] / (sin t + cos t)                   (same, simplified).
-    Defined on the closed interval [0, π/2]. `time_scale` multiplies the time fed to v (e.g. 1000 for
-    models trained on s·1000; beware that a large scale amplifies ∂F/∂t, the instability of paper §4.1).
+    The flow runs on its data y: x_s = (1 − s)·y + s·ε, ε ~ N(0, I), s ∈ [0, 1], where y = x0 (data="own", the
+    default: scm's data is the flow model's own, σ_d its std) or y = x0/σ_d (data="unit": Sana-Sprint's
+    convention, the flow model's data at unit std; Chen et al. 2025, Prop. 3.1). With y = x0/k, x_t = a·y + b·ε
+    for a = k·cos t, b = σ_d·sin t, so matching signal-to-noise ratios gives
+        s = b/(a + b),   x_s = x_t/(a + b),   F = cos t·(x_s + (1 − s)·v) − (k·sin t/σ_d)·(x_s − s·v),
+    the TrigFlow target E[cos t·ε − sin t·x0/σ_d | x_t] (eq. 3–4) from ε̂ = x_s + (1 − s)·v and ŷ = x_s − s·v.
+    For data="unit" this is Sana-Sprint's F = [(cos t − sin t)·x_t/σ_d + v]/(sin t + cos t). Defined on the
+    closed interval [0, π/2]. `time_scale` multiplies the time fed to v (e.g. 1000 for models trained on
+    s·1000; beware that a large scale amplifies ∂F/∂t, the instability of paper §4.1). Same conventions as
+    `scm.diffusers.from_diffusers` (`scm.diffusers.convert`), which wraps diffusers' flow-matching models.
     """
     check_positive("sigma_d", sigma_d)
     check_positive("time_scale", time_scale)
+    check_choice("data", data, ("own", "unit"))
+    k = 1.0 if data == "own" else float(sigma_d)
 
     def fn(x_scaled: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         check_t(t, x_scaled)
-        t_work = t.to(compute_dtype(t))
-        denom = torch.sin(t_work) + torch.cos(t_work)
-        s = torch.sin(t_work) / denom
-        tt = expand(t_work, x_scaled)
-        den = expand(denom, x_scaled)
-        x_s = x_scaled / den
-        v_hat = v(x_s.to(x_scaled.dtype), (s * time_scale).to(t.dtype), **cond)
-        return (((torch.cos(tt) - torch.sin(tt)) * x_scaled + v_hat) / den).to(x_scaled.dtype)
+        work = compute_dtype(t, x_scaled)
+        cos, sin = torch.cos(t.to(work)), torch.sin(t.to(work))
+        a, b = k * cos, sigma_d * sin
+        s = b / (a + b)
+        x_s = sigma_d * x_scaled.to(work) / expand(a + b, x_scaled)
+        v_hat = v(x_s.to(x_scaled.dtype), (s * time_scale).to(t.dtype), **cond).to(work)
+        ss = expand(s, x_scaled)
+        eps, y = x_s + (1 - ss) * v_hat, x_s - ss * v_hat
+        F = expand(cos, x_scaled) * eps - (k / sigma_d) * expand(sin, x_scaled) * y
+        return F.to(x_scaled.dtype)
 
     return fn
+
+
+def from_diffusers(model, scheduler, *, sigma_d: float | None = None, data: str = "own", **kwargs) -> TrigFlowFn:
+    """A diffusers network and its training scheduler as a TrigFlow F (VP/DDPM ε/v/x0, EDM, rectified flow); see
+    `scm.diffusers.from_diffusers`. Needs the optional extra scm[latent] (diffusers) only to load models."""
+    from scm.diffusers.teacher import from_diffusers as wrap
+
+    return wrap(model, scheduler, sigma_d=sigma_d, data=data, **kwargs)

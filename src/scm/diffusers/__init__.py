@@ -1,0 +1,19 @@
+"""Interoperability with diffusers (optional extra): its models as TrigFlow teachers and students, and scm runs
+exported as diffusers pipelines. Names are imported lazily, so `import scm.diffusers` works without diffusers."""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Parameterization": "convert", "call_model": "convert", "data_scale": "convert",
+    "from_diffusers": "teacher", "load_diffusers": "teacher",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"scm.diffusers.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'scm.diffusers' has no attribute {name!r}")
