@@ -1,9 +1,11 @@
 """What limits 2-step sCD/sCT on MNIST? Small, recorded experiments: one change each against a baseline, every run
 for the same wall-clock, all at once (one process per run; made for a GPU, where the tiny U-Net is launch-bound
-and runs side by side cost little more than one), each evaluated at 1 and 2 steps (t_mid = 1.1 and others) with
-both tracked EMA lengths and several sample seeds.
+and runs side by side cost little more than one; each process gets its share of the CPU threads), then each is
+evaluated in this process, one setting after another, at 1 and 2 steps (t_mid = 1.1 and others) with several
+sample seeds (the teacher too).
 
     python benchmarks/fidelity_sweep.py --device cuda --minutes 3 --n 2000 --seeds 0 1 2 [--only scd-base ...]
+    python benchmarks/fidelity_sweep.py --eval-only ...   # evaluate the runs already trained in --work
 
 Results: benchmarks/results/fidelity-sweep-<device>.{json,md} (machine, command, every row). The teacher is
 demo/teacher (its Heun-35 quality is measured here with the same n and seeds, unguided).
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -73,12 +76,14 @@ def _interval(values):
     return {"mean": m, "pm": t95 * statistics.stdev(values) / math.sqrt(len(values))}
 
 
-def run_variant(name, args):
+def train_variant(name, args):
+    """Train one variant for args.minutes of wall-clock (in its own process)."""
+    import torch
+
     from scm.config import make_config
-    from scm.generate import Sampler
-    from scm.sampling import consistency_times
     from scm.train import train
 
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.parallel))  # side by side: share the CPU cores
     preset, overrides = VARIANTS[name]
     out = Path(args.work) / name
     flag = {"teacher": str(TEACHER)} if preset.endswith("scd") else {"init": str(TEACHER)}
@@ -90,20 +95,26 @@ def run_variant(name, args):
                       device=args.device, **flag)
     t0 = time.perf_counter()
     train(cfg)
-    seconds = time.perf_counter() - t0
-    state = json.loads(next((out / "checkpoints").glob("*/state.json")).read_text())
-    kimg = state.get("cur_nimg", 0) / 1000
+    return {"name": name, "preset": preset, "overrides": overrides, "batch": batch,
+            "train_seconds": time.perf_counter() - t0}
+
+
+def evaluate_variant(name, args, record):
+    """1-step and 2-step (several t_mid) quality of a trained variant, both EMA lengths (in the main process)."""
+    from scm.generate import Sampler
+    from scm.sampling import consistency_times
+
+    out = Path(args.work) / name
+    state = json.loads(sorted((out / "checkpoints").glob("*/state.json"))[-1].read_text())
     settings = []
-    for ema in (0.05, 0.1):
+    for ema in args.emas:
         settings.append(("1-step", Sampler(steps=1), ema))
         for tm in T_MIDS:
-            ts = tuple(consistency_times(2, sigma_d=cfg.loss.sigma_d, t_mid=tm))
-            settings.append((f"2-step t_mid={tm}", Sampler(ts=ts), ema))
+            settings.append((f"2-step t_mid={tm}", Sampler(ts=tuple(consistency_times(2, t_mid=tm))), ema))
     rows = _eval_rows(out, args, settings)
-    log(f"{name}: {kimg:.1f} kimg in {seconds:.0f} s; " + ", ".join(f"{r['setting']} σ={r['ema']}: {r['mean']:.1f}"
-                                                                for r in rows))
-    return {"name": name, "preset": preset, "overrides": overrides, "batch": batch, "kimg": kimg,
-            "train_seconds": seconds, "rows": rows}
+    log(f"{name}: {state['kimg']:.1f} kimg; " + ", ".join(f"{r['setting']} σ={r['ema']}: {r['mean']:.1f}"
+                                                       for r in rows))
+    return {**record, "kimg": state["kimg"], "rows": rows}
 
 
 def run_teacher(args):
@@ -114,10 +125,10 @@ def run_teacher(args):
     return {"name": "teacher", "rows": rows}
 
 
-def _job(job):
+def _train_job(job):
     name, args = job
     try:
-        return run_teacher(args) if name == "teacher" else run_variant(name, args)
+        return train_variant(name, args)
     except Exception as e:  # a failed variant is a result
         log(f"{name}: failed: {type(e).__name__}: {e}")
         return {"name": name, "error": f"{type(e).__name__}: {e}"}
@@ -141,9 +152,9 @@ def report(results, path_md):
             continue
         if res["name"] == "teacher":
             continue
-        for ema in (0.05, 0.1):
+        for ema in sorted({r["ema"] for r in res["rows"]}):
             cells = [fmt(r) for r in res["rows"] if r["ema"] == ema]
-            lines.append(f"| {res['name']} {' '.join(res['overrides'])} (batch {res['batch']}) | {res['kimg']:.1f} | "
+            lines.append(f"| {res['name']} {' '.join(res.get('overrides', []))} | {res['kimg']:.1f} | "
                          f"{ema} | " + " | ".join(cells) + " |")
     path_md.write_text("\n".join(lines) + "\n")
 
@@ -155,20 +166,33 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--emas", type=float, nargs="+", default=[0.05], help="EMA σ_rel to evaluate (tracked: 0.05, 0.1)")
     p.add_argument("--only", nargs="+", default=None, help="variant names (default: all)")
-    p.add_argument("--parallel", type=int, default=13)
+    p.add_argument("--parallel", type=int, default=12, help="runs trained at once")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the runs already in --work")
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "runs" / "fidelity-sweep"))
     p.add_argument("--out", default=None, help="result stem (default benchmarks/results/fidelity-sweep-<device>)")
     args = p.parse_args()
-    names = ["teacher", *(args.only or VARIANTS)]
-    with mp.get_context("spawn").Pool(min(args.parallel, len(names))) as pool:
-        runs = pool.map(_job, [(n, args) for n in names], chunksize=1)
+    names = args.only or list(VARIANTS)
     stem = Path(args.out) if args.out else RESULTS / f"fidelity-sweep-{args.device.split(':')[0]}"
     results = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "device": args.device,
-               "minutes": args.minutes, "n": args.n, "seeds": args.seeds, "runs": runs}
+               "minutes": args.minutes, "n": args.n, "seeds": args.seeds, "runs": []}
+    if args.eval_only:
+        records = [{"name": n} for n in names if (Path(args.work) / n / "checkpoints").is_dir()]
+    else:  # training side by side; evaluation after it, one setting at a time, in this process
+        with mp.get_context("spawn").Pool(min(args.parallel, len(names))) as pool:
+            records = pool.map(_train_job, [(n, args) for n in names], chunksize=1)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    report(results, Path(f"{stem}.md"))
+
+    def save():
+        Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        report(results, Path(f"{stem}.md"))
+
+    results["runs"].append(run_teacher(args))
+    save()
+    for record in records:
+        results["runs"].append(record if "error" in record else evaluate_variant(record["name"], args, record))
+        save()  # after every run, so that a stopped sweep keeps what it measured
     log(f"wrote {stem}.json and .md")
 
 

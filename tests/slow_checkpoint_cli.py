@@ -11,8 +11,8 @@ pause = float(sys.argv.pop(1))
 write = scm.runs.save_tensors
 
 
-def slow_save_tensors(tensors, path):
-    write(tensors, path)
+def slow_save_tensors(tensors, path, **kwargs):
+    write(tensors, path, **kwargs)
     time.sleep(pause)
 
 

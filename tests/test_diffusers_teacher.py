@@ -8,6 +8,7 @@
    on its own grid converges to the same images.
 """
 
+import json
 import math
 
 import pytest
@@ -280,3 +281,48 @@ def test_load_diffusers_errors_name_the_problem(tmp_path):
     (tmp_path / "n" / "scheduler_config.json").write_text('{"_class_name": "NoSuchScheduler"}')
     with pytest.raises(ConfigError, match="NoSuchScheduler"):
         load_diffusers(tmp_path / "n")
+
+
+# -- the command line: scm train --teacher diffusers:PATH ------------------------------------------------------------
+def _pipeline_folder(root, model, scheduler):
+    model.save_pretrained(root / "unet")
+    scheduler.save_pretrained(root / "scheduler")
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", type(model).__name__],
+             "scheduler": ["diffusers", type(scheduler).__name__]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_cli_distils_a_diffusers_pipeline_into_its_own_network(tmp_path):
+    """sCD from a diffusers pipeline folder: the student is the teacher's network (TrigFlow in/out, w_φ head), its
+    run samples without the folder, and a teacher of another shape is refused by name."""
+    import numpy as np
+
+    from scm.runs import load_run
+
+    from conftest import cli, make_shapes
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)
+    pipe = _pipeline_folder(tmp_path / "pipe", unet, diffusers.DDPMScheduler(prediction_type="v_prediction"))
+    images, _ = make_shapes(n=32, res=16)
+    np.savez(tmp_path / "d.npz", x=images[..., 0])
+    run = tmp_path / "run"
+    code, text = cli("train", "--preset", "tiny-28-scd", "--data", tmp_path / "d.npz", "--out", run, "--teacher",
+                     f"diffusers:{pipe}", "--kimg", 0.032, "--batch", 8, "resolution=16", "progress=false",
+                     "tensorboard=false", "sample_count=4")
+    assert code == 0, text
+    assert "initialized from the diffusers teacher" in text and "measured std" in text
+    loaded = load_run(run)
+    assert loaded.cfg.net_preset == "diffusers" and loaded.cfg.net.model_class == "UNet2DModel"
+    code, text = cli("sample", "--ckpt", run, "--steps", 2, "--n", 3, "--out", tmp_path / "s.npz")
+    assert code == 0, text
+    np.savez(tmp_path / "d28.npz", x=make_shapes(n=8, res=28)[0][..., 0])  # data of another shape than the teacher
+    code, text = cli("train", "--preset", "tiny-28-scd", "--data", tmp_path / "d28.npz", "--out", tmp_path / "r2",
+                     "--teacher", f"diffusers:{pipe}", "--kimg", 0.032, "progress=false")
+    assert code == 2 and "16×16×1" in text, text
+    code, text = cli("train", "--preset", "tiny-28-scd", "--data", tmp_path / "d.npz", "--out", tmp_path / "r3",
+                     "--teacher", f"diffusers:{tmp_path / 'nothing'}", "resolution=16", "progress=false")
+    assert code == 2 and "no such folder" in text, text

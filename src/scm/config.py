@@ -69,10 +69,17 @@ class OptimConfig:
 @dataclass
 class EMAConfig:
     stds: tuple[float, ...] = (0.05,)         # EDM2 power-function EMA, one per relative std σ_rel
+    # Snapshots of every profile in ema.stds each time training passes a multiple of this many kimg (and at the
+    # last step), for post-hoc EMA (`scm ema`); 0 or None: none. 2.5 kimg keeps 10–40 snapshots for CPU runs of
+    # 25–100 kimg (15 MB each for the tiny U-Net's two profiles; a 5 kimg run wants 0.5). The paper presets use
+    # EDM2's 8Mi images.
+    snapshot_kimg: float | None = 2.5
 
     def validate(self) -> None:
         _need(len(self.stds) > 0 and all(0 < s < 0.28 for s in self.stds), "ema.stds", self.stds,
               "must be one or more σ_rel in (0, 0.28)")
+        _need(self.snapshot_kimg is None or (_finite(self.snapshot_kimg) and self.snapshot_kimg >= 0),
+              "ema.snapshot_kimg", self.snapshot_kimg, "must be >= 0 (0 or None: no snapshots)")
 
 
 @dataclass
@@ -92,7 +99,9 @@ class TrainConfig:
     resolution: int = 32                      # the data's resolution and channels this preset expects
     channels: int = 3
     conditional: bool = False                 # class-conditional on the data's labels
-    teacher: str | None = None                # sCD: a diffusion run directory, or "module:function"
+    teacher: str | None = None                # sCD: a diffusion run directory, "diffusers:PATH" or "module:function"
+    teacher_data: str = "own"                 # diffusers teachers: scm's data is the teacher's own ("own") or the
+                                              # teacher's data is x0/σ_d ("unit", Sana-Sprint's convention)
     teacher_ema: float | None = None          # σ_rel of the teacher's EMA to use (None: its first)
     init: str | None = None                   # start from this run's EMA (sCD: defaults to the teacher)
     init_ema: float | None = None
@@ -142,6 +151,7 @@ class TrainConfig:
         _need(not (self.distributed == "fsdp" and getattr(L, "fused_pass", None) is True), "loss.fused_pass",
               True, "is not supported with distributed=fsdp (FSDP2's hooks have no forward-mode AD rule); "
               "use the separate tangent pass (loss.fused_pass=false)")
+        _need(self.teacher_data in ("own", "unit"), "teacher_data", self.teacher_data, "must be 'own' or 'unit'")
         if self.method == "scd":
             _need(self.teacher is not None, "teacher", self.teacher, "sCD needs a teacher (a diffusion run directory)")
         else:
@@ -216,6 +226,10 @@ def coerce(value, tp, key: str):
         if len(items) != len(args):
             raise ConfigError(f"{key}={value!r}: expected {len(args)} comma-separated values", key=key)
         return tuple(coerce(v, a, key) for v, a in zip(items, args, strict=True))
+    if tp is dict or origin is dict:  # a JSON object, kept as it is (a diffusers network's own config)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a JSON object", key=key)
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -18,7 +18,7 @@ from scm.metrics import measure, open_reference
 from scm.metrics.quality import FeatureSpace, RefStats
 from scm.runs import LoadedRun
 
-__all__ = ["evaluate", "evaluate_setting"]
+__all__ = ["evaluate", "evaluate_setting", "open_checked_reference"]
 
 
 def evaluate_setting(run: LoadedRun, sampler: Sampler, space: FeatureSpace, ref: RefStats, n: int, *,
@@ -44,6 +44,22 @@ def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metri
              seed: int = 0, inception=None, log=print, guidance: float | None = None) -> dict:
     """Every sampler setting of `samplers` against the reference `ref` (a data set or a statistics file). A run
     on latents is measured on its decoded samples, so `ref` must be images (those the latents came from)."""
+    space, stats = open_checked_reference(run, samplers, ref, n, metric=metric, inception=inception, log=log,
+                                          guidance=guidance)
+    rows = []
+    for s in samplers:
+        row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance)
+        rows.append(row)
+        log(f"{row['sampler']}: {space.metric} {row[space.metric]:.2f}, {row['images_per_second']:.1f} img/s")
+    return {"run": str(run.checkpoint), "method": run.cfg.method, "ema_std": run.ema_std, "step": run.step,
+            "reference": stats.source, "metric": space.metric, "n": n, "batch": batch, "seed": seed,
+            "guidance": guidance, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+
+
+def open_checked_reference(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd",
+                           inception=None, log=print, guidance: float | None = None) -> tuple[FeatureSpace, RefStats]:
+    """Check the sample count, every sampler setting, the conditioning and the reference against the run before
+    anything is computed; then the reference's feature space and statistics (for `evaluate_setting`)."""
     if not (isinstance(n, int) and n >= 2):
         raise SamplerError(f"n={n!r}: need at least 2 samples per setting (a covariance needs two)", key="n")
     for s in samplers:
@@ -60,11 +76,4 @@ def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metri
                         f"this run's {what} are {shape[1]}×{shape[2]}×{shape[0]}"
                         + ("; give the image data set the latents were encoded from" if run.latent else ""),
                         key="ref")
-    rows = []
-    for s in samplers:
-        row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance)
-        rows.append(row)
-        log(f"{row['sampler']}: {space.metric} {row[space.metric]:.2f}, {row['images_per_second']:.1f} img/s")
-    return {"run": str(run.checkpoint), "method": run.cfg.method, "ema_std": run.ema_std, "step": run.step,
-            "reference": stats.source, "metric": space.metric, "n": n, "batch": batch, "seed": seed,
-            "guidance": guidance, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+    return space, stats

@@ -11,7 +11,8 @@ teacher EMA σ_rel per size (App. G.2, the EMA the student starts from and, for 
 only at resolutions ≤ 16 on ImageNet; ImageNet 512×512 is 64×64×4 SD-VAE latents, and its sCD students take
 the classifier-free-guidance scale s ~ U[1, 2] as an input (§5.2). The tiny presets are this project's, for
 CPUs: minutes on a laptop; their tangent warm-up of 1 kimg is a few % of runs of 5–100 kimg, as the paper's
-10k iterations are of its runs.
+10k iterations are of its runs. Post-hoc EMA snapshots (`ema.snapshot_kimg`): the tiny presets keep the default
+(2.5 kimg, `scm.config.EMAConfig`), the paper's presets take EDM2's interval of 8Mi images (256 over 2Gi images).
 """
 # ruff: noqa: E501
 
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 __all__ = ["FAMILIES", "PRESETS"]
 
+_EDM2_SNAPSHOT_KIMG = 8 * 2**20 / 1000  # post-hoc EMA snapshots every 8Mi images, as EDM2
 _TINY = {"net_preset": "tiny", "batch": 64, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 20.0, "sample_every_kimg": 40.0}
 _DIT_TINY = {"net_preset": "dit-tiny", "batch": 64, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 20.0, "sample_every_kimg": 40.0}
-_C10 = {"net_preset": "cifar", "resolution": 32, "channels": 3, "batch": 512, "ema.stds": (0.05,), "ckpt_every_kimg": 5000.0, "sample_every_kimg": 5000.0}
-_IMG64 = {"resolution": 64, "channels": 3, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 71680.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0}
-_IMG512 = {"resolution": 64, "channels": 4, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 143360.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0}
+_C10 = {"net_preset": "cifar", "resolution": 32, "channels": 3, "batch": 512, "ema.stds": (0.05,), "ckpt_every_kimg": 5000.0, "sample_every_kimg": 5000.0, "ema.snapshot_kimg": _EDM2_SNAPSHOT_KIMG}
+_IMG64 = {"resolution": 64, "channels": 3, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 71680.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0, "ema.snapshot_kimg": _EDM2_SNAPSHOT_KIMG}
+_IMG512 = {"resolution": 64, "channels": 4, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 143360.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0, "ema.snapshot_kimg": _EDM2_SNAPSHOT_KIMG}
 
 PRESETS: dict[str, dict] = {
     # CPU: the tiny U-Net on 28×28×1 (MNIST) and 32×32×3.

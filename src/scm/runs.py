@@ -6,33 +6,46 @@
     RUN/samples/                     sample grids at fixed seeds
     RUN/checkpoints/<step>/          net.safetensors, ema.safetensors, optim.safetensors, state.json
     RUN/checkpoints/latest           the name of the newest complete checkpoint
+    RUN/ema-snapshots/<step>.safetensors      post-hoc EMA: every σ_rel's average at each multiple of
+                                              ema.snapshot_kimg, with its image count and exponents (metadata)
+    RUN/ema-snapshots/<step>-end.safetensors  … and at the last step of a training session (superseded by the
+                                              next snapshot when the run is resumed)
 
 A checkpoint is written into a temporary folder (each file fsynced, state.json last), then renamed into place
 and `latest` is replaced by rename: a crash at any moment leaves the previous checkpoint intact and loadable.
 Tensors go to safetensors, everything else to JSON; nothing is ever unpickled. The EMA file holds one set of
 weights per σ_rel under keys "<σ_rel:.4f>/<parameter>". Random numbers are functions of seeds mixed by
 `mix_seed`. This module is the only one that knows these formats; it imports nothing of the training engine.
+
+EMA snapshots (EDM2 §3.2, read by `scm.train.ema.reconstruct`) are written the same way (temporary file,
+fsync, rename), with the keys of the EMA file and a JSON header under the safetensors metadata key
+"scm_ema_snapshot" (step, cur_nimg, batch, stds, exps = γ per σ_rel, snapshot_kimg, end). Checkpoint pruning never
+touches them. The set a run ends with depends only on how far it trained, never on how often it was stopped and
+resumed: a resumed run drops those past the checkpoint it continues from (they are written again, before the
+checkpoint of their step), and its next snapshot replaces the end-of-session one (a straight run has none there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from scm.config import TrainConfig, from_dict
 from scm.errors import CheckpointError, ConfigError
 from scm.nets.registry import build_net
 
-__all__ = ["LoadedRun", "RunDir", "atomic_write_bytes", "atomic_write_text", "ema_key", "ema_stds_in", "ema_weights",
-           "is_run_dir", "load_run", "load_tensors", "mix_seed", "read_run_config", "save_tensors"]
+__all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "atomic_write_bytes", "atomic_write_text",
+           "ema_key", "ema_stds_in", "ema_weights", "is_run_dir", "load_run", "load_tensors", "mix_seed",
+           "read_run_config", "save_tensors"]
 
 
 def mix_seed(*values: int) -> int:
@@ -70,8 +83,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -107,6 +120,74 @@ def ema_weights(tensors: dict[str, torch.Tensor], std: float | None = None) -> d
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+# -- EMA snapshots ---------------------------------------------------------------------------------------------------
+SNAPSHOT_META = "scm_ema_snapshot"
+
+
+@dataclass(frozen=True)
+class EMASnapshot:
+    """A snapshot file's header: when it was taken and the profiles it holds (σ_rel and γ, in the same order)."""
+
+    path: Path
+    step: int
+    cur_nimg: int              # training images seen: the time t_i of the profile τ^γ on [0, t_i]
+    batch: int                 # images per step (Δ of the EMA's updates)
+    stds: tuple[float, ...]
+    exps: tuple[float, ...]
+    end: bool                  # taken at the last step of a training session (not on the snapshot_kimg grid)
+
+    @classmethod
+    def read(cls, path: Path) -> EMASnapshot:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = (f.metadata() or {}).get(SNAPSHOT_META)
+            info = json.loads(meta) if meta is not None else None
+            snap = cls(Path(path), int(info["step"]), int(info["cur_nimg"]), int(info["batch"]),
+                       tuple(float(s) for s in info["stds"]),
+                       tuple(float(g) for g in info["exps"]), bool(info["end"]))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt or unreadable EMA snapshot ({e})") from None
+        except (TypeError, KeyError):
+            raise CheckpointError(f"{path}: not a scm EMA snapshot (no valid {SNAPSHOT_META!r} header)") from None
+        if not (snap.cur_nimg > 0 and snap.batch > 0 and snap.stds and len(snap.stds) == len(snap.exps)):
+            raise CheckpointError(f"{path}: EMA snapshot with an invalid header (cur_nimg {snap.cur_nimg}, batch "
+                                  f"{snap.batch}, stds {snap.stds}, exps {snap.exps})")
+        return snap
+
+    def open(self) -> SnapshotReader:
+        return SnapshotReader(self)
+
+
+class SnapshotReader:
+    """A snapshot's tensors, read one at a time (memory-mapped), so that combining many snapshots holds one
+    parameter of each at once."""
+
+    def __init__(self, snap: EMASnapshot):
+        self.snap = snap
+        try:
+            self._file = safe_open(str(snap.path), "pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{snap.path}: corrupt or unreadable EMA snapshot ({e})") from None
+
+    def names(self, std: float) -> list[str]:
+        """The parameter names of the profile σ_rel = std."""
+        prefix, keys = ema_key(std, ""), self._file.keys()  # (a safetensors handle is not iterable)
+        return [k[len(prefix):] for k in keys if k.startswith(prefix)]
+
+    def tensor(self, std: float, name: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(ema_key(std, name))
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{self.snap.path}: cannot read {ema_key(std, name)!r} ({e})") from None
+
+
+_SNAPSHOT_NAME = re.compile(r"\d{9,}(-end)?\.safetensors")
+
+
+def _snapshot_step(path: Path) -> int:
+    return int(path.name.split(".", 1)[0].removesuffix("-end"))
+
+
 # -- the directory ---------------------------------------------------------------------------------------------------
 class RunDir:
     def __init__(self, path: str | Path):
@@ -117,6 +198,7 @@ class RunDir:
     samples_dir = property(lambda self: self.path / "samples")
     ckpt_dir = property(lambda self: self.path / "checkpoints")
     latent_path = property(lambda self: self.path / "latent.json")
+    snapshots_dir = property(lambda self: self.path / "ema-snapshots")
 
     def read_config(self) -> dict:
         if not self.path.is_dir():
@@ -189,10 +271,44 @@ class RunDir:
         return final
 
     def clean_partial(self) -> None:
-        """Remove temporary folders left by a crash during a checkpoint write."""
+        """Remove temporary folders and files left by a crash during a checkpoint or snapshot write."""
         if self.ckpt_dir.is_dir():
             for p in self.ckpt_dir.glob(".tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
+        if self.snapshots_dir.is_dir():
+            for p in self.snapshots_dir.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
+
+    # -- EMA snapshots (post-hoc EMA) --------------------------------------------------------------------------------
+    def _snapshot_files(self) -> list[Path]:
+        if not self.snapshots_dir.is_dir():
+            return []
+        found = (p for p in self.snapshots_dir.iterdir() if _SNAPSHOT_NAME.fullmatch(p.name))
+        return sorted(found, key=lambda p: (_snapshot_step(p), p.name))
+
+    def save_ema_snapshot(self, step: int, tensors: dict[str, torch.Tensor], info: dict, *, end: bool) -> Path:
+        """Write snapshot <step> atomically (`info`: cur_nimg, batch, stds, exps, …, into its header); it
+        supersedes the end-of-session snapshots taken before it."""
+        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
+        path = self.snapshots_dir / f"{step:09d}{'-end' if end else ''}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_tensors(tensors, tmp, metadata={SNAPSHOT_META: json.dumps({**info, "step": step, "end": end})})
+        os.replace(tmp, path)
+        _fsync_dir(self.snapshots_dir)
+        for old in self._snapshot_files():
+            if old.name.endswith("-end.safetensors") and _snapshot_step(old) < step:
+                old.unlink(missing_ok=True)
+        return path
+
+    def ema_snapshots(self) -> list[EMASnapshot]:
+        """The run's EMA snapshots, oldest first (headers only; a corrupt file is a CheckpointError naming it)."""
+        return [EMASnapshot.read(p) for p in self._snapshot_files()]
+
+    def truncate_snapshots(self, after_step: int) -> None:
+        """Drop the snapshots past `after_step` (a resumed run writes them again from the checkpoint on)."""
+        for p in self._snapshot_files():
+            if _snapshot_step(p) > after_step:
+                p.unlink(missing_ok=True)
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past `after_step` (written after the checkpoint a resumed run continues from)."""

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from scm.app.ema_cli import ema_app
 from scm.errors import ScmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -192,6 +193,27 @@ def sample(
           f"{1000 * seconds / n:.2f} ms/image → {out}", file=sys.stderr)
 
 
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="a run directory (sCT or sCD): its newest checkpoint")],
+    out: Annotated[str, typer.Argument(help="the folder to write (it must not exist)")],
+    format_: Annotated[str, typer.Option("--format", help="diffusers: a pipeline folder for "
+                                                          "scm.diffusers.SCMPipeline")] = "diffusers",
+    ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to export (default: the run's first)")] = None,
+):
+    """Export a consistency run: `--format diffusers` writes a diffusers pipeline folder (safetensors + JSON;
+    `SCMPipeline.from_pretrained(OUT)` from scm.diffusers) that samples exactly as `scm sample` does."""
+    from scm.diffusers.export import FORMATS, export_diffusers
+
+    if format_ not in FORMATS:
+        _fail(f"--format {format_}: unknown export format (known: {', '.join(FORMATS)})")
+    try:
+        path = export_diffusers(run, out, ema_std=ema)
+    except USER_ERRORS as e:
+        _fail_on(e, {"out": "OUT", "run": "RUN"}, {"out": "choose another OUT, or remove it"})
+    print(f"wrote {path}: load it with scm.diffusers.SCMPipeline.from_pretrained({str(path)!r})", file=sys.stderr)
+
+
 @app.command("eval")
 def eval_(
     ckpt: Annotated[str, typer.Option(help="a run directory")],
@@ -332,6 +354,7 @@ def demo(
 
 data_app = typer.Typer(no_args_is_help=True, help="Built-in data sets.")
 app.add_typer(data_app, name="data")
+app.add_typer(ema_app, name="ema")  # scm ema reconstruct | sweep: post-hoc EMA (scm.app.ema_cli)
 
 
 @data_app.command("fetch")
@@ -402,7 +425,8 @@ def data_encode(
                                                       "it (twice the items)")] = False,
     dtype: Annotated[str, typer.Option(help="storage: float16 | float32")] = "float16",
     normalization: Annotated[str, typer.Option(help="per-channel µ_c, σ_c: measure (on this data) | sd-vae-ft-mse "
-                                                    "(the paper's values)")] = "measure",
+                                                    "(the paper's values) | vae (the VAE's scaling_factor and "
+                                                    "shift_factor: a diffusers latent teacher's data)")] = "measure",
     sample: Annotated[bool, typer.Option("--sample", help="store a posterior sample (seeded per image) instead of "
                                                           "the posterior mean")] = False,
     seed: Annotated[int, typer.Option(help="the seed of --sample's noise")] = 0,

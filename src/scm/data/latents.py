@@ -12,7 +12,10 @@ are measured on the encoded data set (`normalization="measure"`), given explicit
 paper's values for sd-vae-ft-mse (`normalization="sd-vae-ft-mse"`): µ_c = [1.56, −0.695, 0.483, 0.729],
 σ_c = [5.27, 5.91, 4.21, 4.31]. Those were measured on raw latents — the encoder's output for images in [−1, 1],
 *without* the VAE's `scaling_factor` (0.18215) — and so are ours: the per-channel normalisation replaces the
-scaling factor, which is never applied (nor a `shift_factor`).
+scaling factor, which is never applied (nor a `shift_factor`). The exception is `normalization="vae"`: the
+VAE's own (z − shift_factor)·scaling_factor, the data a diffusers latent model was trained on, for distilling
+such a teacher with its data as scm's (`scm.diffusers`); its std is then whatever it is, not σ_d (µ_c = shift,
+σ_c = σ_d/scaling_factor are recorded, so that `denormalize` inverts it like any other).
 
 Which latent is stored: the posterior mean (`latent_dist.mean`) by default, deterministic; or a sample
 mean + std·ε of the posterior (`which="sample"`), ε from a generator per image seeded with (seed, image index),
@@ -168,13 +171,16 @@ class ChannelMoments:
         return np.sqrt(np.array(self.m2) / self.n).tolist()
 
 
-def _stats(normalization, channels: int) -> tuple[str, tuple[list[float], list[float]] | None]:
+def _stats(normalization, channels: int, vae=None, sigma_d: float = 0.5):
     """(how, (µ, σ) or None when they are to be measured) from `normalization`."""
     if normalization == "measure":
         return "measured", None
+    if normalization == "vae":  # latent diffusion's own scale, (z − shift_factor)·scaling_factor, as µ_c and σ_c
+        shift, scale = vae.config.get("shift_factor") or 0.0, vae.config.get("scaling_factor") or 1.0
+        return "vae", ([float(shift)] * channels, [sigma_d / float(scale)] * channels)
     if isinstance(normalization, str):
         if normalization not in NAMED_STATS:
-            raise DataError(f"normalization={normalization!r}: use 'measure', one of {list(NAMED_STATS)}, or "
+            raise DataError(f"normalization={normalization!r}: use 'measure', 'vae', one of {list(NAMED_STATS)}, or "
                             "(mean, std) per channel", key="normalization")
         how, (mu, sigma) = normalization, NAMED_STATS[normalization]
     else:
@@ -235,7 +241,8 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
     """Encode a data set of images (a name or path, or what `scm.data.load_dataset` returns) with the VAE at
     `vae` into the prepared directory `out`: latents normalised per channel (App. G.1, see the module's
     docstring), `value_range="raw"`, and meta["latent"] recording the VAE, µ_c, σ_c, σ_d and how they were
-    obtained, for decoding. `normalization`: "measure" | "sd-vae-ft-mse" | (means, stds). An interrupted
+    obtained, for decoding. `normalization`: "measure" | "sd-vae-ft-mse" | (means, stds) | "vae" (the VAE's own
+    (z − shift_factor)·scaling_factor, the data of a diffusers latent model: its std is then not σ_d). An interrupted
     encoding with the same settings continues where it stopped (`resume`)."""
     from scm.data import load_dataset
     from scm.data.prepared import PreparedWriter
@@ -250,7 +257,7 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
     model = load_vae(vae).to(device)
     _check_images(data, model, resolution)
     shape = vae_latent_shape(model, data.resolution)
-    how, stats = _stats(normalization, shape[0])
+    how, stats = _stats(normalization, shape[0], model, sigma_d)
     out, factor = Path(out), 2 if flip else 1
     count, labelled = len(data) * factor, data.labels is not None
     settings = {"vae": _vae_path(vae), "which": which, "flip": flip, "dtype": dtype, "normalization": how,

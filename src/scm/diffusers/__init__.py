@@ -8,6 +8,9 @@ import importlib
 _EXPORTS = {
     "Parameterization": "convert", "call_model": "convert", "data_scale": "convert",
     "from_diffusers": "teacher", "load_diffusers": "teacher",
+    "DiffusersNet": "net", "student_from_diffusers": "net", "DiffusersNetConfig": "net_config",
+    "enable_jvp": "jvp", "JVPAttnProcessor": "jvp",
+    "SCMModel": "pipeline", "SCMPipeline": "pipeline", "export_diffusers": "export",
 }
 
 __all__ = sorted(_EXPORTS)

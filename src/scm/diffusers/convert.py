@@ -43,7 +43,7 @@ from scm.errors import ConfigError
 from scm.precision import compute_dtype
 from scm.trigflow import expand
 
-__all__ = ["DATA_CONVENTIONS", "Parameterization", "call_model", "data_scale"]
+__all__ = ["DATA_CONVENTIONS", "Parameterization", "call_model", "data_scale", "default_null_label", "num_classes"]
 
 DATA_CONVENTIONS = ("own", "unit")
 VP_PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -183,10 +183,10 @@ def call_model(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, 
     labels = cond.pop("labels", None)
     if labels is not None and labels.is_floating_point():  # one-hot rows → indices
         labels = labels.argmax(dim=1)
-    conditional = _num_classes(model) is not None
+    conditional = num_classes(model) is not None
     if conditional:
         if labels is None:
-            null = _null_label(model) if null_label is None else null_label
+            null = default_null_label(model) if null_label is None else null_label
             if null is None:
                 raise ConfigError(f"{type(model).__name__} is class-conditional without an unconditional class; "
                                   "pass null_label (or labels)", key="teacher")
@@ -203,7 +203,8 @@ def call_model(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, 
     return out
 
 
-def _num_classes(model) -> int | None:
+def num_classes(model) -> int | None:
+    """The number of classes of a class-conditional diffusers model; None for an unconditional one."""
     cfg = getattr(model, "config", {})
     if cfg.get("num_class_embeds"):  # UNet2DModel, UNet2DConditionModel
         return int(cfg["num_class_embeds"])
@@ -212,9 +213,9 @@ def _num_classes(model) -> int | None:
     return None
 
 
-def _null_label(model) -> int | None:
+def default_null_label(model) -> int | None:
     """The "no class" index of a model trained with label dropout: its label table has one row more than classes."""
-    n = _num_classes(model)
+    n = num_classes(model)
     for name, module in model.named_modules():
         if name.endswith("class_embedder") or name.endswith("class_embedding"):
             table = getattr(module, "embedding_table", module)

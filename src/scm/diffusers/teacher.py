@@ -15,7 +15,7 @@ from scm.errors import ConfigError, MissingDependency
 
 __all__ = ["DENOISER_COMPONENTS", "DiffusersModel", "from_diffusers", "load_diffusers", "resolve_sigma_d"]
 
-INSTALL = "pip install 'scm[latent]' (diffusers)"
+INSTALL = "pip install 'scm[diffusers]'"
 DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")  # a pipeline's network, in model_index.json
 
 
@@ -24,7 +24,7 @@ def diffusers_module():
         import diffusers
     except ImportError as e:
         raise MissingDependency(f"diffusers teachers need diffusers, which is not installed ({e}): {INSTALL}",
-                                extra="latent") from None
+                                extra="diffusers") from None
     return diffusers
 
 

@@ -1,23 +1,37 @@
-"""Every network scm can train, by preset name: the U-Net presets (`tiny`, `cifar`, `S` … `XXL`) and the
-transformer presets (`dit-tiny`, `DiT-S/2` … `DiT-XL/2`). A run records its `net_preset` and its network's
-resolved config; the preset's architecture says which config class and network that config builds."""
+"""Every network scm can train, by preset name: the U-Net presets (`tiny`, `cifar`, `S` … `XXL`), the
+transformer presets (`dit-tiny`, `DiT-S/2` … `DiT-XL/2`) and `diffusers`, a diffusers teacher's own network as a
+student (`scm.diffusers.net`; its config names the diffusers class and holds its config, so it needs diffusers to
+build but not the teacher's folder). A run records its `net_preset` and its network's resolved config; the preset's
+architecture says which config class and network that config builds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from scm.diffusers.net_config import DiffusersNetConfig
 from scm.nets.dit import DIT_PRESETS, DiT, DiTConfig
 from scm.nets.unet import NET_PRESETS as UNET_PRESETS
 from scm.nets.unet import UNet, UNetConfig
 
 __all__ = ["ARCHITECTURES", "NET_PRESETS", "NetConfig", "build_net", "config_class", "net_config"]
 
-NetConfig = UNetConfig | DiTConfig
+NetConfig = UNetConfig | DiTConfig | DiffusersNetConfig
 
-# architecture name → (config class, network class, its presets)
-ARCHITECTURES: dict[str, tuple[type, type[nn.Module], dict[str, dict]]] = {
+
+def _diffusers_net(cfg: DiffusersNetConfig) -> nn.Module:
+    """scm.diffusers.net.DiffusersNet(cfg), imported on use (it imports scm.nets itself)."""
+    from scm.diffusers.net import DiffusersNet
+
+    return DiffusersNet(cfg)
+
+
+# architecture name → (config class, network class or factory, its presets)
+ARCHITECTURES: dict[str, tuple[type, Callable[..., nn.Module], dict[str, dict]]] = {
     "unet": (UNetConfig, UNet, UNET_PRESETS),
     "dit": (DiTConfig, DiT, DIT_PRESETS),
+    "diffusers": (DiffusersNetConfig, _diffusers_net, {"diffusers": {}}),  # from a teacher: student_from_diffusers
 }
 
 # preset name → architecture name
@@ -31,7 +45,7 @@ def _arch(preset: str) -> str:
 
 
 def config_class(preset: str) -> type:
-    """The config class (UNetConfig or DiTConfig) of a network preset."""
+    """The config class (UNetConfig, DiTConfig or DiffusersNetConfig) of a network preset."""
     return ARCHITECTURES[_arch(preset)][0]
 
 

@@ -39,8 +39,9 @@ def check_data(cfg: TrainConfig, data: ImageData | PreparedData) -> None:
         )
     if cfg.conditional and data.labels is None:
         raise DataError(f"{data.source}: conditional=true needs class labels, but the data set has none")
-    latent = getattr(data, "latent", None)  # latents are normalised to their σ_d when encoded (App. G.1)
-    if latent and float(latent.get("sigma_d", cfg.loss.sigma_d)) != cfg.loss.sigma_d:
+    # latents are normalised to their σ_d when encoded (App. G.1), except at the VAE's own scale (diffusers teachers)
+    latent = getattr(data, "latent", None)
+    if latent and latent.get("normalization") != "vae" and float(latent["sigma_d"]) != cfg.loss.sigma_d:
         raise DataError(f"{data.source}: the latents were normalised to σ_d = {latent['sigma_d']}, but the run's "
                         f"loss.sigma_d is {cfg.loss.sigma_d}", key="loss.sigma_d")
 
@@ -84,16 +85,25 @@ def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device
     cfg = dataclasses.replace(cfg)
     teacher, note = None, "fresh initialization"
     teacher_net_cfg = None
+    diffusers_teacher = None
     if cfg.method == "scd":
-        if is_run_dir(cfg.teacher):
+        if cfg.teacher.startswith(DIFFUSERS_PREFIX):
+            diffusers_teacher, teacher = _diffusers_teacher(cfg, data, device)
+        elif is_run_dir(cfg.teacher):
             teacher, teacher_net_cfg, _ = _from_run(cfg, cfg.teacher, cfg.teacher_ema, "teacher", device, data)
         elif ":" in cfg.teacher:
             teacher = load_teacher_factory(cfg.teacher)
         else:
-            raise ConfigError(f"teacher={cfg.teacher!r}: not a run directory (no config.json) nor 'module:function'")
+            raise ConfigError(f"teacher={cfg.teacher!r}: not a run directory (no config.json), 'diffusers:PATH' nor "
+                              "'module:function'", key="teacher")
         _check_teacher_shapes(teacher, cfg, data, device)
 
     init_path = cfg.init
+    if init_path is None and diffusers_teacher is not None:  # a diffusers student, from the teacher's weights
+        student, note = _diffusers_student(cfg, diffusers_teacher, data)
+        if student is not None:
+            cfg.net, cfg.net_preset = student.cfg, DIFFUSERS_NET_PRESET
+            return Built(cfg, student.to(device), teacher, note)
     if init_path is None and teacher_net_cfg is not None:  # sCD starts from its teacher (paper App. G.2) …
         if type(teacher_net_cfg) is type(cfg.net):
             init_path = cfg.teacher
@@ -126,6 +136,59 @@ def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device
         net = build_net(dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0))
     cfg.net = net.cfg
     return Built(cfg, net.to(device), teacher, note)
+
+
+DIFFUSERS_PREFIX = "diffusers:"
+DIFFUSERS_NET_PRESET = "diffusers"
+
+
+def _diffusers_teacher(cfg: TrainConfig, data, device):
+    """"diffusers:PATH" → (the loaded model and scheduler, the TrigFlow teacher); class-conditional teachers make the
+    run class-conditional. σ_d is the run's loss.sigma_d (the std of the data in the teacher's space)."""
+    from scm.diffusers.convert import num_classes
+    from scm.diffusers.teacher import from_diffusers, load_diffusers
+
+    loaded = load_diffusers(cfg.teacher.removeprefix(DIFFUSERS_PREFIX), device=device)
+    resolution, channels = loaded.shape()
+    if (resolution, channels) != (cfg.resolution, cfg.channels):
+        raise ConfigError(f"teacher {cfg.teacher}: its network is {resolution}×{resolution}×{channels} but this run's "
+                          f"data is {cfg.resolution}×{cfg.resolution}×{cfg.channels}", key="teacher")
+    classes = num_classes(loaded.model)
+    if classes is not None and not cfg.conditional:
+        cfg.conditional = True
+        check_data(cfg, data)
+    if cfg.conditional and (classes is None or data.num_classes > classes):
+        raise ConfigError(f"teacher {cfg.teacher}: {classes or 'no'} classes, but the data has {data.num_classes}",
+                          key="teacher")
+    fn = from_diffusers(loaded.model, loaded.scheduler, sigma_d=cfg.loss.sigma_d, data=cfg.teacher_data)
+    return loaded, fn
+
+
+def _diffusers_student(cfg: TrainConfig, loaded, data):
+    """The sCD student as the diffusers teacher's own network (paper App. G.2, Sana-Sprint), with TrigFlow in/out,
+    the w_φ head and the guidance input; (None, why) for a network scm cannot train as a student."""
+    from scm.diffusers.net import student_from_diffusers
+
+    try:
+        net = student_from_diffusers(
+            loaded.model, loaded.scheduler, sigma_d=cfg.loss.sigma_d, data=cfg.teacher_data,
+            label_dim=data.num_classes if cfg.conditional else 0,
+            guidance_embed=getattr(cfg.net, "guidance_embed", False),
+            label_dropout=getattr(cfg.net, "label_dropout", 0.0))
+    except ConfigError as e:
+        return None, f"fresh initialization ({e}); {_sigma_note(cfg, data)}"
+    return net, (f"initialized from the diffusers teacher {loaded.path} ({loaded.parameterization.describe()}); "
+                 f"{_sigma_note(cfg, data)}")
+
+
+def _sigma_note(cfg: TrainConfig, data) -> str:
+    return f"σ_d = {cfg.loss.sigma_d} (loss.sigma_d), the data's measured std is {_data_std(data):.3f}"
+
+
+def _data_std(data, n: int = 4096) -> float:
+    """The std of (up to n, evenly spaced) training examples: what σ_d should be (App. G.1)."""
+    idx = torch.linspace(0, len(data) - 1, min(n, len(data))).long()
+    return float(data.batch(idx)[0].double().std())
 
 
 def _check_teacher_shapes(teacher, cfg: TrainConfig, data: ImageData | PreparedData, device) -> None:

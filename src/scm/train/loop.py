@@ -1,8 +1,9 @@
 """The training loop: method-agnostic, it is handed an objective and never knows the maths.
 
 `train(cfg)` reads top to bottom: set up (data, network, objective, training state, resume), then one
-`train_step` per global batch (scm.train.step), with logs, checkpoints and sample grids in between. Every
-random number is a function of (seed, step, slot) (scm.train.batches), so a resumed run continues exactly.
+`train_step` per global batch (scm.train.step), with logs, EMA snapshots, checkpoints and sample grids in
+between. Every random number is a function of (seed, step, slot) (scm.train.batches), so a resumed run continues
+exactly.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
             interrupted, out_of_time = _agree(info, stop.flag, time.monotonic() > deadline)
             done = state.cur_nimg >= total_nimg or out_of_time
             log.step(state.step, state.cur_nimg, lr, result, state.bad_steps, force=done)
-            if state.bad_run >= cfg.max_bad_steps or interrupted:
+            stopping = state.bad_run >= cfg.max_bad_steps or interrupted
+            state.ema.snapshot(run, state.step, state.cur_nimg, cfg.batch, cfg.ema.snapshot_kimg,  # post-hoc EMA
+                               due=_crossed(cfg.ema.snapshot_kimg, state.cur_nimg, cfg.batch), end=done or stopping,
+                               write=info.is_main)
+            if stopping:
                 path = state.save(run, cfg.keep_ckpts, info)
                 log.close()
                 raise _stopped(state, path, diverged=not interrupted)
@@ -129,8 +134,9 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo
         run.write_config(to_dict(cfg))
         run.write_latent(latent)
         run.clean_partial()
-        if resume:  # metric lines written after the checkpoint would be repeated
+        if resume:  # metric lines and EMA snapshots written after the checkpoint would be repeated
             run.truncate_metrics(RunDir.step_of(ckpt) if ckpt is not None else 0)
+            run.truncate_snapshots(RunDir.step_of(ckpt) if ckpt is not None else 0)
     return ckpt
 
 

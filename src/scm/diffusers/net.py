@@ -1,0 +1,281 @@
+"""A diffusers network as an sCM student: the teacher's own architecture and weights, trained by sCD or sCT.
+
+Distillation starts the student from its teacher (Lu & Song 2024, App. G.2; Sana-Sprint, Chen et al. 2025, does the
+same with a diffusers transformer). `student_from_diffusers(model, scheduler, sigma_d=…)` copies the teacher's weights
+into a `DiffusersNet`, a network scm trains like its own (`scm.nets.unet.UNet`, `scm.nets.dit.DiT`):
+
+    net(x_t/σ_d, t, labels=None, guidance=None, return_weight=False, **cond) -> F, or (F, w_φ(t))
+
+* TrigFlow in and out (§3, App. B): the diffusers model sees its own input and timestep for TrigFlow's
+  x_t = σ_d·x_scaled at time t, and its prediction becomes TrigFlow's F, by the exact algebra of
+  `scm.diffusers.convert` (`Parameterization.model_inputs` / `trigflow_F`; VP ε/v/x0, EDM and rectified-flow
+  models; data convention "own" or "unit"). A fresh student therefore computes exactly its teacher's F.
+* The adaptive weight w_φ(t) of eq. 8: a head of t alone, as in scm's U-Net (a positional embedding of
+  c_noise(t) = t, §4.1, then one magnitude-preserving linear layer to a scalar).
+* The guidance embedding (§5.2; Sana-Sprint's distilled-CFG input): a positional embedding of the guidance scale s
+  and a linear layer, zero-initialised, added to the diffusers model's time embedding: for UNet2DModel and
+  UNet2DConditionModel the output of `time_embedding` (before the class embedding is added and the blocks read it),
+  for DiTTransformer2DModel the output of every block's `norm1.emb` (the timestep + label embedding that feeds that
+  block's AdaLayerNormZero; block 0's also feeds the final layer). It is added by forward hooks on those modules, so
+  the diffusers model's code and state-dict keys stay as they are. Zero-initialised, it leaves a fresh student equal
+  to its teacher at every s.
+* Label dropout for classifier-free guidance: labels replaced by the model's "no class" index with probability
+  `label_dropout` in training, drawn with torch.rand from the global RNG (a replayed pass drops the same rows, as
+  in `scm.nets.layers.class_labels`). diffusers' own label dropout (DiT's LabelEmbedding) is switched off, so the
+  configuration alone decides. Prompt embeddings (UNet2DConditionModel's encoder_hidden_states) pass through as
+  keyword conditioning and are never dropped here.
+* The JVP (§5.1) goes through the network: `scm.diffusers.jvp.enable_jvp` swaps diffusers' attention processors
+  for scm's exact-JVP attention and fixes GroupNorm and the timestep embedding for forward-mode AD.
+
+A run stores `DiffusersNetConfig` (the diffusers class name and config, the scheduler's class name and config, the
+conventions, the heads' sizes) in its config.json, and the weights in its checkpoints: `scm.nets.registry.build_net`
+rebuilds the network without the original diffusers folder. diffusers itself must be installed
+(`pip install 'scm[diffusers]'`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from scm.diffusers.convert import Parameterization, call_model, data_scale, default_null_label, num_classes
+from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig
+from scm.errors import ConfigError
+from scm.nets.layers import Linear, MPConv, PositionalEmbedding, c_noise, check_image_input, guidance_scales
+from scm.precision import compute_dtype
+
+__all__ = ["SUPPORTED_MODELS", "DiffusersNet", "DiffusersNetConfig", "student_from_diffusers"]
+
+
+def _diffusers():
+    from scm.diffusers.teacher import diffusers_module  # MissingDependency (extra "latent") without diffusers
+
+    return diffusers_module()
+
+
+def _plain(config) -> dict:
+    """A diffusers config as plain JSON values (what config.json holds; tuples become lists), without its private
+    "_…" entries."""
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
+
+
+def _build_model(cfg: DiffusersNetConfig) -> nn.Module:
+    diffusers = _diffusers()
+    if not cfg.model_class:
+        raise ConfigError("a diffusers student needs its model: DiffusersNetConfig.model_class is empty (make the "
+                          "student from its teacher with student_from_diffusers)", key="net.model_class")
+    cls = getattr(diffusers, cfg.model_class, None)
+    if cls is None:
+        raise ConfigError(f"class {cfg.model_class} is not in diffusers {diffusers.__version__}",
+                          key="net.model_class")
+    return cls.from_config(cfg.model_config)
+
+
+def _parameterization(cfg: DiffusersNetConfig) -> Parameterization:
+    diffusers = _diffusers()
+    cls = getattr(diffusers, cfg.scheduler_class, None) if cfg.scheduler_class else None
+    if cls is None:
+        raise ConfigError(f"scheduler class {cfg.scheduler_class!r} is not in diffusers {diffusers.__version__}",
+                          key="net.scheduler_class")
+    return Parameterization.from_scheduler(cls.from_config(cfg.scheduler_config))
+
+
+def _time_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The modules whose output is the time embedding the guidance embedding is added to (module docstring)."""
+    if type(model).__name__ == "DiTTransformer2DModel":
+        return [block.norm1.emb for block in model.transformer_blocks]
+    return [model.time_embedding]
+
+
+def _width(module: nn.Module) -> int:
+    """The output width of a time-embedding module (its last linear layer)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features
+
+
+class DiffusersNet(nn.Module):
+    """A diffusers network mapping (x_t/σ_d, t, labels, guidance, **cond) to TrigFlow's F, plus w_φ(t) on request
+    (module docstring). `model` (optional) is the diffusers network to wrap, already holding the weights;
+    without it one is built from `cfg.model_config` (random weights, to be loaded from a checkpoint)."""
+
+    def __init__(self, cfg: DiffusersNetConfig, model: nn.Module | None = None):
+        super().__init__()
+        from scm.diffusers.jvp import enable_jvp
+
+        self.cfg = cfg
+        model = _build_model(cfg) if model is None else model
+        name = type(model).__name__
+        _check_supported(name, "net.model_class")
+        if name != cfg.model_class:
+            raise ConfigError(f"the model is a {name}, its config names {cfg.model_class}", key="net.model_class")
+        self.param = _parameterization(cfg)
+        self.k = data_scale(cfg.data, cfg.sigma_d)
+        _check_model(model, cfg)
+        self.null_label = cfg.null_label if cfg.null_label is not None else default_null_label(model)
+        if cfg.label_dropout and self.null_label is None:
+            raise ConfigError(f"label_dropout={cfg.label_dropout}: {name} has no 'no class' index (set null_label)",
+                              key="net.label_dropout")
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = float(cfg.dropout)
+            if type(m).__name__ == "LabelEmbedding":
+                m.dropout_prob = 0.0  # diffusers' label dropout off: `label_dropout` decides (module docstring)
+        self.model = enable_jvp(model)
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+
+        # The adaptive-weight head w_φ(t) (eq. 8), as in scm.nets.unet.
+        self.weight_embed = PositionalEmbedding(cfg.weight_channels)
+        self.weight_linear = MPConv(cfg.weight_channels, 1)
+        # The guidance embedding (§5.2, Sana-Sprint): zero-initialised, added to the time embedding by hooks.
+        self.guidance_embed = self.guidance_linear = None
+        self._guidance: torch.Tensor | None = None
+        if cfg.guidance_embed:
+            targets = _time_embeddings(model)
+            self.guidance_embed = PositionalEmbedding(cfg.embed_channels)
+            self.guidance_linear = Linear(cfg.embed_channels, _width(targets[0]))
+            nn.init.zeros_(self.guidance_linear.weight)
+            nn.init.zeros_(self.guidance_linear.bias)
+            for module in targets:
+                module.register_forward_hook(self._add_guidance)
+        for m in (self.weight_embed, self.weight_linear, self.guidance_embed, self.guidance_linear):
+            if m is not None:
+                m.to(device=device, dtype=dtype if dtype == torch.float64 else None)
+
+    def _add_guidance(self, module, args, output):
+        return output if self._guidance is None else output + self._guidance.to(output.dtype)
+
+    # -- conditioning ---------------------------------------------------------------------------------------------
+    def _labels(self, labels, batch: int, device) -> torch.Tensor | None:
+        """scm's labels (class indices [B], or one-hot rows [B, label_dim] where a zero row is "no class") as the
+        model's class indices; with a null class, indices outside [0, label_dim) and zero rows become it, and in
+        training each row is dropped to it with probability label_dropout."""
+        n, null = self.cfg.label_dim, self.null_label
+        if labels is None:
+            return None
+        if n == 0:
+            raise ValueError("this network is unconditional (label_dim=0) but labels were given")
+        if labels.is_floating_point():
+            if tuple(labels.shape) != (batch, n):
+                raise ValueError(f"labels must be class indices of shape [{batch}] or a [{batch}, {n}] array")
+            index = labels.argmax(dim=1)
+            if null is not None:
+                index = torch.where(labels.abs().sum(dim=1) > 0, index, null)
+        else:
+            if tuple(labels.shape) != (batch,):
+                raise ValueError(f"labels must be class indices of shape [{batch}] or a [{batch}, {n}] array")
+            index = labels.long()
+            if null is not None:
+                index = torch.where((index >= 0) & (index < n), index, null)
+        if self.training and self.cfg.label_dropout:
+            drop = torch.rand(batch, device=device) < self.cfg.label_dropout
+            index = torch.where(drop, null, index)
+        return index
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The adaptive log-weight w_φ(t) of eq. 8, shape [B] (scm.nets.unet.UNet.weight)."""
+        with torch.autocast(t.device.type, enabled=False):
+            return self.weight_linear(self.weight_embed(c_noise(t))).reshape(-1)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False, **cond):
+        check_image_input("DiffusersNet", x, t, self.cfg.img_channels, self.cfg.img_resolution)
+        sd, k = self.cfg.sigma_d, self.k
+        x_in, timestep = self.param.model_inputs(x, t, sd, k)
+        index = self._labels(labels, x.shape[0], x.device)
+        if self.guidance_linear is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                g = guidance_scales(guidance, x.shape[0], x.device, compute_dtype(t))
+                self._guidance = self.guidance_linear(self.guidance_embed(g))
+        try:
+            out = call_model(self.model, x_in, timestep, labels=index, null_label=self.null_label, **cond)
+        finally:
+            self._guidance = None
+        F = self.param.trigflow_F(out, x_in, t, sd, k).to(x.dtype)
+        return (F, self.weight(t)) if return_weight else F
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """Forced weight normalization of the adaptive-weight head (an MPConv, as in scm's nets); call after each
+        optimizer step. The diffusers model's own layers are plain ones."""
+        self.weight_linear.normalize_weight_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _check_supported(name: str, key: str) -> None:
+    if name not in SUPPORTED_MODELS:
+        raise ConfigError(f"{name} is not a network scm can train as a student (supported: "
+                          f"{', '.join(SUPPORTED_MODELS)})", key=key)
+
+
+def _model_shape(model) -> tuple[int, int]:
+    """(resolution, channels) of the model's input, from its config (square inputs)."""
+    cfg = model.config
+    size = cfg.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if size is None:
+        raise ConfigError(f"{type(model).__name__}: its config has no sample_size (the input resolution)",
+                          key="teacher")
+    return int(size), int(cfg.get("in_channels"))
+
+
+def _check_model(model, cfg: DiffusersNetConfig) -> None:
+    name = type(model).__name__
+    if model.config.get("time_embedding_type") == "learned":
+        raise ConfigError(f"{name} has a learned (table) time embedding, which has no derivative in t: it cannot be "
+                          "trained as an sCM student", key="net.model_class")
+    resolution, channels = _model_shape(model)
+    if (cfg.img_resolution, cfg.img_channels) != (resolution, channels):
+        raise ConfigError(f"DiffusersNetConfig is for {cfg.img_resolution}×{cfg.img_resolution}×{cfg.img_channels} "
+                          f"inputs but the {name} takes {resolution}×{resolution}×{channels}", key="net")
+    classes = num_classes(model) or 0
+    if cfg.label_dim > classes:
+        raise ConfigError(f"label_dim={cfg.label_dim}, but the {name} has {classes or 'no'} classes",
+                          key="net.label_dim")
+
+
+def student_from_diffusers(model: nn.Module, scheduler, *, sigma_d: float | None, data: str = "own",
+                           label_dim: int | None = None, guidance_embed: bool = False, label_dropout: float = 0.0,
+                           null_label: int | None = None, dropout: float | None = None,
+                           weight_channels: int = 128, embed_channels: int = 256) -> DiffusersNet:
+    """An sCM student initialised from a diffusers teacher (module docstring): a `DiffusersNet` holding a copy of
+    `model`'s weights (the teacher is not modified), with the TrigFlow parameterisation read from `scheduler`, a
+    fresh w_φ head and, with `guidance_embed`, a zero-initialised guidance embedding, so that it computes exactly
+    the teacher's F. Its parameters are float32 (float64 for a float64 teacher) on the teacher's device, with
+    gradients, in training mode.
+
+    sigma_d and data are the teacher conventions of `scm.diffusers.from_diffusers` (σ_d may be None for an EDM
+    teacher with data="own"). label_dim (the classes of scm's labels) defaults to the model's; fewer are allowed
+    (labels 0 … label_dim−1 are the model's first classes; label_dim=0 with a class-conditional model: always its
+    "no class" input); null_label defaults to the model's own "no class" index; dropout to the model's configured
+    dropout. Supported: UNet2DModel, UNet2DConditionModel (prompt embeddings as `encoder_hidden_states=`
+    conditioning), DiTTransformer2DModel; any other class is a ConfigError."""
+    from scm.diffusers.teacher import resolve_sigma_d
+
+    name = type(model).__name__
+    _check_supported(name, "teacher")
+    param = Parameterization.from_scheduler(scheduler)
+    sigma_d = resolve_sigma_d(param, sigma_d, data)
+    resolution, channels = _model_shape(model)
+    classes = num_classes(model) or 0
+    if label_dim is not None and not 0 <= label_dim <= classes:
+        raise ConfigError(f"label_dim={label_dim}, but the {name} has {classes or 'no'} classes", key="label_dim")
+    cfg = DiffusersNetConfig(
+        model_class=name, model_config=_plain(model.config),
+        scheduler_class=type(scheduler).__name__, scheduler_config=_plain(scheduler.config),
+        data=data, sigma_d=float(sigma_d), img_resolution=resolution, img_channels=channels,
+        label_dim=classes if label_dim is None else label_dim,
+        null_label=null_label, guidance_embed=guidance_embed, label_dropout=label_dropout,
+        dropout=float(model.config.get("dropout", 0.0) if dropout is None else dropout),
+        embed_channels=embed_channels, weight_channels=weight_channels,
+    )
+    teacher_param = next(model.parameters())
+    copy = _build_model(cfg).to(teacher_param.device)  # the architecture, from its config (float32) …
+    if teacher_param.dtype == torch.float64:
+        copy.double()
+    copy.load_state_dict(model.state_dict(), strict=True)  # … and a copy of the teacher's weights
+    return DiffusersNet(cfg, copy).train()

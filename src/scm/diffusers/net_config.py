@@ -1,0 +1,62 @@
+"""The configuration of a diffusers network as an sCM student (`scm.diffusers.net.DiffusersNet`): plain data, importable
+without diffusers and without `scm.nets` (the network registry imports it), so that a run's config.json names and
+rebuilds the network."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from scm.diffusers.convert import DATA_CONVENTIONS
+from scm.errors import ConfigError
+
+__all__ = ["SUPPORTED_MODELS", "DiffusersNetConfig"]
+
+SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+
+
+@dataclass
+class DiffusersNetConfig:
+    """A diffusers network as an scm student (one line a field). `model_class` "" is a placeholder (a preset before
+    its teacher is known); a network is built only from a config that names its model (`student_from_diffusers`)."""
+
+    model_class: str = ""                               # UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel
+    model_config: dict = field(default_factory=dict)    # its diffusers config (keys without a leading "_")
+    scheduler_class: str = ""                           # the teacher's training scheduler: its parameterisation
+    scheduler_config: dict = field(default_factory=dict)
+    data: str = "own"                                   # "own" | "unit" (scm.diffusers.convert)
+    sigma_d: float = 0.5                                # the data std σ_d (= the run's loss.sigma_d)
+    img_resolution: int = 32
+    img_channels: int = 4
+    label_dim: int = 0                                  # classes of scm's labels (<= the model's; 0: none)
+    null_label: int | None = None                       # its "no class" index (None: the model's own, if any)
+    guidance_embed: bool = False                        # take a guidance-scale input (sCD with CFG, §5.2)
+    label_dropout: float = 0.0                          # drop labels with this probability in training (CFG)
+    dropout: float = 0.0                                # p of every dropout layer of the diffusers model
+    embed_channels: int = 256                           # positional embedding of the guidance scale
+    weight_channels: int = 128                          # embedding width of the adaptive-weight head w_φ(t)
+
+    def __post_init__(self):
+        if self.model_class and self.model_class not in SUPPORTED_MODELS:
+            raise ConfigError(f"{self.model_class} is not a network scm can train as a student (supported: "
+                              f"{', '.join(SUPPORTED_MODELS)})", key="model_class")
+        for name in ("model_config", "scheduler_config"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"DiffusersNetConfig.{name} must be a dict, got {type(getattr(self, name)).__name__}")
+        if self.data not in DATA_CONVENTIONS:
+            raise ValueError(f"DiffusersNetConfig.data must be one of {DATA_CONVENTIONS}, got {self.data!r}")
+        if not (isinstance(self.sigma_d, (int, float)) and math.isfinite(self.sigma_d) and self.sigma_d > 0):
+            raise ValueError(f"DiffusersNetConfig.sigma_d must be positive, got {self.sigma_d!r}")
+        for name in ("img_resolution", "img_channels", "embed_channels", "weight_channels"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+                raise ValueError(f"DiffusersNetConfig.{name} must be a positive int, got {v!r}")
+        for name in ("embed_channels", "weight_channels"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"DiffusersNetConfig.{name} must be even, got {getattr(self, name)}")
+        if not (isinstance(self.label_dim, int) and self.label_dim >= 0):
+            raise ValueError(f"DiffusersNetConfig.label_dim must be an int >= 0, got {self.label_dim!r}")
+        for name in ("dropout", "label_dropout"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ValueError(f"DiffusersNetConfig.{name} must lie in [0, 1), got {v!r}")

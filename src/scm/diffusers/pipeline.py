@@ -1,0 +1,299 @@
+"""scm runs as diffusers pipelines: `SCMModel`, any scm network as a diffusers model, and `SCMPipeline`,
+consistency sampling (Lu & Song 2024, §5.1–5.3) driven by diffusers' own `SCMScheduler`.
+
+    from scm.diffusers import SCMPipeline
+    pipe = SCMPipeline.from_pretrained("exported")            # written by `scm export RUN exported`
+    images = pipe(batch_size=4, num_inference_steps=2, seed=0).images     # = `scm sample --steps 2 --seed 0 --n 4`
+
+The maths is TrigFlow's (§3): x_t = cos t·x0 + sin t·z with z ~ N(0, σ_d²I) (eq. 2); the network sees x_t/σ_d and t
+and returns F, and the consistency function is f = cos t·x_t − sin t·σ_d·F (eq. 5). `SCMScheduler.step` computes
+exactly this x0-estimate from `model_output` = σ_d·F (its "trigflow" prediction type), then re-noises it to the
+next time with fresh σ_d·ε: the multistep sampler of §5.3.
+
+Times. The pipeline samples at the paper's times, not at `SCMScheduler.set_timesteps`' defaults (1.5708 and 1.3,
+Sana-Sprint's): t_max = arctan(σ_max/σ_d) with σ_max = 80 (App. G.2; arctan(160) ≈ 1.56454 for σ_d = 0.5) and,
+for two steps, t_mid = 1.1 (§5.2). Both are stored in the pipeline's configuration (model_index.json: `t_max`,
+`t_mid`) and passed to `set_timesteps` explicitly as the whole schedule; N > 2 steps use scm's own schedule
+(`scm.sampling.consistency_times`), and `timesteps=` gives any decreasing times.
+
+Noise. Exactly `scm sample`'s (`scm.generate`): the initial noise σ_d·ε is drawn first, then each re-noising
+draws σ_d·ε from the same generator(s), in float32. With `seed=s` image i has its own generator seeded with
+mix_seed(s, i) (`scm.generate.image_generators`) and, for a class-conditional model without `class_labels`,
+class i mod the number of classes: `pipe(batch_size=n, seed=s)` reproduces `scm sample --n n --seed s`. A list of
+per-image `torch.Generator`s, one generator, or none (the global RNG) may be given instead, as in diffusers.
+
+A run on latents carries its VAE (`vae`) and the per-channel normalisation of its data (App. G.1): samples are
+denormalised, x·σ_c/σ_d + µ_c, and decoded exactly as `scm.data.latents.decode` does.
+
+diffusers (>= 0.33, for `SCMScheduler`) is needed to import this module: `pip install scm[diffusers]`.
+"""
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from scm.errors import MissingDependency, SamplerError
+
+try:
+    from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SCMScheduler
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as e:
+    raise MissingDependency(f"diffusers pipelines need diffusers >= 0.33, which is not installed ({e}): "
+                            "pip install scm[diffusers]", extra="diffusers") from None
+
+from scm.config import from_dict
+from scm.data.latents import denormalize
+from scm.images import to_uint8
+from scm.nets.registry import build_net
+from scm.runs import mix_seed
+from scm.sampling import T_MID, check_times, consistency_times
+from scm.trigflow import t_max_default
+
+__all__ = ["OUTPUT_TYPES", "SCMModel", "SCMPipeline"]
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def network_config(net_preset: str, net_config: dict):
+    """The scm network config recorded as (`net_preset`, its fields), read back the way a run's config.json is
+    (`scm.config.from_dict`): the preset names the architecture in `scm.nets.registry`."""
+    return from_dict({"net_preset": net_preset, "net": dict(net_config)}).net
+
+
+class SCMModel(ModelMixin, ConfigMixin):
+    """An scm network (any architecture of `scm.nets.registry`: U-Net, DiT, …) as a diffusers model.
+
+    Config: `net_preset` and `net_config` (the network's config as a run's config.json stores it: the preset
+    names the architecture, the fields are its config dataclass's) and `sigma_d`, the data's σ_d. Weights:
+    `diffusion_pytorch_model.safetensors`. Called like every scm network, `model(x_t/σ_d, t, labels=None,
+    guidance=None)` → F, the TrigFlow velocity prediction (dx_t/dt = σ_d·F, eq. 3), t in radians of shape [B];
+    `labels` class indices [B] for class-conditional networks (`label_dim` > 0), `guidance` the guidance scale
+    of a student distilled with classifier-free guidance as an input (`guidance_embed`, §5.2)."""
+
+    @register_to_config
+    def __init__(self, net_preset: str, net_config: dict, sigma_d: float = 0.5):
+        super().__init__()
+        self.net = build_net(network_config(net_preset, net_config))
+
+    @property
+    def label_dim(self) -> int:
+        """The number of classes (0: unconditional)."""
+        return int(getattr(self.net.cfg, "label_dim", 0) or 0)
+
+    @property
+    def guidance_embed(self) -> bool:
+        """Whether the network takes a guidance scale as an input."""
+        return bool(getattr(self.net.cfg, "guidance_embed", False))
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the network's input and output."""
+        cfg = self.net.cfg
+        return int(cfg.img_channels), int(cfg.img_resolution), int(cfg.img_resolution)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, guidance=None, return_weight: bool = False):
+        return self.net(x, t, labels, guidance=guidance, return_weight=return_weight)
+
+
+class SCMPipeline(DiffusionPipeline):
+    """Consistency sampling of an exported scm run (1, 2 or N steps, §5.1–5.3) with diffusers' `SCMScheduler`.
+
+    Components: `model` (an `SCMModel`), `scheduler` (`SCMScheduler`, prediction_type "trigflow",
+    sigma_data = σ_d) and, for a run on latents, `vae` (an `AutoencoderKL`). Config (model_index.json): `t_max`
+    and `t_mid`, the paper's sampling times (App. G.2, §5.2), used instead of the scheduler's defaults;
+    `guidance_default`, the guidance scale used when none is given (a guided student's lowest training scale,
+    as `scm sample`); `latent_mean`, `latent_std`, `latent_sigma_d`, the per-channel normalisation of a run on
+    latents (App. G.1); `source`, where the weights came from (preset, method, step, EMA σ_rel)."""
+
+    model_cpu_offload_seq = "model->vae"
+    _optional_components: ClassVar[list[str]] = ["vae"]
+
+    def __init__(self, model: SCMModel, scheduler: SCMScheduler, vae: AutoencoderKL | None = None,
+                 t_max: float | None = None, t_mid: float = T_MID, guidance_default: float | None = None,
+                 latent_mean: list | None = None, latent_std: list | None = None,
+                 latent_sigma_d: float | None = None, source: dict | None = None):
+        super().__init__()
+        self.register_modules(model=model, scheduler=scheduler, vae=vae)
+        sigma_d = float(scheduler.config.sigma_data)
+        t_max = t_max_default(sigma_d) if t_max is None else float(t_max)
+        consistency_times(2, sigma_d=sigma_d, t_max=t_max, t_mid=float(t_mid))  # 0 < t_mid < t_max <= π/2
+        if (vae is None) != (latent_mean is None):
+            raise ValueError("a VAE and the latent normalisation (latent_mean, latent_std) go together")
+        self.register_to_config(t_max=t_max, t_mid=float(t_mid), guidance_default=guidance_default,
+                                latent_mean=latent_mean, latent_std=latent_std, latent_sigma_d=latent_sigma_d,
+                                source=source)
+
+    @property
+    def sigma_d(self) -> float:
+        return float(self.scheduler.config.sigma_data)
+
+    def times(self, num_inference_steps: int | None = None, timesteps=None) -> list[float]:
+        """The times at which the network is evaluated (the trailing 0 not included): `timesteps` as given
+        (decreasing, in (0, π/2]), or scm's defaults for `num_inference_steps` (1 step: [t_max]; 2 steps:
+        [t_max, t_mid]; `scm.sampling.consistency_times`) with this pipeline's t_max and t_mid."""
+        if timesteps is not None:
+            try:
+                ts = check_times(timesteps)
+            except ValueError as e:
+                raise SamplerError(f"timesteps: {e}", key="timesteps") from None
+            if num_inference_steps is not None and num_inference_steps != len(ts):
+                raise SamplerError(f"num_inference_steps={num_inference_steps}, but {len(ts)} timesteps were "
+                                   "given", key="num_inference_steps")
+            return ts
+        steps = 1 if num_inference_steps is None else num_inference_steps
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise SamplerError(f"num_inference_steps={steps!r}: must be an integer >= 1", key="num_inference_steps")
+        return consistency_times(steps, sigma_d=self.sigma_d, t_max=self.config.t_max, t_mid=self.config.t_mid)
+
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    def _generators(self, generator, seed, batch_size: int, device: torch.device):
+        if seed is None and isinstance(generator, int) and not isinstance(generator, bool):
+            generator, seed = None, generator
+        if seed is not None:
+            if generator is not None:
+                raise SamplerError("give a seed or a generator, not both", key="seed")
+            if not (isinstance(seed, int) and not isinstance(seed, bool)):
+                raise SamplerError(f"seed={seed!r}: must be an integer", key="seed")
+            return [torch.Generator(device).manual_seed(mix_seed(seed, i)) for i in range(batch_size)]
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+                raise SamplerError(f"generator: {len(generator)} generators for a batch of {batch_size} (one "
+                                   "torch.Generator per image)", key="generator")
+            return list(generator)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise SamplerError(f"generator={generator!r}: a torch.Generator, a list of them (one per image) or a "
+                               "seed", key="generator")
+        return generator
+
+    def _conditioning(self, batch_size: int, class_labels, guidance_scale, device: torch.device) -> dict:
+        """The network's inputs besides (x, t), checked: class labels (default: image i gets class i mod the
+        number of classes, as `scm sample`) and the guidance scale (default: `guidance_default`)."""
+        model, cond = self.model, {}
+        classes = model.label_dim
+        if classes:
+            if class_labels is None:
+                labels = torch.arange(batch_size) % classes
+            else:
+                if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+                    class_labels = [class_labels] * batch_size
+                try:
+                    labels = torch.as_tensor(class_labels)
+                except (TypeError, ValueError, RuntimeError):
+                    labels = None
+                if labels is None or labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
+                    raise SamplerError(f"class_labels={class_labels!r}: class indices, an int or one per image",
+                                       key="class_labels")
+                if labels.shape[0] != batch_size:
+                    raise SamplerError(f"class_labels: {labels.shape[0]} labels for a batch of {batch_size}",
+                                       key="class_labels")
+                if bool(((labels < 0) | (labels >= classes)).any()):
+                    raise SamplerError(f"class_labels={labels.tolist()}: this model has classes 0..{classes - 1}",
+                                       key="class_labels")
+            cond["labels"] = labels.to(device=device, dtype=torch.long)
+        elif class_labels is not None:
+            raise SamplerError(f"class_labels={class_labels!r}: this model is unconditional", key="class_labels")
+        if guidance_scale is not None:
+            if not model.guidance_embed:
+                raise SamplerError("guidance_scale: this model has no guidance input (it was not distilled with "
+                                   "classifier-free guidance)", key="guidance_scale")
+            if not (isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+                    and guidance_scale > 0):
+                raise SamplerError(f"guidance_scale={guidance_scale!r}: must be a number > 0", key="guidance_scale")
+            cond["guidance"] = float(guidance_scale)
+        elif model.guidance_embed and self.config.guidance_default is not None:
+            cond["guidance"] = float(self.config.guidance_default)
+        return cond
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def decode(self, x0: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """Samples in the model's space → images in [-1, 1]: for a run on latents the inverse of its per-channel
+        normalisation, x·σ_c/σ_d + µ_c (App. G.1, `scm.data.latents.denormalize`), then the VAE's decoder,
+        `batch` latents at a time, clamped (as `scm.data.latents.decode`); pixels are returned as they are."""
+        if self.vae is None:
+            return x0
+        sd = self.config.latent_sigma_d if self.config.latent_sigma_d is not None else self.sigma_d
+        z = denormalize(x0.float(), self.config.latent_mean, self.config.latent_std, sd).to(self.vae.dtype)
+        out = [self.vae.decode(z[i:i + batch]).sample.float().clamp(-1, 1) for i in range(0, z.shape[0], batch)]
+        return torch.cat(out)
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, generator=None,
+                 class_labels=None, guidance_scale: float | None = None, timesteps=None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+                 seed: int | None = None):
+        """Generate `batch_size` images with `num_inference_steps` consistency steps (default 1).
+
+        Args:
+            batch_size: the number of images (taken from `latents` when given).
+            num_inference_steps: 1 (t_max), 2 (t_max, t_mid) or more (scm's schedule); see `times`.
+            generator: a torch.Generator, a list of one per image (scm's convention: image i's noise from its own
+                generator, `scm.generate.image_generators`), a seed (an int, as `seed`) or None (global RNG).
+            class_labels: class-conditional models: an int, or one class index per image (default: image i gets
+                class i mod the number of classes, as `scm sample`).
+            guidance_scale: students distilled with classifier-free guidance (a guidance input, §5.2): the scale
+                (default: the config's `guidance_default`).
+            timesteps: explicit decreasing times in (0, π/2] (radians; a trailing 0 may be given), like
+                `scm sample --ts`.
+            latents: the initial noise x_{t_0} (std σ_d, shape [B, C, H, W]) instead of drawing it.
+            output_type: "pil" (PIL images, quantised as `scm sample` writes its PNGs), "np" (float [B, H, W, C]
+                in [0, 1]), "pt" (float [B, C, H, W] in [0, 1]) or "latent" (the samples in the model's space:
+                images in [-1, 1] unclamped, or normalised latents, not decoded).
+            seed: per-image generators seeded with (seed, image index): exactly `scm sample --seed`.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise SamplerError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}", key="output_type")
+        device, model, sd = self._execution_device, self.model, self.sigma_d
+        shape = model.sample_shape
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape[1:]) != shape or latents.ndim != 4:
+                raise SamplerError(f"latents: expected a tensor of shape [B, {', '.join(map(str, shape))}], got "
+                                   f"{tuple(getattr(latents, 'shape', ()))}", key="latents")
+            batch_size = latents.shape[0]
+        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+            raise SamplerError(f"batch_size={batch_size!r}: must be an integer >= 1", key="batch_size")
+        ts = self.times(num_inference_steps, timesteps)
+        gens = self._generators(generator, seed, batch_size, device)
+        cond = self._conditioning(batch_size, class_labels, guidance_scale, device)
+
+        # the initial noise σ_d·ε at t_0, drawn as scm.generate draws it (float32, per-image generators)
+        if latents is None:
+            x = sd * randn_tensor((batch_size, *shape), generator=gens, device=device, dtype=torch.float32)
+        else:
+            x = latents.to(device=device, dtype=torch.float32)
+        # the paper's schedule, not the scheduler's defaults: explicit times ending at 0
+        self.scheduler.set_timesteps(len(ts), timesteps=[*ts, 0.0], device=device, max_timesteps=None,
+                                     intermediate_timesteps=None)
+        self.scheduler.set_begin_index(0)
+        x0 = x
+        for t in self.progress_bar(self.scheduler.timesteps[:-1]):
+            tb = t.reshape(1).repeat(batch_size)
+            out = model((x / sd).to(model.dtype), tb, **cond)
+            F = (out[0] if isinstance(out, (tuple, list)) else out).float()
+            # SCMScheduler's "trigflow" step: x0 = cos t·x_t − sin t·(σ_d·F) (eq. 5), then x = cos t'·x0 + sin t'·σ_d·ε
+            # at the next time t' (§5.3; at t' = 0, x = x0)
+            step = self.scheduler.step(sd * F, t, x, generator=gens)
+            x, x0 = step.prev_sample, step.pred_original_sample
+
+        if output_type == "latent":
+            images = x0
+        else:
+            pixels = self.decode(x0)
+            if output_type == "pil":
+                images = [_pil(a) for a in to_uint8(pixels)]
+            else:
+                images = (pixels * 0.5 + 0.5).clamp(0, 1)
+                if output_type == "np":
+                    images = images.permute(0, 2, 3, 1).cpu().numpy()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def _pil(a: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
