@@ -28,6 +28,6 @@ for run in "$R"/*; do
         [ -f "$OUT/$name-eval-$e.json" ] || $SCM eval --ckpt "$run" --ref mnist --steps 1 --steps 2 --n 2000 --seed $e \
             --out "$OUT/$name-eval-$e"
     done
-    [ -f "$OUT/$name-ema/sweep.json" ] || $SCM ema sweep "$run" --ref mnist --steps 2 --n 2000 --seeds 0,1,2 \
+    [ -f "$OUT/$name-ema/sweep.json" ] || $SCM ema sweep "$run" --ref mnist --steps 2 --n 1000 --seeds 0,1 \
         --out "$OUT/$name-ema"
 done
