@@ -76,6 +76,19 @@ def make_shapes(n: int = 64, res: int = 28, channels: int = 1, seed: int = 0):
     return images, labels
 
 
+def save_tiny_vae(path):
+    """A random diffusers AutoencoderKL for 32×32×3 images (two down blocks: 16×16×4 latents), saved at `path`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(path)
+    return vae
+
+
 @pytest.fixture
 def shapes_npz(tmp_path):
     import numpy as np

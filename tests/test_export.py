@@ -20,7 +20,7 @@ from scm.generate import Sampler, generate, image_generators
 from scm.nets import build_net
 from scm.runs import RunDir, ema_key, load_run
 
-from conftest import cli
+from conftest import cli, save_tiny_vae
 
 CLASSES = 3
 TOL = 1e-5  # max |difference| of the float images before quantisation (measured on CPU: at most 4e-7)
@@ -50,14 +50,8 @@ def make_run(path, preset, overrides=(), latent=None, **flags):
 def runs(tmp_path_factory):
     """Runs and their exports: `sct` (unconditional U-Net), `guided` (a class-conditional DiT sCD student with a
     guidance input), `sigma` (σ_d = 0.6), `latent` (16×16×4 latents of a random 32×32×3 AutoencoderKL)."""
-    from diffusers import AutoencoderKL
-
     root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32)
-    vae.save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae")
     latent = {"vae": str(root / "vae"), "mean": [0.1, -0.2, 0.3, 0.0], "std": [1.5, 2.0, 0.8, 1.2], "sigma_d": 0.5,
               "which": "mean", "image_resolution": 32, "image_channels": 3, "normalization": "given"}
     runs = {

@@ -17,7 +17,7 @@ pytest.importorskip("diffusers", reason="the latent tests need diffusers: pip in
 from scm.data import DataError, load_dataset
 from scm.data.latents import NAMED_STATS, decode, denormalize, encode, load_vae, normalize
 
-from conftest import cli, make_shapes
+from conftest import cli, make_shapes, save_tiny_vae
 
 RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_steps=1"]
 
@@ -25,14 +25,8 @@ RUN = ["progress=false", "tensorboard=false", "sample_count=4", "sample_ode_step
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """root/vae (a random AutoencoderKL with two down blocks: /2) and root/pixels.npz (64 labelled 32×32×3)."""
-    from diffusers import AutoencoderKL
-
     root = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32)
-    vae.save_pretrained(root / "vae")
+    save_tiny_vae(root / "vae")
     images, labels = make_shapes(64, res=32, channels=3)
     np.savez(root / "pixels.npz", x=images, y=labels)
     return root

@@ -19,6 +19,7 @@ __all__ = [
     "SamplerError",
     "ScmError",
     "TrainingStopped",
+    "require_modules",
 ]
 
 
@@ -68,6 +69,18 @@ class MissingDependency(ScmError, ImportError):
     def __init__(self, message: str, *, extra: str, key: str | None = None):
         super().__init__(message, key=key)
         self.extra = extra
+
+
+def require_modules(purpose: str, extra: str, *modules: str) -> list:
+    """Import optional dependencies, or raise MissingDependency saying what needs them and which extra provides
+    them: `require_modules("latent space", "latent", "diffusers")`."""
+    import importlib
+
+    try:
+        return [importlib.import_module(m) for m in modules]
+    except ImportError as e:
+        raise MissingDependency(f"{purpose} needs {' and '.join(modules)}, which is not installed ({e}): "
+                                f"pip install scm[{extra}]", extra=extra) from None
 
 
 class TrainingStopped(ScmError, RuntimeError):

@@ -136,14 +136,19 @@ def _output(out: str) -> tuple[Path, str]:
         kind = "folder"
     if kind is None:
         _fail(f"--out {out}: use a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")
-    folder = target if kind == "folder" else target.parent
+    writable_folder(out, target if kind == "folder" else target.parent)
+    return target, kind
+
+
+def writable_folder(out: str, folder: Path) -> Path:
+    """Make `folder` (where --out OUT writes) and check that it is writable, before anything is computed."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _fail(f"--out {out}: cannot create {folder} ({e.strerror})")
+        _fail(f"--out {out}: cannot create {folder} ({e.strerror or e})")
     if not os.access(folder, os.W_OK):
         _fail(f"--out {out}: {folder} is not writable")
-    return target, kind
+    return folder
 
 
 @app.command()

@@ -129,7 +129,7 @@ def sweep(
     """Measure the quality (scm eval's metric) of RUN's EMA for a range of σ_rel, each reconstructed from the
     snapshots in memory: a table, the best σ_rel, DIR/sweep.json and DIR/sweep.png (needs matplotlib: the demo
     or dev extra of scm)."""
-    from scm.app.cli import USER_ERRORS, _fail, _fail_on
+    from scm.app.cli import USER_ERRORS, _fail, _fail_on, writable_folder
     from scm.app.report import Report
     from scm.evaluate import evaluate_setting, open_checked_reference
     from scm.generate import Sampler
@@ -144,7 +144,7 @@ def sweep(
         dev = resolve_device(device)
     except ValueError as e:
         _fail(f"--device: {e}")
-    folder = _folder(out)
+    folder = writable_folder(out, Path(out))
     plt = _pyplot(log)
     try:
         sampler = Sampler(steps=steps, nfe=nfe, solver=solver)
@@ -200,22 +200,6 @@ def sweep(
     if plt is not None:
         written.append(_plot(plt, rows, m, result, folder / "sweep.png"))
     print(f"wrote {' and '.join(map(str, written))}", file=sys.stderr)
-
-
-def _folder(out: str) -> Path:
-    """The sweep's output folder, made and checked before anything is computed."""
-    import os
-
-    from scm.app.cli import _fail
-
-    folder = Path(out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _fail(f"--out {out}: cannot create it ({e.strerror or e})")
-    if not os.access(folder, os.W_OK):
-        _fail(f"--out {out}: not writable")
-    return folder
 
 
 def _pyplot(log):

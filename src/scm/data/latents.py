@@ -51,12 +51,11 @@ import torch
 from tqdm import tqdm
 
 from scm._stats import merge_moments
-from scm.errors import DataError, MissingDependency
+from scm.errors import DataError, require_modules
 
 __all__ = ["NAMED_STATS", "ChannelMoments", "decode", "decoder", "denormalize", "encode", "load_vae", "normalize",
            "vae_latent_shape"]
 
-INSTALL = "pip install scm[latent]"
 # The paper's per-channel statistics of sd-vae-ft-mse latents (App. G.1): raw latents of images in [−1, 1].
 NAMED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "sd-vae-ft-mse": ((1.56, -0.695, 0.483, 0.729), (5.27, 5.91, 4.21, 4.31)),
@@ -68,12 +67,7 @@ _VAES: dict[str, torch.nn.Module] = {}
 
 # -- the VAE ------------------------------------------------------------------------------------------------------
 def _autoencoder_kl():
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as e:
-        raise MissingDependency(f"latent space needs diffusers, which is not installed ({e}): {INSTALL}",
-                                extra="latent") from None
-    return AutoencoderKL
+    return require_modules("latent space", "latent", "diffusers")[0].AutoencoderKL
 
 
 def load_vae(path: str | Path) -> torch.nn.Module:

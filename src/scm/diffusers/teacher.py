@@ -11,21 +11,15 @@ import torch
 
 from scm._checks import check_positive, check_t
 from scm.diffusers.convert import Parameterization, call_model, data_scale
-from scm.errors import ConfigError, MissingDependency
+from scm.errors import ConfigError, require_modules
 
 __all__ = ["DENOISER_COMPONENTS", "DiffusersModel", "from_diffusers", "load_diffusers", "resolve_sigma_d"]
 
-INSTALL = "pip install 'scm[diffusers]'"
 DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")  # a pipeline's network, in model_index.json
 
 
 def diffusers_module():
-    try:
-        import diffusers
-    except ImportError as e:
-        raise MissingDependency(f"diffusers teachers need diffusers, which is not installed ({e}): {INSTALL}",
-                                extra="diffusers") from None
-    return diffusers
+    return require_modules("diffusers models", "diffusers", "diffusers")[0]
 
 
 def resolve_sigma_d(param: Parameterization, sigma_d: float | None, data: str) -> float:

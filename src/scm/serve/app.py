@@ -64,12 +64,11 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from scm.errors import InvalidSetting, MissingDependency, ScmError
+from scm.errors import InvalidSetting, ScmError, require_modules
 from scm.serve.models import SEED_MAX, ServedModel, parse_query
 
 __all__ = ["GONE", "SUPERSEDED", "Worker", "bind", "create_app", "make_server", "require", "url_of"]
 
-INSTALL = "pip install scm[serve]"
 log = logging.getLogger("scm.serve")
 
 SUPERSEDED = "superseded"  # a worker's answer for a request replaced in its slot by a newer one of its client
@@ -78,12 +77,7 @@ GONE = "gone"              # … for a request whose client disconnected before 
 
 def require() -> None:
     """MissingDependency (extra "serve") unless Starlette and uvicorn are importable."""
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise MissingDependency(f"serving needs starlette and uvicorn, which are not installed ({e}): {INSTALL}",
-                                extra="serve") from None
+    require_modules("serving", "serve", "starlette", "uvicorn")
 
 
 @dataclass
