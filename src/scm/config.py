@@ -21,8 +21,7 @@ import typing
 from dataclasses import dataclass, field
 
 from scm.errors import ConfigError, InvalidSetting
-from scm.nets.dit import DiTConfig
-from scm.nets.registry import NET_PRESETS, config_class, net_config
+from scm.nets.registry import NET_PRESETS, NetConfig, config_class, net_config
 from scm.nets.unet import UNetConfig
 from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss
 from scm.precision import PRECISIONS
@@ -106,7 +105,7 @@ class TrainConfig:
     init: str | None = None                   # start from this run's EMA (sCD: defaults to the teacher)
     init_ema: float | None = None
     net_preset: str = "tiny"                 # a U-Net (tiny, cifar, S…XXL) or transformer (dit-tiny, DiT-S/2…) preset
-    net: UNetConfig | DiTConfig = field(default_factory=UNetConfig)  # the network of `net_preset`, resolved
+    net: NetConfig = field(default_factory=UNetConfig)  # the network of `net_preset` (U-Net, DiT, diffusers), resolved
     loss: DiffusionLoss | ConsistencyLoss = field(default_factory=DiffusionLoss)  # the objective of `method`
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
