@@ -97,6 +97,26 @@ def test_flip_stores_the_mirror_after_each_image_and_named_statistics(files, tmp
     assert not torch.allclose(x[0::2], x[1::2])
 
 
+def test_vae_normalisation_is_the_vaes_own_scaling(files, tmp_path):
+    """normalization="vae": (z − shift_factor)·scaling_factor, the data of a diffusers latent model, decoded back
+    exactly; its std is not σ_d, so a run's loss.sigma_d is not held to it."""
+    from scm.config import make_config
+    from scm.train.build import check_data
+
+    eight = load_dataset(files / "pixels.npz").subset(0, 8)
+    path = encode(eight, files / "vae", tmp_path / "v", normalization="vae", dtype="float32", progress=False)
+    x, info = stored(path)
+    scale = load_vae(files / "vae").config.scaling_factor
+    raw = raw_latents(files, pixels(files, 8))
+    torch.testing.assert_close(x, raw * scale, rtol=1e-5, atol=1e-6)  # no shift_factor in this VAE's config
+    assert info["normalization"] == "vae"
+    back = denormalize(x, info["mean"], info["std"], info["sigma_d"])
+    torch.testing.assert_close(back, raw, rtol=1e-5, atol=1e-6)
+    cfg = make_config("tiny-latent-scd", None, ["loss.sigma_d=0.9"], data=str(path), out=str(tmp_path / "r"),
+                      teacher="t")
+    check_data(cfg, load_dataset(path))  # no σ_d mismatch error for latents at the VAE's own scale
+
+
 def test_posterior_samples_are_seeded_per_image(files, tmp_path):
     eight = load_dataset(files / "pixels.npz").subset(0, 8)
     kw = dict(which="sample", normalization="sd-vae-ft-mse", dtype="float32", progress=False)
