@@ -317,6 +317,8 @@ def test_cli_distils_a_diffusers_pipeline_into_its_own_network(tmp_path):
     assert "initialized from the diffusers teacher" in text and "measured std" in text
     loaded = load_run(run)
     assert loaded.cfg.net_preset == "diffusers" and loaded.cfg.net.model_class == "UNet2DModel"
+    record = json.loads((run / "teacher.json").read_text())  # σ_d given, the data's std measured and recorded
+    assert record["sigma_d"] == 0.5 and 0.1 < record["data_std"] < 1 and record["scheduler"] == "DDPMScheduler"
     code, text = cli("sample", "--ckpt", run, "--steps", 2, "--n", 3, "--out", tmp_path / "s.npz")
     assert code == 0, text
     np.savez(tmp_path / "d28.npz", x=make_shapes(n=8, res=28)[0][..., 0])  # data of another shape than the teacher

@@ -2,6 +2,8 @@
 
     RUN/config.json                  the resolved TrainConfig
     RUN/latent.json                  for a run on latents: the data's meta["latent"] (VAE, normalisation), to decode
+    RUN/teacher.json                 for sCD from a diffusers model: its parameterisation, the data convention, σ_d
+                                     and the training data's measured std (scm.diffusers)
     RUN/metrics.jsonl                one JSON line per log interval
     RUN/samples/                     sample grids at fixed seeds
     RUN/checkpoints/<step>/          net.safetensors, ema.safetensors, optim.safetensors, state.json
@@ -198,6 +200,7 @@ class RunDir:
     samples_dir = property(lambda self: self.path / "samples")
     ckpt_dir = property(lambda self: self.path / "checkpoints")
     latent_path = property(lambda self: self.path / "latent.json")
+    teacher_path = property(lambda self: self.path / "teacher.json")
     snapshots_dir = property(lambda self: self.path / "ema-snapshots")
 
     def read_config(self) -> dict:
@@ -225,6 +228,10 @@ class RunDir:
         if not isinstance(info, dict):
             raise CheckpointError(f"{self.latent_path}: expected a JSON object")
         return info
+
+    def write_teacher(self, info: dict) -> None:
+        """Record what a run learnt about its teacher (RUN/teacher.json)."""
+        atomic_write_text(self.teacher_path, json.dumps(info, indent=2) + "\n")
 
     def write_latent(self, info: dict | None) -> None:
         """Record the data's latent information (None: pixels, the file is removed)."""

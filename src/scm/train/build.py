@@ -28,6 +28,7 @@ class Built:
     net: torch.nn.Module
     teacher: object | None
     init_note: str
+    teacher_info: dict | None = None  # recorded in RUN/teacher.json (diffusers teachers)
 
 
 def check_data(cfg: TrainConfig, data: ImageData | PreparedData) -> None:
@@ -99,11 +100,12 @@ def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device
         _check_teacher_shapes(teacher, cfg, data, device)
 
     init_path = cfg.init
+    teacher_info = None if diffusers_teacher is None else _teacher_info(cfg, diffusers_teacher, data)
     if init_path is None and diffusers_teacher is not None:  # a diffusers student, from the teacher's weights
-        student, note = _diffusers_student(cfg, diffusers_teacher, data)
+        student, note = _diffusers_student(cfg, diffusers_teacher, data, teacher_info)
         if student is not None:
             cfg.net, cfg.net_preset = student.cfg, DIFFUSERS_NET_PRESET
-            return Built(cfg, student.to(device), teacher, note)
+            return Built(cfg, student.to(device), teacher, note, teacher_info)
     if init_path is None and teacher_net_cfg is not None:  # sCD starts from its teacher (paper App. G.2) …
         if type(teacher_net_cfg) is type(cfg.net):
             init_path = cfg.teacher
@@ -135,7 +137,7 @@ def build(cfg: TrainConfig, data: ImageData | PreparedData, device: torch.device
     else:
         net = build_net(dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0))
     cfg.net = net.cfg
-    return Built(cfg, net.to(device), teacher, note)
+    return Built(cfg, net.to(device), teacher, note, teacher_info)
 
 
 DIFFUSERS_PREFIX = "diffusers:"
@@ -164,7 +166,14 @@ def _diffusers_teacher(cfg: TrainConfig, data, device):
     return loaded, fn
 
 
-def _diffusers_student(cfg: TrainConfig, loaded, data):
+def _teacher_info(cfg: TrainConfig, loaded, data) -> dict:
+    """What RUN/teacher.json records of a diffusers teacher: σ_d is given (loss.sigma_d), the data's std measured."""
+    return {"teacher": cfg.teacher, "model": type(loaded.model).__name__,
+            "scheduler": type(loaded.scheduler).__name__, "parameterization": loaded.parameterization.describe(),
+            "data": cfg.teacher_data, "sigma_d": cfg.loss.sigma_d, "data_std": _data_std(data)}
+
+
+def _diffusers_student(cfg: TrainConfig, loaded, data, info: dict):
     """The sCD student as the diffusers teacher's own network (paper App. G.2, Sana-Sprint), with TrigFlow in/out,
     the w_φ head and the guidance input; (None, why) for a network scm cannot train as a student."""
     from scm.diffusers.net import student_from_diffusers
@@ -176,13 +185,13 @@ def _diffusers_student(cfg: TrainConfig, loaded, data):
             guidance_embed=getattr(cfg.net, "guidance_embed", False),
             label_dropout=getattr(cfg.net, "label_dropout", 0.0))
     except ConfigError as e:
-        return None, f"fresh initialization ({e}); {_sigma_note(cfg, data)}"
-    return net, (f"initialized from the diffusers teacher {loaded.path} ({loaded.parameterization.describe()}); "
-                 f"{_sigma_note(cfg, data)}")
+        return None, f"fresh initialization ({e}); {_sigma_note(info)}"
+    return net, (f"initialized from the diffusers teacher {loaded.path} ({info['parameterization']}); "
+                 f"{_sigma_note(info)}")
 
 
-def _sigma_note(cfg: TrainConfig, data) -> str:
-    return f"σ_d = {cfg.loss.sigma_d} (loss.sigma_d), the data's measured std is {_data_std(data):.3f}"
+def _sigma_note(info: dict) -> str:
+    return f"σ_d = {info['sigma_d']} (loss.sigma_d), the data's measured std is {info['data_std']:.3f}"
 
 
 def _data_std(data, n: int = 4096) -> float:

@@ -60,6 +60,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     cfg, run = built.cfg, RunDir(cfg.out)
     latent = getattr(data, "latent", None)  # latents (scm.data.latents): recorded so that samples can be decoded
     ckpt = _prepare_run_dir(run, cfg, resume, info, latent)
+    if built.teacher_info is not None and info.is_main:
+        run.write_teacher(built.teacher_info)
     log = Logger(run, cfg, info)
     log.info(data.describe())
     log.info(f"{cfg.method} | preset {cfg.preset} | {built.net.num_parameters() / 1e6:.2f}M parameters | "
