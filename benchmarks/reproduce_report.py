@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -47,6 +48,33 @@ def _fit(results: dict, name: str, best: float) -> dict:
     if b < 0:
         fit["kimg_for_10_percent"] = math.exp((math.log(0.10) - a) / b)
     return fit
+
+
+def _fidelity(report: Report, folder: Path) -> None:
+    """Issue 13's study at the issue's budgets, with intervals (benchmarks/fidelity_report.py writes it)."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return
+    f = json.loads(path.read_text())
+    t = f["headline"]["teacher"]
+    rows = []
+    for name, r in f["headline"]["runs"].items():
+        cells = []
+        for k in ("1step", "2step"):
+            stat, ratio = r.get(k), r.get(f"{k}_ratio")
+            cells.append(f"{stat['mean']:.1f} ± {stat['pm']:.1f}" + (f" ({ratio['mean']:.2f}×)" if ratio else "")
+                         if stat and stat["pm"] is not None else "-")
+        rows.append([name, f"{r['minutes']:.0f} min ({r['share']:.0%})", f"{r['kimg']:.0f}", *cells])
+    heun = t["heun35"]
+    report.heading("Fidelity at the teacher's budget, with intervals (issue 13)").text(
+        f"From `{folder.name}/` (its README has the commands, the curves against wall-clock, the post-hoc EMA sweeps "
+        f"and the discussion). FD-MNIST, n = 2000 × sample seeds 0–2, mean ± 95 % interval, unguided; × is the ratio "
+        f"to the teacher's Heun-35 paired by seed. Teacher {t['run']} ({t['minutes']:g} min): "
+        + (f"{heun['mean']:.1f} ± {heun['pm']:.1f}." if heun and heun["pm"] is not None else "not evaluated."))
+    report.table(["run (method-training seed)", "wall-clock (share of the teacher's)", "kimg", "1-step", "2-step"],
+                 rows)
+    if (folder / "quality_vs_wallclock.png").is_file():
+        report.image(f"{folder.name}/quality_vs_wallclock.png", "quality vs wall-clock")
 
 
 def _table(report: Report, rows: list[dict], m: str, first: str = "sampler") -> None:
@@ -123,6 +151,7 @@ def write_report(results: dict, path: Path, assets: Path, name: str) -> None:
             elif "slope" in fit:
                 items.append(f"{k}: the 2-step gap did not fall with budget here (slope {fit['slope']:.2f}).")
         R.heading("Headline").bullets(items)
+    _fidelity(R, path.parent / "fidelity-cpu")
     if "teacher" in results:
         t = results["teacher"]
         R.heading("Teacher").text(f"{t['path']} (step {t['step']}, preset {t['preset']}).")

@@ -60,6 +60,16 @@ def test_eval_writes_json_and_markdown(runs, tmp_path, monkeypatch):
         assert row["FD-SHAPES"] > 0 and row["images_per_second"] > 0 and 0 <= row["confident"] <= 1
     table = (tmp_path / "ev.md").read_text()
     assert "| 1-step consistency | 1 |" in table and "s / image" in table
+    # explicit times: the default 2-step times give the 2-step row's samples (same seed), another t_mid others
+    from scm.sampling import consistency_times
+
+    default = ",".join(f"{t!r}" for t in consistency_times(2))
+    code, text = cli("eval", "--ckpt", student, "--ref", ref, "--ts", default, "--ts", "1.5,0.8", "--n", 24,
+                     "--batch", 12, "--out", tmp_path / "ev-ts")
+    assert code == 0, text
+    rows = json.loads((tmp_path / "ev-ts.json").read_text())["rows"]
+    assert [r["sampler"] for r in rows] == ["2-step consistency, t = 1.565, 1.1", "2-step consistency, t = 1.5, 0.8"]
+    assert rows[0]["FD-SHAPES"] == result["rows"][1]["FD-SHAPES"] != rows[1]["FD-SHAPES"]
     code, text = cli("eval", "--ckpt", teacher, "--ref", ref, "--nfe", 3, "--n", 8, "--out", tmp_path / "ev2")
     assert code == 0, text
     # the cached reference statistics can be given directly

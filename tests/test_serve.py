@@ -118,12 +118,12 @@ def plain_server(runs):
         yield url
 
 
-def get(url: str, path: str, timeout: float = 60):
-    """(status, headers, body) of GET url+path."""
+def get(url: str, path: str, timeout: float = 60, host: str | None = None):
+    """(status, headers, body) of GET url+path (with this Host header instead of url's)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers={"Host": host} if host else {})
         r = conn.getresponse()
         return r.status, dict(r.getheaders()), r.read()
     finally:
@@ -397,6 +397,13 @@ def test_scm_serve_command(runs):
         status, headers, body = get(url, "/api/generate?model=teacher&seed=1&class=0")
         assert status == 200 and headers["x-nfe"] == "3" and png(body).size == (28, 28)
         assert get(url, "/")[0] == 200
+        # on 127.0.0.1 it answers to the loopback names only: a site pointing its own name here (DNS rebinding) is
+        # refused before reaching the app
+        port = urlsplit(url).port
+        for name in (f"localhost:{port}", f"[::1]:{port}", "127.0.0.1"):
+            assert get(url, "/api/info", host=name)[0] == 200, name
+        status, _, body = get(url, "/api/generate?model=teacher&seed=1&class=0", host=f"evil.example:{port}")
+        assert status == 400 and "evil.example" in json.loads(body)["error"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -423,6 +430,18 @@ def test_scm_serve_refuses_bad_settings(runs, tmp_path):
         taken.listen()
         code, text = cli("serve", "--ckpt", s, "--port", taken.getsockname()[1])
     assert code == 2 and "cannot listen" in text, text
+
+
+def test_host_names_and_the_default_allowed_hosts():
+    from scm.serve.app import default_allowed_hosts, host_of
+
+    assert [host_of(h) for h in ("LocalHost:8000", "[::1]:80", "[::1]", "127.0.0.1", "::1", "")] == \
+        ["localhost", "::1", "::1", "127.0.0.1", "::1", ""]
+    assert set(default_allowed_hosts("127.0.0.1")) == {"localhost", "127.0.0.1", "::1"}
+    assert set(default_allowed_hosts("127.0.0.2")) == {"localhost", "127.0.0.1", "::1", "127.0.0.2"}
+    assert set(default_allowed_hosts("::1")) == set(default_allowed_hosts("localhost")) == {"localhost", "127.0.0.1",
+                                                                                            "::1"}
+    assert default_allowed_hosts("0.0.0.0") is None and default_allowed_hosts("192.168.1.5") is None
 
 
 def test_scm_serve_without_starlette_says_how_to_install(monkeypatch, tmp_path):

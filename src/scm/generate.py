@@ -79,9 +79,10 @@ class Sampler:
         return 2 * n - 1 if run.cfg.method == "diffusion" and self.solver == "heun" else n
 
     def describe(self, run: LoadedRun) -> str:
+        times = "" if self.ts is None else ", t = " + ", ".join(f"{t:.4g}" for t in self.ts)
         if run.cfg.method == "diffusion":
-            return f"{self.solver} ODE, {self.evaluations(run)} NFE"
-        return f"{len(self.times(run))}-step consistency"
+            return f"{self.solver} ODE, {self.evaluations(run)} NFE{times}"
+        return f"{len(self.times(run))}-step consistency{times}"
 
 
 def check_conditioning(cfg: TrainConfig, class_label: int | None = None, guidance: float | None = None) -> None:

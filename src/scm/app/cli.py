@@ -227,6 +227,8 @@ def eval_(
     steps: Annotated[list[int] | None, typer.Option(help="consistency runs: step counts (repeatable)")] = None,
     nfe: Annotated[list[int] | None, typer.Option(help="diffusion runs: NFEs (repeatable)")] = None,
     solver: Annotated[str, typer.Option(help="diffusion runs: heun | euler")] = "heun",
+    ts: Annotated[list[str] | None, typer.Option(help="explicit decreasing times t0,t1,… in radians (repeatable), "
+                                                      "e.g. 1.5645,1.3: 2 steps with t_mid = 1.3")] = None,
     n: Annotated[int, typer.Option(help="samples per setting")] = 1000,
     batch: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option()] = 0,
@@ -248,7 +250,8 @@ def eval_(
 
     try:
         run = _load(ckpt, ema, False, device)
-        samplers = [Sampler(steps=k) for k in steps or []] + [Sampler(nfe=k, solver=solver) for k in nfe or []]
+        samplers = [Sampler(steps=k) for k in steps or []] + [Sampler(nfe=k, solver=solver) for k in nfe or []] \
+            + [Sampler(ts=_ts(t), solver=solver) for t in ts or []]
         if not samplers:  # defaults: 1 and 2 steps for consistency runs, Heun at 35 NFE for diffusion runs
             diffusion = run.cfg.method == "diffusion"
             samplers = [Sampler(nfe=35, solver=solver)] if diffusion else [Sampler(steps=1), Sampler(steps=2)]
@@ -291,6 +294,9 @@ def serve(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     teacher_nfe: Annotated[int, typer.Option(help="the teacher's Heun NFE (odd)")] = 35,
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to use (default: the run's first)")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option(help="a name the page may be reached by (repeatable; "
+                                                                 "* = any). Default: on a loopback --host, localhost, "
+                                                                 "127.0.0.1 and ::1 only; elsewhere any")] = None,
 ):
     """Generate in the browser: a page whose images follow its controls (seed, class, steps, guidance, number of
     images) as they move, with the time per image; with --teacher, the teacher's images from the same noise
@@ -299,7 +305,16 @@ def serve(
     from scm.errors import MissingDependency
 
     try:
-        from scm.serve import ServedModel, bind, check_pair, create_app, make_server, require, url_of
+        from scm.serve import (
+            ServedModel,
+            bind,
+            check_pair,
+            create_app,
+            default_allowed_hosts,
+            make_server,
+            require,
+            url_of,
+        )
 
         require()
     except MissingDependency as e:
@@ -316,7 +331,13 @@ def serve(
         if teacher_run is not None:
             check_pair(run, teacher_run)
             served_teacher = ServedModel(teacher_run, "teacher", steps=(teacher_nfe,))
-        app_ = create_app(student, served_teacher)
+        if not allowed_host:
+            names = default_allowed_hosts(host)
+        elif "*" in allowed_host:
+            names = None
+        else:
+            names = (*(default_allowed_hosts(host) or ()), host, *allowed_host)
+        app_ = create_app(student, served_teacher, allowed_hosts=names)
         sock = bind(host, port)
     except USER_ERRORS as e:
         _fail_on(e, flags)
@@ -326,8 +347,9 @@ def serve(
            f"{'NFE' if student.diffusion else 'steps'})"
     if served_teacher is not None:
         what += f" beside {Path(teacher).name} (Heun ODE, {teacher_nfe} NFE)"
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host}: anyone who can reach this machine can use the models", file=sys.stderr)
+    if default_allowed_hosts(host) is None:
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the models"
+              + ("" if names else " (by any name; --allowed-host NAME limits that)"), file=sys.stderr)
     print(f"serving {what} at {url_of(sock)} (Ctrl-C stops)", file=sys.stderr, flush=True)
     import contextlib
 

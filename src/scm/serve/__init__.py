@@ -7,7 +7,8 @@ optional (`pip install scm[serve]`) and imported only when an app or a server is
 they are there).
 """
 
-from scm.serve.app import bind, create_app, make_server, require, url_of
+from scm.serve.app import bind, create_app, default_allowed_hosts, make_server, require, url_of
 from scm.serve.models import ServedModel, check_pair
 
-__all__ = ["ServedModel", "bind", "check_pair", "create_app", "make_server", "require", "url_of"]
+__all__ = ["ServedModel", "bind", "check_pair", "create_app", "default_allowed_hosts", "make_server", "require",
+           "url_of"]

@@ -45,6 +45,11 @@ OpenMP keeps a team of threads for every thread that ran a parallel operation, a
 thread exists (the loader's), libgomp counts more threads than cores and stops spinning between parallel
 regions, which made a worker's batch-1 generation 2× slower on the 2-core VM (tiny U-Net: 78 vs 38 ms).
 
+Requests must name this server in their Host header when it listens on a loopback address (`allowed_hosts`; by
+default `scm serve` allows localhost, 127.0.0.1 and ::1 there): otherwise a page on any web site could point its
+own domain at 127.0.0.1 (DNS rebinding) and use the models from the visitor's browser as same-origin. Other Host
+headers get 400 without reaching the app.
+
 Nothing a request says can reach a file: the runs are loaded once, before the server starts, from paths given
 by the operator; the page and its two static files are read from the package when the app is built, and are
 the only files served.
@@ -232,15 +237,61 @@ def _package_file(name: str) -> bytes:
     return importlib.resources.files("scm.serve").joinpath(name).read_bytes()
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def host_of(header: str) -> str:
+    """The host of an HTTP Host header, lowercased, without its port: "[::1]:8000" → "::1", "Local:80" → "local"."""
+    h = header.strip().lower()
+    if h.startswith("["):  # an IPv6 literal, RFC 3986 §3.2.2
+        return h[1:h.index("]")] if "]" in h else h
+    return h.rpartition(":")[0] if h.count(":") == 1 else h
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...] | None:
+    """The Host names a server listening on `host` answers to unless told otherwise: the loopback names on a
+    loopback address (refusing DNS rebinding), any (None) on another address, whose names only its operator knows."""
+    import ipaddress
+
+    try:
+        loopback = host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return tuple(dict.fromkeys((*LOOPBACK_NAMES, host.lower()))) if loopback else None
+
+
+class HostGuard:
+    """ASGI middleware: HTTP requests whose Host header is not one of `allowed` get 400 (JSON) and never reach the
+    app. Starlette's TrustedHostMiddleware drops an IPv6 literal's brackets wrongly ("[::1]:8000" → "["), hence
+    this one."""
+
+    def __init__(self, app, allowed):
+        self.app, self.allowed = app, frozenset(host_of(h) for h in allowed)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_of(header) not in self.allowed:
+                from starlette.responses import JSONResponse
+
+                message = (f"Host {header!r} is not served here (allowed: {', '.join(sorted(self.allowed))}; "
+                           "scm serve --allowed-host adds names)")
+                await JSONResponse({"error": message}, status_code=400, headers=SECURITY)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_waiting: int = 64,
-               warm_up: bool = True, threads: int | str | None = "auto"):
+               warm_up: bool = True, threads: int | str | None = "auto", allowed_hosts=None):
     """The Starlette app serving `student` (and `teacher` beside it). With `warm_up`, each model generates once
     per batch size at start-up, before the first request is answered. `threads`: torch's intra-op threads of
-    each model's worker; "auto" shares the calling thread's among the models on a CPU (none set on a GPU)."""
+    each model's worker; "auto" shares the calling thread's among the models on a CPU (none set on a GPU).
+    `allowed_hosts`: the names requests must give in their Host header (None: any; `default_allowed_hosts`)."""
     require()
     import torch
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -327,7 +378,8 @@ def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_
     routes = [Route("/", index), Route("/api/info", info), Route("/api/stats", stats),
               Route("/api/generate", generate),
               *[Route(f"/static/{name}", static_file(name)) for name in STATIC]]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    guard = [] if allowed_hosts is None else [Middleware(HostGuard, allowed=allowed_hosts)]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found}, middleware=guard)
     app.state.workers = workers
     return app
 
