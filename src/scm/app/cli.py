@@ -350,7 +350,8 @@ def serve(
     if default_allowed_hosts(host) is None:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the models"
               + ("" if names else " (by any name; --allowed-host NAME limits that)"), file=sys.stderr)
-    print(f"serving {what} at {url_of(sock)} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    answering = f"; answering to {', '.join(names)} (--allowed-host adds names)" if names else ""
+    print(f"serving {what} at {url_of(sock)} (Ctrl-C stops{answering})", file=sys.stderr, flush=True)
     import contextlib
 
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully on Ctrl-C, then raises it again

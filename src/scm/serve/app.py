@@ -274,8 +274,7 @@ class HostGuard:
             if host_of(header) not in self.allowed:
                 from starlette.responses import JSONResponse
 
-                message = (f"Host {header!r} is not served here (allowed: {', '.join(sorted(self.allowed))}; "
-                           "scm serve --allowed-host adds names)")
+                message = f"Host {header!r} is not served here (allowed: {', '.join(sorted(self.allowed))})"
                 await JSONResponse({"error": message}, status_code=400, headers=SECURITY)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
