@@ -176,7 +176,8 @@ def plot(curve: dict, sweep: dict, teacher: dict | None) -> list[str]:
                         ax.plot([p["minutes"]] * 2, [p[k]["mean"] - p[k]["pm"], p[k]["mean"] + p[k]["pm"]],
                                 color=color, alpha=0.4, lw=1)
         if teacher:
-            ax.axhline(teacher["mean"], color="0.5", ls="--", lw=1, label="demo/teacher, Heun 35 NFE (65 min)")
+            ax.axhline(teacher["mean"], color="0.5", ls="--", lw=1,
+                       label="demo/teacher, Heun 35 NFE (65 min; n = 2000)")
         ax.set_xlabel("training wall-clock (minutes, this 2-core VM; see the README for cores per run)")
         written.append(save(plt, fig, ax, "FD-MNIST (n = 1000 per seed)", "quality_vs_wallclock.png"))
     if sweep:
