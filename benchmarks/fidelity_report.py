@@ -95,7 +95,7 @@ def headline(teacher_minutes: float) -> dict:
 def t_mid(teacher: dict) -> dict:
     """2-step quality against the intermediate time t_mid (`scm eval --ts t_max,t_mid`) of the seed-0 runs."""
     out = {}
-    for run in ("scd-0", "sct-0"):
+    for run in ("scd-0", "scd-1", "sct-0", "sct-1"):
         s = scores(f"{run}-tmid-*.json")
         out[run] = [{"t_mid": float(sampler.rsplit(", ", 1)[1]), "fd": interval(list(v.values())),
                      "ratio": paired(v, teacher)} for sampler, v in s.items()]
@@ -212,13 +212,14 @@ def markdown(results: dict, plots: list[str]) -> str:
                      f"{fmt(r.get('1step'))} | {fmt_ratio(r.get('1step_ratio'))} | {fmt(r.get('2step'))} | "
                      f"{fmt_ratio(r.get('2step_ratio'))} | {target} |")
     if results["t_mid"]:
+        columns = sorted({p["t_mid"] for points in results["t_mid"].values() for p in points})
         lines += ["", "### 2 steps: the intermediate time t_mid (`scm eval --ts 1.5645,T`; paper 1.1, diffusers "
-                  "SCMScheduler's default 1.3)", "", "| run | " + " | ".join(
-                      f"t_mid {p['t_mid']:g}" for p in next(iter(results["t_mid"].values()))) + " |",
-                  "|---" * (1 + len(next(iter(results["t_mid"].values())))) + "|"]
+                  "SCMScheduler's default 1.3)", "", "| run | " + " | ".join(f"t_mid {c:g}" for c in columns) + " |",
+                  "|---" * (1 + len(columns)) + "|"]
         for name, points in results["t_mid"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{fmt(p['fd'])} ({fmt_ratio(p['ratio'])})" for p in points)
-                         + " |")
+            by = {p["t_mid"]: p for p in points}
+            lines.append(f"| {name} | " + " | ".join(f"{fmt(by[c]['fd'])} ({fmt_ratio(by[c]['ratio'])})" if c in by
+                                                     else "–" for c in columns) + " |")
     if results["curves"]:
         lines += ["", "## Quality against training wall-clock (n = 1000 per sample seed)", ""]
         if "quality_vs_wallclock.png" in plots:
