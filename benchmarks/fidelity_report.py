@@ -12,22 +12,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 from pathlib import Path
+
+from scm.app.ema_cli import _interval as mean_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fidelity-cpu"
 RUNS = ROOT / "benchmarks" / "runs"
-T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57}
 ONE, TWO, HEUN = "1-step consistency", "2-step consistency", "heun ODE, 35 NFE"
 TARGETS = {"scd": (1.10, 0.20, "1-step ≤ 1.5×"), "sct": (1.15, 0.40, None)}  # 2-step ratio, share of wall-clock
 
 
 def interval(values: list[float]) -> dict:
-    m = statistics.fmean(values)
-    pm = T95.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
-    return {"mean": m, "pm": pm, "values": values}
+    """Mean and half-width of the 95 % t-interval over seeds (None with one seed): `scm ema sweep`'s statistics."""
+    mean, _, ci = mean_interval(values)
+    return {"mean": mean, "pm": ci[1] - mean if ci else None, "values": values}
 
 
 def fmt(stat: dict | None) -> str:
