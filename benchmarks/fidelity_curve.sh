@@ -22,7 +22,7 @@ pids=()
     net.label_dropout=0.1 optim.lr=5e-3 optim.lr_decay_kimg=50 optim.lr_rampup_kimg=5 ema.stds=0.05,0.1 \
     ckpt_every_kimg=15 > "$R/teacher.log" 2>&1 & pids+=($!); }
 [ -f "$R/sct-scratch/checkpoints/latest" ] || { $SCM train --preset tiny-28-sct --out "$R/sct-scratch" "${common[@]}" \
-    ema.stds=0.05,0.1 ckpt_every_kimg=5 > "$R/sct-scratch.log" 2>&1 & pids+=($!); }
+    ema.stds=0.05,0.1 ckpt_every_kimg=5 t_mid=1.1 > "$R/sct-scratch.log" 2>&1 & pids+=($!); }  # the paper's t_mid
 for p in "${pids[@]}"; do wait "$p"; done
 unset OMP_NUM_THREADS MKL_NUM_THREADS
 [ "${STAGE:-all}" = train ] && exit 0

@@ -15,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from scm.app.ema_cli import _interval as mean_interval
+from scm.metrics import seed_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fidelity-cpu"
@@ -26,8 +26,8 @@ TARGETS = {"scd": (1.10, 0.20, "1-step ≤ 1.5×"), "sct": (1.15, 0.40, None)}  
 
 def interval(values: list[float]) -> dict:
     """Mean and half-width of the 95 % t-interval over seeds (None with one seed): `scm ema sweep`'s statistics."""
-    mean, _, ci = mean_interval(values)
-    return {"mean": mean, "pm": ci[1] - mean if ci else None, "values": values}
+    spread = seed_interval(values)
+    return {"mean": spread.mean, "pm": spread.half_width, "values": values}
 
 
 def fmt(stat: dict | None) -> str:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,17 +61,16 @@ def _eval_rows(path, args, settings):
         for seed in args.seeds:
             row, _ = evaluate_setting(run, sampler, space, ref, args.n, seed=seed, batch=500)
             values.append(row[space.metric])
-        rows.append({"setting": label, "ema": ema, "values": values, **_interval(values)})
+        rows.append({"setting": label, "ema": ema, "values": values, **_spread(values)})
     return rows
 
 
-def _interval(values):
-    """Mean and a 95 % t-interval half-width over the sample seeds."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return {"mean": m, "pm": None}
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(values), 2.0)
-    return {"mean": m, "pm": t95 * statistics.stdev(values) / math.sqrt(len(values))}
+def _spread(values):
+    """Mean and the 95 % t-interval's half-width over the sample seeds."""
+    from scm.metrics import seed_interval
+
+    spread = seed_interval(values)
+    return {"mean": spread.mean, "pm": spread.half_width}
 
 
 def train_variant(name, args):

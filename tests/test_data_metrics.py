@@ -237,3 +237,28 @@ def test_cli_data_info_and_fetch_errors(tmp_path):
     assert proc.returncode == 2 and "unknown data set 'cifar'" in proc.stderr
     proc = subprocess.run([*scm, "data", "info", str(tmp_path / "none")], capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_seed_interval_against_closed_forms():
+    """The 95 % t-interval of a mean over seeds. Student's t has closed-form quantiles for df = 1 (Cauchy:
+    tan(π(p − ½))) and df = 2 ((2p − 1)/sqrt(2p(1 − p))); the table holds them to 3 decimals, hence 1e-3."""
+    import math
+
+    from scm.metrics import seed_interval
+    from scm.metrics.intervals import t95
+
+    p = 0.975
+    assert t95(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), abs=1e-3)
+    assert t95(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), abs=1e-3)
+    assert t95(11) == t95(10) and t95(1000) == 1.96  # between rows: the smaller df's (wider); large df: normal
+    s = seed_interval([10.0, 12.0, 14.0])  # mean 12, sample std 2 (n − 1)
+    assert (s.mean, s.std) == (12.0, 2.0)
+    assert s.half_width == pytest.approx(t95(2) * 2 / math.sqrt(3), rel=1e-12)
+    assert s.low == pytest.approx(12 - s.half_width) and s.high == pytest.approx(12 + s.half_width)
+    one = seed_interval([5.0])
+    assert (one.mean, one.std, one.low, one.half_width) == (5.0, None, None, None)
+    assert seed_interval([1.0, float("nan")]).low is None  # a failed evaluation gives no interval
+    with pytest.raises(ValueError):
+        seed_interval([])
+    with pytest.raises(ValueError):
+        t95(0)

@@ -87,7 +87,7 @@ def images01(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["sct", "guided", "sigma", "latent"])
 def test_the_exported_pipeline_samples_as_scm_sample(runs, name):
     """From the same seed, `SCMPipeline` and `generate` (what `scm sample` runs) give the same images for 1 and
-    2 steps: the same times (t_max = arctan(80/σ_d), t_mid = 1.1), the same per-image noise in the same order,
+    2 steps: the same times (t_max = arctan(80/σ_d), the run's t_mid), the same per-image noise in the same order,
     the same class labels and guidance by default, the same decoding of latents."""
     _, run_dirs, exported = runs
     pipe, run = pipeline(exported[name]), load_run(run_dirs[name])
@@ -179,7 +179,8 @@ def test_the_folder_holds_safetensors_and_json_and_records_the_times(runs):
     from diffusers import AutoencoderKL, SCMScheduler
 
     _, _, exported = runs
-    for name, sigma_d in (("sct", 0.5), ("sigma", 0.6), ("latent", 0.5)):
+    # the run's t_mid is the pipeline's: tiny-28-sct's own 1.3, the paper's 1.1 for tiny-latent-sct
+    for name, sigma_d, t_mid in (("sct", 0.5, 1.3), ("sigma", 0.6, 1.3), ("latent", 0.5, 1.1)):
         out = exported[name]
         files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
         assert not [f for f in files if f.endswith((".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt"))], files
@@ -187,7 +188,7 @@ def test_the_folder_holds_safetensors_and_json_and_records_the_times(runs):
         assert "model/diffusion_pytorch_model.safetensors" in files
         index = json.loads((out / "model_index.json").read_text())
         assert index["_class_name"] == "SCMPipeline"
-        assert index["t_max"] == pytest.approx(math.atan(80 / sigma_d), abs=1e-12) and index["t_mid"] == 1.1
+        assert index["t_max"] == pytest.approx(math.atan(80 / sigma_d), abs=1e-12) and index["t_mid"] == t_mid
         assert index["model"] == ["scm.diffusers.pipeline", "SCMModel"]
         scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
         assert scheduler["prediction_type"] == "trigflow" and scheduler["sigma_data"] == sigma_d
@@ -195,9 +196,9 @@ def test_the_folder_holds_safetensors_and_json_and_records_the_times(runs):
         assert model["net_preset"] == "tiny" and model["sigma_d"] == sigma_d and model["net_config"]["img_channels"]
         pipe = pipeline(out)
         assert isinstance(pipe.scheduler, SCMScheduler)
-        assert pipe.times(1) == [index["t_max"]] and pipe.times(2) == [index["t_max"], 1.1]
+        assert pipe.times(1) == [index["t_max"]] and pipe.times(2) == [index["t_max"], t_mid]
         pipe(num_inference_steps=2, seed=0, output_type="latent")
-        assert pipe.scheduler.timesteps.tolist() == pytest.approx([index["t_max"], 1.1, 0.0], abs=1e-6)
+        assert pipe.scheduler.timesteps.tolist() == pytest.approx([index["t_max"], t_mid, 0.0], abs=1e-6)
     latent = runs[0] / "latent-diffusers"
     assert (latent / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     index = json.loads((latent / "model_index.json").read_text())

@@ -70,6 +70,16 @@ def test_eval_writes_json_and_markdown(runs, tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "ev-ts.json").read_text())["rows"]
     assert [r["sampler"] for r in rows] == ["2-step consistency, t = 1.565, 1.1", "2-step consistency, t = 1.5, 0.8"]
     assert rows[0]["FD-SHAPES"] == result["rows"][1]["FD-SHAPES"] != rows[1]["FD-SHAPES"]
+    # --t-mid: the same samples as the explicit times [t_max, t_mid]; named in the row; the stem keeps its dot
+    code, text = cli("eval", "--ckpt", student, "--ref", ref, "--steps", 2, "--t-mid", 0.8, "--n", 24, "--batch", 12,
+                     "--out", tmp_path / "ev-t0.8")
+    assert code == 0, text
+    (row,) = json.loads((tmp_path / "ev-t0.8.json").read_text())["rows"]
+    assert row["sampler"] == "2-step consistency, t_mid = 0.8" and row["FD-SHAPES"] != rows[0]["FD-SHAPES"]
+    code, text = cli("eval", "--ckpt", student, "--ref", ref, "--ts", f"{consistency_times(1)[0]!r},0.8", "--n", 24,
+                     "--batch", 12, "--out", tmp_path / "ev-ts08.json")
+    assert code == 0, text
+    assert json.loads((tmp_path / "ev-ts08.json").read_text())["rows"][0]["FD-SHAPES"] == row["FD-SHAPES"]
     code, text = cli("eval", "--ckpt", teacher, "--ref", ref, "--nfe", 3, "--n", 8, "--out", tmp_path / "ev2")
     assert code == 0, text
     # the cached reference statistics can be given directly
@@ -94,6 +104,10 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     expect(["sample", "--ckpt", teacher, "--steps", 2, *out], "--steps: this is a diffusion run")
     expect(["sample", "--ckpt", teacher, "--nfe", 8, *out], "must be odd")
     expect(["sample", "--ckpt", student, "--ts", "1.0,1.2", *out], "strictly decreasing")
+    expect(["sample", "--ckpt", student, "--steps", 2, "--t-mid", 1.6, *out], "--t-mid 1.6: must lie in (0, π/2)")
+    expect(["sample", "--ckpt", student, "--steps", 2, "--t-mid", 1.565, *out], "--t-mid")  # not below t_max
+    expect(["sample", "--ckpt", student, "--ts", "1.5,1.0", "--t-mid", 1.0, *out], "either explicit times or t_mid")
+    expect(["sample", "--ckpt", teacher, "--nfe", 5, "--t-mid", 1.0, *out], "diffusion run")
     expect(["sample", "--ckpt", student, "--class", 3, *out], "--class 3: this model is unconditional")
     expect(["sample", "--ckpt", student, "--out", tmp_path / "x.jpg"], "--out")
     expect(["eval", "--ckpt", student, "--ref", root / "shapes.npz", "--nfe", 8], "--nfe: this is a scd run")
@@ -146,3 +160,31 @@ def test_an_image_depends_on_seed_and_index_only(runs, tmp_path, which):
     few, many = np.load(tmp_path / "few.npz")["x"], np.load(tmp_path / "many.npz")["x"]
     assert np.array_equal(few, many[:8])
     assert not np.array_equal(many[:8], many[8:16])  # and different images differ
+
+
+def test_a_runs_t_mid_is_every_samplers_default(runs):
+    """The run's config `t_mid` (the paper's 1.1 unless set) places 2+ steps; a sampler's own t_mid overrides it;
+    out-of-range values are refused where they enter (the config, the sampler)."""
+    import dataclasses
+
+    from scm.config import make_config
+    from scm.errors import ConfigError, SamplerError
+    from scm.generate import Sampler
+    from scm.runs import load_run
+    from scm.sampling import consistency_times
+
+    _, _, student = runs
+    run = load_run(student)
+    t_max = consistency_times(1)[0]
+    assert run.cfg.t_mid == 1.1 and Sampler(steps=2).times(run) == [t_max, 1.1]
+    run.cfg = dataclasses.replace(run.cfg, t_mid=1.3)
+    assert Sampler(steps=2).times(run) == [t_max, 1.3] == Sampler(steps=2, t_mid=1.3).times(run)
+    assert Sampler(steps=4).times(run) == pytest.approx([t_max, 1.3, 1.3 * 2 / 3, 1.3 / 3], rel=1e-12)
+    assert Sampler(steps=2).describe(run) == "2-step consistency, t_mid = 1.3"
+    assert Sampler(steps=2, t_mid=1.1).describe(run) == "2-step consistency"
+    assert Sampler(steps=1).times(run) == [t_max] and Sampler(steps=1).describe(run) == "1-step consistency"
+    for bad in (0.0, float("nan"), 1.6, t_max):
+        with pytest.raises(ConfigError, match="t_mid"):
+            make_config("tiny-28-sct", None, [f"t_mid={bad}"]).validate()
+    with pytest.raises(SamplerError, match="t_mid"):
+        Sampler(steps=2, t_mid=-1.0)

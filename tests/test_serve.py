@@ -502,3 +502,13 @@ def test_generate_many_equals_each_request_alone(runs):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1 and joint.batched == 3
     with pytest.raises(ValueError, match="share steps and guidance"):
         model.generate_many([queries[0], Query("student", None, 3, 1, 1, 1.5, 1)])
+    # --t-mid: another intermediate time for 2+ steps, told by /api/info; a diffusion run refuses one
+    shifted = ServedModel(model.run, "student", t_mid=0.7)
+    assert shifted.describe()["t_mid"] == 0.7 and model.describe()["t_mid"] == model.run.cfg.t_mid
+    assert shifted.sampler(2).times(model.run)[1] == 0.7 and shifted.sampler(4).times(model.run)[1] == 0.7
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(shifted.generate(queries[0]).png))),
+                              np.asarray(Image.open(io.BytesIO(model.generate(queries[0]).png))))
+    from scm.errors import SamplerError
+
+    with pytest.raises(SamplerError, match="t_mid"):
+        ServedModel(load_run(runs["teacher"]), "teacher", steps=(5,), t_mid=0.7)

@@ -26,6 +26,8 @@ from scm.nets.unet import UNetConfig
 from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss
 from scm.precision import PRECISIONS
 from scm.presets import FAMILIES, PRESETS
+from scm.sampling import T_MID
+from scm.trigflow import t_max_default
 
 __all__ = [
     "ConfigError",
@@ -115,6 +117,9 @@ class TrainConfig:
     sample_every_kimg: float | None = 20.0    # sample grids at fixed seeds (None: only at the end)
     sample_count: int = 64
     sample_ode_steps: int = 12                # Heun steps of diffusion runs' sample grids (2N − 1 evaluations)
+    t_mid: float = T_MID                      # consistency runs: the intermediate time of 2-step sampling (§5.2),
+                                              # every sampler's default for this run (grids, sample, eval, serve,
+                                              # export); N > 2 steps space theirs below it
     max_bad_steps: int = 20                   # stop after this many consecutive non-finite steps
     tensorboard: bool = True                  # write TensorBoard events when tensorboard is installed
     progress: bool = True
@@ -137,6 +142,9 @@ class TrainConfig:
         for key in ("keep_ckpts", "log_every", "max_bad_steps", "sample_count", "sample_ode_steps"):
             _need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         _part("loss", self.loss.validate)
+        t_max = t_max_default(self.loss.sigma_d)  # σ_d was checked by the loss
+        _need(_finite(self.t_mid) and 0 < self.t_mid < t_max, "t_mid", self.t_mid,
+              f"must lie in (0, t_max = {t_max:.4f}) radians (the paper's is {T_MID})")
         _need(type(self.net) is config_class(self.net_preset), "net", type(self.net).__name__,
               f"net_preset {self.net_preset} is a {config_class(self.net_preset).__name__}")
         _part("net", lambda: type(self.net)(**dataclasses.asdict(self.net)))

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from scm._checks import HALF_PI
 from scm._rng import randn
 from scm.config import TrainConfig
 from scm.errors import SamplerError
 from scm.runs import LoadedRun, mix_seed
-from scm.sampling import check_times, consistency_sample, consistency_times, ode_sample, ode_times
+from scm.sampling import T_MID, check_times, consistency_sample, consistency_times, ode_sample, ode_times
 from scm.teachers import guided
 
 __all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "generate_items", "image_generators",
@@ -34,12 +35,14 @@ SOLVERS = ("heun", "euler")
 @dataclass
 class Sampler:
     """How to sample: `steps` (or explicit times `ts`) for consistency runs; `nfe` (or `ts`) and `solver` for
-    diffusion runs. Defaults: 1 step; 35 NFE with Heun."""
+    diffusion runs. Defaults: 1 step; 35 NFE with Heun. `t_mid`: the intermediate time of multi-step consistency
+    sampling, instead of the run's own (its config's `t_mid`, the paper's 1.1 unless set)."""
 
     steps: int | None = None
     ts: tuple[float, ...] | None = None
     nfe: int | None = None
     solver: str = "heun"
+    t_mid: float | None = None
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -53,6 +56,11 @@ class Sampler:
                 check_times(self.ts)
             except ValueError as e:
                 raise SamplerError(f"ts={self.ts}: {e}", key="ts") from None
+        if self.t_mid is not None:
+            if self.ts is not None:
+                raise SamplerError("t_mid: give either explicit times or t_mid, not both", key="t_mid")
+            if not (isinstance(self.t_mid, (int, float)) and 0 < self.t_mid < HALF_PI):
+                raise SamplerError(f"t_mid={self.t_mid!r}: must lie in (0, π/2) radians", key="t_mid")
 
     def times(self, run: LoadedRun) -> list[float]:
         """The network-evaluation times for this run (validated against the run's kind)."""
@@ -60,6 +68,8 @@ class Sampler:
         if self.ts is not None:
             return check_times(self.ts)
         if method == "diffusion":
+            if self.t_mid is not None:
+                raise SamplerError("t_mid is a time of consistency sampling; this is a diffusion run", key="t_mid")
             if self.steps is not None and self.nfe is None:
                 raise SamplerError("this is a diffusion run: sample it with a number of evaluations (NFE) and a "
                                    "solver, not consistency steps", key="steps")
@@ -72,17 +82,28 @@ class Sampler:
         if self.nfe is not None:
             raise SamplerError(f"this is a {method} run: sample it with consistency steps (1, 2, …) or times, "
                                "not an NFE", key="nfe")
-        return consistency_times(self.steps or 1, sigma_d=sd)
+        try:
+            return consistency_times(self.steps or 1, sigma_d=sd, t_mid=self.mid(run))
+        except ValueError as e:
+            raise SamplerError(f"t_mid={self.mid(run)}: {e}", key="t_mid") from None
+
+    def mid(self, run: LoadedRun) -> float:
+        """The intermediate time of this run's multi-step consistency sampling: `t_mid`, or the run's own."""
+        return float(self.t_mid) if self.t_mid is not None else float(getattr(run.cfg, "t_mid", T_MID))
 
     def evaluations(self, run: LoadedRun) -> int:
         n = len(self.times(run))
         return 2 * n - 1 if run.cfg.method == "diffusion" and self.solver == "heun" else n
 
     def describe(self, run: LoadedRun) -> str:
+        """E.g. "2-step consistency" (with ", t_mid = 1.3" where it is not the paper's), "heun ODE, 35 NFE"."""
         times = "" if self.ts is None else ", t = " + ", ".join(f"{t:.4g}" for t in self.ts)
         if run.cfg.method == "diffusion":
             return f"{self.solver} ODE, {self.evaluations(run)} NFE{times}"
-        return f"{len(self.times(run))}-step consistency{times}"
+        steps = len(self.times(run))
+        if self.ts is None and steps > 1 and self.mid(run) != T_MID:
+            times = f", t_mid = {self.mid(run):g}"
+        return f"{steps}-step consistency{times}"
 
 
 def check_conditioning(cfg: TrainConfig, class_label: int | None = None, guidance: float | None = None) -> None:

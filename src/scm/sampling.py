@@ -49,7 +49,7 @@ def consistency_times(steps: int, *, sigma_d: float = 0.5, t_max: float | None =
     t_max = min(t_max, HALF_PI)
     if steps == 1:
         return [t_max]
-    return [t_max] + [t_mid * (steps - 1 - i) / (steps - 1) for i in range(steps - 1)]
+    return [t_max] + [t_mid * (1 - i / (steps - 1)) for i in range(steps - 1)]  # t_mid itself exactly
 
 
 def ode_times(

@@ -21,10 +21,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Continuous-time consistency models (sCT / sCD): train, distill, sample, evaluate.")
 
 # The library names the setting at fault (ScmError.key); here is how a person sets it on the command line.
-FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "solver": "--solver", "class_label": "--class",
-         "guidance": "--guidance", "n": "--n", "batch": "--batch", "ema_std": "--ema", "metric": "--metric",
-         "method": "--method", "preset": "--preset", "resume": "--resume", "out": "--out", "teacher": "--teacher",
-         "inception": "--inception"}
+FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "t_mid": "--t-mid", "solver": "--solver",
+         "class_label": "--class", "guidance": "--guidance", "n": "--n", "batch": "--batch", "ema_std": "--ema",
+         "metric": "--metric", "method": "--method", "preset": "--preset", "resume": "--resume", "out": "--out",
+         "teacher": "--teacher", "inception": "--inception"}
 HINTS = {"out": "continue it with --resume, or choose another --out", "method": "pick one with --method",
          "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
          "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
@@ -90,9 +90,11 @@ def train(
         _fail(f"{e}{hint}", 130 if e.reason == "interrupted" else 3)
     except USER_ERRORS as e:
         _fail_on(e)
+    done = f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}"
+    del result  # the model goes before its process group does (see shutdown)
     shutdown()  # after a successful run only: a failed rank must not wait for the others in a barrier
     if os.environ.get("RANK", "0") == "0":
-        print(f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}", file=sys.stderr)
+        print(done, file=sys.stderr)
 
 
 @app.command()
@@ -157,6 +159,8 @@ def sample(
     out: Annotated[str, typer.Option(help="a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")],
     steps: Annotated[int | None, typer.Option(help="consistency runs: 1, 2, … steps")] = None,
     ts: Annotated[str | None, typer.Option(help="explicit decreasing times t0,t1,… (radians)")] = None,
+    t_mid: Annotated[float | None, typer.Option(help="consistency runs: the intermediate time of 2+ steps "
+                                                     "(radians; default: the run's t_mid, the paper's 1.1)")] = None,
     nfe: Annotated[int | None, typer.Option(help="diffusion runs: network evaluations (Heun: odd)")] = None,
     solver: Annotated[str, typer.Option(help="diffusion runs: heun | euler")] = "heun",
     n: Annotated[int, typer.Option(help="number of images")] = 64,
@@ -178,7 +182,7 @@ def sample(
 
     try:
         target, kind = _output(out)
-        sampler = Sampler(steps=steps, ts=_ts(ts), nfe=nfe, solver=solver)
+        sampler = Sampler(steps=steps, ts=_ts(ts), nfe=nfe, solver=solver, t_mid=t_mid)
         run = _load(ckpt, ema, raw, device)
         images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance)
         if kind == "grid":
@@ -229,6 +233,8 @@ def eval_(
     solver: Annotated[str, typer.Option(help="diffusion runs: heun | euler")] = "heun",
     ts: Annotated[list[str] | None, typer.Option(help="explicit decreasing times t0,t1,… in radians (repeatable), "
                                                       "e.g. 1.5645,1.3: 2 steps with t_mid = 1.3")] = None,
+    t_mid: Annotated[float | None, typer.Option(help="consistency runs: the intermediate time of --steps (radians; "
+                                                     "default: the run's t_mid, the paper's 1.1)")] = None,
     n: Annotated[int, typer.Option(help="samples per setting")] = 1000,
     batch: Annotated[int, typer.Option()] = 256,
     seed: Annotated[int, typer.Option()] = 0,
@@ -250,16 +256,20 @@ def eval_(
 
     try:
         run = _load(ckpt, ema, False, device)
-        samplers = [Sampler(steps=k) for k in steps or []] + [Sampler(nfe=k, solver=solver) for k in nfe or []] \
-            + [Sampler(ts=_ts(t), solver=solver) for t in ts or []]
+        samplers = [Sampler(steps=k, t_mid=t_mid) for k in steps or []] \
+            + [Sampler(nfe=k, solver=solver, t_mid=t_mid) for k in nfe or []] \
+            + [Sampler(ts=_ts(t), solver=solver, t_mid=t_mid) for t in ts or []]  # t_mid with these: refused
         if not samplers:  # defaults: 1 and 2 steps for consistency runs, Heun at 35 NFE for diffusion runs
             diffusion = run.cfg.method == "diffusion"
-            samplers = [Sampler(nfe=35, solver=solver)] if diffusion else [Sampler(steps=1), Sampler(steps=2)]
+            samplers = [Sampler(nfe=35, solver=solver, t_mid=t_mid)] if diffusion \
+                else [Sampler(steps=1), Sampler(steps=2, t_mid=t_mid)]
         stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
                           log=lambda m: print(m, file=sys.stderr), guidance=guidance)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+        if stem.suffix in (".json", ".md"):  # a stem is also accepted with either file's suffix
+            stem = stem.with_suffix("")
+        json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")  # "v1.2" stays
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
         report = Report(f"{result['metric']} of {result['run']} ({n} samples vs {result['reference']})")
         report.table(*eval_table(result)).write(md_path)
@@ -294,6 +304,8 @@ def serve(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     teacher_nfe: Annotated[int, typer.Option(help="the teacher's Heun NFE (odd)")] = 35,
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to use (default: the run's first)")] = None,
+    t_mid: Annotated[float | None, typer.Option(help="the intermediate time of 2+ steps (radians; default: the "
+                                                     "run's t_mid, the paper's 1.1)")] = None,
     allowed_host: Annotated[list[str] | None, typer.Option(help="a name the page may be reached by (repeatable; "
                                                                  "* = any). Default: on a loopback --host, localhost, "
                                                                  "127.0.0.1 and ::1 only; elsewhere any")] = None,
@@ -326,7 +338,7 @@ def serve(
         with ThreadPoolExecutor(1) as loader:  # a thread that ends: no torch thread team of its own is left
             run = loader.submit(_load, ckpt, ema, False, device).result()
             teacher_run = None if teacher is None else loader.submit(_load, teacher, None, False, device).result()
-        student = ServedModel(run, "student")
+        student = ServedModel(run, "student", t_mid=t_mid)
         served_teacher = None
         if teacher_run is not None:
             check_pair(run, teacher_run)

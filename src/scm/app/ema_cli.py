@@ -82,23 +82,6 @@ def _ints(text: str, flag: str) -> list[int]:
     return list(dict.fromkeys(int(v) for v in values))
 
 
-# two-sided 95 % quantiles of Student's t by degrees of freedom (larger: the normal 1.96)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def _interval(values: list[float]) -> tuple[float, float | None, list[float] | None]:
-    """Mean, sample std and 95 % t-interval of the mean over seeds (None with one seed, or a non-finite value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2 or not all(math.isfinite(v) for v in values):
-        return mean, None, None
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    df = len(values) - 1
-    t = _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
-    half = t * std / math.sqrt(len(values))
-    return mean, std, [mean - half, mean + half]
-
-
 def _default_grid(lo: float, hi: float, count: int = 8) -> list[float]:
     """`count` σ_rel spaced geometrically over [lo, hi], rounded to 3 significant digits."""
     import numpy as np
@@ -133,6 +116,7 @@ def sweep(
     from scm.app.report import Report
     from scm.evaluate import evaluate_setting, open_checked_reference
     from scm.generate import Sampler
+    from scm.metrics import seed_interval
     from scm.runs import atomic_write_text
     from scm.train.distributed import resolve_device
     from scm.train.ema import plan_reconstruction, reconstructed_run
@@ -163,8 +147,9 @@ def sweep(
             for seed in seed_list:
                 row, _ = evaluate_setting(loaded, sampler, space, stats, n, seed=seed, batch=batch)
                 values.append(float(row[space.metric]))
-            mean, std, interval = _interval(values)
-            rows.append({"sigma_rel": s, space.metric: mean, "std": std, "interval": interval, "values": values,
+            spread = seed_interval(values)
+            mean, interval = spread.mean, (None if spread.low is None else [spread.low, spread.high])
+            rows.append({"sigma_rel": s, space.metric: mean, "std": spread.std, "interval": interval, "values": values,
                          "profile_error": rec.errors[s]})
             log(f"σ_rel {s:g}: {space.metric} {mean:.3f}" + (f" (95 % interval {interval[0]:.3f}–{interval[1]:.3f})"
                                                              if interval else ""))

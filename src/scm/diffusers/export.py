@@ -1,6 +1,6 @@
 """Export a consistency run (sCT or sCD) as a diffusers pipeline folder: `scm export RUN OUT --format diffusers`.
 
-    OUT/model_index.json                    SCMPipeline: components, t_max, t_mid (the paper's times), guidance
+    OUT/model_index.json                    SCMPipeline: components, t_max, t_mid (the run's times), guidance
                                             default, latent normalisation, where the weights came from
     OUT/model/config.json                   SCMModel: the scm network's config (net_preset + fields) and σ_d
     OUT/model/diffusion_pytorch_model.safetensors
@@ -65,7 +65,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
     model.net.load_state_dict(loaded.net.state_dict(), strict=True)
     scheduler = pipeline.SCMScheduler(prediction_type="trigflow", sigma_data=sigma_d)
     guidance = getattr(cfg.loss, "guidance", None)
-    extra = {"guidance_default": float(guidance[0]) if cfg.net.guidance_embed and guidance else None,
+    extra = {"t_mid": float(cfg.t_mid),  # the run's 2-step time (the paper's 1.1 unless the run set another)
+             "guidance_default": float(guidance[0]) if cfg.net.guidance_embed and guidance else None,
              "source": {"preset": cfg.preset, "method": cfg.method, "net_preset": cfg.net_preset,
                         "step": loaded.step, "ema_std": loaded.ema_std}}
     vae = None

@@ -12,9 +12,9 @@ next time with fresh σ_d·ε: the multistep sampler of §5.3.
 
 Times. The pipeline samples at the paper's times, not at `SCMScheduler.set_timesteps`' defaults (1.5708 and 1.3,
 Sana-Sprint's): t_max = arctan(σ_max/σ_d) with σ_max = 80 (App. G.2; arctan(160) ≈ 1.56454 for σ_d = 0.5) and,
-for two steps, t_mid = 1.1 (§5.2). Both are stored in the pipeline's configuration (model_index.json: `t_max`,
-`t_mid`) and passed to `set_timesteps` explicitly as the whole schedule; N > 2 steps use scm's own schedule
-(`scm.sampling.consistency_times`), and `timesteps=` gives any decreasing times.
+for two steps, t_mid = 1.1 (§5.2) or the exported run's own `t_mid`. Both are stored in the pipeline's
+configuration (model_index.json: `t_max`, `t_mid`) and passed to `set_timesteps` explicitly as the whole schedule;
+N > 2 steps use scm's own schedule (`scm.sampling.consistency_times`), and `timesteps=` gives any decreasing times.
 
 Noise. Exactly `scm sample`'s (`scm.generate`): the initial noise σ_d·ε is drawn first, then each re-noising
 draws σ_d·ε from the same generator(s), in float32. With `seed=s` image i has its own generator seeded with

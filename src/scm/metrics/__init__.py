@@ -2,7 +2,8 @@
 (local weights), KID, precision and recall; reference statistics cached per data set."""
 
 from scm.metrics.distances import feature_stats, frechet_distance, kernel_distance, precision_recall
+from scm.metrics.intervals import SeedInterval, seed_interval
 from scm.metrics.quality import FeatureSpace, RefStats, measure, open_reference
 
-__all__ = ["FeatureSpace", "RefStats", "feature_stats", "frechet_distance", "kernel_distance", "measure",
-           "open_reference", "precision_recall"]
+__all__ = ["FeatureSpace", "RefStats", "SeedInterval", "feature_stats", "frechet_distance", "kernel_distance",
+           "measure", "open_reference", "precision_recall", "seed_interval"]

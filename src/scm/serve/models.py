@@ -82,11 +82,12 @@ class ServedModel:
     """A loaded run as the server offers it: the allowed steps (consistency) or NFEs (diffusion, Heun), whether
     it takes classes and a guidance scale, and `run(query)` → PNG bytes and timings.
 
-    `steps` overrides the allowed step counts / NFEs (a teacher beside a student is served at one NFE)."""
+    `steps` overrides the allowed step counts / NFEs (a teacher beside a student is served at one NFE); `t_mid`
+    the intermediate time of a consistency run's 2+ steps (default: the run's own)."""
 
     def __init__(self, run: LoadedRun, name: str, *, steps: Iterable[int] | None = None,
-                 default_steps: int | None = None, batches: Iterable[int] = BATCHES):
-        self.run, self.name = run, name
+                 default_steps: int | None = None, batches: Iterable[int] = BATCHES, t_mid: float | None = None):
+        self.run, self.name, self.t_mid = run, name, t_mid
         cfg = run.cfg
         self.diffusion = cfg.method == "diffusion"
         self.steps = tuple(steps) if steps is not None else (DIFFUSION_NFES if self.diffusion else CONSISTENCY_STEPS)
@@ -117,7 +118,8 @@ class ServedModel:
 
     # -- what it offers -------------------------------------------------------------------------------------------
     def sampler(self, steps: int) -> Sampler:
-        return Sampler(nfe=steps, solver="heun") if self.diffusion else Sampler(steps=steps)
+        return Sampler(nfe=steps, solver="heun", t_mid=self.t_mid) if self.diffusion \
+            else Sampler(steps=steps, t_mid=self.t_mid)  # a t_mid for a diffusion run is refused
 
     def describe(self) -> dict:
         cfg = self.run.cfg
@@ -129,6 +131,7 @@ class ServedModel:
             "steps_kind": "nfe" if self.diffusion else "steps",
             "steps": list(self.steps),
             "default_steps": self.default_steps,
+            "t_mid": None if self.diffusion else self.sampler(2).mid(self.run),
             "resolution": self.height,
             "channels": self.channels,
             "latent": self.run.latent is not None,

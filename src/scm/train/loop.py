@@ -36,7 +36,7 @@ __all__ = ["TrainResult", "train"]
 
 # Fields that may differ between a run and its resumption (budget, bookkeeping, where it runs).
 RESUMABLE_CHANGES = {"kimg", "max_minutes", "device", "log_every", "ckpt_every_kimg", "keep_ckpts", "sample_every_kimg",
-                     "sample_count", "sample_ode_steps", "tensorboard", "progress", "max_bad_steps"}
+                     "sample_count", "sample_ode_steps", "t_mid", "tensorboard", "progress", "max_bad_steps"}
 
 
 @dataclass
