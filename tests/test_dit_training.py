@@ -144,3 +144,16 @@ def test_two_processes_equal_one_process_for_the_transformer(dit_teacher, tmp_pa
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-6)
+
+
+def test_scm_train_under_torchrun_ends_cleanly(dit_teacher, tmp_path):
+    """`scm train` itself under torchrun with FSDP2: both ranks exit 0 (the command drops the model before
+    `shutdown`, which frees the process group before interpreter exit), rank 0 alone reports, one checkpoint."""
+    data, teacher = dit_teacher
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "scm", "train",
+           "--preset", "dit-tiny-28-sct", "--data", str(data), "--out", str(tmp_path / "run"), "--init", str(teacher),
+           "--kimg", "0.032", "--batch", "16", *RUN, "sample_every_kimg=None", "distributed=fsdp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("done: ") == 1 and "2 process(es)" in proc.stderr
+    assert [p.name for p in RunDir(tmp_path / "run").checkpoints()] == ["000000002"]

@@ -299,7 +299,7 @@ class DiT(nn.Module):
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B]."""
         with torch.autocast(t.device.type, enabled=False):
-            return self.weight_linear(self.weight_embed(self.c_noise(t))).reshape(-1)
+            return self.weight_linear(self.weight_embed(self.c_noise(t)))[:, 0].clone()  # not a view (FSDP2's hook)
 
     # -- forward --------------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

@@ -248,7 +248,7 @@ class UNet(nn.Module):
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B]."""
         with torch.autocast(t.device.type, enabled=False):
-            return self.weight_linear(self.weight_embed(self.c_noise(t))).reshape(-1)
+            return self.weight_linear(self.weight_embed(self.c_noise(t)))[:, 0].clone()  # not a view (FSDP2's hook)
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
