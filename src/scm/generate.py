@@ -89,7 +89,7 @@ class Sampler:
 
     def mid(self, run: LoadedRun) -> float:
         """The intermediate time of this run's multi-step consistency sampling: `t_mid`, or the run's own."""
-        return float(self.t_mid) if self.t_mid is not None else float(getattr(run.cfg, "t_mid", T_MID))
+        return float(self.t_mid if self.t_mid is not None else run.cfg.t_mid)
 
     def evaluations(self, run: LoadedRun) -> int:
         n = len(self.times(run))
