@@ -139,9 +139,8 @@ def png(body: bytes) -> Image.Image:
 def reference_png(run_dir, n_images, sampler, **kw) -> bytes:
     """What the server must answer, computed here from a separately loaded copy of the run."""
     from scm.generate import generate
-    from scm.images import grid, to_uint8
+    from scm.images import encode_png, grid, to_uint8
     from scm.runs import load_run
-    from scm.serve.models import encode_png
 
     def compute():
         torch.set_num_threads(THREADS)

@@ -193,9 +193,9 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(data_and_tea
         # the first checkpoint completes after its pauses (1 s per file); kill during the second one's
         while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
             time.sleep(0.2)
-        while time.time() < deadline and not list((out / "checkpoints").glob(".tmp-*")):
+        while time.time() < deadline and not list((out / "checkpoints").glob(".*.tmp-*")):
             time.sleep(0.2)
-        assert list((out / "checkpoints").glob(".tmp-*")), "no second checkpoint in progress"
+        assert list((out / "checkpoints").glob(".*.tmp-*")), "no second checkpoint in progress"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -209,7 +209,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(data_and_tea
     assert code == 0, text
     assert "resumed from" in text and "step 2" in text
     assert RunDir(out).latest().name == "000000010"
-    assert not list((out / "checkpoints").glob(".tmp-*"))  # the partial write was cleaned up
+    assert not list((out / "checkpoints").glob(".*.tmp-*"))  # the partial write was cleaned up
 
 
 def test_a_run_killed_before_its_first_checkpoint_continues_with_resume(data_and_teacher, tmp_path):
@@ -223,9 +223,9 @@ def test_a_run_killed_before_its_first_checkpoint_continues_with_resume(data_and
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not list((out / "checkpoints").glob(".tmp-*")):
+        while time.time() < deadline and not list((out / "checkpoints").glob(".*.tmp-*")):
             time.sleep(0.1)
-        assert list((out / "checkpoints").glob(".tmp-*")), "no first checkpoint in progress"
+        assert list((out / "checkpoints").glob(".*.tmp-*")), "no first checkpoint in progress"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -35,7 +35,7 @@ def evaluate_setting(run: LoadedRun, sampler: Sampler, space: FeatureSpace, ref:
            "seconds_per_image": seconds / n, "images_per_second": n / seconds, **scores}
     if grid_path is not None:
         shown = images[:grid_count].nan_to_num(0)
-        save_png(grid(shown, scale=report_scale(images.shape[-1])), grid_path)
+        save_png(grid(shown, scale=report_scale(images.shape)), grid_path)
         row["grid"] = str(grid_path)
     return row, images
 

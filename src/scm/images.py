@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["grid", "report_scale", "save_png", "to_uint8"]
+from scm.files import atomic_write
+
+__all__ = ["encode_png", "grid", "report_scale", "save_png", "to_pil", "to_uint8"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -36,20 +38,27 @@ def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: int = 1)
     return out
 
 
-def report_scale(resolution: int, target: int = 96) -> int:
-    """The nearest-neighbour enlargement that shows an image of `resolution` pixels at about `target` pixels
-    (28-px digits ×3; 64 px and more as they are)."""
-    return max(1, round(target / resolution))
+def report_scale(shape: tuple[int, ...], target: int = 96) -> int:
+    """The nearest-neighbour enlargement that shows images of `shape` ([..., H, W]) at about `target` pixels on
+    their longer side (28-px digits ×3; 64 px and more as they are)."""
+    return max(1, round(target / max(shape[-2:])))
+
+
+def to_pil(array: np.ndarray):
+    """uint8 [H, W, C] with C = 1 or 3 as a PIL image (mode L or RGB)."""
+    from PIL import Image
+
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 [H, W, C] (C = 1 or 3) as PNG bytes, in memory."""
+    buf = io.BytesIO()
+    to_pil(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:
-    """Save a uint8 [H, W, C] array as PNG via a temporary file and rename."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    """Save a uint8 [H, W, C] array as PNG, atomically (`scm.files`)."""
+    img = to_pil(array)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -13,24 +13,23 @@
     RUN/ema-snapshots/<step>-end.safetensors  … and at the last step of a training session (superseded by the
                                               next snapshot when the run is resumed)
 
-A checkpoint is written into a temporary folder (each file fsynced, state.json last), then renamed into place
-and `latest` is replaced by rename: a crash at any moment leaves the previous checkpoint intact and loadable.
+A checkpoint is built in a temporary folder, fsynced and renamed into place, and `latest` is replaced the same
+way (`scm.files`, the one atomic writer): a crash at any moment leaves the previous checkpoint intact and loadable.
 Tensors go to safetensors, everything else to JSON; nothing is ever unpickled. The EMA file holds one set of
 weights per σ_rel under keys "<σ_rel:.4f>/<parameter>". Random numbers are functions of seeds mixed by
 `mix_seed`. This module is the only one that knows these formats; it imports nothing of the training engine.
 
-EMA snapshots (EDM2 §3.2, read by `scm.train.ema.reconstruct`) are written the same way (temporary file,
-fsync, rename), with the keys of the EMA file and a JSON header under the safetensors metadata key
-"scm_ema_snapshot" (step, cur_nimg, batch, stds, exps = γ per σ_rel, snapshot_kimg, end). Checkpoint pruning never
-touches them. The set a run ends with depends only on how far it trained, never on how often it was stopped and
-resumed: a resumed run drops those past the checkpoint it continues from (they are written again, before the
-checkpoint of their step), and its next snapshot replaces the end-of-session one (a straight run has none there).
+EMA snapshots (EDM2 §3.2, read by `scm.train.ema.reconstruct`) are written atomically too, with the keys of the EMA
+file and a JSON header under the safetensors metadata key "scm_ema_snapshot" (step, cur_nimg, batch, stds, exps = γ
+per σ_rel, snapshot_kimg, end). Checkpoint pruning never touches them. The set a run ends with depends only on how
+far it trained, never on how often it was stopped and resumed: a resumed run drops those past the checkpoint it
+continues from (they are written again, before the checkpoint of their step), and its next snapshot replaces the
+end-of-session one (a straight run has none there).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -43,11 +42,11 @@ from safetensors.torch import load_file, save_file
 
 from scm.config import TrainConfig, from_dict
 from scm.errors import CheckpointError, ConfigError
+from scm.files import atomic_folder, atomic_write, atomic_write_json
 from scm.nets.registry import build_net
 
-__all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "atomic_write_bytes", "atomic_write_text",
-           "ema_key", "ema_stds_in", "ema_weights", "is_run_dir", "load_run", "load_tensors", "mix_seed",
-           "read_run_config", "save_tensors"]
+__all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in", "ema_weights",
+           "is_run_dir", "load_run", "load_tensors", "mix_seed", "read_run_config", "save_tensors"]
 
 
 def mix_seed(*values: int) -> int:
@@ -56,39 +55,10 @@ def mix_seed(*values: int) -> int:
 
 
 # -- files ---------------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file atomically: temporary file, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Tensors (moved to the CPU) into a safetensors file, written atomically (`scm.files`)."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -214,8 +184,7 @@ class RunDir:
             raise CheckpointError(f"{self.config_path}: corrupt JSON ({e})") from None
 
     def write_config(self, cfg: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_path, json.dumps(cfg, indent=2) + "\n")
+        atomic_write_json(self.config_path, cfg)
 
     def read_latent(self) -> dict | None:
         """How the run's data were encoded (`scm.data.latents`), or None for a run on pixels."""
@@ -231,14 +200,14 @@ class RunDir:
 
     def write_teacher(self, info: dict) -> None:
         """Record what a run learnt about its teacher (RUN/teacher.json)."""
-        atomic_write_text(self.teacher_path, json.dumps(info, indent=2) + "\n")
+        atomic_write_json(self.teacher_path, info)
 
     def write_latent(self, info: dict | None) -> None:
         """Record the data's latent information (None: pixels, the file is removed)."""
         if info is None:
             self.latent_path.unlink(missing_ok=True)
         else:
-            atomic_write_text(self.latent_path, json.dumps(info, indent=2) + "\n")
+            atomic_write_json(self.latent_path, info)
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints (those with a state.json), oldest first."""
@@ -258,29 +227,20 @@ class RunDir:
 
     def save(self, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict, keep: int) -> Path:
         """Write checkpoint <step> atomically, point `latest` at it, keep the newest `keep`."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         name = f"{step:09d}"
-        final = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for stem, tensors in files.items():
-            save_tensors(tensors, tmp / f"{stem}.safetensors")
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2) + "\n")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.ckpt_dir)
-        atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+        with atomic_folder(self.ckpt_dir / name, replace=True) as tmp:
+            for stem, tensors in files.items():
+                save_tensors(tensors, tmp / f"{stem}.safetensors")
+            atomic_write_json(tmp / "state.json", state)
+        atomic_write(self.ckpt_dir / "latest", name + "\n")
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-        return final
+        return self.ckpt_dir / name
 
     def clean_partial(self) -> None:
         """Remove temporary folders and files left by a crash during a checkpoint or snapshot write."""
         if self.ckpt_dir.is_dir():
-            for p in self.ckpt_dir.glob(".tmp-*"):
+            for p in [*self.ckpt_dir.glob(".*.tmp-*"), *self.ckpt_dir.glob(".tmp-*")]:
                 shutil.rmtree(p, ignore_errors=True)
         if self.snapshots_dir.is_dir():
             for p in self.snapshots_dir.glob(".*.tmp-*"):
@@ -296,12 +256,8 @@ class RunDir:
     def save_ema_snapshot(self, step: int, tensors: dict[str, torch.Tensor], info: dict, *, end: bool) -> Path:
         """Write snapshot <step> atomically (`info`: cur_nimg, batch, stds, exps, …, into its header); it
         supersedes the end-of-session snapshots taken before it."""
-        self.snapshots_dir.mkdir(parents=True, exist_ok=True)
         path = self.snapshots_dir / f"{step:09d}{'-end' if end else ''}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_tensors(tensors, tmp, metadata={SNAPSHOT_META: json.dumps({**info, "step": step, "end": end})})
-        os.replace(tmp, path)
-        _fsync_dir(self.snapshots_dir)
+        save_tensors(tensors, path, metadata={SNAPSHOT_META: json.dumps({**info, "step": step, "end": end})})
         for old in self._snapshot_files():
             if old.name.endswith("-end.safetensors") and _snapshot_step(old) < step:
                 old.unlink(missing_ok=True)
@@ -328,7 +284,7 @@ class RunDir:
                     keep.append(line)
             except json.JSONDecodeError:  # a line cut by a crash
                 continue
-        atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in keep))
+        atomic_write(self.metrics_path, "".join(f"{line}\n" for line in keep))
 
     @staticmethod
     def step_of(ckpt: Path) -> int:

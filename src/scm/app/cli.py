@@ -176,9 +176,9 @@ def sample(
     latents (`scm data encode`) is decoded through its VAE."""
     import numpy as np
 
+    from scm.files import atomic_write
     from scm.generate import Sampler, generate
     from scm.images import grid, save_png, to_uint8
-    from scm.runs import atomic_write_bytes
 
     try:
         target, kind = _output(out)
@@ -192,7 +192,7 @@ def sample(
 
             buf = io.BytesIO()
             np.savez(buf, x=to_uint8(images) if images.shape[1] in (1, 3) else images.numpy())
-            atomic_write_bytes(target, buf.getvalue())
+            atomic_write(target, buf.getvalue())
         else:
             for i, img in enumerate(to_uint8(images)):
                 save_png(img, target / f"{i:06d}.png")
@@ -251,8 +251,8 @@ def eval_(
 
     from scm.app.report import Report
     from scm.evaluate import evaluate
+    from scm.files import atomic_write
     from scm.generate import Sampler
-    from scm.runs import atomic_write_text
 
     try:
         run = _load(ckpt, ema, False, device)
@@ -270,7 +270,7 @@ def eval_(
         if stem.suffix in (".json", ".md"):  # a stem is also accepted with either file's suffix
             stem = stem.with_suffix("")
         json_path, md_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")  # "v1.2" stays
-        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+        atomic_write(json_path, json.dumps(result, indent=2) + "\n")
         report = Report(f"{result['metric']} of {result['run']} ({n} samples vs {result['reference']})")
         report.table(*eval_table(result)).write(md_path)
     except USER_ERRORS as e:

@@ -26,9 +26,10 @@ from scm.config import make_config
 from scm.data import load_dataset
 from scm.data.builtin import data_dir, fetch_mnist
 from scm.evaluate import evaluate_setting
+from scm.files import atomic_write
 from scm.generate import Sampler
 from scm.metrics import measure, open_reference
-from scm.runs import atomic_write_text, load_run
+from scm.runs import load_run
 from scm.train import train
 
 __all__ = ["DemoBudget", "run_demo"]
@@ -135,7 +136,7 @@ def run_demo(out: Path, budget: DemoBudget | None = None, full: bool = False, te
     scd2 = next(r for r in rows if r["model"] == "sCD" and r["nfe"] == 2)
     result["scd_2step_recognisable"] = bool(scd2.get("confident", 0) >= 0.9 and scd2.get("classes") == 10)
     curves = _plot_losses({"sCD": scd, "sCT": sct, **({"teacher": teacher} if full else {})}, out)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "results.json", json.dumps(result, indent=2) + "\n")
     _report(result, curves).write(out / "report.md", out / "report.html")
     _log(f"done in {result['total_seconds'] / 60:.1f} min: {out / 'report.md'} and {out / 'report.html'}")
     return result
@@ -174,7 +175,7 @@ def _plot_losses(runs: dict[str, Path], out: Path) -> str | None:
         ax.set_xlabel("kimg")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=90)
+    atomic_write(out / "losses.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return "losses.png"
 

@@ -115,9 +115,9 @@ def sweep(
     from scm.app.cli import USER_ERRORS, _fail, _fail_on, writable_folder
     from scm.app.report import Report
     from scm.evaluate import evaluate_setting, open_checked_reference
+    from scm.files import atomic_write
     from scm.generate import Sampler
     from scm.metrics import seed_interval
-    from scm.runs import atomic_write_text
     from scm.train.distributed import resolve_device
     from scm.train.ema import plan_reconstruction, reconstructed_run
 
@@ -172,7 +172,7 @@ def sweep(
               "profiles": list(rec.profiles), "representable": rec.representable, "max_error": rec.max_error,
               "rows": rows, "best": best and {"sigma_rel": best["sigma_rel"], m: best[m]},
               "command": " ".join(command)}
-    atomic_write_text(folder / "sweep.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(folder / "sweep.json", json.dumps(result, indent=2) + "\n")
     header = ["σ_rel", m, *(["95 % interval"] if len(seed_list) > 1 else []), "profile error"]
     table = [[f"{r['sigma_rel']:g}", f"{r[m]:.3f}",
               *([f"{r['interval'][0]:.3f}–{r['interval'][1]:.3f}" if r["interval"] else "-"]
@@ -203,7 +203,7 @@ def _pyplot(log):
 def _plot(plt, rows: list[dict], metric: str, result: dict, path: Path) -> Path:
     import io
 
-    from scm.runs import atomic_write_bytes
+    from scm.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     xs, ys = [r["sigma_rel"] for r in rows], [r[metric] for r in rows]
@@ -223,5 +223,5 @@ def _plot(plt, rows: list[dict], metric: str, result: dict, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path

@@ -10,7 +10,7 @@ import html
 import re
 from pathlib import Path
 
-from scm.runs import atomic_write_text
+from scm.files import atomic_write
 
 __all__ = ["Report", "inline_image"]
 
@@ -106,6 +106,6 @@ class Report:
 
     def write(self, markdown_path: Path, html_path: Path | None = None) -> None:
         Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(markdown_path), self.to_markdown())
+        atomic_write(Path(markdown_path), self.to_markdown())
         if html_path is not None:
-            atomic_write_text(Path(html_path), self.to_html())
+            atomic_write(Path(html_path), self.to_html())

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from scm.data.images import DataError, ImageData
+from scm.files import atomic_write
 
 __all__ = ["data_dir", "fetch_mnist", "load_builtin", "load_cifar10_batches", "read_idx"]
 
@@ -150,10 +151,7 @@ def fetch_mnist(source: str | Path | None = None, root: Path | None = None, log=
             raise DataError(f"{source}: no such file or folder")
     if arrays["x_train"].shape[1:] != (28, 28) or len(arrays["x_train"]) == 0:
         raise DataError(f"{source}: unexpected MNIST shapes {arrays['x_train'].shape}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: np.savez_compressed(tmp, **arrays))
     log(f"MNIST cached at {target}: {len(arrays['x_train'])} train + {len(arrays['x_test'])} test digits")
     return target
 

@@ -35,6 +35,7 @@ import torch
 
 from scm.data.images import ArrayShape
 from scm.errors import DataError
+from scm.files import atomic_write_json, publish_folder
 
 __all__ = ["FORMAT", "PreparedData", "PreparedWriter", "is_prepared", "load_prepared"]
 
@@ -52,12 +53,6 @@ def is_prepared(path: Path) -> bool:
         return json.loads(meta.read_text()).get("format") == FORMAT
     except (OSError, ValueError):
         return False
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class PreparedWriter:
@@ -108,7 +103,7 @@ class PreparedWriter:
             return None
 
     def _save_progress(self, extra: dict | None = None) -> None:
-        _write_json(self.progress_path, {"key": self.key, "written": self.written, **(extra or {})})
+        atomic_write_json(self.progress_path, {"key": self.key, "written": self.written, **(extra or {})})
 
     @property
     def progress(self) -> dict:
@@ -150,10 +145,9 @@ class PreparedWriter:
         full.setdefault("class_names", None)
         if full["value_range"] not in VALUE_RANGES:
             raise DataError(f"value_range {full['value_range']!r}: must be one of {VALUE_RANGES}")
-        _write_json(self.partial / "meta.json", full)
+        atomic_write_json(self.partial / "meta.json", full)
         self.progress_path.unlink()
-        os.replace(self.partial, self.out)
-        return self.out
+        return publish_folder(self.partial, self.out)
 
 
 class PreparedData(ArrayShape):

@@ -10,7 +10,8 @@
 Loaded with `scm.diffusers.SCMPipeline.from_pretrained(OUT)`, it samples as `scm sample` does (same times, same
 noise for the same seed, same decoding; see `scm.diffusers.pipeline`). The EMA weights are exported (σ_rel
 `ema_std`, default the run's first), as `scm sample` uses them. Only safetensors and JSON are written (never a
-pickle); the folder is written next to OUT and renamed into place, so OUT appears complete or not at all.
+pickle); the folder is built next to OUT and renamed into place (`scm.files.atomic_folder`), so OUT appears
+complete or not at all.
 
 A diffusion run (a teacher) is refused: it samples by integrating the PF-ODE (eq. 3), not with consistency
 steps, which is all `SCMScheduler` does.
@@ -19,11 +20,10 @@ steps, which is all `SCMScheduler` does.
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
 from pathlib import Path
 
 from scm.errors import MissingDependency, RunError
+from scm.files import atomic_folder
 
 __all__ = ["FORMATS", "PICKLE_SUFFIXES", "export_diffusers"]
 
@@ -79,17 +79,12 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
                      latent_sigma_d=float(info["sigma_d"]))
     pipe = pipeline.SCMPipeline(model=model, scheduler=scheduler, vae=vae, **extra)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        pickled = [p for p in tmp.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickled:  # diffusers chose a pickle format: refuse rather than write one
-            raise RunError(f"{out}: the export would contain pickle files ({', '.join(p.name for p in pickled)})")
-        if out.exists():
-            raise RunError(f"{out}: already exists (the export writes a new folder)", key="out")
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            pickled = [p for p in tmp.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+            if pickled:  # diffusers chose a pickle format: refuse rather than write one
+                raise RunError(f"{out}: the export would contain pickle files ({', '.join(p.name for p in pickled)})")
+    except FileExistsError:
+        raise RunError(f"{out}: already exists (the export writes a new folder)", key="out") from None
     return out

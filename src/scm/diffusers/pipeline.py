@@ -30,7 +30,6 @@ diffusers (>= 0.33, for `SCMScheduler`) is needed to import this module: `pip in
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from scm.errors import MissingDependency, SamplerError
@@ -45,7 +44,7 @@ except ImportError as e:
 
 from scm.config import from_dict
 from scm.data.latents import denormalize
-from scm.images import to_uint8
+from scm.images import to_pil, to_uint8
 from scm.nets.registry import build_net
 from scm.runs import mix_seed
 from scm.sampling import T_MID, check_times, consistency_times
@@ -282,7 +281,7 @@ class SCMPipeline(DiffusionPipeline):
         else:
             pixels = self.decode(x0)
             if output_type == "pil":
-                images = [_pil(a) for a in to_uint8(pixels)]
+                images = [to_pil(a) for a in to_uint8(pixels)]
             else:
                 images = (pixels * 0.5 + 0.5).clamp(0, 1)
                 if output_type == "np":
@@ -291,9 +290,3 @@ class SCMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
-
-
-def _pil(a: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)

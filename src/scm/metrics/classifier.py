@@ -18,6 +18,7 @@ from torch import nn
 
 from scm.data import ImageData
 from scm.data.builtin import data_dir
+from scm.files import atomic_write, atomic_write_json
 
 __all__ = ["Classifier", "get_classifier", "train_classifier"]
 
@@ -112,7 +113,6 @@ def get_classifier(key: str, train: ImageData | None = None, test: ImageData | N
     if train is None or test is None:
         raise FileNotFoundError(f"no cached classifier {weights}; it is trained from the data set on first use")
     model, info = train_classifier(train, test, log=log)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(weights))
-    meta.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write(weights, lambda tmp: save_file(model.state_dict(), str(tmp)))
+    atomic_write_json(meta, info)  # last: a cached classifier is one with both files
     return model, info

@@ -22,6 +22,7 @@ import torch
 from scm._stats import merge_moments
 from scm.data import DataError, ImageData, PreparedData, load_dataset
 from scm.data.builtin import data_dir
+from scm.files import atomic_write
 from scm.metrics.classifier import Classifier, get_classifier
 from scm.metrics.distances import feature_stats, frechet_distance, kernel_distance, precision_recall
 
@@ -61,11 +62,9 @@ class RefStats:
     count: int
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({k: getattr(self, k) for k in ("space", "resolution", "channels", "source", "count")})
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, sample=self.sample, meta=np.array(meta))
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, sample=self.sample,
+                                                meta=np.array(meta)))
 
     @classmethod
     def load(cls, path: Path) -> RefStats:

@@ -11,7 +11,6 @@ are loaded once, from the command line).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from scm.errors import InvalidSetting, RunError
 from scm.generate import Sampler, generate_items, sample_shape
-from scm.images import grid, to_uint8
+from scm.images import encode_png, grid, to_uint8
 from scm.runs import LoadedRun
 
 __all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "GUIDANCE_MAX", "PARAMETERS", "SEED_MAX", "Query",
@@ -217,15 +216,6 @@ def _integer(params: dict[str, str], key: str, default: int, lo: int, hi: int) -
     if not _DIGITS.fullmatch(text) or not lo <= int(text) <= hi:
         raise InvalidSetting(key, text, f"must be an integer in {lo}..{hi}")
     return int(text)
-
-
-def encode_png(array) -> bytes:
-    """uint8 [H, W, C] (C = 1 or 3) as PNG bytes, in memory."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def parse_query(items: Iterable[tuple[str, str]], models: dict[str, ServedModel]) -> tuple[ServedModel, Query]:

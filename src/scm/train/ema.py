@@ -17,9 +17,6 @@ directory that sampling, evaluation, teachers and initializations read like any 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +26,9 @@ from torch import nn
 
 from scm.config import from_dict, to_dict
 from scm.errors import CheckpointError, InvalidSetting, RunError
+from scm.files import atomic_folder, atomic_write, atomic_write_json
 from scm.nets.registry import build_net
-from scm.runs import EMASnapshot, LoadedRun, RunDir, atomic_write_text, ema_key, read_run_config
+from scm.runs import EMASnapshot, LoadedRun, RunDir, ema_key, read_run_config
 from scm.train.posthoc import SIGMA_REL_MAX, exp_to_std, solve_coefficients, std_to_exp
 
 __all__ = ["PowerEMA", "Reconstruction", "plan_reconstruction", "reconstruct", "reconstructed_run",
@@ -262,10 +260,7 @@ def save_reconstruction(rec: Reconstruction, out: str | Path) -> Path:
     raw["out"] = str(out)
     cfg = to_dict(from_dict(raw))  # validated
     tensors = {ema_key(s, k): v for s in rec.stds for k, v in reconstruct(rec, s).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out) as tmp:
         target = RunDir(tmp)
         target.write_config(cfg)
         target.write_latent(RunDir(src).read_latent())
@@ -273,12 +268,7 @@ def save_reconstruction(rec: Reconstruction, out: str | Path) -> Path:
         state = {"step": rec.step, "cur_nimg": rec.cur_nimg, "kimg": rec.cur_nimg / 1000,
                  "posthoc_ema": {k: info[k] for k in ("source", "profiles", "max_error")}}
         target.save(rec.step, {"ema": tensors}, state, keep=1)
-        atomic_write_text(tmp / "posthoc-ema.json", json.dumps(info, indent=2) + "\n")
-        atomic_write_text(tmp / "README.md", NOTE.format(name=out.name, source=src, kimg=rec.cur_nimg / 1000,
-                                                         step=rec.step, stds=", ".join(f"{s:g}" for s in rec.stds)))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(tmp / "posthoc-ema.json", info)
+        atomic_write(tmp / "README.md", NOTE.format(name=out.name, source=src, kimg=rec.cur_nimg / 1000,
+                                                    step=rec.step, stds=", ".join(f"{s:g}" for s in rec.stds)))
     return out

@@ -41,5 +41,5 @@ def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: f
         except (DataError, MissingDependency) as e:  # only decoding raises these here
             warn(f"sample grids skipped: cannot decode the latents ({e})")
             return paths
-        paths.append(save_png(grid(x, scale=report_scale(x.shape[-1])), out_dir / f"{kimg:09.1f}kimg-{name}.png"))
+        paths.append(save_png(grid(x, scale=report_scale(x.shape)), out_dir / f"{kimg:09.1f}kimg-{name}.png"))
     return paths
