@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -68,9 +69,9 @@ def worker(path: str, batches: int, batch: int, by_batch: bool) -> None:
             x, _ = data.batch(i)
             calls.append(time.perf_counter() - start)
     seconds = statistics.median(calls) * batches
-    assert x.shape == (batch, data.channels, data.resolution, data.resolution) and x.dtype == torch.float32
+    assert x.shape == (batch, *data.shape) and x.dtype == torch.float32
     s = _status()
-    size = len(data) * data.channels * data.resolution ** 2 / 2**20
+    size = len(data) * math.prod(data.shape) / 2**20
     print(json.dumps({"n": len(data), "data_mb": size, "load_s": load_s, "batches_per_s": batches / seconds,
                       "images_per_s": batches * batch / seconds, "peak_rss_mb": s["VmHWM"], "base_rss_mb": base,
                       "rss_anon_mb": s["RssAnon"], "rss_file_mb": s["RssFile"]}))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's headline rows on this CPU, against demo/teacher (trained ~65 min on the same kind of 2-core VM):
+# The fidelity study's headline rows on this CPU, against demo/teacher (trained ~65 min on the same kind of 2-core VM):
 # 2-step sCD with 20 % and 2-step sCT from the teacher's weights with 40 % of the teacher's wall-clock, unguided,
 # for each training seed in SEEDS; each run evaluated at 1 and 2 steps, n = 2000, sample seeds 0 1 2; then its
 # post-hoc EMA swept over σ_rel (2 steps); the teacher's own Heun-35 at the same sample seeds; and the curve of each

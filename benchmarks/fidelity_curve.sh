@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's from-scratch curve on this CPU: sCT from scratch (the paper's CIFAR-10 setting) and a diffusion teacher
+# The fidelity study's from-scratch curve on this CPU: sCT from scratch (the paper's CIFAR-10 setting) and a diffusion teacher
 # trained with demo/teacher's own command, side by side, one core each, for the teacher's budget (TEACHER_MIN, demo/
 # teacher's 65 minutes), checkpointing along the way; then 1- and 2-step quality (sCT) and Heun-35 quality (teacher)
 # against wall-clock. Both are class-conditional and evaluated unguided. Run alone on the machine.

@@ -1,4 +1,4 @@
-"""The report of issue 13's CPU study: benchmarks/results/fidelity-cpu/{README.md,results.json} and its plots, from
+"""The fidelity study on a CPU: benchmarks/results/fidelity-cpu/{README.md,results.json} and its plots, from
 the eval and sweep JSON files that `benchmarks/fidelity_cpu.sh` and `benchmarks/fidelity_curve.sh` write there.
 
 Every figure is FD-MNIST (lower is better) as mean ± the 95 % t-interval over sample seeds; a ratio to the teacher
@@ -194,7 +194,7 @@ def plot(curve: dict, sweep: dict, teacher: dict | None) -> list[str]:
 def markdown(results: dict, plots: list[str]) -> str:
     head, minutes = results["headline"], results["headline"]["teacher"]["minutes"]
     t = head["teacher"]["heun35"]
-    lines = ["# Issue 13 on this CPU: sCD and sCT against their teacher, same machine, with intervals", "",
+    lines = ["# Fidelity on this CPU: sCD and sCT against their teacher, same machine, with intervals", "",
              "Commands: `SEEDS=\"0 1\" bash benchmarks/fidelity_cpu.sh`, `bash benchmarks/fidelity_curve.sh`, then "
              "`python benchmarks/fidelity_report.py` (numbers: `results.json`). FD-MNIST against the training set, "
              "unguided, EMA σ_rel = 0.05 unless a sweep says otherwise. ± is the 95 % t-interval over sample seeds "

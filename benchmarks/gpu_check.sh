@@ -60,11 +60,11 @@ $PY -c "import torch, sys; print('torch', torch.__version__, 'python', sys.versi
 jvp_check() {
     $PY - <<'EOF' | tee "$WORK/jvp_check.txt"
 import os, torch
-from scm.nets import build_unet
+from scm.nets import build_net, net_config
 from scm.tangents import jvp_tangent
 dev = torch.device(os.environ["DEV"])
 torch.manual_seed(0)
-net = build_unet("tiny", 32, 3).to(dev)
+net = build_net(net_config("tiny", img_resolution=32, img_channels=3), 0.5).to(dev)
 net.out_gain.data.fill_(1.0)
 x = 0.5 * torch.randn(16, 3, 32, 32, device=dev); t = torch.rand(16, device=dev) * 1.5 + 0.03; v = torch.randn_like(x)
 _, a = jvp_tangent(net, x, t, v, 0.5)

@@ -73,7 +73,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net = awake(build_net(net_config(args.preset, img_resolution=args.res, img_channels=args.channels)))
+    net = awake(build_net(net_config(args.preset, img_resolution=args.res, img_channels=args.channels), 0.5))
     net = net.to(device).eval()
     sd = 0.5
     x_t = sd * torch.randn(args.batch, args.channels, args.res, args.res, device=device)

@@ -51,7 +51,7 @@ def _fit(results: dict, name: str, best: float) -> dict:
 
 
 def _fidelity(report: Report, folder: Path) -> None:
-    """Issue 13's study at the issue's budgets, with intervals (benchmarks/fidelity_report.py writes it)."""
+    """The fidelity study at its budgets, with intervals (benchmarks/fidelity_report.py writes it)."""
     path = folder / "results.json"
     if not path.is_file():
         return
@@ -66,7 +66,7 @@ def _fidelity(report: Report, folder: Path) -> None:
                          if stat and stat["pm"] is not None else "-")
         rows.append([name, f"{r['minutes']:.0f} min ({r['share']:.0%})", f"{r['kimg']:.0f}", *cells])
     heun = t["heun35"]
-    report.heading("Fidelity at the teacher's budget, with intervals (issue 13)").text(
+    report.heading("Fidelity at the teacher's budget, with intervals").text(
         f"From `{folder.name}/` (its README has the commands, the curves against wall-clock, the post-hoc EMA sweeps "
         f"and the discussion). FD-MNIST, n = 2000 × sample seeds 0–2, mean ± 95 % interval, unguided; × is the ratio "
         f"to the teacher's Heun-35 paired by seed. Teacher {t['run']} ({t['minutes']:g} min): "

@@ -77,7 +77,7 @@ def main() -> None:
         torch.manual_seed(0)
         with torch.device(device):
             net = awake(build_net(net_config(preset, img_resolution=res, img_channels=ch, label_dim=1000,
-                                             guidance_embed=True))).eval()
+                                             guidance_embed=True), SIGMA_D)).eval()
         for batch in batches:
             noise = SIGMA_D * torch.randn(batch, ch, res, res, device=device)
             cond = {"labels": torch.randint(0, 1000, (batch,), device=device), "guidance": 1.3}

@@ -44,7 +44,7 @@ VARIANTS = {
 def make_step(name: str, args, device):
     spec = VARIANTS[name]
     torch.manual_seed(0)
-    net = awake(build_net(net_config(args.net, img_resolution=args.res, img_channels=args.channels))).to(device)
+    net = awake(build_net(net_config(args.net, img_resolution=args.res, img_channels=args.channels), 0.5)).to(device)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     if spec["kind"] == "diffusion":
         objective = DiffusionLoss()

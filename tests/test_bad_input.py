@@ -82,7 +82,7 @@ def test_mixed_sizes_and_channels(folder, tmp_path):
 
 def test_data_that_does_not_fit_the_preset(folder, tmp_path):
     out = tmp_path / "run"
-    expect_error(args_for(folder, out, "tiny-32-diffusion"), "expects 32×32 with 3", out)
+    expect_error(args_for(folder, out, "tiny-32-diffusion"), "expects 32×32×3", out)
 
 
 def test_nan_and_corrupt_npz(tmp_path):

@@ -40,7 +40,7 @@ def test_fetch_from_a_user_pkl_gz(data_root, tmp_path):
     fetch_mnist(path, log=notes.append)
     assert any("differs from the reference" in n for n in notes)
     train, test = load_builtin("mnist"), load_builtin("mnist:test")
-    assert len(train) == 200 and len(test) == 100 and train.resolution == 28 and train.channels == 1
+    assert len(train) == 200 and len(test) == 100 and train.shape == (1, 28, 28)
     assert torch.equal(train.images[:100, 0], torch.from_numpy(x[0::3]))  # pixel/256 floats back to exact uint8
     assert "200 images, 28×28, 1 channel(s), 10 classes" in train.describe()
 
@@ -94,7 +94,7 @@ def test_cifar10_python_batches(tmp_path):
         (folder / name).write_bytes(pickle.dumps(batch))
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane", b"automobile"]}))
     train = load_dataset(folder)
-    assert len(train) == 20 and train.resolution == 32 and train.channels == 3 and train.images.dtype == torch.uint8
+    assert len(train) == 20 and train.shape == (3, 32, 32) and train.images.dtype == torch.uint8
     first = np.frombuffer(pickle.loads((folder / "data_batch_1").read_bytes())[b"data"][0].tobytes(), np.uint8)
     assert torch.equal(train.images[0].flatten(), torch.from_numpy(first.copy()))  # CHW layout kept
     assert len(load_dataset(f"{folder}:test")) == 3
@@ -171,7 +171,7 @@ def test_fd_mnist_calibration(real_mnist, mnist_classifier, monkeypatch, tmp_pat
     ref_x, _ = train.batch(torch.arange(20000, 30000))
     feats, _ = space.embed(ref_x)
     mu, sigma = feature_stats(feats)
-    ref = RefStats(mu.numpy(), sigma.numpy(), feats[:5000].numpy(), space.key, 28, 1, "MNIST[20000:30000]", 10000)
+    ref = RefStats(mu.numpy(), sigma.numpy(), feats[:5000].numpy(), space.key, (1, 28, 28), "MNIST[20000:30000]", 10000)
     x, _ = test.batch(torch.arange(1000))
     real = measure(x, space, ref)["FD-MNIST"]
     noise = measure(torch.rand_like(x) * 2 - 1, space, ref)["FD-MNIST"]

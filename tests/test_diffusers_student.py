@@ -242,7 +242,7 @@ def test_student_conditioning_and_errors():
     with pytest.raises(ConfigError, match="UNet1DModel is not a network scm can train as a student"):
         student_from_diffusers(diffusers.UNet1DModel(), scheduler, sigma_d=SD)
     with pytest.raises(ConfigError, match="model_class"):
-        build_net(DiffusersNetConfig())  # the "diffusers" preset's placeholder: no model yet
+        build_net(DiffusersNetConfig(), SD)  # the "diffusers" preset's placeholder: no model yet
     with pytest.raises(ConfigError, match="not a network scm can train"):
         DiffusersNetConfig(model_class="FluxTransformer2DModel")
 
@@ -258,7 +258,7 @@ def test_without_diffusers_a_missing_dependency_names_the_extra(monkeypatch):
     _, _, net, _ = _case("unet")
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(MissingDependency) as e:
-        build_net(net.cfg)
+        build_net(net.cfg, SD)
     assert e.value.extra == "diffusers"
 
 
@@ -316,8 +316,8 @@ def test_run_config_round_trip_rebuilds_the_same_network(tmp_path):
             assert torch.equal(loaded.net(x, t, guidance=g, return_weight=True, **cond)[0],
                                net(x, t, guidance=g, return_weight=True, **cond)[0])
         assert torch.equal(loaded.net.weight(t), net.weight(t))
-    # the training-time fields build.py may change keep the weights loadable
-    changed = build_net(dataclasses.replace(back.net, label_dropout=0.0, guidance_embed=False, dropout=0.1))
+    # the training-time fields a student may change keep the weights loadable
+    changed = build_net(dataclasses.replace(back.net, label_dropout=0.0, guidance_embed=False, dropout=0.1), SD)
     missing, unexpected = changed.load_state_dict(weights, strict=False)
     assert not missing and all("guidance" in k for k in unexpected)
 

@@ -14,15 +14,16 @@ import math
 import pytest
 import torch
 
+from scm.conditioning import guided
 from scm.sampling import ode_sample
-from scm.teachers import from_flow, guided
+from scm.teachers import from_flow
 from scm.trigflow import add_noise
 
 from oracle import Gaussian
 
 diffusers = pytest.importorskip("diffusers")
 from scm.diffusers.convert import Parameterization  # noqa: E402
-from scm.diffusers.teacher import from_diffusers, load_diffusers  # noqa: E402
+from scm.diffusers.teacher import from_diffusers, load_diffusers, read_diffusers  # noqa: E402
 from scm.errors import ConfigError  # noqa: E402
 
 SD = 0.5
@@ -240,7 +241,7 @@ def test_guidance_uses_the_dit_null_class():
     F_c, F_u = fn(x, t, labels=labels), fn(x, t, labels=None)  # None → the null class (index 10)
     F_10 = fn(x, t, labels=torch.tensor([10, 10]))
     torch.testing.assert_close(F_u, F_10)
-    torch.testing.assert_close(guided(fn)(x, t, guidance=3.0, labels=labels), F_u + 3.0 * (F_c - F_u))
+    torch.testing.assert_close(guided(fn, {"labels": None})(x, t, guidance=3.0, labels=labels), F_u + 3.0 * (F_c - F_u))
 
 
 def test_unconditional_unet_refuses_labels_and_conditional_one_without_null_class_says_so():
@@ -262,7 +263,7 @@ def test_load_diffusers_from_pipeline_and_model_folders(tmp_path):
         '"scheduler": ["diffusers", "DDIMScheduler"]}')
     for path in (tmp_path / "pipe", tmp_path / "pipe" / "unet"):
         loaded = load_diffusers(path)
-        assert loaded.parameterization.prediction == "v_prediction" and loaded.shape() == (8, 3)
+        assert loaded.parameterization.prediction == "v_prediction" and read_diffusers(path).shape == (3, 8, 8)
         x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 1.2])
         torch.testing.assert_close(from_diffusers(loaded.model, loaded.scheduler, sigma_d=SD)(x, t),
                                    from_diffusers(model, scheduler, sigma_d=SD)(x, t))

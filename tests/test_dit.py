@@ -11,7 +11,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.autograd import gradcheck
 
 from scm._rng import rng_replayer
-from scm.nets.dit import DIT_PRESETS, DiT, DiTConfig, build_dit
+from scm.nets import build_net, net_config
+from scm.nets.dit import DIT_PRESETS, DiT, DiTConfig
 from scm.nets.functional import gated_residual, gelu, linear, modulated_layer_norm
 from scm.nets.layers import adaptive_double_layer_norm
 from scm.objectives import ConsistencyLoss
@@ -21,6 +22,11 @@ from conftest import central_difference, jvp_both
 
 D = torch.float64
 
+
+
+def build_dit(preset: str, res, ch: int, **fields) -> DiT:
+    """A DiT preset for res (R or (H, W)) × ch inputs, at σ_d = 0.5."""
+    return build_net(net_config(preset, img_resolution=res, img_channels=ch, **fields), 0.5)
 
 def _rand(*shape, seed=0):
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=D)
@@ -111,6 +117,25 @@ def test_dit_jvp_equals_finite_difference(wrt):
     torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, float(fd.abs().max())), rtol=1e-6)
 
 
+def test_non_square_images_tokens_positions_and_jvp():
+    """24×32 images with 4×4 patches: 6 rows × 8 columns of tokens, patchify inverted by unpatchify, each token's
+    position embedding that of its (row, column), and the JVP still exact."""
+    net = _net(res=(24, 32)).eval()
+    assert net.grid == (6, 8) and net.pos_embed.shape == (48, net.cfg.hidden_size)
+    x = _rand(2, 1, 24, 32)
+    tokens = net.patchify(x)
+    assert tokens.shape == (2, 48, 16) and torch.equal(net.unpatchify(tokens), x)
+    assert torch.equal(tokens[:, 8 + 2], x[:, 0, 4:8, 8:12].reshape(2, 16))  # row 1, column 2
+    quarter = net.cfg.hidden_size // 4
+    omega = 10_000.0 ** (-torch.arange(quarter, dtype=D) / quarter)
+    torch.testing.assert_close(net.pos_embed[8 + 2].double(), torch.cat(
+        [torch.sin(1 * omega), torch.cos(1 * omega), torch.sin(2 * omega), torch.cos(2 * omega)]).float().double())
+    t, tangent = torch.tensor([0.3, 1.2], dtype=D), _rand(2, 1, 24, 32, seed=5)
+    jvp = jvp_both(lambda u: net(u, t), [x], [tangent])
+    fd = central_difference(lambda u: net(u, t), [x], [tangent])
+    torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, float(fd.abs().max())), rtol=1e-6)  # as above
+
+
 def test_dit_jvp_tangent_methods_agree():
     """jvp_tangent through the DiT: forward_ad and torch.func agree, and match a finite difference."""
     net = _net(res=32, ch=3).eval()
@@ -179,12 +204,12 @@ def test_consistency_loss_trains_the_dit():
     torch.testing.assert_close(net.weight_linear.weight.square().mean(), torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("res,ch", [(28, 1), (32, 3)])
+@pytest.mark.parametrize("res,ch", [(28, 1), (32, 3), ((24, 32), 1)])
 def test_dit_tiny_shapes_dtypes_and_size(res, ch):
     net = build_dit("dit-tiny", res, ch)
     with torch.no_grad():
         net.final_linear.weight.normal_(0, 0.02)  # F ≢ 0
-    x = torch.randn(4, ch, res, res)
+    x = torch.randn(4, ch, *((res, res) if isinstance(res, int) else res))
     F, w = net(x, torch.rand(4) * 1.5, return_weight=True)
     assert F.shape == x.shape and F.dtype == torch.float32 and w.shape == (4,) and w.dtype == torch.float32
     assert torch.isfinite(F).all() and torch.isfinite(w).all() and F.abs().max() > 0
@@ -313,11 +338,11 @@ def test_dit_preset_parameter_counts_match_the_paper(preset):
 
 def test_preset_table_and_config_round_trip():
     assert {"dit-tiny", *PAPER_PARAMS} == set(DIT_PRESETS)
-    with pytest.raises(ValueError, match=r"unknown DiT preset.*dit-tiny"):
+    with pytest.raises(ValueError, match=r"unknown network preset.*dit-tiny"):
         build_dit("DiT-XXL/2", 32, 4)
     net = build_dit("dit-tiny", 32, 3, label_dim=10, guidance_embed=True)
     cfg = DiTConfig(**dataclasses.asdict(net.cfg))
-    assert cfg == net.cfg and DiT(cfg).num_parameters() == net.num_parameters()
+    assert cfg == net.cfg and DiT(cfg, 0.5).num_parameters() == net.num_parameters()
     assert all(p.ndim >= 1 for p in net.parameters())  # no scalar parameters (FSDP2 cannot shard them)
 
 

@@ -36,7 +36,7 @@ def make_run(path, preset, overrides=(), latent=None, **flags):
     ema = {}
     for seed, std in enumerate(cfg.ema.stds):
         torch.manual_seed(seed)
-        net = build_net(cfg.net)
+        net = build_net(cfg.net, cfg.loss.sigma_d)
         with torch.no_grad():
             for p in net.parameters():
                 if not p.any():
@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
         "guided": make_run(root / "guided", "dit-tiny-28-scd", ["conditional=true", f"net.label_dim={CLASSES}",
                                                                   "net.guidance_embed=true", "loss.guidance=1,2"],
                            teacher="a-teacher"),
-        "sigma": make_run(root / "sigma", "tiny-28-sct", ["loss.sigma_d=0.6", "net.sigma_d=0.6"]),
+        "sigma": make_run(root / "sigma", "tiny-28-sct", ["loss.sigma_d=0.6"]),
         "latent": make_run(root / "latent", "tiny-latent-sct", latent=latent),
     }
     exported = {}
@@ -163,7 +163,7 @@ def test_class_labels_and_guidance(runs):
     refused(r"classes 0\.\.2", class_labels=3)
     refused("3 labels for a batch of 2", class_labels=[0, 1, 2], latents=torch.zeros(2, 1, 28, 28))
     refused("class indices", class_labels=[0.5, 1.0, 2.0])
-    refused("must be a number > 0", guidance_scale=0)
+    refused("must be a scale > 0", guidance_scale=0)
     refused("2 generators for a batch of 3", generator=[torch.Generator(), torch.Generator()])
     refused("a seed or a generator", seed=0, generator=torch.Generator())
     with pytest.raises(SamplerError, match="output_type='jpeg'"):
@@ -172,7 +172,7 @@ def test_class_labels_and_guidance(runs):
     refused(r"latents: expected a tensor of shape \[B, 1, 28, 28\]", latents=torch.zeros(2, 3, 28, 28))
     sct = pipeline(exported["sct"])
     refused("this model is unconditional", p=sct, class_labels=0)
-    refused("no guidance input", p=sct, guidance_scale=2.0)
+    refused("neither a guidance input", p=sct, guidance_scale=2.0)
 
 
 def test_the_folder_holds_safetensors_and_json_and_records_the_times(runs):

@@ -89,5 +89,7 @@ def test_no_other_module_writes_files_by_itself():
         if path.name == "files.py":
             continue
         text = path.read_text()
-        assert not re.search(r"os\.replace|os\.rename|\.rename\(|\.replace\(path|write_text\(|write_bytes\(", text), path
-        assert not re.search(r"\bsave_file\(|\.savefig\(|\.save_pretrained\(|np\.savez", text) or "atomic_" in text, path
+        renames = r"os\.replace|os\.rename|\.rename\(|\.replace\(path|write_text\(|write_bytes\("
+        assert not re.search(renames, text), path
+        writers = r"\bsave_file\(|\.savefig\(|\.save_pretrained\(|np\.savez"
+        assert not re.search(writers, text) or "atomic_" in text, path

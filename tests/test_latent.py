@@ -54,7 +54,7 @@ def test_measured_normalisation_and_its_inverse(files, tmp_path, dtype):
     assert x.shape == (64, 4, 16, 16) and x.dtype == getattr(torch, dtype)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat"]  # the float32 scratch is gone
     assert info["vae"] == str((files / "vae").resolve()) and info["which"] == "mean" and info["sigma_d"] == 0.5
-    assert (info["image_resolution"], info["image_channels"], info["normalization"]) == (32, 3, "measured")
+    assert (info["image_shape"], info["normalization"]) == ([3, 32, 32], "measured")
     assert torch.equal(load_dataset(path).labels, load_dataset(files / "pixels.npz").labels)
     # per channel over items and positions: mean 0, std σ_d (float16: its rounding, u = 2^-11, of values ~0.5)
     tol = 1e-6 if dtype == "float32" else 1e-3
@@ -101,7 +101,7 @@ def test_vae_normalisation_is_the_vaes_own_scaling(files, tmp_path):
     """normalization="vae": (z − shift_factor)·scaling_factor, the data of a diffusers latent model, decoded back
     exactly; its std is not σ_d, so a run's loss.sigma_d is not held to it."""
     from scm.config import make_config
-    from scm.train.build import check_data
+    from scm.train.resolve import resolve
 
     eight = load_dataset(files / "pixels.npz").subset(0, 8)
     path = encode(eight, files / "vae", tmp_path / "v", normalization="vae", dtype="float32", progress=False)
@@ -113,8 +113,8 @@ def test_vae_normalisation_is_the_vaes_own_scaling(files, tmp_path):
     back = denormalize(x, info["mean"], info["std"], info["sigma_d"])
     torch.testing.assert_close(back, raw, rtol=1e-5, atol=1e-6)
     cfg = make_config("tiny-latent-scd", None, ["loss.sigma_d=0.9"], data=str(path), out=str(tmp_path / "r"),
-                      teacher="t")
-    check_data(cfg, load_dataset(path))  # no σ_d mismatch error for latents at the VAE's own scale
+                      teacher="a.module:function")  # a teacher to be called later: resolving does not load it
+    assert resolve(cfg, load_dataset(path)).loss.sigma_d == 0.9  # no σ_d mismatch for latents at the VAE's scale
 
 
 def test_posterior_samples_are_seeded_per_image(files, tmp_path):
@@ -167,8 +167,6 @@ def test_errors_name_what_is_wrong(files, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no config\.json"):
         load_vae(tmp_path / "empty")
-    with pytest.raises(DataError, match="prepare them at 64×64 first"):
-        encode(files / "pixels.npz", files / "vae", tmp_path / "x", resolution=64, progress=False)
     images, labels = make_shapes(8, res=32, channels=1)
     np.savez(tmp_path / "gray.npz", x=images[..., 0], y=labels)
     with pytest.raises(DataError, match="1 channel"):
@@ -261,10 +259,10 @@ def test_encode_a_folder_of_jpegs_of_other_sizes(files, tmp_path):
             "--resolution", 32, "--no-progress"]
     code, out = cli(*args)
     assert code == 0, out
-    assert "the pixel reference for scm eval --ref" in out and "4 latents, 16×16, 4 channel(s), 2 classes" in out
+    assert "the pixel reference for evaluating a run" in out and "4 latents, 16×16, 4 channel(s), 2 classes" in out
     images = load_dataset(tmp_path / "lat-images")
-    assert (len(images), images.resolution, images.channels) == (4, 32, 3)
-    assert load_dataset(tmp_path / "lat").latent["image_resolution"] == 32
+    assert (len(images), images.shape) == (4, (3, 32, 32))
+    assert load_dataset(tmp_path / "lat").latent["image_shape"] == [3, 32, 32]
     stamp = (tmp_path / "lat-images" / "images.bin").stat().st_mtime_ns
     shutil.rmtree(tmp_path / "lat")
     code, out = cli(*args)  # encoding again: the prepared images are reused, not prepared again

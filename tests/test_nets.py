@@ -10,7 +10,7 @@ from torch.autograd import gradcheck
 
 import scm.nets.attention as attn_mod
 from scm._rng import rng_replayer
-from scm.nets import NET_PRESETS, build_unet
+from scm.nets import NET_PRESETS, build_net, net_config
 from scm.nets.attention import attention
 from scm.nets.functional import clip, conv2d, lincomb, modulate, pixel_norm, scaled_cat, silu, upsample2x
 from scm.nets.layers import FourierEmbedding, MPConv, PositionalEmbedding, adaptive_double_norm, mp_cat, mp_sum
@@ -18,6 +18,11 @@ from scm.nets.layers import FourierEmbedding, MPConv, PositionalEmbedding, adapt
 from conftest import central_difference, jvp_both
 
 D = torch.float64
+
+
+def build_unet(preset: str, res, ch: int, **fields):
+    """A U-Net preset for res (R or (H, W)) × ch inputs, at σ_d = 0.5."""
+    return build_net(net_config(preset, img_resolution=res, img_channels=ch, **fields), 0.5)
 
 
 def _rand(*shape, seed=0):
@@ -145,6 +150,17 @@ def test_tiny_net_jvp_equals_finite_difference(wrt):
     torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, scale), rtol=1e-6)
 
 
+def test_non_square_net_jvp_equals_finite_difference():
+    """24×32 images: blocks named by their feature maps (24x32 … 6x8), attention where the longer side is listed."""
+    net = _tiny(res=(24, 32), ch=1).eval()
+    assert "6x8_block0" in net.enc and net.enc["6x8_block0"].num_heads and not net.enc["24x32_block0"].num_heads
+    x, t = _rand(2, 1, 24, 32), torch.tensor([0.2, 1.3], dtype=D)
+    tangent = _rand(2, 1, 24, 32, seed=4)
+    jvp = jvp_both(lambda u: net(u, t), [x], [tangent])
+    fd = central_difference(lambda u: net(u, t), [x], [tangent])
+    torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, float(fd.abs().max())), rtol=1e-6)
+
+
 def test_tiny_net_backward_matches_a_directional_finite_difference():
     net = _tiny(res=32, ch=3)
     x, t = _rand(2, 3, 32, 32), torch.tensor([0.3, 1.2], dtype=D)
@@ -164,10 +180,10 @@ def test_tiny_net_backward_matches_a_directional_finite_difference():
     torch.testing.assert_close(directional, (plus - minus) / (2 * h), atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("res,ch", [(28, 1), (32, 3)])
+@pytest.mark.parametrize("res,ch", [(28, 1), (32, 3), ((24, 32), 1)])
 def test_tiny_forward_shapes_and_dtypes(res, ch):
     net = build_unet("tiny", res, ch)
-    x = torch.randn(4, ch, res, res)
+    x = torch.randn(4, ch, *((res, res) if isinstance(res, int) else res))
     F, w = net(x, torch.rand(4) * 1.5, return_weight=True)
     assert F.shape == x.shape and F.dtype == torch.float32 and w.shape == (4,)
     assert torch.isfinite(F).all() and torch.isfinite(w).all()

@@ -151,7 +151,9 @@ def test_scd_with_guidance_feeds_the_scale_to_teacher_and_student(small_net):
 
     x0, _, _ = _batch(seed=12)
     labels = torch.arange(8) % 3
-    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, guidance=(1.0, 2.0))
+    with pytest.raises(ValueError, match="teacher_uncond"):  # no guessing of the teacher's unconditional input
+        ConsistencyLoss(sigma_d=SD, teacher=teacher, guidance=(1.0, 2.0))
+    loss_fn = ConsistencyLoss(sigma_d=SD, teacher=teacher, guidance=(1.0, 2.0), teacher_uncond={"labels": None})
     loss, _ = loss_fn(student, x0, generator=torch.Generator().manual_seed(0), labels=labels)
     assert torch.isfinite(loss)
     assert len(calls) == 2 and calls[1] is None and torch.equal(calls[0], labels)  # cond + uncond
@@ -192,7 +194,7 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match=r"guidance.*is for sCD"):  # a configuration has no teacher: checked in use
         ConsistencyLoss(guidance=(1.0, 2.0))(lambda x, t, **k: (x, t), x0)
     with pytest.raises(ValueError, match=r"guidance=\(2.0, 1.0\): must be a range"):
-        ConsistencyLoss(teacher=lambda x, t: x, guidance=(2.0, 1.0))
+        ConsistencyLoss(teacher=lambda x, t: x, guidance=(2.0, 1.0), teacher_uncond={})
     with pytest.raises(ValueError, match="tangent_precision"):
         ConsistencyLoss(tangent_precision="fp8")
     with pytest.raises(ValueError, match="tangent_norm"):

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from scm.config import make_config
+from scm.ema_profile import exp_to_std, profile_dot, solve_coefficients, std_to_exp
+from scm.posthoc import plan_reconstruction, reconstruct
 from scm.runs import RunDir, ema_weights, load_run, load_tensors
 from scm.train import train
-from scm.train.ema import PowerEMA, plan_reconstruction, reconstruct
-from scm.train.posthoc import exp_to_std, profile_dot, solve_coefficients, std_to_exp
+from scm.train.ema import PowerEMA
 
 from conftest import cli, make_shapes
 

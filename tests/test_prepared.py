@@ -41,12 +41,13 @@ def _files(path):
 def test_round_trip_values_labels_and_class_names(tmp_path, in_memory):
     path, x, y = _write(tmp_path / "d", class_names=["a", "b", "c"])
     data = load_dataset(path) if in_memory is None else load_prepared(path, in_memory=in_memory)
-    assert isinstance(data, PreparedData) and len(data) == 10 and (data.resolution, data.channels) == (4, 3)
+    assert isinstance(data, PreparedData) and len(data) == 10 and data.shape == (3, 4, 4)
     assert data.in_memory is (in_memory is None)
     assert np.array_equal(data.gather(np.arange(10)).numpy(), x) and data.labels.tolist() == y.tolist()
     assert data.class_names == ["a", "b", "c"] and data.num_classes == 3
-    xb, yb = data.batch(torch.tensor([7, 2, 7]))
-    assert torch.equal(xb, torch.from_numpy(x[[7, 2, 7]]).float() / 127.5 - 1) and yb.tolist() == y[[7, 2, 7]].tolist()
+    xb, cond = data.batch(torch.tensor([7, 2, 7]))
+    assert torch.equal(xb, torch.from_numpy(x[[7, 2, 7]]).float() / 127.5 - 1)
+    assert list(cond) == ["labels"] == list(data.conditions) and cond["labels"].tolist() == y[[7, 2, 7]].tolist()
     sub = data.subset(8, None, "tail")
     assert len(sub) == 2 and np.array_equal(sub.gather([0, 1]).numpy(), x[8:]) and sub.source == "tail"
     inner = data.subset(-6).subset(1, 4)  # a view of a view: items 5, 6, 7

@@ -104,7 +104,8 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     expect(["sample", "--ckpt", teacher, "--steps", 2, *out], "--steps: this is a diffusion run")
     expect(["sample", "--ckpt", teacher, "--nfe", 8, *out], "must be odd")
     expect(["sample", "--ckpt", student, "--ts", "1.0,1.2", *out], "strictly decreasing")
-    expect(["sample", "--ckpt", student, "--steps", 2, "--t-mid", 1.6, *out], "--t-mid 1.6: must lie in (0, π/2)")
+    expect(["sample", "--ckpt", student, "--steps", 2, "--t-mid", 1.6, *out],
+           "--t-mid 1.6: must lie in (0, t_max = 1.5708)")
     expect(["sample", "--ckpt", student, "--steps", 2, "--t-mid", 1.565, *out], "--t-mid")  # not below t_max
     expect(["sample", "--ckpt", student, "--ts", "1.5,1.0", "--t-mid", 1.0, *out], "either explicit times or t_mid")
     expect(["sample", "--ckpt", teacher, "--nfe", 5, "--t-mid", 1.0, *out], "diffusion run")
@@ -121,8 +122,12 @@ def test_bad_inputs(runs, tmp_path, monkeypatch):
     # reference statistics for another resolution
     from scm.metrics.quality import RefStats
 
-    RefStats(np.zeros(128), np.eye(128), np.zeros((10, 128)), "classifier:shapes", 32, 3, "elsewhere", 10).save(
-        tmp_path / "ref32.npz")
+    RefStats(np.zeros(128), np.eye(128), np.zeros((10, 128)), "classifier:shapes", (3, 32, 32), "elsewhere",
+             10).save(tmp_path / "ref32.npz")
+    legacy = {"space": "classifier:shapes", "resolution": 32, "channels": 3, "source": "elsewhere", "count": 10}
+    np.savez(tmp_path / "old.npz", mu=np.zeros(128), sigma=np.eye(128), sample=np.zeros((10, 128)),
+             meta=np.array(json.dumps(legacy)))  # statistics written before shapes were tuples still load
+    assert RefStats.load(tmp_path / "old.npz").shape == (3, 32, 32)
     (tmp_path / "data" / "classifiers").mkdir(parents=True, exist_ok=True)
     expect(["eval", "--ckpt", student, "--ref", tmp_path / "ref32.npz", "--steps", 1, "--n", 4], "no cached classifier")
     # a corrupt checkpoint

@@ -44,7 +44,7 @@ def make_run(path: Path, preset: str, overrides=(), **flags) -> Path:
     run = RunDir(path)
     run.write_config(to_dict(cfg))
     torch.manual_seed(0)
-    net = build_net(cfg.net)
+    net = build_net(cfg.net, cfg.loss.sigma_d)
     with torch.no_grad():
         for p in net.parameters():
             if not p.any():

@@ -54,3 +54,74 @@ def test_library_code_has_no_test_hooks_flags_or_outside_references():
             words = literal.strip('f"')
             if " " in words:  # a message (a lone "--flag" literal is an argument of a subprocess)
                 assert not re.search(r"(^|[\s(])--[a-z]", words), (path, literal)
+
+
+def test_functions_are_short_enough_to_read_at_once():
+    import ast
+
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path.relative_to(SRC)}:{node.lineno} {node.name} has {length} lines"
+
+
+def test_configuration_and_scms_own_networks_do_not_load_the_diffusers_interop():
+    """The network registry finds the diffusers student by name, on use: a run of scm's own networks never loads
+    scm.diffusers (nor diffusers)."""
+    loaded = _imported_after("import scm.config, scm.nets, scm.runs, scm.generate")
+    assert not any(m.startswith("scm.diffusers") for m in loaded), sorted(loaded)
+
+
+def test_the_application_has_no_import_cycle():
+    """scm.app's modules import each other one way: the commands import the shared helpers, never each other back."""
+    graph = {}
+    for path in (SRC / "app").glob("*.py"):
+        mod = f"scm.app.{path.stem}"
+        graph[mod] = set(re.findall(r"^\s*(?:from|import) (scm\.app\.\w+)", path.read_text(), flags=re.M)) - {mod}
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph.get(a, ()))
+
+    assert not [m for m in graph if reaches(m, m)], graph
+
+
+DRIVER = """
+import sys
+from scm.app.cli import main
+sys.argv = ["scm", *sys.argv[1:]]
+try:
+    main()
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("TRAINING MODULES", sorted(m for m in sys.modules if m.startswith("scm.train")), "EXIT", code)
+"""
+
+
+def test_inference_commands_never_load_the_training_engine(tmp_path):
+    """Each inference command, in a fresh interpreter, as far as it goes with these inputs (sample and data encode
+    to the end; eval, serve and ema sweep past loading their run, up to a reference, an address or snapshots that
+    are not there): not one scm.train module is loaded."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("starlette")
+    from conftest import save_tiny_vae
+
+    teacher = str(SRC.parents[1] / "demo" / "teacher")
+    save_tiny_vae(tmp_path / "vae")
+    np.savez(tmp_path / "rgb.npz", x=np.zeros((2, 32, 32, 3), np.uint8))
+    commands = {
+        "sample": (["sample", "--ckpt", teacher, "--nfe", "3", "--n", "2", "--out", str(tmp_path / "s.png")], 0),
+        "eval": (["eval", "--ckpt", teacher, "--ref", str(tmp_path / "none.npz"), "--nfe", "3", "--n", "2"], 2),
+        "serve": (["serve", "--ckpt", teacher, "--host", "256.0.0.1", "--device", "cpu"], 2),
+        "data encode": (["data", "encode", "--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "rgb.npz"),
+                         "--out", str(tmp_path / "lat"), "--no-progress"], 0),
+        "ema sweep": (["ema", "sweep", teacher, "--ref", "mnist", "--out", str(tmp_path / "sw"), "--nfe", "3"], 2),
+    }
+    for name, (args, expected) in commands.items():
+        proc = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True)
+        assert proc.stdout.strip().endswith(f"EXIT {expected}"), (name, proc.stdout, proc.stderr[-2000:])
+        assert "TRAINING MODULES [] " in proc.stdout, (name, proc.stdout)

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from scm.conditioning import Conditioning
 from scm.config import make_config
-from scm.generate import conditioning, image_generators
-from scm.nets import build_unet
+from scm.generate import image_generators
+from scm.nets import build_net, net_config
 from scm.sampling import consistency_sample, consistency_times
 from scm.train import train
 
@@ -79,12 +80,13 @@ def test_a_training_step_reads_values_once(kind, data, tmp_path, reads):
 
 
 def test_a_two_step_sample_reads_no_values(reads):
-    net = build_unet("tiny", 28, 1, label_dim=10, guidance_embed=True).eval()
+    cfg = net_config("tiny", img_resolution=28, img_channels=1, label_dim=10, guidance_embed=True)
+    net = build_net(cfg, 0.5).eval()
     gens = image_generators(0, 0, 6, "cpu")
     noise = 0.5 * torch.stack([torch.randn(1, 28, 28, generator=g) for g in gens])
     cfg = make_config("tiny-28-scd", None, ["conditional=true", "net.guidance_embed=true", "loss.guidance=1,2"],
                       data="x", out="y", teacher="t")
-    cond = conditioning(cfg, 0, 6)
+    cond = Conditioning.of_run(cfg).sample_inputs(torch.arange(6))
     x = consistency_sample(net, noise, consistency_times(2), 0.5, generator=gens, **cond)
     assert x.shape == noise.shape
     assert sum(reads.values()) == 0, dict(reads)

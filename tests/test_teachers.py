@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from scm.tangents import jvp_tangent
-from scm.teachers import from_edm, from_flow, guided
+from scm.teachers import from_edm, from_flow
 from scm.trigflow import add_noise, sct_velocity
 
 from oracle import Gaussian
@@ -67,20 +67,3 @@ def test_from_edm_is_defined_inside_the_interval_only():
     assert not torch.isfinite(F[0]).all() and torch.isfinite(F[1]).all()
     with pytest.raises(ValueError, match="sigma_d"):
         from_edm(G.edm_D, 0.0)
-
-
-def test_guided_combines_conditional_and_unconditional():
-    def fn(x, t, labels=None):
-        return x * 0 + (0.0 if labels is None else labels[:, None].to(x.dtype))
-
-    x = torch.zeros(3, 2, dtype=torch.float64)
-    t = torch.full((3,), 0.5, dtype=torch.float64)
-    labels = torch.tensor([1, 2, 3])
-    g = guided(fn)
-    torch.testing.assert_close(g(x, t, guidance=1.0, labels=labels), fn(x, t, labels))
-    # F_u + s(F_c − F_u) with F_u = 0: s·label, one scale per example
-    s = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
-    torch.testing.assert_close(g(x, t, guidance=s, labels=labels), (s * labels)[:, None].expand(3, 2))
-    # a custom unconditional mode
-    g2 = guided(fn, uncond={"labels": torch.zeros(3, dtype=torch.long)})
-    torch.testing.assert_close(g2(x, t, guidance=2.0, labels=labels), 2.0 * labels[:, None].double().expand(3, 2))

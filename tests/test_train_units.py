@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from scm.config import ConfigError, OptimConfig, coerce, from_dict, make_config, to_dict
+from scm.ema_profile import std_to_exp
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan
 from scm.train.distributed import DistInfo
-from scm.train.ema import PowerEMA, std_to_exp
+from scm.train.ema import PowerEMA
 from scm.train.optim import learning_rate
 from scm.train.state import TrainState
 

@@ -72,3 +72,22 @@ def check_finite(name: str, value: float) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise InvalidSetting(name, value, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def sizes(resolution, name: str = "resolution", ndim: int = 2) -> tuple[int, ...]:
+    """An item's sizes after its channels, from a resolution setting: an int R is a square R×R (images), a sequence
+    gives each size ((H, W) = (24, 32)). InvalidSetting unless there are `ndim` positive integers."""
+    if isinstance(resolution, int) and not isinstance(resolution, bool):
+        resolution = (resolution,) * ndim
+    try:
+        values = tuple(resolution)
+    except TypeError:
+        values = ()
+    if len(values) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise InvalidSetting(name, resolution, f"must be a positive integer or {ndim} of them (one per axis)")
+    return values
+
+
+def describe_shape(shape: tuple[int, ...]) -> str:
+    """An item shape (C, *sizes) as people write it: (1, 24, 32) → "24×32×1"."""
+    return "×".join(str(s) for s in (*shape[1:], shape[0]))

@@ -20,13 +20,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from scm._checks import sizes
+from scm.ema_profile import SIGMA_REL_MAX
 from scm.errors import ConfigError, InvalidSetting
 from scm.nets.registry import NET_PRESETS, NetConfig, config_class, net_config
 from scm.nets.unet import UNetConfig
 from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss
 from scm.precision import PRECISIONS
 from scm.presets import FAMILIES, PRESETS
-from scm.sampling import T_MID
+from scm.sampling import T_MID, check_t_mid
 from scm.trigflow import t_max_default
 
 __all__ = [
@@ -77,8 +79,8 @@ class EMAConfig:
     snapshot_kimg: float | None = 2.5
 
     def validate(self) -> None:
-        _need(len(self.stds) > 0 and all(0 < s < 0.28 for s in self.stds), "ema.stds", self.stds,
-              "must be one or more σ_rel in (0, 0.28)")
+        _need(len(self.stds) > 0 and all(0 < s < SIGMA_REL_MAX for s in self.stds), "ema.stds", self.stds,
+              f"must be one or more σ_rel in (0, {SIGMA_REL_MAX})")
         _need(self.snapshot_kimg is None or (_finite(self.snapshot_kimg) and self.snapshot_kimg >= 0),
               "ema.snapshot_kimg", self.snapshot_kimg, "must be >= 0 (0 or None: no snapshots)")
 
@@ -97,8 +99,8 @@ class TrainConfig:
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:N"
     precision: str = "fp32"                   # autocast: "fp32" | "bf16" | "fp16" (fp32 master weights)
     distributed: str = "ddp"                  # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
-    resolution: int = 32                      # the data's resolution and channels this preset expects
-    channels: int = 3
+    resolution: int | tuple[int, ...] = 32    # the data's size this preset expects: R (R×R images) or (H, W) …
+    channels: int = 3                         # … and its channels
     conditional: bool = False                 # class-conditional on the data's labels
     teacher: str | None = None                # sCD: a diffusion run directory, "diffusers:PATH" or "module:function"
     teacher_data: str = "own"                 # diffusers teachers: scm's data is the teacher's own ("own") or the
@@ -124,9 +126,16 @@ class TrainConfig:
     tensorboard: bool = True                  # write TensorBoard events when tensorboard is installed
     progress: bool = True
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one item of the run's data, channels first: (C, H, W) for images."""
+        return (self.channels, *sizes(self.resolution))
+
     def validate(self) -> None:
         """Check every field; the parts (objective, network) check their own fields, named here by key."""
         _need(self.method in METHODS, "method", self.method, f"must be one of {METHODS}")
+        _part("", lambda: sizes(self.resolution))
+        _need(isinstance(self.channels, int) and self.channels >= 1, "channels", self.channels, "must be >= 1")
         _need(type(self.loss) is OBJECTIVES[self.method], "loss", type(self.loss).__name__,
               f"method {self.method} trains with {OBJECTIVES[self.method].__name__}")
         _need(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {tuple(PRECISIONS)}")
@@ -142,9 +151,10 @@ class TrainConfig:
         for key in ("keep_ckpts", "log_every", "max_bad_steps", "sample_count", "sample_ode_steps"):
             _need(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         _part("loss", self.loss.validate)
-        t_max = t_max_default(self.loss.sigma_d)  # σ_d was checked by the loss
-        _need(_finite(self.t_mid) and 0 < self.t_mid < t_max, "t_mid", self.t_mid,
-              f"must lie in (0, t_max = {t_max:.4f}) radians (the paper's is {T_MID})")
+        try:
+            check_t_mid(self.t_mid, t_max_default(self.loss.sigma_d))  # σ_d was checked by the loss
+        except InvalidSetting as e:
+            raise ConfigError(str(e), key="t_mid") from None
         _need(type(self.net) is config_class(self.net_preset), "net", type(self.net).__name__,
               f"net_preset {self.net_preset} is a {config_class(self.net_preset).__name__}")
         _part("net", lambda: type(self.net)(**dataclasses.asdict(self.net)))
@@ -175,7 +185,8 @@ def _part(prefix: str, check) -> None:
     try:
         check()
     except InvalidSetting as e:
-        raise ConfigError(f"{prefix}.{e.key}={e.value!r}: {e.reason}", key=f"{prefix}.{e.key}") from None
+        key = f"{prefix}.{e.key}" if prefix else e.key
+        raise ConfigError(f"{key}={e.value!r}: {e.reason}", key=key) from None
     except ValueError as e:
         raise ConfigError(f"{prefix}: {e}", key=prefix) from None
 
@@ -334,10 +345,28 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _without_network_sigma_d(d: dict) -> dict:
+    """A run's σ_d is its `loss.sigma_d` alone; configurations written before recorded a network's own `net.sigma_d`
+    too (used only by the c_noise="log_sigma" ablation and by diffusers students). It is dropped where it agrees
+    with loss.sigma_d or was not used, and refused where the network computed with another value."""
+    net = d.get("net")
+    if not (isinstance(net, dict) and "sigma_d" in net):
+        return d
+    net = dict(net)
+    old, run = net.pop("sigma_d"), (d.get("loss") or {}).get("sigma_d", 0.5)
+    if (net.get("c_noise") == "log_sigma" or d.get("net_preset") == "diffusers") and old != run:
+        raise ConfigError(f"net.sigma_d={old!r}: this network was built for σ_d = {old}, but the run's loss.sigma_d "
+                          f"is {run} (σ_d is the run's alone now; set loss.sigma_d={old} to keep the network as "
+                          "it was)", key="net.sigma_d")
+    return {**d, "net": net}
+
+
 def from_dict(d: dict, cls=TrainConfig):
     """Rebuild a config from its JSON form; unknown keys are an error (they name a different version)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+    if cls is TrainConfig:
+        d = _without_network_sigma_d(d)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from scm._checks import describe_shape
+from scm.conditioning import Conditioning
 from scm.data.prepared import is_prepared, load_prepared
 from scm.errors import DataError, SamplerError
-from scm.generate import Sampler, check_conditioning, generate, sample_shape
+from scm.generate import Sampler, generate, sample_shape
 from scm.images import grid, report_scale, save_png
 from scm.metrics import measure, open_reference
 from scm.metrics.quality import FeatureSpace, RefStats
@@ -64,16 +66,16 @@ def open_checked_reference(run: LoadedRun, samplers: list[Sampler], ref: str, n:
         raise SamplerError(f"n={n!r}: need at least 2 samples per setting (a covariance needs two)", key="n")
     for s in samplers:
         s.times(run)  # every setting is checked before anything is computed
-    check_conditioning(run.cfg, None, guidance)
+    Conditioning.of_run(run.cfg).check(None, guidance)
     if run.latent is not None and is_prepared(Path(ref)) and load_prepared(ref).latent is not None:
         raise DataError(f"reference {ref}: latents; this run's samples are decoded to images, so the reference must "
                         "be the images the latents were encoded from", key="ref")
     space, stats = open_reference(ref, metric, inception, log=log)
     shape = sample_shape(run)  # a run on latents is measured on its decoded images, against images
-    if (stats.channels, stats.resolution, stats.resolution) != shape:
+    if stats.shape != shape:
         what = "decoded images" if run.latent is not None else "samples"
-        raise DataError(f"reference {stats.source} is {stats.resolution}×{stats.resolution}×{stats.channels}, but "
-                        f"this run's {what} are {shape[1]}×{shape[2]}×{shape[0]}"
+        raise DataError(f"reference {stats.source} is {describe_shape(stats.shape)}, but this run's {what} are "
+                        f"{describe_shape(shape)}"
                         + ("; give the image data set the latents were encoded from" if run.latent else ""),
                         key="ref")
     return space, stats

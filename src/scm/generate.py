@@ -2,8 +2,10 @@
 
 One entry point, `generate(run, n, sampler, ...)`, used by `scm sample`, `scm eval`, training's sample grids, the
 demo and the benchmarks. Image i's noise comes from its own generator seeded with (seed, i), and its class label
-(when the model is conditional) is i mod the number of classes, so an image depends on (seed, i) only, never on
-the batch size or on n (EDM2's per-image seeds). Everything is validated before any network runs.
+(when the model is conditional) is i mod the number of classes unless one is asked for, so an image depends on
+(seed, i) only, never on the batch size or on n (EDM2's per-image seeds); what a run is conditioned on, and the
+guidance it takes by default, is its `scm.conditioning.Conditioning`. Everything is validated before any network
+runs.
 
 A run on latents (`LoadedRun.latent`, from RUN/latent.json) is decoded here, batch by batch, through the VAE its
 data were encoded with (`scm.data.latents.decode`): this is the one place where samples leave latent space, so
@@ -18,16 +20,22 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from scm._checks import HALF_PI
 from scm._rng import randn
-from scm.config import TrainConfig
-from scm.errors import SamplerError
+from scm.conditioning import Conditioning
+from scm.errors import InvalidSetting, SamplerError
 from scm.runs import LoadedRun, mix_seed
-from scm.sampling import T_MID, check_times, consistency_sample, consistency_times, ode_sample, ode_times
-from scm.teachers import guided
+from scm.sampling import (
+    T_MID,
+    TEACHER_NFE,
+    check_t_mid,
+    check_times,
+    consistency_sample,
+    consistency_times,
+    ode_sample,
+    ode_times,
+)
 
-__all__ = ["Sampler", "check_conditioning", "conditioning", "generate", "generate_items", "image_generators",
-           "sample_shape"]
+__all__ = ["Sampler", "generate", "generate_items", "image_generator", "image_generators", "sample_shape"]
 
 SOLVERS = ("heun", "euler")
 
@@ -35,8 +43,8 @@ SOLVERS = ("heun", "euler")
 @dataclass
 class Sampler:
     """How to sample: `steps` (or explicit times `ts`) for consistency runs; `nfe` (or `ts`) and `solver` for
-    diffusion runs. Defaults: 1 step; 35 NFE with Heun. `t_mid`: the intermediate time of multi-step consistency
-    sampling, instead of the run's own (its config's `t_mid`, the paper's 1.1 unless set)."""
+    diffusion runs. Defaults: 1 step; `TEACHER_NFE` (35) with Heun. `t_mid`: the intermediate time of multi-step
+    consistency sampling, instead of the run's own (its config's `t_mid`, the paper's 1.1 unless set)."""
 
     steps: int | None = None
     ts: tuple[float, ...] | None = None
@@ -59,8 +67,10 @@ class Sampler:
         if self.t_mid is not None:
             if self.ts is not None:
                 raise SamplerError("t_mid: give either explicit times or t_mid, not both", key="t_mid")
-            if not (isinstance(self.t_mid, (int, float)) and 0 < self.t_mid < HALF_PI):
-                raise SamplerError(f"t_mid={self.t_mid!r}: must lie in (0, π/2) radians", key="t_mid")
+            try:
+                check_t_mid(self.t_mid)
+            except InvalidSetting as e:
+                raise SamplerError(str(e), key="t_mid") from None
 
     def times(self, run: LoadedRun) -> list[float]:
         """The network-evaluation times for this run (validated against the run's kind)."""
@@ -73,7 +83,7 @@ class Sampler:
             if self.steps is not None and self.nfe is None:
                 raise SamplerError("this is a diffusion run: sample it with a number of evaluations (NFE) and a "
                                    "solver, not consistency steps", key="steps")
-            nfe = self.nfe or 35
+            nfe = self.nfe or TEACHER_NFE
             if self.solver == "heun":
                 if nfe % 2 == 0:
                     raise SamplerError(f"nfe={nfe}: Heun uses 2N − 1 evaluations, so the NFE must be odd", key="nfe")
@@ -84,8 +94,8 @@ class Sampler:
                                "not an NFE", key="nfe")
         try:
             return consistency_times(self.steps or 1, sigma_d=sd, t_mid=self.mid(run))
-        except ValueError as e:
-            raise SamplerError(f"t_mid={self.mid(run)}: {e}", key="t_mid") from None
+        except InvalidSetting as e:
+            raise SamplerError(str(e), key=e.key) from None
 
     def mid(self, run: LoadedRun) -> float:
         """The intermediate time of this run's multi-step consistency sampling: `t_mid`, or the run's own."""
@@ -106,53 +116,25 @@ class Sampler:
         return f"{steps}-step consistency{times}"
 
 
-def check_conditioning(cfg: TrainConfig, class_label: int | None = None, guidance: float | None = None) -> None:
-    """A class label and a guidance scale that this run's model can take (SamplerError otherwise)."""
-    net = cfg.net
-    if class_label is not None:
-        if not net.label_dim:
-            raise SamplerError(f"class_label={class_label}: this model is unconditional", key="class_label")
-        if not (isinstance(class_label, int) and 0 <= class_label < net.label_dim):
-            raise SamplerError(f"class_label={class_label}: this model has classes 0..{net.label_dim - 1}",
-                               key="class_label")
-    if guidance is not None:
-        if not (isinstance(guidance, (int, float)) and guidance > 0):
-            raise SamplerError(f"guidance={guidance!r}: must be a scale > 0", key="guidance")
-        if cfg.method == "diffusion" and not net.label_dim:
-            raise SamplerError("guidance: classifier-free guidance needs a class-conditional model", key="guidance")
-        if cfg.method != "diffusion" and not net.guidance_embed:
-            raise SamplerError("guidance: this model has no guidance input (it was not distilled with "
-                               "classifier-free guidance)", key="guidance")
-
-
-def conditioning(cfg: TrainConfig, start: int, count: int, *, class_label: int | None = None,
-                 guidance: float | None = None, device=None) -> dict:
-    """The network's inputs besides (x, t) for images start … start + count − 1: class labels (`class_label`,
-    or image i gets class i mod the number of classes) and the guidance scale (`guidance`, or for a student
-    distilled with guidance the lower end of its training range)."""
-    cond = {}
-    if cfg.net.label_dim:
-        index = torch.arange(start, start + count, device=device)
-        cond["labels"] = torch.full_like(index, class_label) if class_label is not None else index % cfg.net.label_dim
-    if guidance is not None:
-        cond["guidance"] = float(guidance)
-    elif cfg.net.guidance_embed and getattr(cfg.loss, "guidance", None):
-        cond["guidance"] = float(cfg.loss.guidance[0])
-    return cond
+def image_generator(seed: int, index: int, device) -> torch.Generator:
+    """The generator of image `index` of a request with `seed` (EDM2's per-image seeds): its noise, and its
+    re-noising in multi-step sampling, depend on (seed, index) alone, never on the batch it is drawn in."""
+    return torch.Generator(device).manual_seed(mix_seed(seed, index))
 
 
 def image_generators(seed: int, start: int, count: int, device) -> list[torch.Generator]:
-    """One generator per image, seeded with (seed, image index)."""
-    return [torch.Generator(device).manual_seed(mix_seed(seed, i)) for i in range(start, start + count)]
+    """The generators of images start … start + count − 1 (`image_generator`)."""
+    return [image_generator(seed, i, device) for i in range(start, start + count)]
 
 
-def sample_shape(run: LoadedRun, decode: bool = True) -> tuple[int, int, int]:
+def sample_shape(run: LoadedRun, decode: bool = True) -> tuple[int, ...]:
     """(C, H, W) of what `generate` returns: the data's shape, or for a run on latents (with `decode`) the
     shape of the images they were encoded from."""
     if decode and run.latent is not None:
-        r = int(run.latent["image_resolution"])
-        return int(run.latent["image_channels"]), r, r
-    return run.cfg.channels, run.cfg.resolution, run.cfg.resolution
+        from scm.data.latents import image_shape
+
+        return image_shape(run.latent)
+    return run.cfg.shape
 
 
 def _sync(device: torch.device) -> None:
@@ -161,19 +143,17 @@ def _sync(device: torch.device) -> None:
 
 
 class _Batches:
-    """What `generate` and `generate_items` share: the checks, the network (guided for CFG), the VAE of a run on
-    latents, and one batch of images from their generators and conditioning."""
+    """What `generate` and `generate_items` share: the checks, the network as sampled (guided by CFG for a
+    class-conditional diffusion run: `Conditioning.network`), the VAE of a run on latents, and one batch of images
+    from their generators and conditioning."""
 
-    def __init__(self, run: LoadedRun, sampler: Sampler, guidance: float | None, device, decode: bool,
-                 class_labels=()):
-        self.run, self.sampler, cfg = run, sampler, run.cfg
+    def __init__(self, run: LoadedRun, sampler: Sampler, device, decode: bool, class_labels=None, guidance=None):
+        self.run, self.sampler = run, sampler
         self.ts = sampler.times(run)
-        for c in class_labels:
-            check_conditioning(cfg, c, None)
-        check_conditioning(cfg, None, guidance)
+        self.conditioning = Conditioning.of_run(run.cfg)
+        self.conditioning.check(class_labels, guidance)
         self.device = torch.device(device) if device is not None else next(run.net.parameters()).device
-        net = run.net.to(self.device)
-        self.fn = guided(net) if cfg.method == "diffusion" and guidance is not None else net
+        self.fn = self.conditioning.network(run.net.to(self.device))
         self.latent, self.vae = (run.latent if decode else None), None
         if self.latent is not None:  # the VAE is loaded (and its absence reported) before any network runs
             from scm.data.latents import decoder
@@ -183,8 +163,8 @@ class _Batches:
 
     def __call__(self, gens: list[torch.Generator], cond: dict) -> torch.Tensor:
         cfg, device = self.run.cfg, self.device
-        sd, shape = cfg.loss.sigma_d, (cfg.channels, cfg.resolution, cfg.resolution)
-        noise = sd * randn((len(gens), *shape), gens, device=device)
+        sd = cfg.loss.sigma_d
+        noise = sd * randn((len(gens), *cfg.shape), gens, device=device)
         _sync(device)
         t0 = time.perf_counter()
         if cfg.method == "diffusion":
@@ -211,13 +191,13 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
         raise SamplerError(f"n={n!r}: need at least one image", key="n")
     if not (isinstance(batch, int) and batch >= 1):
         raise SamplerError(f"batch={batch!r}: must be >= 1", key="batch")
-    check_conditioning(run.cfg, class_label, guidance)
-    images = _Batches(run, sampler, guidance, device, decode)
+    images = _Batches(run, sampler, device, decode, class_label, guidance)
     out = []
     bar = tqdm(total=n, desc=sampler.describe(run), unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch):
         m = min(batch, n - start)
-        cond = conditioning(run.cfg, start, m, class_label=class_label, guidance=guidance, device=images.device)
+        index = torch.arange(start, start + m, device=images.device)
+        cond = images.conditioning.sample_inputs(index, class_label, guidance)
         out.append(images(image_generators(seed, start, m, images.device), cond))
         bar.update(m)
     bar.close()
@@ -232,8 +212,8 @@ def generate_items(run: LoadedRun, sampler: Sampler, items: list[tuple[int, int,
     seeds and classes can share a network call (`scm serve`). Returns the images and the seconds, as `generate`."""
     if not items:
         raise SamplerError("items: need at least one image", key="n")
-    images = _Batches(run, sampler, guidance, device, decode, {c for _, _, c in items if c is not None})
-    gens = [torch.Generator(images.device).manual_seed(mix_seed(seed, i)) for seed, i, _ in items]
-    conds = [conditioning(run.cfg, i, 1, class_label=c, guidance=guidance, device=images.device) for _, i, c in items]
-    cond = {k: torch.cat([c[k] for c in conds]) if k == "labels" else v for k, v in conds[0].items()}
-    return images(gens, cond), images.elapsed
+    labels = [c for _, _, c in items]
+    images = _Batches(run, sampler, device, decode, labels, guidance)
+    gens = [image_generator(seed, i, images.device) for seed, i, _ in items]
+    index = torch.tensor([i for _, i, _ in items], device=images.device)
+    return images(gens, images.conditioning.sample_inputs(index, labels, guidance)), images.elapsed

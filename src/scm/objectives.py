@@ -22,10 +22,10 @@ import torch
 
 from scm._checks import check_choice, check_finite, check_positive, check_same_shape, check_t, checked_t
 from scm._rng import rng_replayer
+from scm.conditioning import guided
 from scm.errors import InvalidSetting
 from scm.precision import PRECISIONS, compute_dtype, precision_dtype
 from scm.tangents import METHODS, jvp_tangent
-from scm.teachers import guided
 from scm.trigflow import add_noise, expand, sample_t, sct_velocity
 
 __all__ = ["OBJECTIVES", "ConsistencyLoss", "DiffusionLoss", "normalize_tangent", "scm_target", "tangent_warmup"]
@@ -169,8 +169,9 @@ class ConsistencyLoss:
         L = E[ e^{w_φ(t)}·mean((F_θ − F_θ⁻ − g)²) − w_φ(t) ]           (θ⁻ = stopgrad(θ), not an EMA)
 
     The loss value is not a quality signal (F_θ − F_θ⁻ = 0 in value): only its gradient matters.
-    `teacher` (sCD; None for sCT) and `teacher_uncond` (the unconditional inputs of a guided teacher, default
-    {"labels": None}) are objects, not settings: they are constructor arguments but not fields.
+    `teacher` (sCD; None for sCT) and `teacher_uncond` (the unconditional inputs of a guided teacher: its run's
+    `scm.conditioning.Conditioning.null()`, {"labels": None} for class labels) are objects, not settings: they are
+    constructor arguments but not fields.
 
     The choices the paper leaves open, decided here (each switchable):
     - extra_sigma_weight=False: no extra 1/σ factor. The paper's prior weight w(t) = 1/(σ_d tan t) is what
@@ -214,6 +215,9 @@ class ConsistencyLoss:
     def __post_init__(self, teacher, teacher_uncond):
         self.teacher, self.teacher_uncond = teacher, teacher_uncond
         self.validate()
+        if self.guidance is not None and teacher is not None and teacher_uncond is None:
+            raise InvalidSetting("teacher_uncond", None, "a guided teacher needs its unconditional input (the run's "
+                                 "Conditioning.null(), e.g. {'labels': None})")
 
     def validate(self) -> None:
         """Check every setting (InvalidSetting names the field)."""

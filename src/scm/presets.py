@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     # helps unguided students but made the demo's guided one worse (1.09×).
     "tiny-28-sct":       {**_TINY, "resolution": 28, "channels": 1, "method": "sct", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0, "t_mid": 1.3},
     # tiny-28-scd samples t from its teacher's proposal P(−0.8, 1.6), not sCT's P(−1.0, 1.4): 2-step FD-MNIST 1.12× the
-    # teacher vs 1.18× (paired over 3 sample seeds) in benchmarks/results/gpu/fidelity-sweep/ (issue 13); the same
+    # teacher vs 1.18× (paired over 3 sample seeds) in benchmarks/results/gpu/fidelity-sweep/; the same
     # change made sCT from the teacher's weights worse (1.02× vs 0.80×), so tiny-28-sct keeps P(−1.0, 1.4).
     "tiny-28-scd":       {**_TINY, "resolution": 28, "channels": 1, "method": "scd", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 1.0},
     "tiny-32-diffusion": {**_TINY, "resolution": 32, "channels": 3, "method": "diffusion", "kimg": 200.0, "optim.lr": 1e-2, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},

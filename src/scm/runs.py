@@ -19,7 +19,7 @@ Tensors go to safetensors, everything else to JSON; nothing is ever unpickled. T
 weights per σ_rel under keys "<σ_rel:.4f>/<parameter>". Random numbers are functions of seeds mixed by
 `mix_seed`. This module is the only one that knows these formats; it imports nothing of the training engine.
 
-EMA snapshots (EDM2 §3.2, read by `scm.train.ema.reconstruct`) are written atomically too, with the keys of the EMA
+EMA snapshots (EDM2 §3.2, read by `scm.posthoc`) are written atomically too, with the keys of the EMA
 file and a JSON header under the safetensors metadata key "scm_ema_snapshot" (step, cur_nimg, batch, stds, exps = γ
 per σ_rel, snapshot_kimg, end). Checkpoint pruning never touches them. The set a run ends with depends only on how
 far it trained, never on how often it was stopped and resumed: a resumed run drops those past the checkpoint it
@@ -46,7 +46,7 @@ from scm.files import atomic_folder, atomic_write, atomic_write_json
 from scm.nets.registry import build_net
 
 __all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in", "ema_weights",
-           "is_run_dir", "load_run", "load_tensors", "mix_seed", "read_run_config", "save_tensors"]
+           "is_run_dir", "load_run", "load_tensors", "mix_seed", "network_run", "read_run_config", "save_tensors"]
 
 
 def mix_seed(*values: int) -> int:
@@ -326,6 +326,19 @@ def read_run_config(path: str | Path) -> TrainConfig:
         raise CheckpointError(f"{run.config_path}: not a valid scm configuration ({e})") from None
 
 
+def network_run(cfg: TrainConfig, weights: dict[str, torch.Tensor], *, source: Path, ema_std: float | None,
+                step: int, latent: dict | None = None, device="cpu") -> LoadedRun:
+    """The run `cfg` describes with `weights` (a checkpoint's, an EMA's, or post-hoc reconstructed ones) loaded into
+    its network, in eval mode without gradients; CheckpointError naming `source` when they do not fit."""
+    net = build_net(cfg.net, cfg.loss.sigma_d)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the run's network (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), Path(source), ema_std, step, latent)
+
+
 def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = False, device="cpu") -> LoadedRun:
     """The newest checkpoint of a run as an eval-mode network without gradients (and, for a run on latents,
     how to decode its samples).
@@ -346,14 +359,8 @@ def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = Fals
         except KeyError:
             raise CheckpointError(f"{ckpt}: no EMA with σ_rel={std} (available: {ema_stds_in(tensors)})",
                                   key="ema_std") from None
-    net = build_net(cfg.net)
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{ckpt}: weights do not match the run's network (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
     try:
         step = int(json.loads((ckpt / "state.json").read_text()).get("step", 0))
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{ckpt / 'state.json'}: corrupt JSON ({e})") from None
-    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), ckpt, std, step, run.read_latent())
+    return network_run(cfg, weights, source=ckpt, ema_std=std, step=step, latent=run.read_latent(), device=device)

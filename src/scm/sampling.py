@@ -25,13 +25,23 @@ import torch
 
 from scm._checks import HALF_PI, T_TOL, check_float, check_positive
 from scm._rng import Generators, randn
+from scm.errors import InvalidSetting
 from scm.precision import compute_dtype
-from scm.teachers import guided
 from scm.trigflow import add_noise, ddim_step, denoise, t_max_default
 
-__all__ = ["consistency_sample", "consistency_times", "guided", "ode_sample", "ode_times"]
+__all__ = ["TEACHER_NFE", "T_MID", "check_t_mid", "consistency_sample", "consistency_times", "ode_sample", "ode_times"]
 
 T_MID = 1.1  # the paper's fixed intermediate time for 2-step sampling (§5.2)
+TEACHER_NFE = 35  # a diffusion teacher's default evaluations: EDM's Heun sampler with 18 steps (Karras et al. 2022)
+
+
+def check_t_mid(t_mid, t_max: float = HALF_PI) -> float:
+    """The intermediate time of multi-step consistency sampling (§5.2) as a float: a number in (0, t_max), the
+    one definition of its range (a run's `t_mid`, samplers, pipelines); InvalidSetting (key "t_mid") otherwise."""
+    if not (isinstance(t_mid, (int, float)) and not isinstance(t_mid, bool) and math.isfinite(t_mid)
+            and 0 < t_mid < t_max):
+        raise InvalidSetting("t_mid", t_mid, f"must lie in (0, t_max = {t_max:.4f}) radians (the paper's is {T_MID})")
+    return float(t_mid)
 
 
 def consistency_times(steps: int, *, sigma_d: float = 0.5, t_max: float | None = None, t_mid: float = T_MID):
@@ -44,8 +54,9 @@ def consistency_times(steps: int, *, sigma_d: float = 0.5, t_max: float | None =
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     t_max = t_max_default(sigma_d) if t_max is None else t_max
-    if not 0 < t_mid < t_max <= HALF_PI + T_TOL:
-        raise ValueError(f"need 0 < t_mid < t_max <= π/2, got t_mid={t_mid}, t_max={t_max}")
+    if not 0 < t_max <= HALF_PI + T_TOL:
+        raise InvalidSetting("t_max", t_max, "must lie in (0, π/2] radians")
+    check_t_mid(t_mid, t_max)
     t_max = min(t_max, HALF_PI)
     if steps == 1:
         return [t_max]

@@ -1,46 +1,37 @@
-"""Present other diffusion parameterizations as a TrigFlow network F (paper App. B.2).
+"""Teachers: other diffusion parameterizations presented as a TrigFlow network F (paper App. B.2), and the teacher a
+user names, opened and loaded.
 
 Each adapter returns `fn(x_scaled, t, **cond) -> F` with x_scaled = x_t/σ_d, the calling convention of
 every scm network. The time map, the input scaling and the output combination all live inside `fn`, so
 forward-mode AD (`scm.tangents.jvp_tangent`) differentiates through them: a wrapped teacher can serve sCD
 (which only needs F) and a wrapped network can even be fine-tuned as an sCM student.
+
+A teacher is named as a diffusion run directory, "diffusers:PATH" (a diffusers pipeline or model folder,
+`scm.diffusers`) or "module:function" (a function that returns an fn). `open_teacher` describes it from its
+configuration files alone (its kind, the shape and classes of its network, the space of its data), which is what a
+run's configuration is resolved from (`scm.train.resolve`); `load_teacher` then reads its weights.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from scm._checks import check_choice, check_positive, check_t
+from scm.errors import ConfigError
 from scm.precision import compute_dtype
+from scm.runs import RunDir, is_run_dir, load_run, read_run_config
 from scm.trigflow import expand
 
-__all__ = ["from_diffusers", "from_edm", "from_flow", "guided"]
+__all__ = ["DIFFUSERS_PREFIX", "LoadedTeacher", "TeacherSource", "from_edm", "from_flow", "load_teacher",
+           "load_teacher_factory", "open_teacher"]
+
+DIFFUSERS_PREFIX = "diffusers:"
 
 TrigFlowFn = Callable[..., torch.Tensor]
-
-
-def guided(fn: TrigFlowFn, uncond: dict | None = None) -> TrigFlowFn:
-    """Classifier-free guidance: F_s = F_uncond + s·(F_cond − F_uncond) (paper §5.2, App. G.2; s = 1 is no guidance).
-
-    Returns g(x_scaled, t, *, guidance, **cond) where `guidance` is a float or a tensor [B] (one scale per
-    example, as sCD samples it). The unconditional call replaces entries of cond by `uncond`
-    (default {"labels": None}: the network's unconditional mode).
-    """
-    uncond = {"labels": None} if uncond is None else dict(uncond)
-
-    def g(x_scaled: torch.Tensor, t: torch.Tensor, *, guidance, **cond) -> torch.Tensor:
-        F_c = fn(x_scaled, t, **cond)
-        if isinstance(guidance, (int, float)) and guidance == 1:
-            return F_c
-        F_u = fn(x_scaled, t, **{**cond, **uncond})
-        s = torch.as_tensor(guidance, dtype=F_c.dtype, device=F_c.device)
-        if s.ndim == 1:
-            s = expand(s, F_c)
-        return F_u + s * (F_c - F_u)
-
-    return g
 
 
 def from_edm(D: Callable[..., torch.Tensor], sigma_d: float) -> TrigFlowFn:
@@ -103,9 +94,85 @@ def from_flow(v: Callable[..., torch.Tensor], sigma_d: float, *, time_scale: flo
     return fn
 
 
-def from_diffusers(model, scheduler, *, sigma_d: float | None = None, data: str = "own", **kwargs) -> TrigFlowFn:
-    """A diffusers network and its training scheduler as a TrigFlow F (VP/DDPM ε/v/x0, EDM, rectified flow); see
-    `scm.diffusers.from_diffusers`. Needs the optional extra scm[latent] (diffusers) only to load models."""
-    from scm.diffusers.teacher import from_diffusers as wrap
+# -- the teacher a user names ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeacherSource:
+    """A teacher described before anything is loaded. `kind`: "run" (a diffusion run directory: `run_cfg` is its
+    configuration, `latent` its data's latent space), "diffusers" (`folder`: `scm.diffusers.teacher.DiffusersFolder`)
+    or "factory" ("module:function": nothing is known before it is called)."""
 
-    return wrap(model, scheduler, sigma_d=sigma_d, data=data, **kwargs)
+    spec: str
+    kind: str
+    run_cfg: object = None
+    latent: dict | None = None
+    folder: object = None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The shape of one input of its network, (C, H, W); None for a factory."""
+        if self.kind == "run":
+            return self.run_cfg.shape
+        return self.folder.shape if self.kind == "diffusers" else None
+
+    @property
+    def classes(self) -> int | None:
+        """Its number of classes (0: unconditional); None for a factory."""
+        if self.kind == "run":
+            return int(self.run_cfg.net.label_dim or 0)
+        return (self.folder.classes or 0) if self.kind == "diffusers" else None
+
+
+def open_teacher(spec: str) -> TeacherSource:
+    """The teacher `spec` names (module docstring), from its configuration files; ConfigError (key "teacher") when
+    it names none."""
+    if spec.startswith(DIFFUSERS_PREFIX):
+        from scm.diffusers.teacher import read_diffusers
+
+        return TeacherSource(spec, "diffusers", folder=read_diffusers(spec.removeprefix(DIFFUSERS_PREFIX)))
+    if is_run_dir(spec):
+        return TeacherSource(spec, "run", run_cfg=read_run_config(spec), latent=RunDir(spec).read_latent())
+    if ":" in spec:
+        return TeacherSource(spec, "factory")
+    raise ConfigError(f"teacher={spec!r}: not a run directory (no config.json), 'diffusers:PATH' nor "
+                      "'module:function'", key="teacher")
+
+
+@dataclass
+class LoadedTeacher:
+    """A loaded teacher: `fn(x_t/σ_d, t, **cond) -> F`; for a diffusers teacher also `model` (its network, whose
+    weights its student starts from) and `scheduler`."""
+
+    source: TeacherSource
+    fn: TrigFlowFn
+    model: torch.nn.Module | None = None
+    scheduler: object = None
+
+
+def load_teacher(source: TeacherSource, *, ema: float | None = None, sigma_d: float = 0.5, data: str = "own",
+                 device="cpu") -> LoadedTeacher:
+    """Read a teacher's weights: a run's EMA of σ_rel `ema` (default its first); a diffusers network converted for
+    data of std `sigma_d` in the data convention `data` (`scm.diffusers.from_diffusers`); a factory's function."""
+    if source.kind == "run":
+        return LoadedTeacher(source, load_run(source.spec, ema, device=device).net)
+    if source.kind == "diffusers":
+        from scm.diffusers.teacher import from_diffusers
+
+        loaded = source.folder.load(device=device)
+        fn = from_diffusers(loaded.model, loaded.scheduler, sigma_d=sigma_d, data=data)
+        return LoadedTeacher(source, fn, loaded.model, loaded.scheduler)
+    return LoadedTeacher(source, load_teacher_factory(source.spec))
+
+
+def load_teacher_factory(spec: str) -> TrigFlowFn:
+    """'package.module:function' → function() → a TrigFlow callable fn(x_t/σ_d, t, **cond) -> F."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"teacher={spec!r}: cannot import {attr!r} from {module_name!r} ({e})",
+                          key="teacher") from None
+    fn = factory()
+    if not callable(fn):
+        raise ConfigError(f"teacher={spec!r}: {attr}() must return a callable fn(x_scaled, t, **cond) -> F",
+                          key="teacher")
+    return fn

@@ -14,50 +14,22 @@ from typing import Annotated
 
 import typer
 
+from scm.app.common import (
+    DATA_FLAGS,
+    DATA_HINTS,
+    USER_ERRORS,
+    device_of,
+    fail,
+    fail_on,
+    load,
+    parse_times,
+    writable_folder,
+)
 from scm.app.ema_cli import ema_app
-from scm.errors import ScmError
+from scm.sampling import TEACHER_NFE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continuous-time consistency models (sCT / sCD): train, distill, sample, evaluate.")
-
-# The library names the setting at fault (ScmError.key); here is how a person sets it on the command line.
-FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "t_mid": "--t-mid", "solver": "--solver",
-         "class_label": "--class", "guidance": "--guidance", "n": "--n", "batch": "--batch", "ema_std": "--ema",
-         "metric": "--metric", "method": "--method", "preset": "--preset", "resume": "--resume", "out": "--out",
-         "teacher": "--teacher", "inception": "--inception"}
-HINTS = {"out": "continue it with --resume, or choose another --out", "method": "pick one with --method",
-         "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
-         "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
-
-# the data commands' settings and hints (over FLAGS / HINTS)
-DATA_FLAGS = {"src": "--data", "data": "--data", "out": "--out", "resolution": "--resolution", "channels": "--channels",
-              "alpha": "--alpha", "vae": "--vae", "dtype": "--dtype", "normalization": "--normalization",
-              "which": "--sample", "batch": "--batch"}
-DATA_HINTS = {"out": "choose another --out, or remove it", "skip_bad": "--skip-bad skips such files (and lists them "
-              "in meta.json)"}
-
-
-def _fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-def _fail_on(e: Exception, flags: dict | None = None, hints: dict | None = None):
-    """Word a library error for the command line: the flag at fault first, a hint on how to fix it last
-    (`flags`/`hints`: a command's own words, over the common ones)."""
-    flags, hints = {**FLAGS, **(flags or {})}, {**HINTS, **(hints or {})}
-    msg, key = str(e), getattr(e, "key", None)
-    if key in flags and msg.startswith(f"{key}="):  # "steps=0: …" → "--steps 0: …"
-        msg = f"{flags[key]} {msg[len(key) + 1:]}"
-    elif key in flags:
-        msg = f"{flags[key]}: {msg}"
-    if hints.get(key):
-        msg = f"{msg}; {hints[key]}"
-    _fail(msg)
-
-
-USER_ERRORS = (ScmError, FileNotFoundError)
-
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def train(
@@ -87,9 +59,9 @@ def train(
         result = run_training(cfg, resume=resume)
     except TrainingStopped as e:
         hint = "; continue with the same command and --resume" if e.reason == "interrupted" else ""
-        _fail(f"{e}{hint}", 130 if e.reason == "interrupted" else 3)
+        fail(f"{e}{hint}", 130 if e.reason == "interrupted" else 3)
     except USER_ERRORS as e:
-        _fail_on(e)
+        fail_on(e)
     done = f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}"
     del result  # the model goes before its process group does (see shutdown)
     shutdown()  # after a successful run only: a failed rank must not wait for the others in a barrier
@@ -110,26 +82,6 @@ def presets(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show 
                   f"{p['channels']}  batch={p['batch']:<5d} kimg={p['kimg']:g}  lr={p.get('optim.lr', '-')}")
 
 
-def _load(ckpt: str, ema: float | None, raw: bool, device: str):
-    from scm.runs import load_run
-    from scm.train.distributed import resolve_device
-
-    try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        _fail(f"--device: {e}")
-    return load_run(ckpt, ema, raw=raw, device=dev)
-
-
-def _ts(text: str | None):
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        _fail(f"--ts {text!r}: expected comma-separated times in radians, e.g. 1.5645,1.1")
-
-
 def _output(out: str) -> tuple[Path, str]:
     """Where `scm sample` writes, checked (and its folder made) before anything is sampled."""
     target = Path(out)
@@ -137,20 +89,9 @@ def _output(out: str) -> tuple[Path, str]:
     if target.is_dir():
         kind = "folder"
     if kind is None:
-        _fail(f"--out {out}: use a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")
+        fail(f"--out {out}: use a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")
     writable_folder(out, target if kind == "folder" else target.parent)
     return target, kind
-
-
-def writable_folder(out: str, folder: Path) -> Path:
-    """Make `folder` (where --out OUT writes) and check that it is writable, before anything is computed."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _fail(f"--out {out}: cannot create {folder} ({e.strerror or e})")
-    if not os.access(folder, os.W_OK):
-        _fail(f"--out {out}: {folder} is not writable")
-    return folder
 
 
 @app.command()
@@ -182,8 +123,8 @@ def sample(
 
     try:
         target, kind = _output(out)
-        sampler = Sampler(steps=steps, ts=_ts(ts), nfe=nfe, solver=solver, t_mid=t_mid)
-        run = _load(ckpt, ema, raw, device)
+        sampler = Sampler(steps=steps, ts=parse_times(ts), nfe=nfe, solver=solver, t_mid=t_mid)
+        run = load(ckpt, ema, raw, device)
         images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance)
         if kind == "grid":
             save_png(grid(images), target)
@@ -197,7 +138,7 @@ def sample(
             for i, img in enumerate(to_uint8(images)):
                 save_png(img, target / f"{i:06d}.png")
     except USER_ERRORS as e:
-        _fail_on(e)
+        fail_on(e)
     print(f"{n} images ({sampler.describe(run)}) in {seconds:.2f} s: {n / seconds:.1f} img/s, "
           f"{1000 * seconds / n:.2f} ms/image → {out}", file=sys.stderr)
 
@@ -215,11 +156,11 @@ def export(
     from scm.diffusers.export import FORMATS, export_diffusers
 
     if format_ not in FORMATS:
-        _fail(f"--format {format_}: unknown export format (known: {', '.join(FORMATS)})")
+        fail(f"--format {format_}: unknown export format (known: {', '.join(FORMATS)})")
     try:
         path = export_diffusers(run, out, ema_std=ema)
     except USER_ERRORS as e:
-        _fail_on(e, {"out": "OUT", "run": "RUN"}, {"out": "choose another OUT, or remove it"})
+        fail_on(e, {"out": "OUT", "run": "RUN"}, {"out": "choose another OUT, or remove it"})
     print(f"wrote {path}: load it with scm.diffusers.SCMPipeline.from_pretrained({str(path)!r})", file=sys.stderr)
 
 
@@ -255,13 +196,13 @@ def eval_(
     from scm.generate import Sampler
 
     try:
-        run = _load(ckpt, ema, False, device)
+        run = load(ckpt, ema, False, device)
         samplers = [Sampler(steps=k, t_mid=t_mid) for k in steps or []] \
             + [Sampler(nfe=k, solver=solver, t_mid=t_mid) for k in nfe or []] \
-            + [Sampler(ts=_ts(t), solver=solver, t_mid=t_mid) for t in ts or []]  # t_mid with these: refused
-        if not samplers:  # defaults: 1 and 2 steps for consistency runs, Heun at 35 NFE for diffusion runs
+            + [Sampler(ts=parse_times(t), solver=solver, t_mid=t_mid) for t in ts or []]  # t_mid with these: refused
+        if not samplers:  # defaults: 1 and 2 steps for consistency runs, Heun at TEACHER_NFE for diffusion runs
             diffusion = run.cfg.method == "diffusion"
-            samplers = [Sampler(nfe=35, solver=solver, t_mid=t_mid)] if diffusion \
+            samplers = [Sampler(nfe=TEACHER_NFE, solver=solver, t_mid=t_mid)] if diffusion \
                 else [Sampler(steps=1), Sampler(steps=2, t_mid=t_mid)]
         stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
@@ -274,7 +215,7 @@ def eval_(
         report = Report(f"{result['metric']} of {result['run']} ({n} samples vs {result['reference']})")
         report.table(*eval_table(result)).write(md_path)
     except USER_ERRORS as e:
-        _fail_on(e)
+        fail_on(e)
     print(report.to_markdown().split("\n", 2)[2], end="")
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 
@@ -302,7 +243,7 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on (default: this machine only)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port (0: any free one)")] = 8000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    teacher_nfe: Annotated[int, typer.Option(help="the teacher's Heun NFE (odd)")] = 35,
+    teacher_nfe: Annotated[int, typer.Option(help="the teacher's Heun NFE (odd)")] = TEACHER_NFE,
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to use (default: the run's first)")] = None,
     t_mid: Annotated[float | None, typer.Option(help="the intermediate time of 2+ steps (radians; default: the "
                                                      "run's t_mid, the paper's 1.1)")] = None,
@@ -330,14 +271,14 @@ def serve(
 
         require()
     except MissingDependency as e:
-        _fail(str(e))
+        fail(str(e))
     from concurrent.futures import ThreadPoolExecutor
 
     flags = {"nfe": "--teacher-nfe", "port": "--port", "teacher": "--teacher"}
     try:
         with ThreadPoolExecutor(1) as loader:  # a thread that ends: no torch thread team of its own is left
-            run = loader.submit(_load, ckpt, ema, False, device).result()
-            teacher_run = None if teacher is None else loader.submit(_load, teacher, None, False, device).result()
+            run = loader.submit(load, ckpt, ema, False, device).result()
+            teacher_run = None if teacher is None else loader.submit(load, teacher, None, False, device).result()
         student = ServedModel(run, "student", t_mid=t_mid)
         served_teacher = None
         if teacher_run is not None:
@@ -352,9 +293,9 @@ def serve(
         app_ = create_app(student, served_teacher, allowed_hosts=names)
         sock = bind(host, port)
     except USER_ERRORS as e:
-        _fail_on(e, flags)
+        fail_on(e, flags)
     except OSError as e:  # the address: in use, not this machine's, not allowed
-        _fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
+        fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
     what = f"{Path(ckpt).name} ({student.describe()['sampler']}, {'/'.join(map(str, student.steps))} " \
            f"{'NFE' if student.diffusion else 'steps'})"
     if served_teacher is not None:
@@ -382,12 +323,12 @@ def demo(
     from scm.app.demo import DemoBudget, run_demo
 
     if not full and not Path(teacher, "config.json").is_file():
-        _fail(f"--teacher {teacher}: not a run directory (run from the repository root, pass --teacher RUN, or "
+        fail(f"--teacher {teacher}: not a run directory (run from the repository root, pass --teacher RUN, or "
               "train one with --full)")
     try:
         result = run_demo(Path(out), DemoBudget.seconds() if quick else DemoBudget(), full=full, teacher=Path(teacher))
     except USER_ERRORS as e:
-        _fail_on(e)
+        fail_on(e)
     if not quick and not result["scd_2step_recognisable"]:
         print("warning: the 2-step sCD samples did not reach the recognisability bar (see the report)", file=sys.stderr)
 
@@ -406,11 +347,11 @@ def data_fetch(
     from scm.data.builtin import fetch_mnist
 
     if name != "mnist":
-        _fail(f"unknown data set {name!r}; built-in: mnist")
+        fail(f"unknown data set {name!r}; built-in: mnist")
     try:
         fetch_mnist(source, log=lambda m: print(m, file=sys.stderr))
     except USER_ERRORS as e:
-        _fail_on(e)
+        fail_on(e)
 
 
 @data_app.command("info")
@@ -421,7 +362,7 @@ def data_info(path: Annotated[str, typer.Argument(help="a data set name or path"
     try:
         print(load_dataset(path).describe())
     except USER_ERRORS as e:
-        _fail_on(e)
+        fail_on(e)
 
 
 @data_app.command("prepare")
@@ -446,9 +387,9 @@ def data_prepare(
                        progress=not no_progress, log=lambda m: print(m, file=sys.stderr))
         print(load_dataset(path).describe())
     except KeyboardInterrupt:
-        _fail("interrupted; the same command continues where it stopped", 130)
+        fail("interrupted; the same command continues where it stopped", 130)
     except USER_ERRORS as e:
-        _fail_on(e, DATA_FLAGS, DATA_HINTS)
+        fail_on(e, DATA_FLAGS, DATA_HINTS)
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -479,31 +420,17 @@ def data_encode(
     interrupted run continues where it stopped when the same command is run again. Needs `pip install scm\[latent]`."""
     from scm.data import load_dataset
     from scm.data.latents import encode
-    from scm.data.prepare import prepare
-    from scm.data.prepared import is_prepared, load_prepared
-    from scm.train.distributed import resolve_device
 
+    dev = device_of(device)
     try:
-        dev = resolve_device(device)
-    except ValueError as e:
-        _fail(f"--device: {e}")
-    try:
-        if resolution is not None and not (is_prepared(Path(data)) and load_prepared(data).resolution == resolution):
-            pixels = Path(f"{str(out).rstrip('/')}-images")
-            if not (is_prepared(pixels) and load_prepared(pixels).resolution == resolution):
-                prepare(data, pixels, resolution=resolution, channels=3, progress=not no_progress,
-                        log=lambda m: print(m, file=sys.stderr))
-            print(f"images at {resolution}×{resolution}: {pixels} (the pixel reference for scm eval --ref)",
-                  file=sys.stderr)
-            data = str(pixels)
         path = encode(data, vae, out, normalization=normalization, which="sample" if sample else "mean", flip=flip,
                       dtype=dtype, batch=batch, resolution=resolution, seed=seed, progress=not no_progress,
-                      device=dev)
+                      device=dev, log=lambda m: print(m, file=sys.stderr))
         encoded = load_dataset(path)
     except KeyboardInterrupt:
-        _fail("interrupted; the same command continues where it stopped", 130)
+        fail("interrupted; the same command continues where it stopped", 130)
     except USER_ERRORS as e:
-        _fail_on(e, DATA_FLAGS, DATA_HINTS)
+        fail_on(e, DATA_FLAGS, DATA_HINTS)
     info = encoded.latent
     print(encoded.describe())
     print(f"normalisation ({info['normalization']}): µ_c = {', '.join(f'{v:.4g}' for v in info['mean'])}; "

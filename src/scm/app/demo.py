@@ -30,6 +30,7 @@ from scm.files import atomic_write
 from scm.generate import Sampler
 from scm.metrics import measure, open_reference
 from scm.runs import load_run
+from scm.sampling import TEACHER_NFE
 from scm.train import train
 
 __all__ = ["DemoBudget", "run_demo"]
@@ -43,7 +44,7 @@ class DemoBudget:
     scd_minutes: float = 5.0
     sct_minutes: float = 3.0
     n_eval: int = 500
-    teacher_nfe: int = 35
+    teacher_nfe: int = TEACHER_NFE
     batch: int = 64
     guidance: float = 2.0             # classifier-free guidance of a class-conditional teacher (1 = none)
 

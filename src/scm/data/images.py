@@ -21,15 +21,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 class ArrayShape:
-    """What a data set's `images` ([N, C, H, W], square) and `labels`/`class_names` tell: its size, resolution,
-    channels and number of classes (shared by `ImageData` and `scm.data.prepared.PreparedData`)."""
+    """What a data set's `images` ([N, C, …]) and `labels`/`class_names` tell: its size, item shape, channels,
+    classes and conditioning tensors (shared by `ImageData` and `scm.data.prepared.PreparedData`; the interface they
+    satisfy is `scm.data.dataset.Dataset`)."""
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     @property
-    def resolution(self) -> int:
-        return self.images.shape[-1]
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.images.shape[1:])
 
     @property
     def channels(self) -> int:
@@ -41,10 +42,20 @@ class ArrayShape:
             return 0
         return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
 
+    @property
+    def conditions(self) -> tuple[str, ...]:
+        return ("labels",) if self.labels is not None else ()
+
+    def _conditioning(self, index, device) -> dict[str, torch.Tensor]:
+        """The conditioning tensors of items `index`: their labels, for a labelled set."""
+        if self.labels is None:
+            return {}
+        return {"labels": self.labels[torch.as_tensor(index).cpu()].to(device)}
+
 
 @dataclass
 class ImageData(ArrayShape):
-    images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W]
+    images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W] (H and W may differ)
     labels: torch.Tensor | None             # int64 [N] or None
     source: str
     class_names: list[str] | None = None
@@ -55,8 +66,6 @@ class ImageData(ArrayShape):
             raise DataError(f"{self.source}: images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
         if len(self) == 0:
             raise DataError(f"{self.source}: the data set is empty")
-        if self.images.shape[2] != self.images.shape[3]:
-            raise DataError(f"{self.source}: images must be square, got {self.images.shape[2]}×{self.images.shape[3]}")
         if self.labels is not None and self.labels.shape != (len(self),):
             raise DataError(f"{self.source}: {len(self)} images but labels of shape {tuple(self.labels.shape)}")
         if self.images.is_floating_point() and not bool(torch.isfinite(self.images).all()):
@@ -72,10 +81,14 @@ class ImageData(ArrayShape):
             return x.float() * 2 - 1
         return x.float()
 
-    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.to_model(self.images[index]).to(device)
-        y = None if self.labels is None else self.labels[index].to(device)
-        return x, y
+    @property
+    def latent(self) -> dict | None:
+        """Images in memory are pixels (latents are prepared directories, `scm.data.latents`)."""
+        return None
+
+    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Items `index` in the model's space on `device`, and their conditioning tensors (`conditions`)."""
+        return self.to_model(self.images[index]).to(device), self._conditioning(index, device)
 
     def subset(self, start: int, stop: int | None = None, source: str | None = None) -> ImageData:
         """Items start … stop − 1."""
@@ -87,7 +100,7 @@ class ImageData(ArrayShape):
         lo, hi = (float(v) for v in (self.images.min(), self.images.max()))
         space = {"uint8": "8-bit pixels → [-1, 1]", "unit": "[0, 1] floats → [-1, 1]", "raw": "used as is"}
         classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
-        return (f"{self.source}: {len(self)} images, {self.resolution}×{self.resolution}, {self.channels} channel(s)"
+        return (f"{self.source}: {len(self)} images, {'×'.join(map(str, self.shape[1:]))}, {self.channels} channel(s)"
                 f"{classes}, values {lo:g}..{hi:g} ({space[self.value_range]})")
 
 

@@ -39,6 +39,7 @@ diffusers is an optional dependency (`pip install scm[latent]`), imported only w
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -50,11 +51,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scm._checks import describe_shape
 from scm._stats import merge_moments
 from scm.errors import DataError, require_modules
 
-__all__ = ["NAMED_STATS", "ChannelMoments", "decode", "decoder", "denormalize", "encode", "load_vae", "normalize",
-           "vae_latent_shape"]
+__all__ = ["NAMED_STATS", "ChannelMoments", "decode", "decoder", "denormalize", "encode", "image_shape", "load_vae",
+           "normalize", "pixels_at", "vae_latent_shape"]
 
 # The paper's per-channel statistics of sd-vae-ft-mse latents (App. G.1): raw latents of images in [−1, 1].
 NAMED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -118,14 +120,14 @@ def _vae_path(path: str | Path) -> str:
     return str((p / "vae").resolve() if not (p / "config.json").is_file() and (p / "vae").is_dir() else p.resolve())
 
 
-def vae_latent_shape(vae, resolution: int) -> tuple[int, int, int]:
-    """The latent shape (C, r, r) of R×R images: AutoencoderKL halves the resolution in every down block but
-    the last, r = R / 2^(len(block_out_channels) − 1)."""
+def vae_latent_shape(vae, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """The latent shape (C, h, w) of H×W images (`sizes` = (H, W)): AutoencoderKL halves both in every down block
+    but the last, h = H / 2^(len(block_out_channels) − 1)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise DataError(f"image resolution {resolution} is not divisible by the VAE's downsampling factor {factor}",
-                        key="resolution")
-    return int(vae.config.latent_channels), resolution // factor, resolution // factor
+    if any(n % factor for n in sizes):
+        raise DataError(f"image size {'×'.join(map(str, sizes))} is not divisible by the VAE's downsampling factor "
+                        f"{factor}", key="resolution")
+    return (int(vae.config.latent_channels), *(n // factor for n in sizes))
 
 
 # -- normalisation (App. G.1) ---------------------------------------------------------------------------------------
@@ -219,98 +221,160 @@ def _check_images(data, vae, resolution: int | None) -> None:
     if getattr(data, "latent", None):
         raise DataError(f"{data.source}: already latents (encoded with {data.latent.get('vae')}); encode images",
                         key="data")
-    if resolution is not None and data.resolution != resolution:
-        raise DataError(f"{data.source}: the images are {data.resolution}×{data.resolution}, not {resolution}×"
-                        f"{resolution}; prepare them at {resolution}×{resolution} first (scm data prepare), then "
-                        "encode the prepared directory", key="resolution")
+    if resolution is not None and data.shape[1:] != (resolution, resolution):
+        raise DataError(f"{data.source}: the images are {describe_shape(data.shape)}, not {resolution}×{resolution}; "
+                        f"prepare them at {resolution}×{resolution} first (scm.data.prepare), then encode the prepared "
+                        "directory", key="resolution")
     if data.channels != vae.config.in_channels:
         raise DataError(f"{data.source}: {data.channels} channel(s), but the VAE encodes {vae.config.in_channels}",
                         key="data")
 
 
-def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", which: str = "mean",
-           flip: bool = False, dtype: str = "float16", batch: int = 64, sigma_d: float = 0.5,
-           resolution: int | None = None, seed: int = 0, progress: bool = True, device="cpu",
-           resume: bool = True) -> Path:
-    """Encode a data set of images (a name or path, or what `scm.data.load_dataset` returns) with the VAE at
-    `vae` into the prepared directory `out`: latents normalised per channel (App. G.1, see the module's
-    docstring), `value_range="raw"`, and meta["latent"] recording the VAE, µ_c, σ_c, σ_d and how they were
-    obtained, for decoding. `normalization`: "measure" | "sd-vae-ft-mse" | (means, stds) | "vae" (the VAE's own
-    (z − shift_factor)·scaling_factor, the data of a diffusers latent model: its std is then not σ_d). An interrupted
-    encoding with the same settings continues where it stopped (`resume`)."""
-    from scm.data import load_dataset
-    from scm.data.prepared import PreparedWriter
-
+def _check_settings(which: str, batch: int, sigma_d: float) -> None:
     if which not in WHICH:
         raise DataError(f"which={which!r}: store the posterior 'mean' or a 'sample'", key="which")
     if not (isinstance(batch, int) and batch >= 1):
         raise DataError(f"batch={batch!r}: must be an integer >= 1", key="batch")
     if not (isinstance(sigma_d, (int, float)) and sigma_d > 0):
         raise DataError(f"sigma_d={sigma_d!r}: must be > 0", key="sigma_d")
+
+
+def pixels_at(data, out: str | Path, resolution: int, *, progress: bool = True, log=print):
+    """The images to encode at `resolution`: `data` itself when it is a prepared R×R directory, otherwise the
+    images prepared once into OUT-images (ADM's centre crop and area resize, `scm.data.prepare`; reused when it is
+    there): the pixel reference a run on these latents is evaluated against."""
+    from scm.data import load_dataset
+    from scm.data.prepare import prepare
+    from scm.data.prepared import is_prepared
+
+    square = lambda d: d.shape[1:] == (resolution, resolution)  # noqa: E731
+    if isinstance(data, (str, Path)) and is_prepared(Path(data)) and square(load_dataset(data)):
+        return load_dataset(data)
+    pixels = Path(f"{str(out).rstrip('/')}-images")
+    if not (is_prepared(pixels) and square(load_dataset(pixels))):
+        prepare(data, pixels, resolution=resolution, channels=3, progress=progress, log=log)
+    log(f"images at {resolution}×{resolution}: {pixels} (the pixel reference for evaluating a run on these latents)")
+    return load_dataset(pixels)
+
+
+def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", which: str = "mean",
+           flip: bool = False, dtype: str = "float16", batch: int = 64, sigma_d: float = 0.5,
+           resolution: int | None = None, seed: int = 0, progress: bool = True, device="cpu",
+           resume: bool = True, log=print) -> Path:
+    """Encode a data set of images (a name or path, or what `scm.data.load_dataset` returns) with the VAE at
+    `vae` into the prepared directory `out`: latents normalised per channel (App. G.1, see the module's
+    docstring), `value_range="raw"`, and meta["latent"] recording the VAE, µ_c, σ_c, σ_d and how they were
+    obtained, for decoding. `normalization`: "measure" | "sd-vae-ft-mse" | (means, stds) | "vae" (the VAE's own
+    (z − shift_factor)·scaling_factor, the data of a diffusers latent model: its std is then not σ_d).
+    `resolution` R: images not prepared at R×R are prepared first (`pixels_at`). An interrupted encoding with the
+    same settings continues where it stopped (`resume`)."""
+    from scm.data import load_dataset
+    from scm.data.prepared import PreparedWriter
+
+    _check_settings(which, batch, sigma_d)
+    if resolution is not None:
+        data = pixels_at(data, out, resolution, progress=progress, log=log)
     data = load_dataset(data) if isinstance(data, (str, Path)) else data
     model = load_vae(vae).to(device)
     _check_images(data, model, resolution)
-    shape = vae_latent_shape(model, data.resolution)
+    shape = vae_latent_shape(model, data.shape[1:])
     how, stats = _stats(normalization, shape[0], model, sigma_d)
     out, factor = Path(out), 2 if flip else 1
-    count, labelled = len(data) * factor, data.labels is not None
     settings = {"vae": _vae_path(vae), "which": which, "flip": flip, "dtype": dtype, "normalization": how,
                 "stats": stats, "sigma_d": sigma_d, "seed": seed if which == "sample" else None}
     key = json.dumps({"encode": settings, "source": data.source, "count": len(data)}, sort_keys=True)
-    final = PreparedWriter(out, shape, dtype, count, labelled=labelled, key=key, resume=resume)
-    labels = data.labels.repeat_interleave(factor).numpy() if labelled else None
-
-    def batches(writer, name):  # source images start … start + m − 1 not yet in `writer`, encoded
-        bar = tqdm(total=len(data), initial=writer.written // factor, unit="img", desc=name, disable=not progress,
-                   leave=False)
-        for start in range(writer.written // factor, len(data), batch):
-            m = min(batch, len(data) - start)
-            x, _ = data.batch(torch.arange(start, start + m), device)
-            if x.abs().max() > 1 + 1e-3:
-                raise DataError(f"{data.source}: items {start}…{start + m - 1} have values outside [-1, 1]: not "
-                                "images (latents are encoded from images)", key="data")
-            yield start, _encode_batch(model, x, start, flip=flip, which=which, seed=seed).cpu().numpy()
-            bar.update(m)
-        bar.close()
-
-    def item_labels(a, b):
-        return None if labels is None else labels[a:b]
-
-    if stats is None:  # measure: raw latents to a float32 scratch (with the moments), then normalised
-        scratch = PreparedWriter(out.with_name(out.name + ".raw"), shape, "float32", count, labelled=False, key=key,
-                                 resume=resume)
-        moments = ChannelMoments(**scratch.progress.get("moments", {}))
-        if final.written == 0:
-            for _, z in batches(scratch, "encoding"):
-                moments.add(z)
-                scratch.append(z, extra={"moments": vars(moments)})
-        stats = (moments.mean, moments.std)
-        if not all(v > 0 for v in stats[1]):
-            raise DataError(f"{data.source}: a latent channel is constant over the data set (σ_c = {stats[1]}): "
-                            "cannot normalise it; give the statistics instead", key="normalization")
-        chunk = batch * factor
-        for a in range(final.written, count, chunk):
-            b = min(a + chunk, count)
-            z = torch.from_numpy(np.asarray(scratch.images[a:b]))
-            final.append(normalize(z, *stats, sigma_d).numpy().astype(dtype), item_labels(a, b))
-    else:
-        for start, z in batches(final, "encoding"):
-            a = start * factor
-            x = normalize(torch.from_numpy(z), *stats, sigma_d)
-            final.append(x.numpy().astype(dtype), item_labels(a, a + z.shape[0]))
-        scratch = None
+    final = PreparedWriter(out, shape, dtype, len(data) * factor, labelled=data.labels is not None, key=key,
+                           resume=resume)
+    job = _Encoding(data, model, final, factor, batch, device, progress, flip, which, seed, sigma_d, dtype)
+    stats = job.measured(key, resume) if stats is None else job.normalized(stats)
     info = {"vae": settings["vae"], "mean": list(stats[0]), "std": list(stats[1]), "sigma_d": sigma_d,
-            "which": which, "image_resolution": data.resolution, "image_channels": data.channels,
-            "scaling": "per-channel App. G.1", "normalization": how, "flip": flip,
-            "seed": settings["seed"], "images": data.source}
+            "which": which, "image_shape": list(data.shape), "scaling": "per-channel App. G.1",
+            "normalization": how, "flip": flip, "seed": settings["seed"], "images": data.source}
     origin = getattr(data, "meta", {}).get("source", data.source)  # a prepared directory's own source
     path = final.finish({"source": f"latents of {origin}", "class_names": data.class_names,
                          "value_range": "raw", "latent": info})
-    if scratch is not None:
-        partial = scratch.partial
-        del scratch
-        shutil.rmtree(partial, ignore_errors=True)
+    job.clean()
     return path
+
+
+@dataclass
+class _Encoding:
+    """One encoding's passes: raw latents of the source images by batch, normalised into the output writer."""
+
+    data: object
+    vae: torch.nn.Module
+    final: object               # the output's PreparedWriter
+    factor: int                 # 2 with flips (each image, then its mirror), else 1
+    batch: int
+    device: object
+    progress: bool
+    flip: bool
+    which: str
+    seed: int
+    sigma_d: float
+    dtype: str
+    scratch: object = None      # the raw float32 latents of a measured normalisation
+
+    @functools.cached_property
+    def item_labels(self):
+        """The output's labels (each image's label, repeated for its mirror), or None."""
+        labels = self.data.labels
+        return None if labels is None else labels.repeat_interleave(self.factor).numpy()
+
+    def labels(self, a: int, b: int):
+        return None if self.item_labels is None else self.item_labels[a:b]
+
+    def batches(self, writer, name: str):
+        """(start, raw latents) of the source images not yet in `writer`, `batch` images at a time."""
+        n, f = len(self.data), self.factor
+        bar = tqdm(total=n, initial=writer.written // f, unit="img", desc=name, disable=not self.progress, leave=False)
+        for start in range(writer.written // f, n, self.batch):
+            m = min(self.batch, n - start)
+            x, _ = self.data.batch(torch.arange(start, start + m), self.device)
+            if x.abs().max() > 1 + 1e-3:
+                raise DataError(f"{self.data.source}: items {start}…{start + m - 1} have values outside [-1, 1]: not "
+                                "images (latents are encoded from images)", key="data")
+            yield start, _encode_batch(self.vae, x, start, flip=self.flip, which=self.which, seed=self.seed).cpu()
+            bar.update(m)
+        bar.close()
+
+    def normalized(self, stats):
+        """One pass: each batch normalised with the given statistics as it is encoded."""
+        for start, z in self.batches(self.final, "encoding"):
+            a = start * self.factor
+            x = normalize(z, *stats, self.sigma_d)
+            self.final.append(x.numpy().astype(self.dtype), self.labels(a, a + z.shape[0]))
+        return stats
+
+    def measured(self, key: str, resume: bool):
+        """Raw latents to a float32 scratch with their per-channel moments, then normalised into the output."""
+        from scm.data.prepared import PreparedWriter
+
+        out, count = self.final.out, self.final.capacity
+        self.scratch = PreparedWriter(out.with_name(out.name + ".raw"), self.final.shape, "float32", count,
+                                      labelled=False, key=key, resume=resume)
+        moments = ChannelMoments(**self.scratch.progress.get("moments", {}))
+        if self.final.written == 0:
+            for _, z in self.batches(self.scratch, "encoding"):
+                moments.add(z.numpy())
+                self.scratch.append(z.numpy(), extra={"moments": vars(moments)})
+        stats = (moments.mean, moments.std)
+        if not all(v > 0 for v in stats[1]):
+            raise DataError(f"{self.data.source}: a latent channel is constant over the data set (σ_c = {stats[1]}): "
+                            "cannot normalise it; give the statistics instead", key="normalization")
+        chunk = self.batch * self.factor
+        for a in range(self.final.written, count, chunk):
+            b = min(a + chunk, count)
+            z = torch.from_numpy(np.asarray(self.scratch.images[a:b]))
+            self.final.append(normalize(z, *stats, self.sigma_d).numpy().astype(self.dtype), self.labels(a, b))
+        return stats
+
+    def clean(self) -> None:
+        """Remove the scratch of a measured normalisation."""
+        if self.scratch is not None:
+            partial = self.scratch.partial
+            self.scratch = None
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 # -- decoding -------------------------------------------------------------------------------------------------------
@@ -320,6 +384,14 @@ def _info(info: dict) -> tuple[list[float], list[float], float, str]:
         return mu, sigma, float(info["sigma_d"]), str(info["vae"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"latent information {info!r} is incomplete or malformed ({e})", key="latent") from None
+
+
+def image_shape(info: dict) -> tuple[int, ...]:
+    """The shape (C, H, W) of the images a latent data set was encoded from (its meta["latent"])."""
+    if "image_shape" in info:
+        return tuple(int(v) for v in info["image_shape"])
+    r = int(info["image_resolution"])  # written before shapes were tuples: square images
+    return int(info["image_channels"]), r, r
 
 
 def decoder(info: dict) -> torch.nn.Module:
@@ -334,6 +406,6 @@ def decode(latents: torch.Tensor, info: dict, vae=None, *, batch: int = 16) -> t
     of the recorded VAE (`decoder`), on the latents' device, `batch` latents at a time."""
     mu, sigma, sigma_d, _ = _info(info)
     vae = (vae if vae is not None else decoder(info)).to(latents.device)
-    z = denormalize(latents.float(), mu, sigma, sigma_d)
+    z = denormalize(latents.float(), mu, sigma, sigma_d).to(next(vae.parameters()).dtype)
     out = [vae.decode(z[i:i + batch]).sample.float().clamp(-1, 1) for i in range(0, z.shape[0], batch)]
     return torch.cat(out)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scm._checks import describe_shape
 from scm.data import preprocess as pp
 from scm.data.images import folder_labels
 from scm.data.prepared import PreparedWriter, is_prepared
@@ -175,15 +176,17 @@ def _prepare_dataset(data, out: Path, resolution: int, channels: int | None, alp
     n, src_c = len(data), data.channels
     floats = data.value_range != "uint8"
     if floats:
-        if resolution != data.resolution or channels not in (None, src_c):
+        own, square = data.shape[1:], data.shape[1:] == (resolution, resolution)
+        if not square or channels not in (None, src_c):
+            how = (f"ask for its own {own[0]}×{own[1]} with {src_c} channel(s)" if own[0] == own[1] else
+                   f"train on its {describe_shape(data.shape)} items as they are (prepared sets are square)")
             raise DataError(f"{data.source}: holds {data.value_range} float values; only 8-bit images are resized "
-                            f"or converted, so ask for its own {data.resolution}×{data.resolution} with {src_c} "
-                            "channel(s)", key="resolution" if resolution != data.resolution else "channels")
+                            f"or converted, so {how}", key="channels" if square else "resolution")
         channels = src_c
     elif src_c not in (1, 2, 3, 4):
         raise DataError(f"{data.source}: {src_c} channels; 8-bit images need 1 to 4 (L, LA, RGB, RGBA)")
     channels = channels or {1: 1, 2: 1, 3: 3, 4: 3}[src_c]
-    as_is = floats or (resolution == data.resolution and channels == src_c)
+    as_is = floats or (data.shape == (channels, resolution, resolution))
     dtype = (str(data.images.dtype) if isinstance(data.images, np.ndarray) and data.images.dtype == np.float16
              else "float32") if floats else "uint8"
     settings = {"resolution": resolution, "channels": channels, "alpha": alpha, "rules": RULES, "dtype": dtype}

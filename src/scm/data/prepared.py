@@ -151,8 +151,8 @@ class PreparedWriter:
 
 
 class PreparedData(ArrayShape):
-    """A prepared directory as a data set: the interface of `ImageData` (len, resolution, channels, labels,
-    num_classes, to_model, batch, describe, subset), its images read from disk by batch (or, small, in memory)."""
+    """A prepared directory as a data set (`scm.data.dataset.Dataset`, as `ImageData`), its items read from disk by
+    batch (or, small, in memory)."""
 
     def __init__(self, path: str | Path, meta: dict, images: np.ndarray, labels: torch.Tensor | None, start: int = 0,
                  in_memory: bool = False):
@@ -203,10 +203,9 @@ class PreparedData(ArrayShape):
         out[order] = rows
         return torch.from_numpy(out)
 
-    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.to_model(self.gather(index)).to(device)
-        y = None if self.labels is None else self.labels[torch.as_tensor(index).cpu()].to(device)
-        return x, y
+    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Items `index` in the model's space on `device`, and their conditioning tensors (`conditions`)."""
+        return self.to_model(self.gather(index)).to(device), self._conditioning(index, device)
 
     def subset(self, start: int, stop: int | None = None, source: str | None = None) -> PreparedData:
         """Items start … stop − 1 (a view of the same files)."""
@@ -222,7 +221,7 @@ class PreparedData(ArrayShape):
         space = "8-bit pixels → [-1, 1]" if self.value_range == "uint8" else f"{self.meta['dtype']} values used as is"
         what = "latents" if self.latent else "images"
         how = "read into memory" if self.in_memory else "read from disk by batch"
-        return (f"{self.source}: {len(self)} {what}, {self.resolution}×{self.resolution}, {self.channels} channel(s)"
+        return (f"{self.source}: {len(self)} {what}, {'×'.join(map(str, self.shape[1:]))}, {self.channels} channel(s)"
                 f"{classes} ({space}; {how})")
 
 
@@ -246,8 +245,6 @@ def load_prepared(path: str | Path, in_memory: bool | None = None) -> PreparedDa
         raise DataError(f"{meta_path}: missing or malformed field ({e})") from None
     if dtype not in DTYPES or value_range not in VALUE_RANGES or len(shape) != 3 or count < 1:
         raise DataError(f"{meta_path}: bad dtype/value_range/shape/count ({dtype}, {value_range}, {shape}, {count})")
-    if shape[1] != shape[2]:
-        raise DataError(f"{meta_path}: items must be square, got {shape[1]}×{shape[2]}")
     files = [("images.bin", count * int(np.prod(shape)) * np.dtype(dtype).itemsize)]
     if labelled:
         files.append(("labels.bin", count * 8))

@@ -1,5 +1,6 @@
 """Interoperability with diffusers (optional extra): its models as TrigFlow teachers and students, and scm runs
-exported as diffusers pipelines. Names are imported lazily, so `import scm.diffusers` works without diffusers."""
+exported as diffusers pipelines. This is the package's public API (`from scm.diffusers import SCMPipeline`): its
+names are imported lazily from the modules below, so `import scm.diffusers` works without diffusers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import importlib
 
 _EXPORTS = {
     "Parameterization": "convert", "call_model": "convert", "data_scale": "convert",
-    "from_diffusers": "teacher", "load_diffusers": "teacher",
-    "DiffusersNet": "net", "student_from_diffusers": "net", "DiffusersNetConfig": "net_config",
+    "from_diffusers": "teacher", "load_diffusers": "teacher", "read_diffusers": "teacher",
+    "DiffusersNet": "net", "student_config": "net", "student_from_diffusers": "net", "DiffusersNetConfig": "net_config",
     "enable_jvp": "jvp", "JVPAttnProcessor": "jvp",
     "SCMModel": "pipeline", "SCMPipeline": "pipeline", "export_diffusers": "export",
 }

@@ -34,6 +34,7 @@ the training proposal never reaches the ends.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +205,9 @@ def call_model(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, 
 
 
 def num_classes(model) -> int | None:
-    """The number of classes of a class-conditional diffusers model; None for an unconditional one."""
-    cfg = getattr(model, "config", {})
+    """The number of classes of a class-conditional diffusers model (the model, or its config); None for an
+    unconditional one."""
+    cfg = model if isinstance(model, Mapping) else getattr(model, "config", {})
     if cfg.get("num_class_embeds"):  # UNet2DModel, UNet2DConditionModel
         return int(cfg["num_class_embeds"])
     if cfg.get("norm_type") == "ada_norm_zero" and cfg.get("num_embeds_ada_norm"):  # DiT (PixArt's is not classes)

@@ -49,6 +49,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
     such EMA), `RunError` (`out` exists; a diffusion run), `MissingDependency` (no diffusers),
     `DataError` (a run on latents whose VAE cannot be loaded)."""
     pipeline = _pipeline_module()
+    from scm.conditioning import Conditioning
     from scm.config import to_dict
     from scm.runs import load_run
 
@@ -64,9 +65,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
     model = pipeline.SCMModel(net_preset=cfg.net_preset, net_config=to_dict(cfg.net), sigma_d=sigma_d)
     model.net.load_state_dict(loaded.net.state_dict(), strict=True)
     scheduler = pipeline.SCMScheduler(prediction_type="trigflow", sigma_data=sigma_d)
-    guidance = getattr(cfg.loss, "guidance", None)
     extra = {"t_mid": float(cfg.t_mid),  # the run's 2-step time (the paper's 1.1 unless the run set another)
-             "guidance_default": float(guidance[0]) if cfg.net.guidance_embed and guidance else None,
+             "guidance_default": Conditioning.of_run(cfg).default_guidance,  # a guided student's (generate's)
              "source": {"preset": cfg.preset, "method": cfg.method, "net_preset": cfg.net_preset,
                         "step": loaded.step, "ema_std": loaded.ema_std}}
     vae = None

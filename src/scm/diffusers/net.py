@@ -40,13 +40,15 @@ import json
 import torch
 from torch import nn
 
+from scm._checks import describe_shape
 from scm.diffusers.convert import Parameterization, call_model, data_scale, default_null_label, num_classes
 from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig
 from scm.errors import ConfigError
-from scm.nets.layers import Linear, MPConv, PositionalEmbedding, c_noise, check_image_input, guidance_scales
+from scm.nets.layers import Linear, MPConv, Network, PositionalEmbedding, check_input, guidance_scales
 from scm.precision import compute_dtype
 
-__all__ = ["SUPPORTED_MODELS", "DiffusersNet", "DiffusersNetConfig", "student_from_diffusers"]
+__all__ = ["SUPPORTED_MODELS", "DiffusersNet", "DiffusersNetConfig", "copy_teacher_weights", "student_config",
+           "student_from_diffusers"]
 
 
 def _diffusers():
@@ -95,28 +97,25 @@ def _width(module: nn.Module) -> int:
     return linears[-1].out_features
 
 
-class DiffusersNet(nn.Module):
+class DiffusersNet(Network):
     """A diffusers network mapping (x_t/σ_d, t, labels, guidance, **cond) to TrigFlow's F, plus w_φ(t) on request
-    (module docstring). `model` (optional) is the diffusers network to wrap, already holding the weights;
-    without it one is built from `cfg.model_config` (random weights, to be loaded from a checkpoint)."""
+    (module docstring), for data of std σ_d (the run's). `model` (optional) is the diffusers network to wrap,
+    already holding the weights; without it one is built from `cfg.model_config` (random weights, to be loaded from
+    a checkpoint or from the teacher)."""
 
-    def __init__(self, cfg: DiffusersNetConfig, model: nn.Module | None = None):
-        super().__init__()
+    def __init__(self, cfg: DiffusersNetConfig, sigma_d: float, model: nn.Module | None = None):
+        super().__init__(cfg, sigma_d)
         from scm.diffusers.jvp import enable_jvp
 
-        self.cfg = cfg
         model = _build_model(cfg) if model is None else model
         name = type(model).__name__
         _check_supported(name, "net.model_class")
         if name != cfg.model_class:
             raise ConfigError(f"the model is a {name}, its config names {cfg.model_class}", key="net.model_class")
         self.param = _parameterization(cfg)
-        self.k = data_scale(cfg.data, cfg.sigma_d)
-        _check_model(model, cfg)
-        self.null_label = cfg.null_label if cfg.null_label is not None else default_null_label(model)
-        if cfg.label_dropout and self.null_label is None:
-            raise ConfigError(f"label_dropout={cfg.label_dropout}: {name} has no 'no class' index (set null_label)",
-                              key="net.label_dropout")
+        self.k = data_scale(cfg.data, self.sigma_d)
+        _check_model(dict(model.config), cfg)
+        self.null_label = _null_label(cfg, model)
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = float(cfg.dropout)
@@ -174,15 +173,10 @@ class DiffusersNet(nn.Module):
             index = torch.where(drop, null, index)
         return index
 
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The adaptive log-weight w_φ(t) of eq. 8, shape [B] (scm.nets.unet.UNet.weight)."""
-        with torch.autocast(t.device.type, enabled=False):
-            return self.weight_linear(self.weight_embed(c_noise(t))).reshape(-1)
-
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False, **cond):
-        check_image_input("DiffusersNet", x, t, self.cfg.img_channels, self.cfg.img_resolution)
-        sd, k = self.cfg.sigma_d, self.k
+        check_input("DiffusersNet", x, t, self.shape)
+        sd, k = self.sigma_d, self.k
         x_in, timestep = self.param.model_inputs(x, t, sd, k)
         index = self._labels(labels, x.shape[0], x.device)
         if self.guidance_linear is not None:
@@ -196,14 +190,14 @@ class DiffusersNet(nn.Module):
         F = self.param.trigflow_F(out, x_in, t, sd, k).to(x.dtype)
         return (F, self.weight(t)) if return_weight else F
 
-    @torch.no_grad()
-    def normalize_weights_(self) -> None:
-        """Forced weight normalization of the adaptive-weight head (an MPConv, as in scm's nets); call after each
-        optimizer step. The diffusers model's own layers are plain ones."""
-        self.weight_linear.normalize_weight_()
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+def _null_label(cfg: DiffusersNetConfig, model: nn.Module) -> int | None:
+    """The model's "no class" index (`null_label`, or the model's own): needed for label dropout."""
+    null = cfg.null_label if cfg.null_label is not None else default_null_label(model)
+    if cfg.label_dropout and null is None:
+        raise ConfigError(f"label_dropout={cfg.label_dropout}: {cfg.model_class} has no 'no class' index (set "
+                          "null_label)", key="net.label_dropout")
+    return null
 
 
 def _check_supported(name: str, key: str) -> None:
@@ -212,70 +206,95 @@ def _check_supported(name: str, key: str) -> None:
                           f"{', '.join(SUPPORTED_MODELS)})", key=key)
 
 
-def _model_shape(model) -> tuple[int, int]:
-    """(resolution, channels) of the model's input, from its config (square inputs)."""
-    cfg = model.config
-    size = cfg.get("sample_size")
-    size = size[0] if isinstance(size, (list, tuple)) else size
+def _model_shape(config, name: str) -> tuple[int, ...]:
+    """(C, H, W) of a diffusers model's input, from its config (sample_size: R, or [H, W])."""
+    size = config.get("sample_size")
     if size is None:
-        raise ConfigError(f"{type(model).__name__}: its config has no sample_size (the input resolution)",
-                          key="teacher")
-    return int(size), int(cfg.get("in_channels"))
+        raise ConfigError(f"{name}: its config has no sample_size (the input resolution)", key="teacher")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(config.get("in_channels")), *(int(v) for v in hw))
 
 
-def _check_model(model, cfg: DiffusersNetConfig) -> None:
-    name = type(model).__name__
-    if model.config.get("time_embedding_type") == "learned":
+def _resolution(shape: tuple[int, ...]) -> int | tuple[int, ...]:
+    """How a config records the sizes of `shape` (C, H, W): R when square, else (H, W)."""
+    return shape[1] if shape[1] == shape[2] else tuple(shape[1:])
+
+
+def _check_model(config, cfg: DiffusersNetConfig) -> None:
+    """A model config (a mapping) scm can train as the student `cfg` describes: a time embedding with a derivative,
+    the shape and no more classes than the model has."""
+    name = cfg.model_class
+    if config.get("time_embedding_type") == "learned":
         raise ConfigError(f"{name} has a learned (table) time embedding, which has no derivative in t: it cannot be "
                           "trained as an sCM student", key="net.model_class")
-    resolution, channels = _model_shape(model)
-    if (cfg.img_resolution, cfg.img_channels) != (resolution, channels):
-        raise ConfigError(f"DiffusersNetConfig is for {cfg.img_resolution}×{cfg.img_resolution}×{cfg.img_channels} "
-                          f"inputs but the {name} takes {resolution}×{resolution}×{channels}", key="net")
-    classes = num_classes(model) or 0
+    shape = _model_shape(config, name)
+    if cfg.img_shape != shape:
+        raise ConfigError(f"DiffusersNetConfig is for {describe_shape(cfg.img_shape)} inputs but the {name} takes "
+                          f"{describe_shape(shape)}", key="net")
+    classes = num_classes(config) or 0
     if cfg.label_dim > classes:
         raise ConfigError(f"label_dim={cfg.label_dim}, but the {name} has {classes or 'no'} classes",
                           key="net.label_dim")
 
 
+def student_config(model_class: str, model_config: dict, scheduler_class: str, scheduler_config: dict, *,
+                   data: str = "own", label_dim: int | None = None, guidance_embed: bool = False,
+                   label_dropout: float = 0.0, null_label: int | None = None, dropout: float | None = None,
+                   weight_channels: int = 128, embed_channels: int = 256) -> DiffusersNetConfig:
+    """The config of the student a diffusers model (its class and config, and its training scheduler's) gives, from
+    the configs alone (no weights are read, no random numbers drawn): `student_from_diffusers` without the model.
+    label_dim (the classes of scm's labels) defaults to the model's; fewer are allowed (labels 0 … label_dim−1 are
+    the model's first classes; 0 with a class-conditional model: always its "no class" input); dropout defaults to
+    the model's configured dropout. ConfigError for a model scm cannot train as a student (module docstring); what
+    only its modules tell (a "no class" index for label dropout) is read from the model built on the meta device
+    (no memory, no weights)."""
+    _check_supported(model_class, "teacher")
+    model_config, scheduler_config = _plain(model_config), _plain(scheduler_config)
+    shape, classes = _model_shape(model_config, model_class), num_classes(model_config) or 0
+    if label_dim is not None and not 0 <= label_dim <= classes:
+        raise ConfigError(f"label_dim={label_dim}, but the {model_class} has {classes or 'no'} classes",
+                          key="label_dim")
+    cfg = DiffusersNetConfig(
+        model_class=model_class, model_config=model_config, scheduler_class=scheduler_class,
+        scheduler_config=scheduler_config, data=data, img_resolution=_resolution(shape), img_channels=shape[0],
+        label_dim=classes if label_dim is None else label_dim, null_label=null_label, guidance_embed=guidance_embed,
+        label_dropout=label_dropout, embed_channels=embed_channels, weight_channels=weight_channels,
+        dropout=float(model_config.get("dropout", 0.0) if dropout is None else dropout))
+    _check_model(model_config, cfg)
+    if cfg.label_dropout:
+        with torch.device("meta"):
+            _null_label(cfg, _build_model(cfg))
+    return cfg
+
+
 def student_from_diffusers(model: nn.Module, scheduler, *, sigma_d: float | None, data: str = "own",
-                           label_dim: int | None = None, guidance_embed: bool = False, label_dropout: float = 0.0,
-                           null_label: int | None = None, dropout: float | None = None,
-                           weight_channels: int = 128, embed_channels: int = 256) -> DiffusersNet:
+                           **settings) -> DiffusersNet:
     """An sCM student initialised from a diffusers teacher (module docstring): a `DiffusersNet` holding a copy of
     `model`'s weights (the teacher is not modified), with the TrigFlow parameterisation read from `scheduler`, a
     fresh w_φ head and, with `guidance_embed`, a zero-initialised guidance embedding, so that it computes exactly
     the teacher's F. Its parameters are float32 (float64 for a float64 teacher) on the teacher's device, with
-    gradients, in training mode.
+    gradients, in training mode. `settings`: those of `student_config` (label_dim, guidance_embed, label_dropout,
+    null_label, dropout, weight_channels, embed_channels).
 
     sigma_d and data are the teacher conventions of `scm.diffusers.from_diffusers` (σ_d may be None for an EDM
-    teacher with data="own"). label_dim (the classes of scm's labels) defaults to the model's; fewer are allowed
-    (labels 0 … label_dim−1 are the model's first classes; label_dim=0 with a class-conditional model: always its
-    "no class" input); null_label defaults to the model's own "no class" index; dropout to the model's configured
-    dropout. Supported: UNet2DModel, UNet2DConditionModel (prompt embeddings as `encoder_hidden_states=`
-    conditioning), DiTTransformer2DModel; any other class is a ConfigError."""
+    teacher with data="own"). Supported: UNet2DModel, UNet2DConditionModel (prompt embeddings as
+    `encoder_hidden_states=` conditioning), DiTTransformer2DModel; any other class is a ConfigError."""
     from scm.diffusers.teacher import resolve_sigma_d
 
-    name = type(model).__name__
-    _check_supported(name, "teacher")
-    param = Parameterization.from_scheduler(scheduler)
-    sigma_d = resolve_sigma_d(param, sigma_d, data)
-    resolution, channels = _model_shape(model)
-    classes = num_classes(model) or 0
-    if label_dim is not None and not 0 <= label_dim <= classes:
-        raise ConfigError(f"label_dim={label_dim}, but the {name} has {classes or 'no'} classes", key="label_dim")
-    cfg = DiffusersNetConfig(
-        model_class=name, model_config=_plain(model.config),
-        scheduler_class=type(scheduler).__name__, scheduler_config=_plain(scheduler.config),
-        data=data, sigma_d=float(sigma_d), img_resolution=resolution, img_channels=channels,
-        label_dim=classes if label_dim is None else label_dim,
-        null_label=null_label, guidance_embed=guidance_embed, label_dropout=label_dropout,
-        dropout=float(model.config.get("dropout", 0.0) if dropout is None else dropout),
-        embed_channels=embed_channels, weight_channels=weight_channels,
-    )
+    _check_supported(type(model).__name__, "teacher")
+    cfg = student_config(type(model).__name__, dict(model.config), type(scheduler).__name__, dict(scheduler.config),
+                         data=data, **settings)
+    net = DiffusersNet(cfg, resolve_sigma_d(Parameterization.from_scheduler(scheduler), sigma_d, data))
+    copy_teacher_weights(net, model)
+    return net.train()
+
+
+def copy_teacher_weights(student: DiffusersNet, model: nn.Module) -> DiffusersNet:
+    """Load a diffusers teacher's weights into its student's copy of the network (float64 for a float64 teacher), on
+    the teacher's device."""
     teacher_param = next(model.parameters())
-    copy = _build_model(cfg).to(teacher_param.device)  # the architecture, from its config (float32) …
+    student.to(teacher_param.device)
     if teacher_param.dtype == torch.float64:
-        copy.double()
-    copy.load_state_dict(model.state_dict(), strict=True)  # … and a copy of the teacher's weights
-    return DiffusersNet(cfg, copy).train()
+        student.double()
+    student.model.load_state_dict(model.state_dict(), strict=True)
+    return student

@@ -1,12 +1,12 @@
 """The configuration of a diffusers network as an sCM student (`scm.diffusers.net.DiffusersNet`): plain data, importable
-without diffusers and without `scm.nets` (the network registry imports it), so that a run's config.json names and
-rebuilds the network."""
+without diffusers and without `scm.nets` (the network registry finds it by name), so that a run's config.json names
+and rebuilds the network."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from scm._checks import sizes
 from scm.diffusers.convert import DATA_CONVENTIONS
 from scm.errors import ConfigError
 
@@ -25,8 +25,7 @@ class DiffusersNetConfig:
     scheduler_class: str = ""                           # the teacher's training scheduler: its parameterisation
     scheduler_config: dict = field(default_factory=dict)
     data: str = "own"                                   # "own" | "unit" (scm.diffusers.convert)
-    sigma_d: float = 0.5                                # the data std σ_d (= the run's loss.sigma_d)
-    img_resolution: int = 32
+    img_resolution: int | tuple[int, int] = 32         # R (R×R inputs) or (H, W)
     img_channels: int = 4
     label_dim: int = 0                                  # classes of scm's labels (<= the model's; 0: none)
     null_label: int | None = None                       # its "no class" index (None: the model's own, if any)
@@ -45,9 +44,10 @@ class DiffusersNetConfig:
                 raise ValueError(f"DiffusersNetConfig.{name} must be a dict, got {type(getattr(self, name)).__name__}")
         if self.data not in DATA_CONVENTIONS:
             raise ValueError(f"DiffusersNetConfig.data must be one of {DATA_CONVENTIONS}, got {self.data!r}")
-        if not (isinstance(self.sigma_d, (int, float)) and math.isfinite(self.sigma_d) and self.sigma_d > 0):
-            raise ValueError(f"DiffusersNetConfig.sigma_d must be positive, got {self.sigma_d!r}")
-        for name in ("img_resolution", "img_channels", "embed_channels", "weight_channels"):
+        if not isinstance(self.img_resolution, int):
+            self.img_resolution = tuple(self.img_resolution)
+        sizes(self.img_resolution, "img_resolution")
+        for name in ("img_channels", "embed_channels", "weight_channels"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
                 raise ValueError(f"DiffusersNetConfig.{name} must be a positive int, got {v!r}")
@@ -60,3 +60,8 @@ class DiffusersNetConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 <= v < 1):
                 raise ValueError(f"DiffusersNetConfig.{name} must lie in [0, 1), got {v!r}")
+
+    @property
+    def img_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the network's input and output."""
+        return (self.img_channels, *sizes(self.img_resolution, "img_resolution"))

@@ -42,11 +42,12 @@ except ImportError as e:
     raise MissingDependency(f"diffusers pipelines need diffusers >= 0.33, which is not installed ({e}): "
                             "pip install scm[diffusers]", extra="diffusers") from None
 
+from scm.conditioning import Conditioning
 from scm.config import from_dict
-from scm.data.latents import denormalize
+from scm.data.latents import decode
+from scm.generate import image_generators
 from scm.images import to_pil, to_uint8
 from scm.nets.registry import build_net
-from scm.runs import mix_seed
 from scm.sampling import T_MID, check_times, consistency_times
 from scm.trigflow import t_max_default
 
@@ -55,10 +56,10 @@ __all__ = ["OUTPUT_TYPES", "SCMModel", "SCMPipeline"]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def network_config(net_preset: str, net_config: dict):
+def network_config(net_preset: str, net_config: dict, sigma_d: float = 0.5):
     """The scm network config recorded as (`net_preset`, its fields), read back the way a run's config.json is
-    (`scm.config.from_dict`): the preset names the architecture in `scm.nets.registry`."""
-    return from_dict({"net_preset": net_preset, "net": dict(net_config)}).net
+    (`scm.config.from_dict`, for data of std `sigma_d`): the preset names the architecture in `scm.nets.registry`."""
+    return from_dict({"net_preset": net_preset, "net": dict(net_config), "loss": {"sigma_d": sigma_d}}).net
 
 
 class SCMModel(ModelMixin, ConfigMixin):
@@ -74,7 +75,7 @@ class SCMModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, net_preset: str, net_config: dict, sigma_d: float = 0.5):
         super().__init__()
-        self.net = build_net(network_config(net_preset, net_config))
+        self.net = build_net(network_config(net_preset, net_config, sigma_d), sigma_d)
 
     @property
     def label_dim(self) -> int:
@@ -87,10 +88,9 @@ class SCMModel(ModelMixin, ConfigMixin):
         return bool(getattr(self.net.cfg, "guidance_embed", False))
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, ...]:
         """(C, H, W) of the network's input and output."""
-        cfg = self.net.cfg
-        return int(cfg.img_channels), int(cfg.img_resolution), int(cfg.img_resolution)
+        return self.net.shape
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, guidance=None, return_weight: bool = False):
         return self.net(x, t, labels, guidance=guidance, return_weight=return_weight)
@@ -155,7 +155,7 @@ class SCMPipeline(DiffusionPipeline):
                 raise SamplerError("give a seed or a generator, not both", key="seed")
             if not (isinstance(seed, int) and not isinstance(seed, bool)):
                 raise SamplerError(f"seed={seed!r}: must be an integer", key="seed")
-            return [torch.Generator(device).manual_seed(mix_seed(seed, i)) for i in range(batch_size)]
+            return image_generators(seed, 0, batch_size, device)
         if isinstance(generator, (list, tuple)):
             if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
                 raise SamplerError(f"generator: {len(generator)} generators for a batch of {batch_size} (one "
@@ -166,56 +166,49 @@ class SCMPipeline(DiffusionPipeline):
                                "seed", key="generator")
         return generator
 
+    @property
+    def conditioning(self) -> Conditioning:
+        """What the exported run is conditioned on (`scm.conditioning.Conditioning`): the model's classes, its guidance
+        input and the scale used when none is given (`guidance_default`)."""
+        if not self.model.guidance_embed:
+            return Conditioning(self.model.label_dim)
+        default = self.config.guidance_default
+        return Conditioning(self.model.label_dim, "input", 1.0 if default is None else float(default))
+
     def _conditioning(self, batch_size: int, class_labels, guidance_scale, device: torch.device) -> dict:
-        """The network's inputs besides (x, t), checked: class labels (default: image i gets class i mod the
-        number of classes, as `scm sample`) and the guidance scale (default: `guidance_default`)."""
-        model, cond = self.model, {}
-        classes = model.label_dim
-        if classes:
-            if class_labels is None:
-                labels = torch.arange(batch_size) % classes
-            else:
-                if isinstance(class_labels, int) and not isinstance(class_labels, bool):
-                    class_labels = [class_labels] * batch_size
-                try:
-                    labels = torch.as_tensor(class_labels)
-                except (TypeError, ValueError, RuntimeError):
-                    labels = None
-                if labels is None or labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
-                    raise SamplerError(f"class_labels={class_labels!r}: class indices, an int or one per image",
-                                       key="class_labels")
-                if labels.shape[0] != batch_size:
-                    raise SamplerError(f"class_labels: {labels.shape[0]} labels for a batch of {batch_size}",
-                                       key="class_labels")
-                if bool(((labels < 0) | (labels >= classes)).any()):
-                    raise SamplerError(f"class_labels={labels.tolist()}: this model has classes 0..{classes - 1}",
-                                       key="class_labels")
-            cond["labels"] = labels.to(device=device, dtype=torch.long)
-        elif class_labels is not None:
-            raise SamplerError(f"class_labels={class_labels!r}: this model is unconditional", key="class_labels")
-        if guidance_scale is not None:
-            if not model.guidance_embed:
-                raise SamplerError("guidance_scale: this model has no guidance input (it was not distilled with "
-                                   "classifier-free guidance)", key="guidance_scale")
-            if not (isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
-                    and guidance_scale > 0):
-                raise SamplerError(f"guidance_scale={guidance_scale!r}: must be a number > 0", key="guidance_scale")
-            cond["guidance"] = float(guidance_scale)
-        elif model.guidance_embed and self.config.guidance_default is not None:
-            cond["guidance"] = float(self.config.guidance_default)
-        return cond
+        """The network's inputs besides (x, t), checked: class labels (an int, one per image, or None: image i gets
+        class i mod the number of classes, as `scm sample`) and the guidance scale (default: `guidance_default`)."""
+        labels = None
+        if class_labels is not None:
+            labels = [class_labels] * batch_size if isinstance(class_labels, int) else class_labels
+            try:
+                labels = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError):
+                labels = None
+            if labels is None or labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
+                raise SamplerError(f"class_labels={class_labels!r}: class indices, an int or one per image",
+                                   key="class_labels")
+            if labels.shape[0] != batch_size:
+                raise SamplerError(f"class_labels: {labels.shape[0]} labels for a batch of {batch_size}",
+                                   key="class_labels")
+            labels = labels.tolist()
+        why = self.conditioning.refusal(labels, guidance_scale)
+        if why is not None:  # in this pipeline's own words: class_labels, guidance_scale
+            key = {"class_label": "class_labels", "guidance": "guidance_scale"}[why[0]]
+            value = class_labels if key == "class_labels" else guidance_scale
+            raise SamplerError(f"{key}={value!r}: {why[1]}", key=key)
+        return self.conditioning.sample_inputs(torch.arange(batch_size, device=device), labels, guidance_scale)
 
     # -- decoding -------------------------------------------------------------------------------------------------
     def decode(self, x0: torch.Tensor, batch: int = 16) -> torch.Tensor:
         """Samples in the model's space → images in [-1, 1]: for a run on latents the inverse of its per-channel
-        normalisation, x·σ_c/σ_d + µ_c (App. G.1, `scm.data.latents.denormalize`), then the VAE's decoder,
-        `batch` latents at a time, clamped (as `scm.data.latents.decode`); pixels are returned as they are."""
+        normalisation, then the VAE's decoder, exactly as `scm sample` decodes (`scm.data.latents.decode`, App.
+        G.1); pixels are returned as they are."""
         if self.vae is None:
             return x0
         sd = self.config.latent_sigma_d if self.config.latent_sigma_d is not None else self.sigma_d
-        z = denormalize(x0.float(), self.config.latent_mean, self.config.latent_std, sd).to(self.vae.dtype)
-        out = [self.vae.decode(z[i:i + batch]).sample.float().clamp(-1, 1) for i in range(0, z.shape[0], batch)]
-        return torch.cat(out)
+        info = {"mean": self.config.latent_mean, "std": self.config.latent_std, "sigma_d": sd, "vae": "(pipeline)"}
+        return decode(x0, info, self.vae, batch=batch)
 
     # -- sampling -------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from scm._checks import check_positive, check_t
-from scm.diffusers.convert import Parameterization, call_model, data_scale
+from scm.diffusers.convert import Parameterization, call_model, data_scale, num_classes
 from scm.errors import ConfigError, require_modules
 
-__all__ = ["DENOISER_COMPONENTS", "DiffusersModel", "from_diffusers", "load_diffusers", "resolve_sigma_d"]
+__all__ = ["DENOISER_COMPONENTS", "DiffusersFolder", "DiffusersModel", "from_diffusers", "load_diffusers",
+           "read_diffusers", "resolve_sigma_d"]
 
 DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")  # a pipeline's network, in model_index.json
 
@@ -73,12 +74,52 @@ class DiffusersModel:
     def parameterization(self) -> Parameterization:
         return Parameterization.from_scheduler(self.scheduler)
 
-    def shape(self) -> tuple[int, int]:
-        """(resolution, channels) of the model's input, from its config."""
-        cfg = self.model.config
-        size = cfg.get("sample_size")
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size), int(cfg.get("in_channels"))
+
+@dataclass(frozen=True)
+class DiffusersFolder:
+    """What a diffusers folder holds, read from its JSON files alone (no weights, no diffusers import): the network
+    and scheduler classes and configs, the network's input shape and classes. `load` reads the weights."""
+
+    path: str
+    model_dir: Path
+    scheduler_dir: Path
+    model_class: str
+    model_config: dict
+    scheduler_class: str
+    scheduler_config: dict
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the network's input (its config's in_channels and sample_size)."""
+        size = self.model_config.get("sample_size")
+        if size is None or self.model_config.get("in_channels") is None:
+            raise ConfigError(f"{self.model_dir / 'config.json'}: no sample_size and in_channels (the network's "
+                              "input shape)", key="teacher")
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.model_config["in_channels"]), *(int(v) for v in hw))
+
+    @property
+    def classes(self) -> int | None:
+        """The number of classes of a class-conditional network; None for an unconditional one."""
+        return num_classes(self.model_config)
+
+    def parameterization(self) -> Parameterization:
+        """The network's parameterisation, from its training scheduler (VP ε/v/x0, EDM, rectified flow)."""
+        diffusers = diffusers_module()
+        return Parameterization.from_scheduler(_class(diffusers, self.scheduler_dir, "scheduler_config.json")
+                                               .from_config(self.scheduler_config))
+
+    def load(self, *, device="cpu", dtype: torch.dtype | None = None) -> DiffusersModel:
+        """The network (weights from safetensors only, eval mode, no gradients) and its scheduler."""
+        diffusers = diffusers_module()
+        model_cls = _class(diffusers, self.model_dir, "config.json")
+        sched_cls = _class(diffusers, self.scheduler_dir, "scheduler_config.json")
+        try:
+            model = model_cls.from_pretrained(self.model_dir, use_safetensors=True, torch_dtype=dtype)
+            scheduler = sched_cls.from_pretrained(self.scheduler_dir)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"teacher {self.path}: diffusers could not load it ({e})", key="teacher") from None
+        return DiffusersModel(self.path, model.to(device).eval().requires_grad_(False), scheduler)
 
 
 def _read_json(path: Path) -> dict:
@@ -89,8 +130,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _class(diffusers, folder: Path, config_name: str):
-    cfg = _read_json(folder / config_name)
-    name = cfg.get("_class_name")
+    name = _read_json(folder / config_name).get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if cls is None:
         raise ConfigError(f"{folder / config_name}: class {name!r} is not in diffusers {diffusers.__version__}",
@@ -115,12 +155,10 @@ def _scheduler_folder(root: Path, model_dir: Path) -> Path:
                       "../scheduler); the teacher's training schedule decides its parameterisation", key="teacher")
 
 
-def load_diffusers(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None) -> DiffusersModel:
-    """A diffusers network and scheduler from a local folder: a pipeline folder (model_index.json; the network is
+def read_diffusers(path: str | Path) -> DiffusersFolder:
+    """A local diffusers folder, described from its JSON files: a pipeline folder (model_index.json; the network is
     its unet/ or transformer/ component, the scheduler its scheduler/), or a model folder (config.json + weights)
-    with scheduler_config.json beside it or in ../scheduler. Weights are read from safetensors only (never
-    unpickled); the network is returned in eval mode without gradients."""
-    diffusers = diffusers_module()
+    with scheduler_config.json beside it or in ../scheduler. Its weights must be safetensors (never unpickled)."""
     root = Path(path)
     if not root.is_dir():
         raise ConfigError(f"teacher {path}: no such folder (a diffusers pipeline or model folder)", key="teacher")
@@ -128,15 +166,15 @@ def load_diffusers(path: str | Path, *, device="cpu", dtype: torch.dtype | None 
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"teacher {path}: neither model_index.json nor config.json", key="teacher")
     sched_dir = _scheduler_folder(root, model_dir)
-    model_cls = _class(diffusers, model_dir, "config.json")
-    sched_cls = _class(diffusers, sched_dir, "scheduler_config.json")
     if not any(model_dir.glob("*.safetensors")):
         raise ConfigError(f"{model_dir}: no .safetensors weights (scm never unpickles .bin/.ckpt files; convert "
                           "them with diffusers' save_pretrained(safe_serialization=True))", key="teacher")
-    try:
-        model = model_cls.from_pretrained(model_dir, use_safetensors=True, torch_dtype=dtype)
-        scheduler = sched_cls.from_pretrained(sched_dir)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"teacher {path}: diffusers could not load it ({e})", key="teacher") from None
-    model = model.to(device).eval().requires_grad_(False)
-    return DiffusersModel(str(path), model, scheduler)
+    model_config, sched_config = _read_json(model_dir / "config.json"), _read_json(sched_dir / "scheduler_config.json")
+    return DiffusersFolder(str(path), model_dir, sched_dir, str(model_config.get("_class_name")), model_config,
+                           str(sched_config.get("_class_name")), sched_config)
+
+
+def load_diffusers(path: str | Path, *, device="cpu", dtype: torch.dtype | None = None) -> DiffusersModel:
+    """A diffusers network and scheduler from a local folder (`read_diffusers`), the network in eval mode without
+    gradients; weights are read from safetensors only (never unpickled)."""
+    return read_diffusers(path).load(device=device, dtype=dtype)

@@ -75,7 +75,8 @@ def train_classifier(train: ImageData, test: ImageData, epochs: int = 4, batch: 
     for epoch in range(epochs):
         perm = torch.randperm(len(train), generator=g)
         for i in range(per_epoch):
-            x, y = train.batch(perm[i * batch: (i + 1) * batch])
+            x, cond = train.batch(perm[i * batch: (i + 1) * batch])
+            y = cond["labels"]
             dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
             loss = F.cross_entropy(model(x), y)
@@ -86,12 +87,12 @@ def train_classifier(train: ImageData, test: ImageData, epochs: int = 4, batch: 
         log(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
     correct = 0
     for i in range(0, len(test), 5000):  # a chunk at a time: the test split may be memory-mapped and large
-        x_test, y_test = test.batch(torch.arange(i, min(i + 5000, len(test))))
-        correct += int((model.embed(x_test)[1].argmax(1) == y_test).sum())
+        x_test, cond = test.batch(torch.arange(i, min(i + 5000, len(test))))
+        correct += int((model.embed(x_test)[1].argmax(1) == cond["labels"]).sum())
     acc = correct / len(test)
     info = {"test_accuracy": acc, "train_source": train.source, "epochs": epochs,
             "seconds": time.perf_counter() - start,
-            "channels": train.channels, "resolution": train.resolution, "num_classes": model.num_classes}
+            "channels": train.channels, "shape": list(train.shape), "num_classes": model.num_classes}
     log(f"classifier: {100 * acc:.2f} % test accuracy after {info['seconds']:.0f} s")
     return model.eval(), info
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scm._checks import describe_shape
 from scm._stats import merge_moments
 from scm.data import DataError, ImageData, PreparedData, load_dataset
 from scm.data.builtin import data_dir
@@ -56,13 +57,12 @@ class RefStats:
     sigma: np.ndarray
     sample: np.ndarray
     space: str
-    resolution: int
-    channels: int
+    shape: tuple[int, ...]       # the images', (C, H, W)
     source: str
     count: int
 
     def save(self, path: Path) -> None:
-        meta = json.dumps({k: getattr(self, k) for k in ("space", "resolution", "channels", "source", "count")})
+        meta = json.dumps({"space": self.space, "shape": list(self.shape), "source": self.source, "count": self.count})
         atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mu, sigma=self.sigma, sample=self.sample,
                                                 meta=np.array(meta)))
 
@@ -71,6 +71,10 @@ class RefStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                if "shape" not in meta:  # written before shapes were tuples: square images
+                    r, c = meta.pop("resolution"), meta.pop("channels")
+                    meta["shape"] = (c, r, r)
+                meta["shape"] = tuple(int(v) for v in meta["shape"])
                 return cls(z["mu"], z["sigma"], z["sample"], **meta)
         except Exception as e:  # BadZipFile, OSError, KeyError, ValueError …
             raise DataError(f"{path}: not a scm reference-statistics file ({type(e).__name__}: {e})") from None
@@ -140,8 +144,7 @@ def reference_stats(space: FeatureSpace, data, chunk: int = EMBED_CHUNK) -> RefS
         here = slot[index]
         sample[here[here >= 0]] = feats[here >= 0]
     count, mu, scatter = summary
-    return RefStats(mu.numpy(), (scatter / (count - 1)).numpy(), sample.numpy(), space.key, data.resolution,
-                    data.channels, data.source, n)
+    return RefStats(mu.numpy(), (scatter / (count - 1)).numpy(), sample.numpy(), space.key, data.shape, data.source, n)
 
 
 def _is_image_npz(path: Path) -> bool:
@@ -168,9 +171,9 @@ def _test_split(name: str, train: ImageData | PreparedData) -> ImageData | Prepa
 
 def measure(images: torch.Tensor, space: FeatureSpace, ref: RefStats, seed: int = 0) -> dict:
     """The metric (FD/FID), KID, precision, recall and, with a classifier, recognisability of `images`."""
-    if tuple(images.shape[1:]) != (ref.channels, ref.resolution, ref.resolution):
-        raise DataError(f"reference statistics are for {ref.resolution}×{ref.resolution}×{ref.channels} images "
-                        f"({ref.source}), but the samples are {tuple(images.shape[1:])}")
+    if tuple(images.shape[1:]) != ref.shape:
+        raise DataError(f"reference statistics are for {describe_shape(ref.shape)} images ({ref.source}), but the "
+                        f"samples are {describe_shape(tuple(images.shape[1:]))}")
     feats, probs = space.embed(images)
     mu, sigma = feature_stats(feats)
     sample = torch.from_numpy(ref.sample)

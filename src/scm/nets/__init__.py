@@ -1,26 +1,26 @@
 """JVP-ready networks: a net maps (x_t/σ_d, t, labels) to F and, on request, the adaptive weight w_φ(t).
 
 Submodules: `functional` (ops with hand-written JVP rules), `attention` (exact-JVP attention, with a Triton
-kernel on GPUs), `layers` (magnitude-preserving layers, time embeddings), `unet` (the U-Net and its presets),
-`dit` (the diffusion transformer and its presets), `registry` (every network preset by name).
+kernel on GPUs), `layers` (magnitude-preserving layers, time embeddings, what every network shares), `unet` (the
+U-Net and its presets), `dit` (the diffusion transformer and its presets), `registry` (every network preset by
+name). This package's public API is re-exported here.
 """
 
-from scm.nets.dit import DIT_PRESETS, DiT, DiTConfig, build_dit
+from scm.nets.dit import DIT_PRESETS, DiT, DiTConfig
 from scm.nets.registry import ARCHITECTURES, NET_PRESETS, NetConfig, build_net, config_class, net_config
-from scm.nets.unet import UNet, UNetConfig, build_unet
+from scm.nets.unet import UNET_PRESETS, UNet, UNetConfig
 
 __all__ = [
     "ARCHITECTURES",
     "DIT_PRESETS",
     "NET_PRESETS",
+    "UNET_PRESETS",
     "DiT",
     "DiTConfig",
     "NetConfig",
     "UNet",
     "UNetConfig",
-    "build_dit",
     "build_net",
-    "build_unet",
     "config_class",
     "net_config",
 ]

@@ -57,22 +57,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scm._checks import sizes
 from scm.nets.attention import attention
 from scm.nets.functional import gated_residual, gelu, modulated_layer_norm, silu
 from scm.nets.layers import (
     Linear,
     MPConv,
+    Network,
     PositionalEmbedding,
     adaptive_double_layer_norm,
-    c_noise,
-    check_image_input,
+    check_input,
     class_labels,
     guidance_scales,
     normalize,
 )
 from scm.precision import to_compute
 
-__all__ = ["DIT_PRESETS", "DiT", "DiTConfig", "build_dit"]
+__all__ = ["DIT_PRESETS", "DiT", "DiTConfig"]
 
 MODULATIONS = ("double_norm", "adaln_zero")
 
@@ -81,10 +82,10 @@ MODULATIONS = ("double_norm", "adaln_zero")
 class DiTConfig:
     """Transformer configuration (one line a field; presets set a few of them, see DIT_PRESETS)."""
 
-    img_resolution: int = 32
+    img_resolution: int | tuple[int, int] = 32    # R (R×R images) or (H, W)
     img_channels: int = 4
     label_dim: int = 0                  # number of classes; 0 = unconditional
-    patch_size: int = 2                 # p: the image is cut into (resolution/p)² patches of p×p pixels
+    patch_size: int = 2                 # p: the image is cut into (H/p)·(W/p) patches of p×p pixels
     hidden_size: int = 384              # token width
     depth: int = 12                     # transformer blocks
     num_heads: int = 6                  # attention heads (hidden_size must be a multiple)
@@ -97,17 +98,19 @@ class DiTConfig:
     qk_norm: bool = True                # RMS-normalize q and k per head (stabiliser (c), module docstring)
     modulation: str = "double_norm"     # "double_norm" (stabiliser (b)) | "adaln_zero" (DiT's; ablation)
     c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM's log(σ_d tan t)/4 (ablation)
-    sigma_d: float = 0.5                # only used by c_noise = "log_sigma"
 
     def __post_init__(self):
-        for name in ("img_resolution", "img_channels", "patch_size", "hidden_size", "depth", "num_heads",
+        if not isinstance(self.img_resolution, int):
+            self.img_resolution = tuple(self.img_resolution)
+        sizes(self.img_resolution, "img_resolution")
+        for name in ("img_channels", "patch_size", "hidden_size", "depth", "num_heads",
                      "embed_channels", "weight_channels"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
                 raise ValueError(f"DiTConfig.{name} must be a positive int, got {v!r}")
         if not (isinstance(self.label_dim, int) and self.label_dim >= 0):
             raise ValueError(f"DiTConfig.label_dim must be an int >= 0, got {self.label_dim!r}")
-        if self.img_resolution % self.patch_size:
+        if any(n % self.patch_size for n in self.img_shape[1:]):
             raise ValueError(f"DiTConfig.img_resolution={self.img_resolution} is not divisible by "
                              f"patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -129,8 +132,11 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.modulation must be one of {MODULATIONS}, got {self.modulation!r}")
         if self.c_noise not in ("t", "log_sigma"):
             raise ValueError(f"DiTConfig.c_noise must be 't' or 'log_sigma', got {self.c_noise!r}")
-        if not (isinstance(self.sigma_d, (int, float)) and self.sigma_d > 0):
-            raise ValueError(f"DiTConfig.sigma_d must be positive, got {self.sigma_d!r}")
+
+    @property
+    def img_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the network's input and output."""
+        return (self.img_channels, *sizes(self.img_resolution, "img_resolution"))
 
     @property
     def mlp_hidden(self) -> int:
@@ -151,22 +157,14 @@ DIT_PRESETS: dict[str, dict] = {
 }
 
 
-def build_dit(preset: str, img_resolution: int, img_channels: int, label_dim: int = 0, **overrides) -> DiT:
-    """A DiT from a named preset (DIT_PRESETS) for the given image shape; keyword overrides win."""
-    if preset not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT preset {preset!r}; known: {', '.join(DIT_PRESETS)}")
-    cfg = dict(DIT_PRESETS[preset], img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
-    cfg.update(overrides)
-    return DiT(DiTConfig(**cfg))
-
-
-def sincos_position_embedding(grid: int, channels: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [grid², channels] of a grid×grid token layout (row-major): a
-    quarter of the channels each for sin and cos of (row·ω_i) and of (column·ω_i), ω_i = 10000^(−i/quarter)."""
+def sincos_position_embedding(grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [rows·columns, channels] of a rows×columns token layout (row-major):
+    a quarter of the channels each for sin and cos of (row·ω_i) and of (column·ω_i), ω_i = 10000^(−i/quarter)."""
     quarter = channels // 4
     omega = 10_000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
-    pos = torch.arange(grid, dtype=torch.float64)
-    rows, cols = pos.repeat_interleave(grid), pos.repeat(grid)
+    n_rows, n_cols = grid
+    rows = torch.arange(n_rows, dtype=torch.float64).repeat_interleave(n_cols)
+    cols = torch.arange(n_cols, dtype=torch.float64).repeat(n_rows)
     a, b = rows[:, None] * omega[None], cols[:, None] * omega[None]
     return torch.cat([torch.sin(a), torch.cos(a), torch.sin(b), torch.cos(b)], dim=1).float()
 
@@ -219,14 +217,13 @@ def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, kind: st
     return modulated_layer_norm(x, 1 + scale, shift)
 
 
-class DiT(nn.Module):
+class DiT(Network):
     """Diffusion transformer mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request."""
 
-    def __init__(self, cfg: DiTConfig):
-        super().__init__()
-        self.cfg = cfg
+    def __init__(self, cfg: DiTConfig, sigma_d: float):
+        super().__init__(cfg, sigma_d)
         c, p = cfg.hidden_size, cfg.patch_size
-        self.grid = cfg.img_resolution // p
+        self.grid = (cfg.img_shape[1] // p, cfg.img_shape[2] // p)  # rows and columns of patches
         patch_dim = cfg.img_channels * p * p
 
         # Tokens: a linear map of p×p patches plus a fixed 2-D sin-cos position embedding.
@@ -271,9 +268,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_linear.weight)
         nn.init.zeros_(self.final_linear.bias)
 
-    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
-        return c_noise(t, self.cfg.c_noise, self.cfg.sigma_d)
-
     # -- conditioning ---------------------------------------------------------------------------------------
 
     def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
@@ -296,24 +290,19 @@ class DiT(nn.Module):
                 emb = normalize(emb, dim=1)  # unit RMS (stabiliser (b))
             return silu(emb)
 
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B]."""
-        with torch.autocast(t.device.type, enabled=False):
-            return self.weight_linear(self.weight_embed(self.c_noise(t)))[:, 0].clone()  # not a view (FSDP2's hook)
-
     # -- forward --------------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> tokens [B, (H/p)(W/p), C·p·p] (row-major patches; channel, row, column inside)."""
-        n, ch, g, p = x.shape[0], x.shape[1], self.grid, self.cfg.patch_size
-        return x.reshape(n, ch, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, ch * p * p)
+        n, ch, (gh, gw), p = x.shape[0], x.shape[1], self.grid, self.cfg.patch_size
+        return x.reshape(n, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, ch * p * p)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        n, ch, g, p = tokens.shape[0], self.cfg.img_channels, self.grid, self.cfg.patch_size
-        x = tokens.reshape(n, g, g, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, g * p, g * p)
+        n, ch, (gh, gw), p = tokens.shape[0], self.cfg.img_channels, self.grid, self.cfg.patch_size
+        x = tokens.reshape(n, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, gh * p, gw * p)
         return x.clone() if x._base is not None else x  # a view (one channel) would trip FSDP2's backward hook
 
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
-        check_image_input("DiT", x, t, self.cfg.img_channels, self.cfg.img_resolution)
+        check_input("DiT", x, t, self.shape)
         cond = self.embedding(t, labels, guidance)
         h = self.patch_embed(self.patchify(x)) + self.pos_embed
         for block in self.blocks:
@@ -323,12 +312,3 @@ class DiT(nn.Module):
         h = self.final_linear(modulate(h, scale, shift, self.cfg.modulation))
         out = self.unpatchify(h).to(x.dtype)
         return (out, self.weight(t)) if return_weight else out
-
-    @torch.no_grad()
-    def normalize_weights_(self) -> None:
-        """Forced weight normalization of the adaptive-weight head (an MPConv, as in the U-Net); call after each
-        optimizer step. The transformer's own layers are plain linear layers."""
-        self.weight_linear.normalize_weight_()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -21,11 +21,12 @@ __all__ = [
     "FourierEmbedding",
     "Linear",
     "MPConv",
+    "Network",
     "PositionalEmbedding",
     "adaptive_double_layer_norm",
     "adaptive_double_norm",
     "c_noise",
-    "check_image_input",
+    "check_input",
     "class_labels",
     "guidance_scales",
     "mp_cat",
@@ -199,9 +200,44 @@ def c_noise(t: torch.Tensor, kind: str = "t", sigma_d: float = 0.5) -> torch.Ten
     return torch.log(sigma_d * torch.tan(t.clamp(1e-7, math.pi / 2 - 1e-7))) / 4
 
 
-def check_image_input(net: str, x: torch.Tensor, t: torch.Tensor, channels: int, resolution: int) -> None:
-    """Shapes only (values are checked where data enters): x [B, channels, resolution, resolution], t [B]."""
-    expected = (channels, resolution, resolution)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"{net} expects x of shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+def check_input(net: str, x: torch.Tensor, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Shapes only (values are checked where data enters): x [B, *shape] (images: shape = (C, H, W)), t [B]."""
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"{net} expects x of shape [B, {', '.join(map(str, shape))}], got {tuple(x.shape)}")
     check_t(t, x)
+
+
+class Network(nn.Module):
+    """What every scm network shares (U-Net, DiT, diffusers students): its config `cfg`, the run's σ_d (given by
+    whoever builds it: a run has one σ_d, `loss.sigma_d`), the time input c_noise(t) (§4.1: t itself, or the
+    config's `c_noise` ablation), the adaptive log-weight w_φ(t) of eq. 8 from the subclass's `weight_embed` and
+    `weight_linear`, EDM2's forced weight normalization of its magnitude-preserving layers, its parameter count."""
+
+    def __init__(self, cfg, sigma_d: float):
+        super().__init__()
+        if not (isinstance(sigma_d, (int, float)) and math.isfinite(sigma_d) and sigma_d > 0):
+            raise ValueError(f"{type(self).__name__}: sigma_d must be a positive number, got {sigma_d!r}")
+        self.cfg, self.sigma_d = cfg, float(sigma_d)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of one input (and output): (C, H, W) for images."""
+        return self.cfg.img_shape
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        return c_noise(t, getattr(self.cfg, "c_noise", "t"), self.sigma_d)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B], computed in float32."""
+        with torch.autocast(t.device.type, enabled=False):
+            return self.weight_linear(self.weight_embed(self.c_noise(t)))[:, 0].clone()  # not a view (FSDP2's hook)
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """EDM2's forced weight normalization of every MPConv; call after each optimizer step (see MPConv)."""
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.normalize_weight_()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -2,63 +2,93 @@
 transformer presets (`dit-tiny`, `DiT-S/2` … `DiT-XL/2`) and `diffusers`, a diffusers teacher's own network as a
 student (`scm.diffusers.net`; its config names the diffusers class and holds its config, so it needs diffusers to
 build but not the teacher's folder). A run records its `net_preset` and its network's resolved config; the preset's
-architecture says which config class and network that config builds."""
+architecture says which config class and network that config builds.
+
+An architecture names its config class and network as "module:Class" and is imported on first use: the registry
+imports scm's own networks only, never the diffusers interop (`scm.diffusers`), which a run of another architecture
+never loads. A network is built as `Class(cfg, sigma_d)`: σ_d is the run's (`loss.sigma_d`), not the network's.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
 
 from torch import nn
 
-from scm.diffusers.net_config import DiffusersNetConfig
-from scm.nets.dit import DIT_PRESETS, DiT, DiTConfig
-from scm.nets.unet import NET_PRESETS as UNET_PRESETS
-from scm.nets.unet import UNet, UNetConfig
+from scm.nets.dit import DIT_PRESETS
+from scm.nets.unet import UNET_PRESETS
 
-__all__ = ["ARCHITECTURES", "NET_PRESETS", "NetConfig", "build_net", "config_class", "net_config"]
-
-NetConfig = UNetConfig | DiTConfig | DiffusersNetConfig
+__all__ = ["ARCHITECTURES", "NET_PRESETS", "Architecture", "NetConfig", "build_net", "config_class", "net_config"]
 
 
-def _diffusers_net(cfg: DiffusersNetConfig) -> nn.Module:
-    """scm.diffusers.net.DiffusersNet(cfg), imported on use (it imports scm.nets itself)."""
-    from scm.diffusers.net import DiffusersNet
+class NetConfig(Protocol):
+    """What every network config has (`scm.nets.unet.UNetConfig`, `scm.nets.dit.DiTConfig`,
+    `scm.diffusers.net_config.DiffusersNetConfig`): its input's shape, its classes and guidance input."""
 
-    return DiffusersNet(cfg)
+    img_resolution: int | tuple[int, int]
+    img_channels: int
+    label_dim: int
+    guidance_embed: bool
+
+    @property
+    def img_shape(self) -> tuple[int, ...]: ...
 
 
-# architecture name → (config class, network class or factory, its presets)
-ARCHITECTURES: dict[str, tuple[type, Callable[..., nn.Module], dict[str, dict]]] = {
-    "unet": (UNetConfig, UNet, UNET_PRESETS),
-    "dit": (DiTConfig, DiT, DIT_PRESETS),
-    "diffusers": (DiffusersNetConfig, _diffusers_net, {"diffusers": {}}),  # from a teacher: student_from_diffusers
+def _resolve(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A family of networks: its config class and network ("module:Class", imported on use) and its presets."""
+
+    config: str
+    network: str
+    presets: dict[str, dict]
+
+    def config_class(self) -> type:
+        return _resolve(self.config)
+
+    def describes(self, cfg) -> bool:
+        """Whether `cfg` is this architecture's config (without importing the architecture)."""
+        return f"{type(cfg).__module__}:{type(cfg).__qualname__}" == self.config
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "unet": Architecture("scm.nets.unet:UNetConfig", "scm.nets.unet:UNet", UNET_PRESETS),
+    "dit": Architecture("scm.nets.dit:DiTConfig", "scm.nets.dit:DiT", DIT_PRESETS),
+    # a diffusers teacher's network as its student: made from the teacher (scm.diffusers.net.student_config)
+    "diffusers": Architecture("scm.diffusers.net_config:DiffusersNetConfig", "scm.diffusers.net:DiffusersNet",
+                              {"diffusers": {}}),
 }
 
 # preset name → architecture name
-NET_PRESETS: dict[str, str] = {name: arch for arch, (_, _, presets) in ARCHITECTURES.items() for name in presets}
+NET_PRESETS: dict[str, str] = {name: arch for arch, a in ARCHITECTURES.items() for name in a.presets}
 
 
-def _arch(preset: str) -> str:
+def _arch(preset: str) -> Architecture:
     if preset not in NET_PRESETS:
         raise ValueError(f"unknown network preset {preset!r}; known: {', '.join(NET_PRESETS)}")
-    return NET_PRESETS[preset]
+    return ARCHITECTURES[NET_PRESETS[preset]]
 
 
 def config_class(preset: str) -> type:
     """The config class (UNetConfig, DiTConfig or DiffusersNetConfig) of a network preset."""
-    return ARCHITECTURES[_arch(preset)][0]
+    return _arch(preset).config_class()
 
 
 def net_config(preset: str, **fields) -> NetConfig:
     """A network preset's config with `fields` (img_resolution, img_channels, …) set over it."""
-    cls, _, presets = ARCHITECTURES[_arch(preset)]
-    return cls(**{**presets[preset], **fields})
+    arch = _arch(preset)
+    return arch.config_class()(**{**arch.presets[preset], **fields})
 
 
-def build_net(cfg: NetConfig) -> nn.Module:
-    """The network a config describes (a fresh initialization)."""
-    for cls, net_cls, _ in ARCHITECTURES.values():
-        if type(cfg) is cls:
-            return net_cls(cfg)
+def build_net(cfg: NetConfig, sigma_d: float) -> nn.Module:
+    """The network a config describes (a fresh initialization), for data of std σ_d (the run's `loss.sigma_d`)."""
+    for arch in ARCHITECTURES.values():
+        if arch.describes(cfg):
+            return _resolve(arch.network)(cfg, sigma_d)
     raise TypeError(f"not a network config: {type(cfg).__name__}")
-

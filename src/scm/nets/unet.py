@@ -1,6 +1,7 @@
 """An EDM2 (config G) U-Net with sCM's changes (Lu & Song §4.1, App. G): c_noise(t) = t with a positional
 embedding, adaptive double normalization, an optional guidance-scale input, and the adaptive-weight head
-w_φ(t). Called as `net(x_t/σ_d, t, labels, guidance=None, return_weight=False)` -> F (or (F, w)).
+w_φ(t). Called as `net(x_t/σ_d, t, labels, guidance=None, return_weight=False)` -> F (or (F, w)). Images need not
+be square: `img_resolution` is R (R×R) or (H, W), both divisible by 2 per down-sampling level.
 
 The network does not know what trains it: the same forward serves diffusion, sCT and sCD, their JVP
 passes, and sampling.
@@ -15,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scm._checks import sizes
 from scm.nets.attention import attention
 from scm.nets.functional import clip, silu, upsample2x
 from scm.nets.layers import (
     SILU_GAIN,
     FourierEmbedding,
     MPConv,
+    Network,
     PositionalEmbedding,
     adaptive_double_norm,
-    c_noise,
-    check_image_input,
+    check_input,
     class_labels,
     guidance_scales,
     mp_cat,
@@ -34,14 +36,14 @@ from scm.nets.layers import (
 )
 from scm.precision import to_compute
 
-__all__ = ["NET_PRESETS", "UNet", "UNetConfig", "build_unet"]
+__all__ = ["UNET_PRESETS", "UNet", "UNetConfig"]
 
 
 @dataclass
 class UNetConfig:
-    """Network configuration (one line a field; presets set a few of them, see NET_PRESETS)."""
+    """Network configuration (one line a field; presets set a few of them, see UNET_PRESETS)."""
 
-    img_resolution: int = 32
+    img_resolution: int | tuple[int, int] = 32    # R (R×R images) or (H, W)
     img_channels: int = 3
     label_dim: int = 0                  # number of classes; 0 = unconditional
     model_channels: int = 192           # base channel count C
@@ -57,7 +59,6 @@ class UNetConfig:
     time_embed: str = "positional"      # "positional" (§4.1) | "fourier" (ablation)
     c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM2's log(σ)/4 (ablation)
     fourier_scale: float = 16.0         # scale of the "fourier" embedding
-    sigma_d: float = 0.5                # only used by c_noise = "log_sigma"
     weight_channels: int = 128          # embedding width of the adaptive-weight head w_φ(t)
     res_balance: float = 0.3
     attn_balance: float = 0.3
@@ -68,11 +69,14 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attn_resolutions = tuple(self.attn_resolutions)
-        for name in ("img_resolution", "img_channels", "model_channels", "num_blocks", "channel_mult_emb"):
+        if not isinstance(self.img_resolution, int):
+            self.img_resolution = tuple(self.img_resolution)
+        sizes(self.img_resolution, "img_resolution")
+        for name in ("img_channels", "model_channels", "num_blocks", "channel_mult_emb"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
                 raise ValueError(f"UNetConfig.{name} must be a positive int, got {v!r}")
-        if self.img_resolution % (1 << (len(self.channel_mult) - 1)):
+        if any(n % (1 << (len(self.channel_mult) - 1)) for n in self.img_shape[1:]):
             raise ValueError(
                 f"UNetConfig.img_resolution={self.img_resolution} is not divisible by 2^{len(self.channel_mult) - 1} "
                 f"(channel_mult has {len(self.channel_mult)} levels)"
@@ -86,10 +90,15 @@ class UNetConfig:
         if self.label_dim < 0:
             raise ValueError(f"UNetConfig.label_dim must be >= 0, got {self.label_dim}")
 
+    @property
+    def img_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the network's input and output."""
+        return (self.img_channels, *sizes(self.img_resolution, "img_resolution"))
+
 
 # One line a preset. EDM2 config G (S…XXL, channels 192…448) as in sCM's ImageNet 64×64 pixel and 512×512
 # latent (64×64×4) models; tiny for CPU tests and the demo (28×28 or 32×32); cifar at DDPM++ size.
-NET_PRESETS: dict[str, dict] = {
+UNET_PRESETS: dict[str, dict] = {
     "tiny":  dict(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7, 8), channel_mult_emb=4),
     "cifar": dict(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), channel_mult_emb=4),
     "S":     dict(model_channels=192),
@@ -98,15 +107,6 @@ NET_PRESETS: dict[str, dict] = {
     "XL":    dict(model_channels=384),
     "XXL":   dict(model_channels=448),
 }
-
-
-def build_unet(preset: str, img_resolution: int, img_channels: int, label_dim: int = 0, **overrides) -> UNet:
-    """A UNet from a named preset (NET_PRESETS) for the given image shape; keyword overrides win."""
-    if preset not in NET_PRESETS:
-        raise ValueError(f"unknown network preset {preset!r}; known: {', '.join(NET_PRESETS)}")
-    cfg = dict(NET_PRESETS[preset], img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
-    cfg.update(overrides)
-    return UNet(UNetConfig(**cfg))
 
 
 class Block(nn.Module):
@@ -163,13 +163,13 @@ class Block(nn.Module):
         return x
 
 
-class UNet(nn.Module):
-    """EDM2 U-Net (config G) mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request."""
+class UNet(Network):
+    """EDM2 U-Net (config G) mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request. Its blocks are
+    named by their feature map's size, "HxW_…"; a level's resolution, which `attn_resolutions` and `dropout_max_res`
+    refer to, is the longer side of its feature map (H = W for square images)."""
 
-    def __init__(self, cfg: UNetConfig):
-        super().__init__()
-        self.cfg = cfg
-        cblock = [cfg.model_channels * m for m in cfg.channel_mult]
+    def __init__(self, cfg: UNetConfig, sigma_d: float):
+        super().__init__(cfg, sigma_d)
         cnoise = cfg.model_channels
         cemb = cfg.model_channels * cfg.channel_mult_emb
         self.out_gain = nn.Parameter(torch.zeros([1]))  # 1-D: FSDP2 cannot shard scalars
@@ -182,45 +182,52 @@ class UNet(nn.Module):
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_embed else None
         self.weight_embed = self._time_embedding(cfg.weight_channels)
         self.weight_linear = MPConv(cfg.weight_channels, 1)
+        cout = self._encoder(cemb)
+        cout = self._decoder(cemb, cout)
+        self.out_conv = MPConv(cout, cfg.img_channels, (3, 3))
 
-        # Encoder.
+    def _levels(self):
+        """(level, block channels, "HxW", resolution) of each level, the input's first."""
+        cfg, (h, w) = self.cfg, self.cfg.img_shape[1:]
+        for level, mult in enumerate(cfg.channel_mult):
+            size = (h >> level, w >> level)
+            yield level, cfg.model_channels * mult, f"{size[0]}x{size[1]}", max(size)
+
+    def _encoder(self, cemb: int) -> int:
+        cfg, cout = self.cfg, self.cfg.img_channels + 1
         self.enc = nn.ModuleDict()
-        cout = cfg.img_channels + 1
-        for level, channels in enumerate(cblock):
-            res = cfg.img_resolution >> level
+        for level, channels, name, res in self._levels():
             if level == 0:
                 cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, (3, 3))
+                self.enc[f"{name}_conv"] = MPConv(cin, cout, (3, 3))
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, res, "enc", "down", False, cfg)
+                self.enc[f"{name}_down"] = Block(cout, cout, cemb, res, "enc", "down", False, cfg)
             for i in range(cfg.num_blocks):
                 cin, cout = cout, channels
-                attn = res in cfg.attn_resolutions
-                self.enc[f"{res}x{res}_block{i}"] = Block(cin, cout, cemb, res, "enc", "keep", attn, cfg)
+                self.enc[f"{name}_block{i}"] = Block(cin, cout, cemb, res, "enc", "keep", res in cfg.attn_resolutions,
+                                                     cfg)
+        return cout
 
-        # Decoder.
+    def _decoder(self, cemb: int, cout: int) -> int:
+        cfg = self.cfg
         self.dec = nn.ModuleDict()
         skips = [m.out_channels if isinstance(m, MPConv) else m.conv_res1.out_channels for m in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = cfg.img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, res, "dec", "keep", True, cfg)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, res, "dec", "keep", False, cfg)
+        for level, channels, name, res in reversed(list(self._levels())):
+            if level == len(cfg.channel_mult) - 1:
+                self.dec[f"{name}_in0"] = Block(cout, cout, cemb, res, "dec", "keep", True, cfg)
+                self.dec[f"{name}_in1"] = Block(cout, cout, cemb, res, "dec", "keep", False, cfg)
             else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, res, "dec", "up", False, cfg)
+                self.dec[f"{name}_up"] = Block(cout, cout, cemb, res, "dec", "up", False, cfg)
             for i in range(cfg.num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels
-                attn = res in cfg.attn_resolutions
-                self.dec[f"{res}x{res}_block{i}"] = Block(cin, cout, cemb, res, "dec", "keep", attn, cfg)
-        self.out_conv = MPConv(cout, cfg.img_channels, (3, 3))
+                self.dec[f"{name}_block{i}"] = Block(cin, cout, cemb, res, "dec", "keep", res in cfg.attn_resolutions,
+                                                     cfg)
+        return cout
 
     def _time_embedding(self, channels: int) -> nn.Module:
         if self.cfg.time_embed == "fourier":
             return FourierEmbedding(channels, scale=self.cfg.fourier_scale)
         return PositionalEmbedding(channels)
-
-    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
-        return c_noise(t, self.cfg.c_noise, self.cfg.sigma_d)
 
     # -- conditioning ---------------------------------------------------------------------------------------
 
@@ -245,14 +252,9 @@ class UNet(nn.Module):
                 emb = mp_sum(emb, self.emb_guidance(self.guidance_embed(g)), t=0.5)  # added to the time embedding
             return mp_silu(emb)
 
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B]."""
-        with torch.autocast(t.device.type, enabled=False):
-            return self.weight_linear(self.weight_embed(self.c_noise(t)))[:, 0].clone()  # not a view (FSDP2's hook)
-
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
-        check_image_input("UNet", x, t, self.cfg.img_channels, self.cfg.img_resolution)
+        check_input("UNet", x, t, self.shape)
         emb = self.embedding(t, labels, guidance)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -265,14 +267,3 @@ class UNet(nn.Module):
             h = block(h, emb)
         out = self.out_conv(h, gain=self.out_gain).to(x.dtype)
         return (out, self.weight(t)) if return_weight else out
-
-    @torch.no_grad()
-    def normalize_weights_(self) -> None:
-        """EDM2's forced weight normalization; call after each optimizer step (see MPConv)."""
-        for m in self.modules():
-            if isinstance(m, MPConv):
-                m.normalize_weight_()
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-

@@ -280,6 +280,116 @@ class HostGuard:
         await self.app(scope, receive, send)
 
 
+@dataclass
+class _Served:
+    """What the app's routes read (`app.state.served`): the models, their workers, the page's files."""
+
+    models: dict[str, ServedModel]
+    workers: dict[str, Worker]
+    static: dict[str, bytes]  # the page and its script and style, read from the package once
+    warm_up: bool
+    keys: itertools.count = field(default_factory=itertools.count)  # a key of its own for a request without client
+
+
+def _json(body: dict, status: int = 200):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers={**SECURITY, "Cache-Control": "no-store"})
+
+
+def _error(status: int, message: str, **extra):
+    return _json({"error": message, **extra}, status)
+
+
+async def index(request):
+    from starlette.responses import Response
+
+    return Response(request.app.state.served.static["page.html"], media_type="text/html; charset=utf-8",
+                    headers={**SECURITY, "Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+
+
+async def static_file(request):
+    from starlette.responses import Response
+
+    name = request.path_params["name"]
+    if name not in STATIC:
+        return _error(404, "not found")
+    return Response(request.app.state.served.static[name], media_type=STATIC[name],
+                    headers={**SECURITY, "Cache-Control": "no-cache"})
+
+
+async def info(request):
+    models = request.app.state.served.models
+    return _json({"student": models["student"].describe(),
+                  "teacher": models["teacher"].describe() if "teacher" in models else None, "seed_max": SEED_MAX})
+
+
+async def stats(request):
+    return _json({name: w.describe() for name, w in request.app.state.served.workers.items()})
+
+
+async def generate(request):
+    """/api/generate: validate, queue in the model's worker (latest wins per client), answer PNG or JSON."""
+    start, served = time.perf_counter(), request.app.state.served
+    try:
+        model, q = parse_query(request.query_params.multi_items(), served.models)
+    except InvalidSetting as e:
+        return _error(400, str(e), parameter=e.key)
+    key = ("client", q.client) if q.client else ("request", next(served.keys))
+    worker = served.workers[model.name]
+    future = worker.submit(key, q, request.is_disconnected, group=(q.steps, q.guidance), size=q.batch)
+    if future is None:
+        return _error(503, f"busy: {worker.max_waiting} requests are waiting for the {model.name}; try again")
+    try:
+        outcome = await future
+    except ScmError as e:  # a setting the sampler refuses that the checks above let through
+        return _error(400, str(e), parameter=e.key)
+    except Exception as e:  # the server keeps serving (out of memory, a device error …)
+        log.exception("generation failed")
+        return _error(500, f"generation failed: {type(e).__name__}: {e}")
+    if outcome == SUPERSEDED:
+        return _error(409, "superseded: a newer request from this client arrived before this one started",
+                      superseded=True)
+    if outcome == GONE:  # nobody is listening; answered for completeness
+        return _error(409, "the client disconnected before this request started", gone=True)
+    return _png(outcome, model, q, start)
+
+
+def _png(outcome, model: ServedModel, q, start: float):
+    """The image(s) of a generation, with its timings in headers (module docstring)."""
+    from starlette.responses import Response
+
+    ms = 1000 * outcome.seconds
+    per_image = ms / outcome.images
+    headers = {
+        **SECURITY, "Cache-Control": "no-store",
+        "X-Model": model.name, "X-Seed": str(q.seed), "X-Steps": str(q.steps), "X-NFE": str(outcome.nfe),
+        "X-Images": str(outcome.images), "X-Generation-Ms": f"{ms:.3f}", "X-Ms-Per-Image": f"{per_image:.3f}",
+        "X-Images-Per-Second": f"{1000 / per_image:.1f}" if per_image > 0 else "inf",
+        "X-Server-Ms": f"{1000 * (time.perf_counter() - start):.3f}",
+    }
+    return Response(outcome.png, media_type="image/png", headers=headers)
+
+
+async def not_found(request, exc):
+    status = getattr(exc, "status_code", 404)
+    return _error(status, "not found" if status == 404 else str(getattr(exc, "detail", "")) or "error")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    """Warm every model up (one generation per batch size) before the first request; close the workers at the end."""
+    loop, served = asyncio.get_running_loop(), app.state.served
+    if served.warm_up:
+        for w in served.workers.values():
+            await loop.run_in_executor(w.executor, w.model.warm_up)
+    try:
+        yield
+    finally:
+        for w in served.workers.values():
+            await w.close()
+
+
 def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_waiting: int = 64,
                warm_up: bool = True, threads: int | str | None = "auto", allowed_hosts=None):
     """The Starlette app serving `student` (and `teacher` beside it). With `warm_up`, each model generates once
@@ -291,7 +401,6 @@ def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     models = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
@@ -299,87 +408,12 @@ def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_
         on_cpu = any(m.device.type == "cpu" for m in models.values())
         threads = max(1, torch.get_num_threads() // len(models)) if on_cpu else None
     workers = {name: Worker(m, max_waiting, threads, run_batch=m.generate_many) for name, m in models.items()}
-    page = _package_file("page.html")
-    static = {name: _package_file(name) for name in STATIC}
-    keys = itertools.count()
-
-    def error(status: int, message: str, **extra) -> JSONResponse:
-        return JSONResponse({"error": message, **extra}, status_code=status,
-                            headers={**SECURITY, "Cache-Control": "no-store"})
-
-    async def index(request):
-        return Response(page, media_type="text/html; charset=utf-8",
-                        headers={**SECURITY, "Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
-
-    def static_file(name: str):
-        async def endpoint(request):
-            return Response(static[name], media_type=STATIC[name], headers={**SECURITY, "Cache-Control": "no-cache"})
-        return endpoint
-
-    async def info(request):
-        return JSONResponse({"student": student.describe(), "teacher": teacher.describe() if teacher else None,
-                             "seed_max": SEED_MAX}, headers={**SECURITY, "Cache-Control": "no-store"})
-
-    async def stats(request):
-        return JSONResponse({name: w.describe() for name, w in workers.items()},
-                            headers={**SECURITY, "Cache-Control": "no-store"})
-
-    async def generate(request):
-        start = time.perf_counter()
-        try:
-            model, q = parse_query(request.query_params.multi_items(), models)
-        except InvalidSetting as e:
-            return error(400, str(e), parameter=e.key)
-        key = ("client", q.client) if q.client else ("request", next(keys))
-        worker = workers[model.name]
-        future = worker.submit(key, q, request.is_disconnected, group=(q.steps, q.guidance), size=q.batch)
-        if future is None:
-            return error(503, f"busy: {worker.max_waiting} requests are waiting for the {model.name}; try again")
-        try:
-            outcome = await future
-        except ScmError as e:  # a setting the sampler refuses that the checks above let through
-            return error(400, str(e), parameter=e.key)
-        except Exception as e:  # the server keeps serving (out of memory, a device error …)
-            log.exception("generation failed")
-            return error(500, f"generation failed: {type(e).__name__}: {e}")
-        if outcome == SUPERSEDED:
-            return error(409, "superseded: a newer request from this client arrived before this one started",
-                         superseded=True)
-        if outcome == GONE:  # nobody is listening; answered for completeness
-            return error(409, "the client disconnected before this request started", gone=True)
-        ms = 1000 * outcome.seconds
-        per_image = ms / outcome.images
-        headers = {
-            **SECURITY, "Cache-Control": "no-store",
-            "X-Model": model.name, "X-Seed": str(q.seed), "X-Steps": str(q.steps), "X-NFE": str(outcome.nfe),
-            "X-Images": str(outcome.images), "X-Generation-Ms": f"{ms:.3f}", "X-Ms-Per-Image": f"{per_image:.3f}",
-            "X-Images-Per-Second": f"{1000 / per_image:.1f}" if per_image > 0 else "inf",
-            "X-Server-Ms": f"{1000 * (time.perf_counter() - start):.3f}",
-        }
-        return Response(outcome.png, media_type="image/png", headers=headers)
-
-    async def not_found(request, exc):
-        status = getattr(exc, "status_code", 404)
-        return error(status, "not found" if status == 404 else str(getattr(exc, "detail", "")) or "error")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        loop = asyncio.get_running_loop()
-        if warm_up:
-            for w in workers.values():
-                await loop.run_in_executor(w.executor, w.model.warm_up)
-        try:
-            yield
-        finally:
-            for w in workers.values():
-                await w.close()
-
     routes = [Route("/", index), Route("/api/info", info), Route("/api/stats", stats),
-              Route("/api/generate", generate),
-              *[Route(f"/static/{name}", static_file(name)) for name in STATIC]]
+              Route("/api/generate", generate), Route("/static/{name}", static_file)]
     guard = [] if allowed_hosts is None else [Middleware(HostGuard, allowed=allowed_hosts)]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found}, middleware=guard)
-    app.state.workers = workers
+    app.state.served = _Served(models, workers, {name: _package_file(name) for name in ("page.html", *STATIC)},
+                               warm_up)
     return app
 
 

@@ -18,10 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from scm.conditioning import Conditioning
 from scm.errors import InvalidSetting, RunError
 from scm.generate import Sampler, generate_items, sample_shape
 from scm.images import encode_png, grid, to_uint8
 from scm.runs import LoadedRun
+from scm.sampling import TEACHER_NFE
 
 __all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "GUIDANCE_MAX", "PARAMETERS", "SEED_MAX", "Query",
            "ServedModel", "check_pair", "parse_query"]
@@ -29,7 +31,7 @@ __all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "GUIDANCE_MAX", "PA
 SEED_MAX = 2**31 - 1
 BATCHES = (1, 4, 16)                 # images per request: one image, or a 2×2 / 4×4 grid
 CONSISTENCY_STEPS = (1, 2, 4)        # consistency runs: sampling steps (= network evaluations)
-DIFFUSION_NFES = (3, 5, 9, 17, 35)   # diffusion runs served on their own: Heun NFEs (odd: 2N − 1 evaluations)
+DIFFUSION_NFES = (3, 5, 9, 17, TEACHER_NFE)  # diffusion runs served on their own: Heun NFEs (2N − 1 evaluations)
 GUIDANCE_MAX = 10.0
 # every parameter /api/generate accepts; `model` picks the student or the teacher, `client` names the page
 # (a newer request with the same client id supersedes an older one that has not started: scm.serve.app)
@@ -63,9 +65,8 @@ class Generated:
     batched: int = 1   # requests generated together in the same network call
 
 
-def _class_names(run: LoadedRun) -> list[str]:
-    """The class names of a conditional run: those its prepared data directory records, else the ids."""
-    n = run.cfg.net.label_dim
+def _class_names(run: LoadedRun, n: int) -> list[str]:
+    """The names of a conditional run's n classes: those its prepared data directory records, else the ids."""
     names = [str(i) for i in range(n)]
     try:
         meta = json.loads((Path(str(run.cfg.data)) / "meta.json").read_text())
@@ -105,14 +106,13 @@ class ServedModel:
             decoder(run.latent)
         if self.channels not in (1, 3):
             raise RunError(f"{name}: its samples have {self.channels} channels; a page shows images of 1 or 3")
-        self.classes = int(cfg.net.label_dim or 0)
-        self.class_names = _class_names(run) if self.classes else []
-        # guidance: classifier-free guidance for a conditional diffusion run, the guidance input of an sCD student
-        # distilled with it (as `generate` and `scm sample` decide)
-        self.takes_guidance = bool(self.classes) if self.diffusion else bool(cfg.net.guidance_embed)
-        trained = getattr(cfg.loss, "guidance", None)
-        self.default_guidance = (float(trained[0]) if trained and not self.diffusion else 1.0) \
-            if self.takes_guidance else None
+        # classes, and guidance (classifier-free for a conditional diffusion run, the input of an sCD student
+        # distilled with it) with its default: the run's conditioning, as `generate` and `scm sample` take it
+        self.conditioning = Conditioning.of_run(cfg)
+        self.classes = self.conditioning.classes
+        self.class_names = _class_names(run, self.classes) if self.classes else []
+        self.takes_guidance = self.conditioning.guidance != "none"
+        self.default_guidance = self.conditioning.default_guidance
         self.device = next(run.net.parameters()).device
 
     # -- what it offers -------------------------------------------------------------------------------------------
@@ -158,21 +158,15 @@ class ServedModel:
                 raise InvalidSetting("steps", params["steps"], f"this model's {what} is one of {list(self.steps)}")
         class_label = None
         if "class" in params:
-            if not self.classes:
-                raise InvalidSetting("class", params["class"], "this model is unconditional")
-            class_label = _integer(params, "class", 0, 0, self.classes - 1)
-        guidance = None
+            class_label = _integer(params, "class", 0, 0, SEED_MAX)
+            _refuse("class", params["class"], self.conditioning.refusal(class_label, None))
+        guidance = self.default_guidance
         if "guidance" in params:
             value = params["guidance"]
-            if not self.takes_guidance:
-                why = ("it is unconditional, so it has no classifier-free guidance" if self.diffusion else
-                       "it has no guidance input (it was not distilled with classifier-free guidance)")
-                raise InvalidSetting("guidance", value, f"this model takes no guidance: {why}")
+            _refuse("guidance", value, self.conditioning.refusal(None, 1.0))  # no guidance at all
             guidance = float(value) if _DECIMAL.fullmatch(value) else math.nan
             if not 0 < guidance <= GUIDANCE_MAX:
                 raise InvalidSetting("guidance", value, f"must be a number in (0, {GUIDANCE_MAX:g}]")
-        elif self.default_guidance is not None and not self.diffusion:
-            guidance = self.default_guidance
         batch = _integer(params, "batch", 1, 0, 10**9)
         if batch not in self.batches:
             raise InvalidSetting("batch", params["batch"], f"must be one of {list(self.batches)}")
@@ -207,6 +201,12 @@ class ServedModel:
         CUDA context, kernel selection)."""
         for b in self.batches:
             self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b))
+
+
+def _refuse(key: str, value: str, why: tuple[str, str] | None) -> None:
+    """InvalidSetting naming the request's parameter for what the model's conditioning refuses."""
+    if why is not None:
+        raise InvalidSetting(key, value, why[1])
 
 
 def _integer(params: dict[str, str], key: str, default: int, lo: int, hi: int) -> int:
@@ -248,10 +248,10 @@ def check_pair(student: LoadedRun, teacher: LoadedRun) -> None:
         raise RunError(f"the teacher is a {teacher.cfg.method} run; a teacher is a diffusion run (its Heun ODE is "
                        "shown beside the student)", key="teacher")
     s, t = student.cfg, teacher.cfg
-    pairs = {"model-space shape": ((s.channels, s.resolution), (t.channels, t.resolution)),
+    pairs = {"model-space shape": (s.shape, t.shape),
              "image shape": (sample_shape(student), sample_shape(teacher)),
              "sigma_d": (s.loss.sigma_d, t.loss.sigma_d),
-             "classes": (s.net.label_dim or 0, t.net.label_dim or 0),
+             "classes": (Conditioning.of_run(s).classes, Conditioning.of_run(t).classes),
              "latent space": (student.latent is not None, teacher.latent is not None)}
     for what, (a, b) in pairs.items():
         if a != b:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from scm.conditioning import Conditioning
+from scm.data.dataset import Dataset
 from scm.runs import mix_seed
 from scm.train.step import MicroBatch
 
@@ -51,13 +53,14 @@ class BatchPlan:
         return mix_seed(self.seed, step, slot, 2)
 
 
-def micro_batches(data, plan: BatchPlan, step: int, rank: int, grad_accum: int, world: int, conditional: bool,
-                  device) -> list[MicroBatch]:
-    """This process's micro-batches of step `step` (slots rank·grad_accum … rank·grad_accum + grad_accum − 1)."""
+def micro_batches(data: Dataset, plan: BatchPlan, step: int, rank: int, grad_accum: int, world: int,
+                  conditioning: Conditioning, device) -> list[MicroBatch]:
+    """This process's micro-batches of step `step` (slots rank·grad_accum … rank·grad_accum + grad_accum − 1), with
+    the conditioning tensors the run's network takes."""
     out = []
     for a in range(grad_accum):
         slot = rank * grad_accum + a
-        x0, labels = data.batch(plan.slot(step, slot, world * grad_accum), device)
-        out.append(MicroBatch(x0, {"labels": labels} if conditional else {}, plan.noise_generator(step, slot, device),
+        x0, cond = data.batch(plan.slot(step, slot, world * grad_accum), device)
+        out.append(MicroBatch(x0, conditioning.from_batch(cond), plan.noise_generator(step, slot, device),
                               plan.dropout_seed(step, slot)))
     return out

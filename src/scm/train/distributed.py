@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from scm.devices import resolve_device
+
 __all__ = ["DistInfo", "init_distributed", "wrap_model"]
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -46,18 +48,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={spec!r}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def init_distributed(device_spec: str = "auto") -> DistInfo:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
 from scm.errors import RunError, TrainingStopped
@@ -28,6 +29,7 @@ from scm.train.distributed import DistInfo, barrier, init_distributed
 from scm.train.ema import PowerEMA
 from scm.train.logger import Logger
 from scm.train.optim import learning_rate
+from scm.train.resolve import resolve
 from scm.train.samples import sample_grids
 from scm.train.state import TrainState
 from scm.train.step import train_step
@@ -55,10 +57,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     cfg.validate()
     info = init_distributed(cfg.device)
     data = load_dataset(cfg.data)
+    cfg, run = resolve(cfg, data), RunDir(cfg.out)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
     built = build(cfg, data, info.device)
-    cfg, run = built.cfg, RunDir(cfg.out)
-    latent = getattr(data, "latent", None)  # latents (scm.data.latents): recorded so that samples can be decoded
+    latent = data.latent  # latents (scm.data.latents): recorded so that samples can be decoded
     ckpt = _prepare_run_dir(run, cfg, resume, info, latent)
     if built.teacher_info is not None and info.is_main:
         run.write_teacher(built.teacher_info)
@@ -74,7 +76,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         log.info(f"resumed from {ckpt} at {state.kimg:.1f} kimg (step {state.step})")
     elif resume:
         log.info(f"{run.path} has no checkpoint yet: starting from the beginning")
-    plan = BatchPlan(len(data), cfg.batch, cfg.seed)
+    plan, conditioning = BatchPlan(len(data), cfg.batch, cfg.seed), Conditioning.of_run(cfg)
     total_nimg = math.ceil(round(cfg.kimg * 1000) / cfg.batch) * cfg.batch  # whole steps
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     stop, done = _StopFlag(), state.cur_nimg >= total_nimg
@@ -82,7 +84,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     with stop.installed():
         while not done:
             lr = learning_rate(cfg.optim, state.kimg)
-            batches = micro_batches(data, plan, state.step, info.rank, cfg.grad_accum, info.world, cfg.conditional,
+            batches = micro_batches(data, plan, state.step, info.rank, cfg.grad_accum, info.world, conditioning,
                                     info.device)
             result = train_step(state, objective, batches, cfg, lr, info)
             if not result.finite:

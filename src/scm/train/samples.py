@@ -15,8 +15,7 @@ from scm.config import TrainConfig
 from scm.errors import DataError, MissingDependency
 from scm.generate import Sampler, generate
 from scm.images import grid, report_scale, save_png
-from scm.nets.registry import build_net
-from scm.runs import LoadedRun
+from scm.runs import network_run
 
 __all__ = ["sample_grids"]
 
@@ -27,9 +26,8 @@ def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: f
     """Grids of the EMA `weights` into out_dir; `latent`: the data's latent information (decode through its VAE)."""
     if latent is None and cfg.channels not in (1, 3):
         return []  # other data without a decoder: nothing to look at
-    net = build_net(cfg.net).to(device).eval()
-    net.load_state_dict(weights)
-    run = LoadedRun(cfg, net, out_dir, cfg.ema.stds[0], round(kimg * 1000 / cfg.batch), latent)
+    run = network_run(cfg, weights, source=out_dir, ema_std=cfg.ema.stds[0], step=round(kimg * 1000 / cfg.batch),
+                      latent=latent, device=device)
     if cfg.method == "diffusion":
         samplers = {f"heun-nfe{2 * cfg.sample_ode_steps - 1}": Sampler(nfe=2 * cfg.sample_ode_steps - 1)}
     else:

@@ -25,7 +25,7 @@ __all__ = ["MicroBatch", "StepResult", "train_step"]
 @dataclass
 class MicroBatch:
     x0: torch.Tensor                  # images in model space, on the device
-    cond: dict                        # the network's conditioning ({"labels": …} for conditional runs)
+    cond: dict                        # the network's conditioning (`Conditioning.from_batch`: {"labels": …} or {})
     generator: torch.Generator        # the objective's noise: t, z (and sCD's guidance scales)
     dropout_seed: int                 # seeds the global RNG, which dropout draws from
 

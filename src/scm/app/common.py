@@ -1,0 +1,93 @@
+"""What every `scm` command shares: how a library error is worded for a person (the flag at fault first, a hint
+on how to fix it last), and the small argument helpers (a run to load, a list of times, a writable --out). The
+commands (`scm.app.cli`, `scm.app.ema_cli`) import from here; nothing here imports a command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from scm.errors import ScmError
+
+__all__ = ["DATA_FLAGS", "DATA_HINTS", "FLAGS", "HINTS", "USER_ERRORS", "device_of", "fail", "fail_on", "load",
+           "parse_times", "writable_folder"]
+
+# The library names the setting at fault (ScmError.key); here is how a person sets it on the command line.
+FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "t_mid": "--t-mid", "solver": "--solver",
+         "class_label": "--class", "guidance": "--guidance", "n": "--n", "batch": "--batch", "ema_std": "--ema",
+         "metric": "--metric", "method": "--method", "preset": "--preset", "resume": "--resume", "out": "--out",
+         "teacher": "--teacher", "inception": "--inception", "device": "--device"}
+HINTS = {"out": "continue it with --resume, or choose another --out", "method": "pick one with --method",
+         "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
+         "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
+
+# the data commands' settings and hints (over FLAGS / HINTS)
+DATA_FLAGS = {"src": "--data", "data": "--data", "out": "--out", "resolution": "--resolution", "channels": "--channels",
+              "alpha": "--alpha", "vae": "--vae", "dtype": "--dtype", "normalization": "--normalization",
+              "which": "--sample", "batch": "--batch"}
+DATA_HINTS = {"out": "choose another --out, or remove it", "skip_bad": "--skip-bad skips such files (and lists them "
+              "in meta.json)"}
+
+
+def fail(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def fail_on(e: Exception, flags: dict | None = None, hints: dict | None = None):
+    """Word a library error for the command line: the flag at fault first, a hint on how to fix it last
+    (`flags`/`hints`: a command's own words, over the common ones)."""
+    flags, hints = {**FLAGS, **(flags or {})}, {**HINTS, **(hints or {})}
+    msg, key = str(e), getattr(e, "key", None)
+    if key in flags and msg.startswith(f"{key}="):  # "steps=0: …" → "--steps 0: …"
+        msg = f"{flags[key]} {msg[len(key) + 1:]}"
+    elif key in flags:
+        msg = f"{flags[key]}: {msg}"
+    if hints.get(key):
+        msg = f"{msg}; {hints[key]}"
+    fail(msg)
+
+
+USER_ERRORS = (ScmError, FileNotFoundError)
+
+
+def device_of(spec: str):
+    """The --device setting as a torch.device (a device this machine lacks is an error exit)."""
+    from scm.devices import resolve_device
+
+    try:
+        return resolve_device(spec)
+    except ScmError as e:
+        fail_on(e)
+
+
+def load(ckpt: str, ema: float | None, raw: bool, device: str):
+    """The run --ckpt names (its EMA --ema, or --raw weights) on --device."""
+    from scm.runs import load_run
+
+    return load_run(ckpt, ema, raw=raw, device=device_of(device))
+
+
+def parse_times(text: str | None):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"--ts {text!r}: expected comma-separated times in radians, e.g. 1.5645,1.1")
+
+
+def writable_folder(out: str, folder: Path) -> Path:
+    """Make `folder` (where --out OUT writes) and check that it is writable, before anything is computed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create {folder} ({e.strerror or e})")
+    if not os.access(folder, os.W_OK):
+        fail(f"--out {out}: {folder} is not writable")
+    return folder
+
+

@@ -1,0 +1,164 @@
+"""What a run is conditioned on, written once: the network's inputs besides (x_t/σ_d, t), for training, for the
+teacher's classifier-free guidance and for sampling.
+
+A run is unconditional or conditioned on class labels (a data set's `labels`); later kinds (prompt embeddings)
+are further kinds of this one object. Its `Conditioning` says
+- which of a data batch's conditioning tensors the network gets (`from_batch`): training (`scm.train.batches`);
+- the unconditional ("null") input and the guided network F_s = F_u + s·(F_c − F_u) (§5.2; `null`, `guided`):
+  the sCD teacher (`scm.objectives`) and the sampling of a class-conditional diffusion run;
+- how image i of a sampling request gets its condition (`sample_inputs`): the class asked for, or class
+  i mod the number of classes, so that an image depends on (seed, i) only (`scm.generate`, `scm serve`, the
+  exported pipeline);
+- which guidance scale the model takes and its default (`guidance`, `default_guidance`), and why a requested class
+  or scale does not fit (`refusal`, `check`).
+
+It is derived from a run's resolved configuration (`Conditioning.of_run`), or from what an exported pipeline
+records, never decided twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from scm.errors import SamplerError
+from scm.trigflow import expand
+
+__all__ = ["GUIDANCE", "Conditioning", "guided"]
+
+# How a model takes a guidance scale s: not at all; by classifier-free guidance, two evaluations of a
+# class-conditional diffusion model combined (§5.2); or as a network input (a student distilled with a guided
+# teacher, §5.2, whose output is already F_s).
+GUIDANCE = ("none", "cfg", "input")
+
+
+def guided(fn: Callable[..., torch.Tensor], null: dict) -> Callable[..., torch.Tensor]:
+    """Classifier-free guidance: F_s = F_null + s·(F_cond − F_null) (paper §5.2, App. G.2; s = 1 is no guidance).
+
+    Returns g(x_scaled, t, *, guidance, **cond) where `guidance` is a float or a tensor [B] (one scale per
+    example, as sCD samples it). The unconditional evaluation replaces entries of cond by `null` (a run's
+    `Conditioning.null()`: {"labels": None}, the network's unconditional mode, for class labels)."""
+    null = dict(null)
+
+    def g(x_scaled: torch.Tensor, t: torch.Tensor, *, guidance, **cond) -> torch.Tensor:
+        F_c = fn(x_scaled, t, **cond)
+        if isinstance(guidance, (int, float)) and guidance == 1:
+            return F_c
+        F_u = fn(x_scaled, t, **{**cond, **null})
+        s = torch.as_tensor(guidance, dtype=F_c.dtype, device=F_c.device)
+        if s.ndim == 1:
+            s = expand(s, F_c)
+        return F_u + s * (F_c - F_u)
+
+    return g
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A run's conditioning (module docstring): `classes` class labels (0: unconditional), how it takes a guidance
+    scale (`guidance`, one of GUIDANCE) and the scale used when none is asked (`default_guidance`)."""
+
+    classes: int = 0
+    guidance: str = "none"
+    default_guidance: float | None = None
+
+    def __post_init__(self):
+        if not (isinstance(self.classes, int) and self.classes >= 0):
+            raise ValueError(f"Conditioning.classes must be an int >= 0, got {self.classes!r}")
+        if self.guidance not in GUIDANCE:
+            raise ValueError(f"Conditioning.guidance must be one of {GUIDANCE}, got {self.guidance!r}")
+        if self.guidance == "cfg" and not self.classes:
+            raise ValueError("Conditioning: classifier-free guidance needs classes")
+        if (self.default_guidance is None) != (self.guidance == "none"):
+            raise ValueError("Conditioning: a model that takes a guidance scale has a default one, and only it")
+
+    @classmethod
+    def of_run(cls, cfg) -> Conditioning:
+        """The conditioning of a resolved `scm.config.TrainConfig`: its network's classes; a diffusion run with
+        classes is guided by CFG (default s = 1: unguided); a student with a guidance input takes the scale, by
+        default the lower end of the range it was distilled with (1 without one)."""
+        classes, embed = int(cfg.net.label_dim or 0), bool(getattr(cfg.net, "guidance_embed", False))
+        if cfg.method == "diffusion":
+            return cls(classes, "cfg", 1.0) if classes else cls(classes)
+        if not embed:
+            return cls(classes)
+        trained = getattr(cfg.loss, "guidance", None)
+        return cls(classes, "input", float(trained[0]) if trained else 1.0)
+
+    @property
+    def kind(self) -> str:
+        """"labels" or "none": what the data must provide (`scm.data.Dataset.conditions`)."""
+        return "labels" if self.classes else "none"
+
+    def requires(self) -> tuple[str, ...]:
+        """The conditioning tensors a training data set must provide."""
+        return ("labels",) if self.classes else ()
+
+    # -- training ---------------------------------------------------------------------------------------------------
+    def from_batch(self, cond: dict) -> dict:
+        """The network's inputs of a data batch's conditioning tensors (an unconditional run ignores the labels)."""
+        return {k: cond[k] for k in self.requires()}
+
+    def null(self) -> dict:
+        """The unconditional input of classifier-free guidance (replaces the conditional one)."""
+        return {"labels": None} if self.classes else {}
+
+    def guided(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """fn with classifier-free guidance, its unconditional evaluation given this conditioning's null input."""
+        return guided(fn, self.null())
+
+    # -- sampling ---------------------------------------------------------------------------------------------------
+    def network(self, net: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The function sampled: the network, guided by CFG for a class-conditional diffusion run."""
+        return self.guided(net) if self.guidance == "cfg" else net
+
+    def refusal(self, class_labels=None, guidance=None) -> tuple[str, str] | None:
+        """(setting, reason) when a requested class label (an int, or one per image, None = the default) or guidance
+        scale does not fit this model; None when both do."""
+        if class_labels is not None:
+            many = isinstance(class_labels, (list, tuple))
+            given = [c for c in (class_labels if many else [class_labels]) if c is not None]
+            if given and not self.classes:
+                return "class_label", "this model is unconditional"
+            if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < self.classes for c in given):
+                return "class_label", f"this model has classes 0..{self.classes - 1}"
+        if guidance is not None:
+            if not (isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and math.isfinite(guidance)
+                    and guidance > 0):
+                return "guidance", "must be a scale > 0"
+            if self.guidance == "none":
+                return "guidance", ("this model takes no guidance: it has neither a guidance input (a student "
+                                    "distilled with classifier-free guidance) nor the classes of a class-conditional "
+                                    "diffusion model")
+        return None
+
+    def check(self, class_labels=None, guidance=None) -> None:
+        """SamplerError (key "class_label" or "guidance") for a request `refusal` refuses."""
+        why = self.refusal(class_labels, guidance)
+        if why is not None:
+            key, reason = why
+            raise SamplerError(f"{key}={class_labels if key == 'class_label' else guidance!r}: {reason}", key=key)
+
+    def sample_inputs(self, index: torch.Tensor, class_labels: int | Sequence[int | None] | None = None,
+                      guidance: float | None = None) -> dict:
+        """The network's inputs for images `index` ([B] image numbers): class labels (`class_labels`: one for all,
+        or one per image; None: image i gets class i mod the number of classes) and the guidance scale (or the
+        default). Checked (`check`) first."""
+        self.check(class_labels, guidance)
+        cond = {}
+        if self.classes:
+            labels = index % self.classes
+            if class_labels is not None:
+                asked = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels] * len(index)
+                if len(asked) != len(index):
+                    raise SamplerError(f"class_label: {len(asked)} labels for {len(index)} images", key="class_label")
+                given = torch.tensor([-1 if c is None else c for c in asked], device=index.device)
+                labels = torch.where(given >= 0, given, labels)
+            cond["labels"] = labels
+        scale = guidance if guidance is not None else self.default_guidance
+        if scale is not None:
+            cond["guidance"] = float(scale)
+        return cond

@@ -1,0 +1,116 @@
+"""Conditioning as data: one `Conditioning` per run decides what the network takes from a batch, the unconditional
+input of classifier-free guidance, image i's condition and the default guidance scale; both data-set kinds satisfy
+the `Dataset` protocol and hand their conditioning over as a dict."""
+
+import dataclasses
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from scm.conditioning import Conditioning, guided
+from scm.config import make_config
+from scm.data import ImageData, load_dataset
+from scm.data.dataset import Dataset
+from scm.data.prepared import PreparedData
+from scm.errors import SamplerError
+
+
+def test_guided_combines_conditional_and_unconditional():
+    def fn(x, t, labels=None):
+        return x * 0 + (0.0 if labels is None else labels[:, None].to(x.dtype))
+
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    t = torch.full((3,), 0.5, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 3])
+    g = guided(fn, {"labels": None})
+    torch.testing.assert_close(g(x, t, guidance=1.0, labels=labels), fn(x, t, labels))
+    # F_u + s(F_c − F_u) with F_u = 0: s·label, one scale per example
+    s = torch.tensor([1.0, 1.5, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(g(x, t, guidance=s, labels=labels), (s * labels)[:, None].expand(3, 2))
+    # another unconditional input: the one the conditioning names
+    g2 = guided(fn, {"labels": torch.zeros(3, dtype=torch.long)})
+    torch.testing.assert_close(g2(x, t, guidance=2.0, labels=labels), 2.0 * labels[:, None].double().expand(3, 2))
+
+
+def _run(preset, *overrides, **flags):
+    cfg = make_config(preset, None, list(overrides), data="d", out="o", **flags)
+    return dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, label_dim=10 if cfg.conditional else 0))
+
+
+def test_a_runs_conditioning_follows_its_configuration():
+    assert Conditioning.of_run(_run("tiny-28-sct")) == Conditioning()
+    assert Conditioning.of_run(_run("tiny-28-diffusion", "conditional=true")) == Conditioning(10, "cfg", 1.0)
+    guided_student = _run("tiny-28-scd", "conditional=true", "net.guidance_embed=true", "loss.guidance=1.5,3",
+                          teacher="t")
+    assert Conditioning.of_run(guided_student) == Conditioning(10, "input", 1.5)  # the range's lower end
+    embed_only = _run("tiny-28-sct", "conditional=true", "net.guidance_embed=true")
+    assert Conditioning.of_run(embed_only) == Conditioning(10, "input", 1.0)  # the network's own default, s = 1
+    with pytest.raises(ValueError, match="needs classes"):
+        Conditioning(0, "cfg", 1.0)
+    with pytest.raises(ValueError, match="default"):
+        Conditioning(3, "input")
+
+
+def test_batches_null_input_and_the_sampled_network():
+    labels = torch.tensor([4, 5])
+    cond = Conditioning(10, "cfg", 1.0)
+    assert cond.from_batch({"labels": labels})["labels"] is labels and Conditioning().from_batch({"labels": 1}) == {}
+    assert cond.null() == {"labels": None} and Conditioning().null() == {}
+    assert cond.requires() == ("labels",) and Conditioning().requires() == () and cond.kind == "labels"
+    net = lambda x, t, labels=None: x + (0 if labels is None else labels[:, None])  # noqa: E731
+    x, t = torch.zeros(2, 1), torch.zeros(2)
+    sampled = cond.network(net)  # CFG: s = 2 doubles the class offset
+    torch.testing.assert_close(sampled(x, t, labels=labels, guidance=2.0), 2.0 * labels[:, None].float())
+    assert Conditioning(10, "input", 1.0).network(net) is net
+
+
+def test_image_i_gets_class_i_mod_classes_unless_asked():
+    cond = Conditioning(3, "input", 1.25)
+    index = torch.arange(5, 10)
+    out = cond.sample_inputs(index)
+    assert out["labels"].tolist() == [2, 0, 1, 2, 0] and out["guidance"] == 1.25
+    assert cond.sample_inputs(index, 1, 2.0)["labels"].tolist() == [1] * 5
+    assert cond.sample_inputs(index, [None, 0, None, 2, None])["labels"].tolist() == [2, 0, 1, 2, 0]
+    assert "labels" not in Conditioning().sample_inputs(index) and Conditioning().sample_inputs(index) == {}
+
+
+@pytest.mark.parametrize("cond,labels,guidance,key,words", [
+    (Conditioning(), 1, None, "class_label", "this model is unconditional"),
+    (Conditioning(3), 3, None, "class_label", "classes 0..2"),
+    (Conditioning(3), [0, -1], None, "class_label", "classes 0..2"),
+    (Conditioning(3), 1.0, None, "class_label", "classes 0..2"),
+    (Conditioning(3, "cfg", 1.0), None, 0, "guidance", "must be a scale > 0"),
+    (Conditioning(3, "cfg", 1.0), None, float("nan"), "guidance", "must be a scale > 0"),
+    (Conditioning(3), None, 2.0, "guidance", "takes no guidance"),
+])
+def test_requests_that_do_not_fit_are_refused_by_name(cond, labels, guidance, key, words):
+    assert cond.refusal(labels, guidance)[0] == key and words in cond.refusal(labels, guidance)[1]
+    with pytest.raises(SamplerError, match=words) as e:
+        cond.check(labels, guidance)
+    assert e.value.key == key
+
+
+def test_both_kinds_of_data_set_satisfy_the_protocol(tmp_path):
+    """ImageData and PreparedData have every member of `Dataset`, with its signature, and return conditioning as a
+    dict named by `conditions`; non-square images are kept as they are."""
+    from scm.data.prepare import prepare
+
+    x = np.random.default_rng(0).integers(0, 256, (6, 24, 32), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(6) % 2)
+    np.savez(tmp_path / "u.npz", x=x)
+    memory, unlabelled = load_dataset(tmp_path / "d.npz"), load_dataset(tmp_path / "u.npz")
+    prepared = load_dataset(prepare(tmp_path / "d.npz", tmp_path / "p", resolution=16, progress=False))
+    members = [name for name in dir(Dataset) if not name.startswith("_") or name == "__len__"]
+    for data, cls in ((memory, ImageData), (unlabelled, ImageData), (prepared, PreparedData)):
+        assert isinstance(data, Dataset) and isinstance(data, cls)
+        assert all(hasattr(data, name) for name in Dataset.__annotations__)
+        for name in members:
+            proto, impl = getattr(Dataset, name), getattr(cls, name, None)
+            if callable(proto) and not isinstance(proto, property):
+                assert list(inspect.signature(impl).parameters) == list(inspect.signature(proto).parameters), name
+        items, cond = data.batch(torch.tensor([1, 0]))
+        assert items.shape == (2, *data.shape) and tuple(cond) == data.conditions
+    assert memory.shape == (1, 24, 32) and prepared.shape == (1, 16, 16) and unlabelled.conditions == ()
+    assert memory.batch(torch.tensor([3]))[1]["labels"].tolist() == [1] and memory.latent is None
