@@ -153,7 +153,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    model = {k: info[k] for k in ("run", "method", "resolution", "channels", "classes", "guidance",
+    model = {k: info[k] for k in ("run", "method", "height", "width", "channels", "classes", "guidance",
                                   "default_guidance", "checkpoint_step", "parameters", "device")}
     payload = {"ckpt": str(ckpt.resolve().relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt),
                "model": model, "steps": steps, "steps_kind": info["steps_kind"], "batch": args.batch,

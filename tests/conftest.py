@@ -107,8 +107,8 @@ def real_mnist(tmp_path_factory):
     import os
     import shutil
 
-    from scm.data import DataError
     from scm.data.builtin import fetch_mnist
+    from scm.errors import DataError
 
     root = tmp_path_factory.mktemp("data")
     for candidate in filter(None, [os.environ.get("SCM_DATA_DIR"), os.path.expanduser("~/.cache/scm")]):

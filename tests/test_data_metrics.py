@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from scm.data import DataError, load_dataset
+from scm.data import load_dataset
 from scm.data.builtin import MNIST_SHA256, fetch_mnist, load_builtin, read_idx, safe_unpickle
+from scm.errors import DataError
 from scm.metrics import feature_stats, frechet_distance, kernel_distance, precision_recall
 
 

@@ -14,8 +14,9 @@ from PIL import Image
 
 pytest.importorskip("diffusers", reason="the latent tests need diffusers: pip install scm[latent]")
 
-from scm.data import DataError, load_dataset
+from scm.data import load_dataset
 from scm.data.latents import NAMED_STATS, decode, denormalize, encode, load_vae, normalize
+from scm.errors import DataError
 
 from conftest import cli, make_shapes, save_tiny_vae
 

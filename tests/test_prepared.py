@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from scm.data import DataError, ImageData, PreparedData, load_dataset
+from scm.data import ImageData, PreparedData, load_dataset
 from scm.data import preprocess as pp
 from scm.data.prepare import prepare
 from scm.data.prepared import PreparedWriter, load_prepared
+from scm.errors import DataError
 
 from conftest import cli, make_shapes
 

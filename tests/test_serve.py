@@ -163,7 +163,7 @@ def test_info_describes_both_models(server):
     info = json.loads(body)
     s, t = info["student"], info["teacher"]
     assert (s["method"], s["steps_kind"], s["steps"], s["default_steps"]) == ("scd", "steps", [1, 2, 4], 2)
-    assert (s["resolution"], s["channels"], s["classes"], s["class_names"]) == (28, 1, 3, ["0", "1", "2"])
+    assert (s["height"], s["width"], s["channels"], s["classes"], s["class_names"]) == (28, 28, 1, 3, ["0", "1", "2"])
     assert s["guidance"] is True and s["default_guidance"] == 1.0 and s["batches"] == [1, 4, 16]
     assert (t["method"], t["steps_kind"], t["steps"], t["guidance"]) == ("diffusion", "nfe", [5], True)
     assert info["seed_max"] == 2**31 - 1

@@ -96,6 +96,10 @@ def test_resume_is_exact(data_and_teacher, tmp_path):
     assert code == 0, text
     code, text = cli("train", "--out", tmp_path / "split", "--kimg", 0.032, *common)
     assert code == 0, text
+    recorded = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert recorded["init"] == str(teacher) and "sigma_d" not in recorded["net"]  # resolved: sCD from its teacher
+    recorded["init"], recorded["net"]["sigma_d"] = None, 0.5  # as configurations were written before: resumable
+    (tmp_path / "split" / "config.json").write_text(json.dumps(recorded))
     code, text = cli("train", "--out", tmp_path / "split", "--kimg", 0.064, "--resume", *common, "t_mid=1.2")
     assert code == 0, text  # a sampling time may change on resume: it does not touch training
     assert "resumed from" in text and json.loads((tmp_path / "split" / "config.json").read_text())["t_mid"] == 1.2

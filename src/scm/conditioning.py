@@ -90,7 +90,7 @@ class Conditioning:
 
     @property
     def kind(self) -> str:
-        """"labels" or "none": what the data must provide (`scm.data.Dataset.conditions`)."""
+        """"labels" or "none": what the data must provide (`scm.data.dataset.Dataset.conditions`)."""
         return "labels" if self.classes else "none"
 
     def requires(self) -> tuple[str, ...]:

@@ -23,7 +23,6 @@ import torch
 from scm._checks import check_choice, check_positive, check_t
 from scm.errors import ConfigError
 from scm.precision import compute_dtype
-from scm.runs import RunDir, is_run_dir, load_run, read_run_config
 from scm.trigflow import expand
 
 __all__ = ["DIFFUSERS_PREFIX", "LoadedTeacher", "TeacherSource", "from_edm", "from_flow", "load_teacher",
@@ -125,6 +124,8 @@ class TeacherSource:
 def open_teacher(spec: str) -> TeacherSource:
     """The teacher `spec` names (module docstring), from its configuration files; ConfigError (key "teacher") when
     it names none."""
+    from scm.runs import RunDir, is_run_dir, read_run_config  # on use: `import scm` stays the maths core
+
     if spec.startswith(DIFFUSERS_PREFIX):
         from scm.diffusers.teacher import read_diffusers
 
@@ -153,6 +154,8 @@ def load_teacher(source: TeacherSource, *, ema: float | None = None, sigma_d: fl
     """Read a teacher's weights: a run's EMA of σ_rel `ema` (default its first); a diffusers network converted for
     data of std `sigma_d` in the data convention `data` (`scm.diffusers.from_diffusers`); a factory's function."""
     if source.kind == "run":
+        from scm.runs import load_run
+
         return LoadedTeacher(source, load_run(source.spec, ema, device=device).net)
     if source.kind == "diffusers":
         from scm.diffusers.teacher import from_diffusers

@@ -5,7 +5,8 @@
 - a folder with the MNIST IDX files (train split), or a `cifar-10-batches-py` folder (train split);
 - an .npz with images under 'x' (and labels under 'y');
 - a prepared directory (`scm data prepare` / `scm data encode`: memory-mapped, for data larger than memory).
-A ":test" suffix on an IDX or CIFAR folder picks its test split.
+A ":test" suffix on an IDX or CIFAR folder picks its test split. Both kinds of data set satisfy
+`scm.data.dataset.Dataset`; `load_dataset` and the two classes are this package's public API, re-exported here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from scm.data.builtin import BUILTIN, load_builtin, load_cifar10_batches
 from scm.data.builtin import _mnist_from_idx as mnist_from_idx
-from scm.data.images import DataError, ImageData, load_folder, load_npz
+from scm.data.images import ImageData, load_folder, load_npz
 from scm.data.prepared import PreparedData, is_prepared, load_prepared
+from scm.errors import DataError
 
-__all__ = ["DataError", "ImageData", "PreparedData", "load_dataset"]
+__all__ = ["ImageData", "PreparedData", "load_dataset"]
 
 
 def load_dataset(path: str | Path) -> ImageData | PreparedData:

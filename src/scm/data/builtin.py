@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scm.data.images import DataError, ImageData
+from scm.data.images import ImageData
+from scm.errors import DataError
 from scm.files import atomic_write
 
 __all__ = ["data_dir", "fetch_mnist", "load_builtin", "load_cifar10_batches", "read_idx"]

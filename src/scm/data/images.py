@@ -15,7 +15,7 @@ import torch
 
 from scm.errors import DataError
 
-__all__ = ["DataError", "ImageData", "folder_labels", "load_folder", "load_npz"]
+__all__ = ["ArrayShape", "ImageData", "folder_labels", "load_folder", "load_npz"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

@@ -1,5 +1,6 @@
 """Quality metrics: FD-<dataset> in a trained classifier's features (offline), FID with the Inception network
-(local weights), KID, precision and recall; reference statistics cached per data set."""
+(local weights), KID, precision and recall; reference statistics cached per data set. This package's public API,
+re-exported from its modules."""
 
 from scm.metrics.distances import feature_stats, frechet_distance, kernel_distance, precision_recall
 from scm.metrics.intervals import SeedInterval, seed_interval

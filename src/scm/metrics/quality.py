@@ -21,8 +21,9 @@ import torch
 
 from scm._checks import describe_shape
 from scm._stats import merge_moments
-from scm.data import DataError, ImageData, PreparedData, load_dataset
+from scm.data import ImageData, PreparedData, load_dataset
 from scm.data.builtin import data_dir
+from scm.errors import DataError
 from scm.files import atomic_write
 from scm.metrics.classifier import Classifier, get_classifier
 from scm.metrics.distances import feature_stats, frechet_distance, kernel_distance, precision_recall

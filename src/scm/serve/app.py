@@ -3,7 +3,7 @@
 Endpoints (all GET; anything else is 404/405 as JSON):
 
     /                  the page (page.html; its script and style at /static/page.js, /static/page.css)
-    /api/info          the models: method, sampler, allowed steps/NFEs, resolution, channels, classes and their
+    /api/info          the models: method, sampler, allowed steps/NFEs, height, width, channels, classes and their
                        names, whether they take guidance and its default, batch sizes, the teacher (or null)
     /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &client=
                        → 200 image/png (one image, or a grid for batch 4 / 16), timings in headers:

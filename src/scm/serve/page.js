@@ -136,7 +136,7 @@
 
   function describe(m) {
     const sampler = m.steps_kind === "nfe" ? `Heun ODE` : `consistency`;
-    return `${m.method}, ${sampler}, ${m.resolution}×${m.resolution}×${m.channels}${m.latent ? " (latent)" : ""}`;
+    return `${m.method}, ${sampler}, ${m.height}×${m.width}×${m.channels}${m.latent ? " (latent)" : ""}`;
   }
 
   function build() {

@@ -124,6 +124,8 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo
         if not run.config_path.is_file():
             raise RunError(f"{run.path} holds no run to resume (no config.json)", key="resume")
         old, new = to_dict(from_dict(run.read_config())), to_dict(cfg)
+        if old.get("init") is None and new["method"] == "scd" and new["init"] == new["teacher"]:
+            old["init"] = new["init"]  # recorded before `resolve` wrote it down: the same choice (paper App. G.2)
         diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff[:4])
