@@ -247,14 +247,18 @@ def pixels_at(data, out: str | Path, resolution: int, *, progress: bool = True, 
     from scm.data.prepare import prepare
     from scm.data.prepared import is_prepared
 
-    square = lambda d: d.shape[1:] == (resolution, resolution)  # noqa: E731
-    if isinstance(data, (str, Path)) and is_prepared(Path(data)) and square(load_dataset(data)):
-        return load_dataset(data)
+    def prepared_square(path):  # the prepared R×R set at `path`, or None
+        found = load_dataset(path) if is_prepared(Path(path)) else None
+        return found if found is not None and found.shape[1:] == (resolution, resolution) else None
+
+    if isinstance(data, (str, Path)) and (given := prepared_square(data)) is not None:
+        return given
     pixels = Path(f"{str(out).rstrip('/')}-images")
-    if not (is_prepared(pixels) and square(load_dataset(pixels))):
-        prepare(data, pixels, resolution=resolution, channels=3, progress=progress, log=log)
+    images = prepared_square(pixels)
+    if images is None:
+        images = load_dataset(prepare(data, pixels, resolution=resolution, channels=3, progress=progress, log=log))
     log(f"images at {resolution}×{resolution}: {pixels} (the pixel reference for evaluating a run on these latents)")
-    return load_dataset(pixels)
+    return images
 
 
 def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", which: str = "mean",

@@ -159,7 +159,7 @@ class ServedModel:
                 raise InvalidSetting("steps", params["steps"], f"this model's {what} is one of {list(self.steps)}")
         class_label = None
         if "class" in params:
-            class_label = _integer(params, "class", 0, 0, SEED_MAX)
+            class_label = _integer(params, "class", 0, 0, 10**9)  # digits; the model's classes decide below
             _refuse("class", params["class"], self.conditioning.refusal(class_label, None))
         guidance = self.default_guidance
         if "guidance" in params:

@@ -18,7 +18,7 @@ from scm.nets.registry import build_net
 from scm.objectives import ConsistencyLoss, DiffusionLoss
 from scm.runs import load_run
 from scm.teachers import LoadedTeacher, load_teacher, open_teacher
-from scm.train.resolve import DIFFUSERS_NET_PRESET, architecture, diffusers_refusal
+from scm.train.resolve import DIFFUSERS_NET_PRESET, architecture, diffusers_student
 
 __all__ = ["Built", "build", "build_objective"]
 
@@ -63,7 +63,7 @@ def _init_note(cfg: TrainConfig, teacher: LoadedTeacher | None, data: Dataset, i
         if cfg.net_preset == DIFFUSERS_NET_PRESET:
             where = teacher.source.folder.path
             return f"initialized from the diffusers teacher {where} ({info['parameterization']}); {sigma}"
-        return f"fresh initialization ({diffusers_refusal(cfg, teacher.source, data)}); {sigma}"
+        return f"fresh initialization ({diffusers_student(cfg, teacher.source, data)[1]}); {sigma}"
     if teacher is not None and teacher.source.kind == "run":
         return (f"fresh initialization (the teacher is a {architecture(teacher.source.run_cfg.net)}, this preset's "
                 f"network a {architecture(cfg.net)})")

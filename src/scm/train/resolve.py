@@ -28,8 +28,8 @@ from scm.errors import ConfigError, DataError
 from scm.runs import RunDir, read_run_config
 from scm.teachers import TeacherSource, open_teacher
 
-__all__ = ["DIFFUSERS_NET_PRESET", "TRAINING_NET_FIELDS", "architecture", "check_same_space", "diffusers_refusal",
-           "diffusers_student", "resolve"]
+__all__ = ["DIFFUSERS_NET_PRESET", "TRAINING_NET_FIELDS", "architecture", "check_same_space", "diffusers_student",
+           "resolve"]
 
 # Fields a student may change relative to the run it is initialized from (training-time behaviour only).
 TRAINING_NET_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_embed")
@@ -49,7 +49,7 @@ def resolve(cfg: TrainConfig, data: Dataset) -> TrainConfig:
         cfg.init = cfg.teacher  # sCD starts from its teacher (paper App. G.2) when it has the student's architecture
     if cfg.init is not None:
         _student_of_run(cfg, data)
-    elif teacher is not None and teacher.kind == "diffusers" and (student := diffusers_student(cfg, teacher, data)):
+    elif teacher is not None and teacher.kind == "diffusers" and (student := diffusers_student(cfg, teacher, data)[0]):
         cfg.net, cfg.net_preset = student, DIFFUSERS_NET_PRESET
     else:
         cfg.net = dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0)
@@ -133,18 +133,9 @@ def _student_of_run(cfg: TrainConfig, data: Dataset) -> None:
 
 
 def diffusers_student(cfg: TrainConfig, teacher: TeacherSource, data: Dataset):
-    """The config of the sCD student a diffusers teacher gives (its own network, with TrigFlow in/out, the w_φ head
-    and a guidance input: `scm.diffusers.net.student_config`); None when scm cannot train its network as a student
-    (`diffusers_refusal` says why)."""
-    return _diffusers_student(cfg, teacher, data)[0]
-
-
-def diffusers_refusal(cfg: TrainConfig, teacher: TeacherSource, data: Dataset) -> str | None:
-    """Why a diffusers teacher's network cannot be this run's student (None: it can)."""
-    return _diffusers_student(cfg, teacher, data)[1]
-
-
-def _diffusers_student(cfg: TrainConfig, teacher: TeacherSource, data: Dataset):
+    """(config, None): the sCD student a diffusers teacher gives (its own network, with TrigFlow in/out, the w_φ head
+    and a guidance input: `scm.diffusers.net.student_config`); (None, why) when scm cannot train its network as a
+    student."""
     from scm.diffusers.net import student_config
 
     f = teacher.folder
