@@ -1,6 +1,7 @@
 """Every bad input to `scm train` ends with one line naming the problem, exit code != 0, nothing written."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -141,7 +142,9 @@ def test_corrupt_teacher_checkpoint(shapes_npz, rgb_teacher, tmp_path):
 
 def test_resume_without_checkpoint_and_existing_runs(shapes_npz, tmp_path):
     out = tmp_path / "run"
-    expect_error(args_for(shapes_npz, out, "tiny-28-diffusion", "--resume"), "holds no run")
+    code, text = train(*args_for(shapes_npz, out, "tiny-28-diffusion", "--resume"))  # nothing to resume: it starts
+    assert code == 0 and "no checkpoint yet: starting from the beginning" in text, text
+    shutil.rmtree(out)
     code, text = train(*args_for(shapes_npz, out))
     assert code == 0, text
     before = sorted(p.name for p in out.rglob("*"))
@@ -167,3 +170,5 @@ def test_resume_without_checkpoint_and_existing_runs(shapes_npz, tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     expect_error(args_for(shapes_npz, other), "not empty")
+    expect_error(args_for(shapes_npz, other, "tiny-28-diffusion", "--resume"), "not empty")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

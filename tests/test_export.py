@@ -254,6 +254,8 @@ def test_export_errors_name_what_is_wrong(runs, tmp_path, monkeypatch):
     expect([run_dirs["sct"], tmp_path / "o4", "--ema", 0.2], "--ema", "σ_rel=0.2", "0.05, 0.1")
     teacher = make_run(tmp_path / "teacher", "tiny-28-diffusion")
     expect([teacher, tmp_path / "o5"], "a diffusion run", "sCT or sCD")
+    (tmp_path / "a-file").write_text("")
+    expect([run_dirs["sct"], tmp_path / "a-file" / "o7"], "OUT", "cannot create its folder", "a-file")
     # without diffusers: which extra to install
     monkeypatch.delitem(sys.modules, "scm.diffusers.pipeline", raising=False)
     monkeypatch.setitem(sys.modules, "diffusers", None)

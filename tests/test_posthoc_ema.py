@@ -295,3 +295,12 @@ def test_sweep_writes_json_plot_and_the_best_sigma(tracked, tmp_path, monkeypatc
     code, text = cli("ema", "sweep", tracked, "--ref", tracked.parent / "shapes8.npz", "--sigma-rels", "0.0005",
                      "--out", out)
     assert code == 2 and "--sigma-rels 0.0005:" in text, text
+    # arguments are checked before any work (no reference classifier is trained into a fresh SCM_DATA_DIR), and a
+    # failed sweep leaves no --out folder behind
+    monkeypatch.setenv("SCM_DATA_DIR", str(tmp_path / "fresh-data"))
+    for args, message in ((["--n", 0], "--n 0: need at least 2"), (["--batch", 0], "--batch 0: must be a positive"),
+                          (["--metric", "kid"], "--metric 'kid'"), (["--sigma-rels", "0.0005"], "--sigma-rels")):
+        code, text = cli("ema", "sweep", tracked, "--ref", tracked.parent / "shapes8.npz", "--out",
+                         tmp_path / "new" / "sweep", *args)
+        assert code == 2 and message in text and "Traceback" not in text, text
+        assert not (tmp_path / "new").exists() and not (tmp_path / "fresh-data").exists(), args

@@ -3,11 +3,13 @@ torch.device. Shared by training and the inference commands, so that sampling ne
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from scm.errors import InvalidSetting
 
-__all__ = ["resolve_device"]
+__all__ = ["available_memory", "resolve_device"]
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -24,3 +26,19 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a process now (Linux: MemAvailable; elsewhere: free physical pages);
+    None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -18,7 +18,9 @@ __all__ = [
     "RunError",
     "SamplerError",
     "ScmError",
+    "ScmWarning",
     "TrainingStopped",
+    "UnverifiedWarning",
     "require_modules",
 ]
 
@@ -90,3 +92,11 @@ class TrainingStopped(ScmError, RuntimeError):
     def __init__(self, message: str, *, reason: str, checkpoint=None):
         super().__init__(message)
         self.reason, self.checkpoint = reason, checkpoint
+
+
+class ScmWarning(UserWarning):
+    """Something a user should know that does not stop the work (the command line prints it as one line)."""
+
+
+class UnverifiedWarning(ScmWarning):
+    """A file read without a content digest to check it against (written before scm recorded them)."""

@@ -17,7 +17,7 @@ from scm.errors import DataError, SamplerError
 from scm.generate import Sampler, generate, sample_shape
 from scm.images import grid, report_scale, save_png
 from scm.metrics import measure, open_reference
-from scm.metrics.quality import FeatureSpace, RefStats
+from scm.metrics.quality import METRICS, FeatureSpace, RefStats
 from scm.runs import LoadedRun
 
 __all__ = ["evaluate", "evaluate_setting", "open_checked_reference"]
@@ -58,12 +58,21 @@ def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metri
             "guidance": guidance, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
 
 
+def check_counts(n: int, batch: int = 1, metric: str = "fd") -> None:
+    """The sample count, batch size and metric of an evaluation, checked before anything is loaded."""
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 2):
+        raise SamplerError(f"n={n!r}: need at least 2 samples per setting (a covariance needs two)", key="n")
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise SamplerError(f"batch={batch!r}: must be a positive integer", key="batch")
+    if metric not in METRICS:
+        raise SamplerError(f"metric={metric!r}: use fd (a classifier's features) or fid (Inception)", key="metric")
+
+
 def open_checked_reference(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd",
                            inception=None, log=print, guidance: float | None = None) -> tuple[FeatureSpace, RefStats]:
     """Check the sample count, every sampler setting, the conditioning and the reference against the run before
     anything is computed; then the reference's feature space and statistics (for `evaluate_setting`)."""
-    if not (isinstance(n, int) and n >= 2):
-        raise SamplerError(f"n={n!r}: need at least 2 samples per setting (a covariance needs two)", key="n")
+    check_counts(n)
     for s in samplers:
         s.times(run)  # every setting is checked before anything is computed
     Conditioning.of_run(run.cfg).check(None, guidance)

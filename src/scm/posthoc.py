@@ -20,7 +20,7 @@ import torch
 from scm.config import from_dict, to_dict
 from scm.ema_profile import MAX_ERROR, SIGMA_REL_MAX, exp_to_std, solve_coefficients, std_to_exp
 from scm.errors import CheckpointError, InvalidSetting, RunError
-from scm.evaluate import evaluate_setting, open_checked_reference
+from scm.evaluate import check_counts, evaluate_setting, open_checked_reference
 from scm.files import atomic_folder, atomic_write, atomic_write_json
 from scm.metrics import seed_interval
 from scm.runs import EMASnapshot, LoadedRun, RunDir, ema_key, network_run, read_run_config
@@ -200,7 +200,11 @@ def sweep(run: str | Path, ref: str, sampler, *, sigma_rels=None, n: int = 1000,
     8 spread geometrically over the range its snapshots represent within `max_error`), each reconstructed in
     memory and sampled with `sampler` at every sample seed of `seeds`: the mean, the 95 % interval over the seeds
     (`scm.metrics.seed_interval`), each value and the reconstruction's profile error per σ_rel, and the best σ_rel.
-    Every σ_rel, the sampler and the reference are checked before anything is generated."""
+    Every σ_rel, the sampler and the reference are checked before anything is generated; the counts and the metric
+    before anything is read."""
+    check_counts(n, batch, metric)
+    if not seeds:
+        raise InvalidSetting("seeds", seeds, "give at least one sample seed")
     if sigma_rels is None:
         span = plan_reconstruction(run, [], at_kimg=at_kimg, max_error=max_error).representable
         if span is None:

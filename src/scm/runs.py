@@ -32,21 +32,25 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from scm.config import TrainConfig, from_dict
-from scm.errors import CheckpointError, ConfigError
-from scm.files import atomic_folder, atomic_write, atomic_write_json
+from scm.errors import CheckpointError, ConfigError, UnverifiedWarning
+from scm.files import atomic_folder, atomic_write, atomic_write_json, fsync_dir
+from scm.integrity import check_finite, read_header, read_tensors, shape_differences, verify_digest, write_tensors
 from scm.nets.registry import build_net
 
 __all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in", "ema_weights",
-           "is_run_dir", "load_run", "load_tensors", "mix_seed", "network_run", "read_run_config", "save_tensors"]
+           "is_run_dir", "load_run", "load_tensors", "locate_checkpoint", "mix_seed", "network_run", "read_run_config",
+           "save_tensors", "weight_shapes"]
 
 
 def mix_seed(*values: int) -> int:
@@ -55,19 +59,15 @@ def mix_seed(*values: int) -> int:
 
 
 # -- files ---------------------------------------------------------------------------------------------------------
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Tensors (moved to the CPU) into a safetensors file, written atomically (`scm.files`)."""
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
+    """Tensors (moved to the CPU) into a safetensors file carrying its content digest, written atomically; returns
+    the digest (`scm.integrity`)."""
+    return write_tensors(tensors, path, metadata)
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+def load_tensors(path: Path, **verify) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, verified before use (`scm.integrity.read_tensors`: record, expect, names)."""
+    return read_tensors(path, **verify)
 
 
 # -- EMA weights -----------------------------------------------------------------------------------------------------
@@ -111,8 +111,7 @@ class EMASnapshot:
     @classmethod
     def read(cls, path: Path) -> EMASnapshot:
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = (f.metadata() or {}).get(SNAPSHOT_META)
+            meta = read_header(path).metadata.get(SNAPSHOT_META)
             info = json.loads(meta) if meta is not None else None
             snap = cls(Path(path), int(info["step"]), int(info["cur_nimg"]), int(info["batch"]),
                        tuple(float(s) for s in info["stds"]),
@@ -136,6 +135,7 @@ class SnapshotReader:
 
     def __init__(self, snap: EMASnapshot):
         self.snap = snap
+        verify_digest(read_header(snap.path))  # its content, before any of it is combined
         try:
             self._file = safe_open(str(snap.path), "pt")
         except (SafetensorError, OSError) as e:
@@ -148,12 +148,17 @@ class SnapshotReader:
 
     def tensor(self, std: float, name: str) -> torch.Tensor:
         try:
-            return self._file.get_tensor(ema_key(std, name))
+            tensor = self._file.get_tensor(ema_key(std, name))
         except (SafetensorError, OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{self.snap.path}: cannot read {ema_key(std, name)!r} ({e})") from None
+        check_finite({ema_key(std, name): tensor}, self.snap.path)
+        return tensor
 
 
 _SNAPSHOT_NAME = re.compile(r"\d{9,}(-end)?\.safetensors")
+_CHECKPOINT_NAME = re.compile(r"\d{1,20}")  # checkpoints/<step>, as `RunDir.save` names them
+FILES_KEY = "files"  # state.json: file name → content digest (`scm.integrity`)
+T = TypeVar("T")
 
 
 def _snapshot_step(path: Path) -> int:
@@ -210,32 +215,75 @@ class RunDir:
             atomic_write_json(self.latent_path, info)
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints (those with a state.json), oldest first."""
+        """Complete checkpoints (folders named by their step, with a state.json), oldest first."""
         if not self.ckpt_dir.is_dir():
             return []
-        done = [p for p in self.ckpt_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        done = [p for p in self.ckpt_dir.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
         return sorted((p for p in done if (p / "state.json").is_file()), key=lambda p: p.name)
 
     def latest(self) -> Path | None:
+        """The checkpoint `checkpoints/latest` names (else the newest complete one); CheckpointError for a pointer
+        that would lead outside the run directory."""
         pointer = self.ckpt_dir / "latest"
+        if pointer.is_symlink() or (pointer.exists() and not pointer.is_file()):
+            raise CheckpointError(f"{pointer}: not a plain file naming a checkpoint (refused: it could lead outside "
+                                  f"the run directory {self.path})")
         if pointer.is_file():
-            candidate = self.ckpt_dir / pointer.read_text().strip()
+            name = pointer.read_text(errors="replace").strip()
+            if not _CHECKPOINT_NAME.fullmatch(name):
+                raise CheckpointError(f"{pointer}: names {name[:60]!r}, not a checkpoint of this run (a step "
+                                      f"number inside {self.ckpt_dir})")
+            candidate = self.ckpt_dir / name
             if (candidate / "state.json").is_file():
-                return candidate
+                return self._inside(candidate)
         found = self.checkpoints()
-        return found[-1] if found else None
+        return self._inside(found[-1]) if found else None
+
+    def _inside(self, ckpt: Path) -> Path:
+        """`ckpt`, refused when it is a link that leads outside the run directory."""
+        if not ckpt.resolve().is_relative_to(self.path.resolve()):
+            raise CheckpointError(f"{ckpt}: leads outside the run directory {self.path} (to {ckpt.resolve()}); "
+                                  "refused")
+        return ckpt
 
     def save(self, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict, keep: int) -> Path:
-        """Write checkpoint <step> atomically, point `latest` at it, keep the newest `keep`."""
+        """Write checkpoint <step> atomically, point `latest` at it, keep the newest `keep`. state.json, written
+        last, records each file's content digest; weights holding NaN or infinity are refused (CheckpointError),
+        so that no checkpoint a reader would refuse ever replaces a good one."""
+        for stem, tensors in files.items():
+            check_finite(tensors, f"checkpoint {step} ({stem})")
         name = f"{step:09d}"
         with atomic_folder(self.ckpt_dir / name, replace=True) as tmp:
-            for stem, tensors in files.items():
-                save_tensors(tensors, tmp / f"{stem}.safetensors")
-            atomic_write_json(tmp / "state.json", state)
+            digests = {f"{stem}.safetensors": save_tensors(tensors, tmp / f"{stem}.safetensors")
+                       for stem, tensors in files.items()}
+            atomic_write_json(tmp / "state.json", {**state, FILES_KEY: digests})
         atomic_write(self.ckpt_dir / "latest", name + "\n")
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         return self.ckpt_dir / name
+
+    def newest_intact(self, load: Callable[[Path], T]) -> tuple[Path | None, T | None, list[tuple[Path, str]]]:
+        """The newest checkpoint that `load` reads without a CheckpointError (latest first, then by step), what it
+        returned, and the ones skipped with why."""
+        first = self.latest()
+        order = [first, *(p for p in reversed(self.checkpoints()) if p != first)] if first is not None else []
+        skipped = []
+        for ckpt in order:
+            try:
+                return ckpt, load(self._inside(ckpt)), skipped
+            except CheckpointError as e:
+                skipped.append((ckpt, str(e)))
+        return None, None, skipped
+
+    def set_aside(self, ckpt: Path, why: str) -> Path:
+        """Rename a damaged checkpoint to <step>.damaged (kept for inspection, with why.txt; never pruned nor read
+        again), so that pruning and `latest` see only intact ones."""
+        target = ckpt.with_name(f"{ckpt.name}.damaged")
+        shutil.rmtree(target, ignore_errors=True)
+        ckpt.rename(target)
+        atomic_write(target / "why.txt", why + "\n")
+        fsync_dir(self.ckpt_dir)
+        return target
 
     def clean_partial(self) -> None:
         """Remove temporary folders and files left by a crash during a checkpoint or snapshot write."""
@@ -292,14 +340,36 @@ class RunDir:
         return int(ckpt.name)
 
     @staticmethod
-    def load(ckpt: Path, stems=("net", "ema", "optim")) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    def read_state(ckpt: Path) -> dict:
         try:
             state = json.loads((ckpt / "state.json").read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{ckpt}: incomplete checkpoint (no state.json)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{ckpt / 'state.json'}: corrupt JSON ({e})") from None
-        return {s: load_tensors(ckpt / f"{s}.safetensors") for s in stems}, state
+        if not isinstance(state, dict) or not isinstance(state.get(FILES_KEY, {}), dict):
+            raise CheckpointError(f"{ckpt / 'state.json'}: not a checkpoint's state (expected a JSON object with "
+                                  f"a {FILES_KEY!r} object)")
+        return state
+
+    @staticmethod
+    def load(ckpt: Path, stems=("net", "ema", "optim"), expect: dict[str, dict] | None = None,
+             names: dict[str, list[str]] | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """A checkpoint's files (each verified against the digest state.json records for it, the tensor shapes
+        `expect[stem]` and finite values: `scm.integrity`; only `names[stem]` where given) and its state. A
+        checkpoint written before digests were recorded is read unverified, with one UnverifiedWarning."""
+        state = RunDir.read_state(ckpt)
+        digests = state.get(FILES_KEY)
+        files = {}
+        for stem in stems:
+            path = ckpt / f"{stem}.safetensors"
+            if digests is not None and path.name not in digests:
+                raise CheckpointError(f"{path}: not among the files its checkpoint recorded ({', '.join(digests)})")
+            if path.is_symlink():
+                raise CheckpointError(f"{path}: a link (checkpoint files are plain files inside the run); refused")
+            files[stem] = load_tensors(path, record=None if digests is None else digests[path.name],
+                                       expect=(expect or {}).get(stem), names=(names or {}).get(stem))
+        return files, state
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -327,40 +397,82 @@ def read_run_config(path: str | Path) -> TrainConfig:
 
 
 def network_run(cfg: TrainConfig, weights: dict[str, torch.Tensor], *, source: Path, ema_std: float | None,
-                step: int, latent: dict | None = None, device="cpu") -> LoadedRun:
+                step: int, latent: dict | None = None, device="cpu", net: torch.nn.Module | None = None) -> LoadedRun:
     """The run `cfg` describes with `weights` (a checkpoint's, an EMA's, or post-hoc reconstructed ones) loaded into
-    its network, in eval mode without gradients; CheckpointError naming `source` when they do not fit."""
-    net = build_net(cfg.net, cfg.loss.sigma_d)
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: weights do not match the run's network (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    its network (`net`, when already built), in eval mode without gradients; CheckpointError naming `source` and
+    the first differing tensors when they do not fit."""
+    net = build_net(cfg.net, cfg.loss.sigma_d) if net is None else net
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items() if v.is_floating_point() or k in weights}
+    if diff := shape_differences(expected, {k: tuple(v.shape) for k, v in weights.items()}):
+        raise CheckpointError(f"{source}: the weights do not fit the run's network (config.json): {diff}",
+                              key="weights")
+    net.load_state_dict(weights, strict=False)  # what the EMA keeps: the floating-point entries (all of them here)
     return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), Path(source), ema_std, step, latent)
 
 
+def weight_shapes(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the weights a network's checkpoint holds (the EMA's: its floating-point state)."""
+    return {k: tuple(v.shape) for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def locate_checkpoint(path: str | Path) -> tuple[RunDir, Path | None]:
+    """A run directory (its newest checkpoint) or one of its checkpoints (RUN/checkpoints/<step>)."""
+    path = Path(path).expanduser()
+    if path.parent.name == "checkpoints" and _CHECKPOINT_NAME.fullmatch(path.name) and is_run_dir(path.parent.parent):
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"{path}: not a complete checkpoint (no state.json)")
+        return RunDir(path.parent.parent), path
+    run = RunDir(path)
+    run.read_config()  # a named error for a path that is no run
+    return run, run.latest()
+
+
 def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = False, device="cpu") -> LoadedRun:
-    """The newest checkpoint of a run as an eval-mode network without gradients (and, for a run on latents,
-    how to decode its samples).
+    """A run's newest checkpoint (or the checkpoint `path` names) as an eval-mode network without gradients (and,
+    for a run on latents, how to decode its samples). Its files are verified before use (`RunDir.load`); a damaged
+    one is a CheckpointError naming it and the newest intact checkpoint.
 
     ema_std picks the EMA by σ_rel (default: the run's first); raw=True takes the non-averaged weights."""
-    run = RunDir(path)
-    cfg = read_run_config(path)
-    ckpt = run.latest()
+    run, ckpt = locate_checkpoint(path)
+    cfg = read_run_config(run.path)
     if ckpt is None:
         raise CheckpointError(f"{run.path}: the run has no checkpoint yet")
+    std = None if raw else cfg.ema.stds[0] if ema_std is None else float(ema_std)
+    net = build_net(cfg.net, cfg.loss.sigma_d)
+    shapes = weight_shapes(net)
     if raw:
-        weights, std = load_tensors(ckpt / "net.safetensors"), None
+        stem, names, expect = "net", None, {k: tuple(v.shape) for k, v in net.state_dict().items()}
     else:
-        tensors = load_tensors(ckpt / "ema.safetensors")
-        std = cfg.ema.stds[0] if ema_std is None else float(ema_std)
-        try:
-            weights = ema_weights(tensors, std)
-        except KeyError:
-            raise CheckpointError(f"{ckpt}: no EMA with σ_rel={std} (available: {ema_stds_in(tensors)})",
-                                  key="ema_std") from None
+        stem, names, expect = "ema", [ema_key(std, k) for k in shapes], {ema_key(std, k): v for k, v in shapes.items()}
     try:
-        step = int(json.loads((ckpt / "state.json").read_text()).get("step", 0))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / 'state.json'}: corrupt JSON ({e})") from None
-    return network_run(cfg, weights, source=ckpt, ema_std=std, step=step, latent=run.read_latent(), device=device)
+        if not raw:
+            _check_ema_std(ckpt, std)
+        files, state = RunDir.load(ckpt, (stem,), expect={stem: expect}, names={stem: names})
+    except CheckpointError as e:
+        if e.key == "ema_std":
+            raise
+        raise CheckpointError(f"{e}{_intact_hint(run, ckpt, stem)}", key=e.key) from None
+    weights = files[stem] if raw else ema_weights(files[stem], std)
+    return network_run(cfg, weights, source=ckpt, ema_std=std, step=int(state.get("step", 0)),
+                       latent=run.read_latent(), device=device, net=net)
+
+
+def _check_ema_std(ckpt: Path, std: float) -> None:
+    """CheckpointError (key "ema_std") when the checkpoint's EMA file holds no average of σ_rel = std."""
+    header = read_header(ckpt / "ema.safetensors")
+    stds = sorted({float(k.split("/", 1)[0]) for k in header.tensors if "/" in k})
+    if std not in stds:
+        raise CheckpointError(f"{ckpt}: no EMA with σ_rel={std} (available: {stds})", key="ema_std")
+
+
+def _intact_hint(run: RunDir, damaged: Path, stem: str) -> str:
+    """'; the newest intact checkpoint is …' (or that there is none), for an error about `damaged`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnverifiedWarning)
+        for ckpt in reversed(run.checkpoints()):
+            try:
+                if ckpt != damaged and RunDir.load(ckpt, (stem,)):
+                    return f"; the newest intact checkpoint is {ckpt}"
+            except CheckpointError:
+                continue
+    return "; the run has no other intact checkpoint"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -440,6 +441,25 @@ def data_encode(
 
 def main() -> None:
     app()
+
+
+_python_showwarning = warnings.showwarning
+
+
+@app.callback()
+def _every_command():
+    # before any command: scm's warnings are printed as one line each
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """scm's own warnings (`scm.errors.ScmWarning`) as one line, the others as Python prints them."""
+    from scm.errors import ScmWarning
+
+    if issubclass(category, ScmWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import typer
 from scm.errors import ScmError
 
 __all__ = ["DATA_FLAGS", "DATA_HINTS", "FLAGS", "HINTS", "USER_ERRORS", "device_of", "fail", "fail_on", "load",
-           "parse_times", "writable_folder"]
+           "parse_times", "writable_folder", "writable_later"]
 
 # The library names the setting at fault (ScmError.key); here is how a person sets it on the command line.
 FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "t_mid": "--t-mid", "solver": "--solver",
@@ -78,6 +78,17 @@ def parse_times(text: str | None):
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         fail(f"--ts {text!r}: expected comma-separated times in radians, e.g. 1.5645,1.1")
+
+
+def writable_later(out: str, folder: Path) -> Path:
+    """Check that `folder` (where --out OUT will write) can be made and written, without making it: a command that
+    fails before its results leaves nothing behind."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        fail(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {existing} is not writable")
+    return folder
 
 
 def writable_folder(out: str, folder: Path) -> Path:

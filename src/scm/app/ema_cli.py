@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from scm.app.common import USER_ERRORS, device_of, fail, fail_on, writable_folder
+from scm.app.common import USER_ERRORS, device_of, fail, fail_on, writable_later
 from scm.app.report import Report
 from scm.ema_profile import MAX_ERROR
 from scm.files import atomic_write, atomic_write_json
@@ -27,7 +27,7 @@ ema_app = typer.Typer(no_args_is_help=True, help="Post-hoc EMA (EDM2): any σ_re
 
 # how the library's settings are spelled here (over scm.app.cli.FLAGS / HINTS)
 EMA_FLAGS = {"sigma_rel": "--sigma-rel", "at_kimg": "--at-kimg", "max_error": "--max-error", "out": "--out",
-             "ref": "--ref"}
+             "ref": "--ref", "seeds": "--seeds"}
 EMA_HINTS = {"out": "choose another --out",
              "run": "keep snapshots with ema.snapshot_kimg > 0 (the default) when training"}
 
@@ -112,7 +112,7 @@ def sweep(
     stds = _floats(sigma_rels, "--sigma-rels") if sigma_rels is not None else None
     seed_list = _ints(seeds, "--seeds")
     dev = device_of(device)
-    folder = writable_folder(out, Path(out))
+    folder = writable_later(out, Path(out))  # made only when there is something to write
     plt = _pyplot(log)
     try:
         result = sweep_sigma_rel(run, ref, Sampler(steps=steps, nfe=nfe, solver=solver), sigma_rels=stds, n=n,

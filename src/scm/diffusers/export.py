@@ -20,6 +20,7 @@ steps, which is all `SCMScheduler` does.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 from scm.errors import MissingDependency, RunError
@@ -56,6 +57,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
     out = Path(out).expanduser()
     if out.exists() or out.is_symlink():
         raise RunError(f"{out}: already exists (the export writes a new folder)", key="out")
+    _check_creatable(out)
     loaded = load_run(run, ema_std, device=device)
     cfg = loaded.cfg
     if cfg.method == "diffusion":
@@ -87,4 +89,17 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
                 raise RunError(f"{out}: the export would contain pickle files ({', '.join(p.name for p in pickled)})")
     except FileExistsError:
         raise RunError(f"{out}: already exists (the export writes a new folder)", key="out") from None
+    except OSError as e:  # the disk filled, or the folder was made read-only meanwhile: nothing is left behind
+        raise RunError(f"{out}: cannot write the export ({e.strerror or e})", key="out") from None
     return out
+
+
+def _check_creatable(out: Path) -> None:
+    """RunError (key "out") unless `out`'s parent folder exists or can be made, and is writable: checked before
+    anything is loaded."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{out}: cannot create its folder {out.parent} ({e.strerror or e})", key="out") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise RunError(f"{out}: its folder {out.parent} is not writable", key="out")

@@ -12,6 +12,7 @@ import torch
 from scm._checks import check_positive, check_t
 from scm.diffusers.convert import Parameterization, call_model, data_scale, num_classes
 from scm.errors import ConfigError, require_modules
+from scm.integrity import check_finite, read_header
 
 __all__ = ["DENOISER_COMPONENTS", "DiffusersFolder", "DiffusersModel", "from_diffusers", "load_diffusers",
            "read_diffusers", "resolve_sigma_d"]
@@ -114,11 +115,14 @@ class DiffusersFolder:
         diffusers = diffusers_module()
         model_cls = _class(diffusers, self.model_dir, "config.json")
         sched_cls = _class(diffusers, self.scheduler_dir, "scheduler_config.json")
+        for weights in sorted(Path(self.model_dir).glob("*.safetensors")):
+            read_header(weights)  # its header against the file, before diffusers maps it (scm.integrity)
         try:
             model = model_cls.from_pretrained(self.model_dir, use_safetensors=True, torch_dtype=dtype)
             scheduler = sched_cls.from_pretrained(self.scheduler_dir)
         except (OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"teacher {self.path}: diffusers could not load it ({e})", key="teacher") from None
+        check_finite(model.state_dict(), f"teacher {self.model_dir}")
         return DiffusersModel(self.path, model.to(device).eval().requires_grad_(False), scheduler)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
-from scm.errors import RunError, TrainingStopped
+from scm.errors import RunError, TrainingStopped, UnverifiedWarning
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
 from scm.train.build import build, build_objective
@@ -37,8 +38,9 @@ from scm.train.step import train_step
 __all__ = ["TrainResult", "train"]
 
 # Fields that may differ between a run and its resumption (budget, bookkeeping, where it runs).
-RESUMABLE_CHANGES = {"kimg", "max_minutes", "device", "log_every", "ckpt_every_kimg", "keep_ckpts", "sample_every_kimg",
-                     "sample_count", "sample_ode_steps", "t_mid", "tensorboard", "progress", "max_bad_steps"}
+RESUMABLE_CHANGES = {"out", "kimg", "max_minutes", "device", "log_every", "ckpt_every_kimg", "keep_ckpts",
+                     "sample_every_kimg", "sample_count", "sample_ode_steps", "t_mid", "tensorboard", "progress",
+                     "max_bad_steps"}
 
 
 @dataclass
@@ -61,7 +63,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
     built = build(cfg, data, info.device)
     latent = data.latent  # latents (scm.data.latents): recorded so that samples can be decoded
-    ckpt = _prepare_run_dir(run, cfg, resume, info, latent)
+    _prepare_run_dir(run, cfg, resume, info, latent)
     if built.teacher_info is not None and info.is_main:
         run.write_teacher(built.teacher_info)
     log = Logger(run, cfg, info)
@@ -71,11 +73,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     objective = build_objective(cfg, built.teacher)
     state = TrainState.create(built.net, cfg, info)
-    if ckpt is not None:
-        state.load(ckpt)
-        log.info(f"resumed from {ckpt} at {state.kimg:.1f} kimg (step {state.step})")
-    elif resume:
-        log.info(f"{run.path} has no checkpoint yet: starting from the beginning")
+    if resume:
+        _resume(state, run, info, log)
     plan, conditioning = BatchPlan(len(data), cfg.batch, cfg.seed), Conditioning.of_run(cfg)
     total_nimg = math.ceil(round(cfg.kimg * 1000) / cfg.batch) * cfg.batch  # whole steps
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
@@ -114,15 +113,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     return TrainResult(str(run.path), state.step, state.kimg, state.bad_steps, state.net, state.ema, log.last_metrics)
 
 
-def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo,
-                     latent: dict | None = None) -> Path | None:
-    """Refuse to overwrite another run; when resuming, check the configuration and find the newest checkpoint
-    (None: the run was stopped before its first one, and starts over). Writes the resolved configuration and,
-    for data in a VAE's latent space, the data's latent information (RUN/latent.json)."""
-    ckpt = None
-    if resume:
-        if not run.config_path.is_file():
-            raise RunError(f"{run.path} holds no run to resume (no config.json)", key="resume")
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo, latent: dict | None = None) -> None:
+    """Refuse to overwrite another run, or to resume one with another configuration; write the resolved
+    configuration and, for data in a VAE's latent space, the data's latent information (RUN/latent.json).
+    `resume` where nothing was written yet (the first attempt died before its configuration) starts the run: the
+    same command works in a requeue script whenever the previous attempt died."""
+    if resume and run.config_path.is_file():
         old, new = to_dict(from_dict(run.read_config())), to_dict(cfg)
         if old.get("init") is None and new["method"] == "scd" and new["init"] == new["teacher"]:
             old["init"] = new["init"]  # recorded before `resolve` wrote it down: the same choice (paper App. G.2)
@@ -130,20 +126,47 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff[:4])
             raise RunError(f"{run.path} was started with a different configuration ({details})", key="resume")
-        ckpt = run.latest()
     elif run.config_path.is_file():
         raise RunError(f"{run.path} already holds a run", key="out")
-    elif run.path.is_dir() and any(run.path.iterdir()):
-        raise RunError(f"{run.path} is not empty and holds no scm run", key="out")
+    elif run.path.is_dir() and any(not _scm_temporary(p) for p in run.path.iterdir()):
+        raise RunError(f"{run.path} is not empty and holds no scm run", key="resume" if resume else "out")
     barrier(info)
     if info.is_main:
+        for p in run.path.glob(".*.tmp-*"):  # left by an attempt killed while writing its configuration
+            p.unlink(missing_ok=True)
         run.write_config(to_dict(cfg))
         run.write_latent(latent)
         run.clean_partial()
-        if resume:  # metric lines and EMA snapshots written after the checkpoint would be repeated
-            run.truncate_metrics(RunDir.step_of(ckpt) if ckpt is not None else 0)
-            run.truncate_snapshots(RunDir.step_of(ckpt) if ckpt is not None else 0)
-    return ckpt
+
+
+def _scm_temporary(path: Path) -> bool:
+    """A file scm's atomic writer left behind when its process was killed (`scm.files.temporary_name`)."""
+    return path.name.startswith(".") and ".tmp-" in path.name and path.is_file()
+
+
+def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None:
+    """Continue from the newest intact checkpoint: damaged ones (content, shapes or values: `RunDir.load`) are set
+    aside as <step>.damaged and named in the log; no checkpoint at all starts the run from the beginning. Metric
+    lines and EMA snapshots written after the checkpoint are dropped (the run writes them again)."""
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", UnverifiedWarning)
+        ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, expect=state.expected_shapes()))
+    for note in notes:
+        log.warn(str(note.message))
+    for damaged, why in skipped:
+        log.warn(f"skipped checkpoint {damaged}: {why}")
+    barrier(info)
+    if info.is_main:
+        for damaged, why in skipped:
+            log.warn(f"set aside as {run.set_aside(damaged, why)}")
+        run.truncate_metrics(RunDir.step_of(ckpt) if ckpt is not None else 0)
+        run.truncate_snapshots(RunDir.step_of(ckpt) if ckpt is not None else 0)
+    barrier(info)
+    if ckpt is None:
+        log.info(f"{run.path} has no {'intact ' if skipped else ''}checkpoint yet: starting from the beginning")
+        return
+    state.load(ckpt, *loaded)
+    log.info(f"resumed from {ckpt} at {state.kimg:.1f} kimg (step {state.step})")
 
 
 def _stopped(state: TrainState, path, diverged: bool) -> TrainingStopped:

@@ -98,6 +98,10 @@ def _check_teacher(cfg: TrainConfig, teacher: TeacherSource, data: Dataset) -> N
     """The teacher's input shape and data space are the run's; a class-conditional diffusers teacher makes the run
     class-conditional (and must know the data's classes)."""
     if teacher.kind == "run":
+        if teacher.run_cfg.method != "diffusion":
+            raise ConfigError(f"teacher {cfg.teacher}: an {teacher.run_cfg.method} run (a consistency model); sCD "
+                              "distils a diffusion model, whose network gives the PF-ODE's tangent (paper §5): "
+                              "train one with method=diffusion, or start from this run with init", key="teacher")
         check_same_space(cfg.teacher, teacher.latent, data, "teacher")
     if teacher.shape is not None and teacher.shape != cfg.shape:
         raise ConfigError(f"teacher {cfg.teacher}: its network is {describe_shape(teacher.shape)} but this run's data "

@@ -14,7 +14,7 @@ from torch import nn
 
 from scm.config import TrainConfig
 from scm.errors import CheckpointError
-from scm.runs import RunDir
+from scm.runs import RunDir, ema_key
 from scm.train.distributed import (
     DistInfo,
     barrier,
@@ -76,9 +76,17 @@ class TrainState:
         barrier(info)
         return path
 
-    def load(self, ckpt: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, EMA, loss scale and counters."""
-        files, state = RunDir.load(ckpt)
+    def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """What a checkpoint of this run must hold: the network's tensors and each EMA's (names and full shapes)."""
+        net = {k: tuple(v.shape) for k, v in self.net.state_dict().items()}
+        ema = {ema_key(s, k): tuple(v.shape) for s, shadow in self.ema.shadow.items() for k, v in shadow.items()}
+        return {"net": net, "ema": ema}  # (shapes of sharded tensors are their full shapes: nothing is gathered)
+
+    def load(self, ckpt: Path, files: dict[str, dict[str, torch.Tensor]] | None = None, state: dict | None = None):
+        """Continue from a checkpoint: weights, optimizer, EMA, loss scale and counters (`files` and `state`: the
+        checkpoint as `RunDir.load` read and verified it; read here when not given)."""
+        if files is None or state is None:
+            files, state = RunDir.load(ckpt, expect=self.expected_shapes())
         try:
             load_full_model_state(self.model, files["net"])
             load_optimizer_state(self.model, self.optimizer, files["optim"], state["optimizer"])
