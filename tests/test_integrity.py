@@ -249,6 +249,31 @@ def test_runs_without_digests_load_with_one_warning(run):
         "loaded unverified"]
 
 
+def test_scm_verify_checks_a_whole_run_and_records_digests_of_old_ones(run):
+    code, text = cli("verify", run)
+    assert code == 0 and text.count("intact") == 9 + 3 + 1 and "12 intact" in text, text  # 3 checkpoints, 3 snapshots
+    for ckpt in RunDir(run).checkpoints()[:2]:  # two checkpoints as written before digests were recorded
+        state = json.loads((ckpt / "state.json").read_text())
+        del state[FILES_KEY]
+        (ckpt / "state.json").write_text(json.dumps(state))
+        for f in ckpt.glob("*.safetensors"):
+            save_file(load_file(str(f)), str(f))
+    code, text = cli("verify", run)
+    assert code == 0 and "6 unverified" in text, text
+    flip_bit(run / "checkpoints" / "000000001" / "net.safetensors", -2)  # undetectable without a digest …
+    tensors = load_file(str(run / "checkpoints" / "000000002" / "ema.safetensors"))
+    next(iter(tensors.values())).view(-1)[0] = float("inf")  # … unlike a non-finite value
+    save_file(tensors, str(run / "checkpoints" / "000000002" / "ema.safetensors"))
+    code, text = cli("verify", run, "--record-digests")
+    assert code == 1 and "1 damaged" in text and "000000002/ema.safetensors: " in text and "non-finite" in text, text
+    assert "5 recorded" in text, text
+    assert FILES_KEY in json.loads((run / "checkpoints" / "000000001" / "state.json").read_text())
+    assert FILES_KEY not in json.loads((run / "checkpoints" / "000000002" / "state.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedWarning)
+        assert load_run(run / "checkpoints" / "000000001", raw=True).step == 1  # verified from now on
+
+
 def test_committed_demo_teacher_is_verified():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnverifiedWarning)

@@ -37,8 +37,10 @@ def test_inference_never_imports_the_training_engine():
 
 
 def test_one_error_hierarchy():
-    errors = [c for _, c in inspect.getmembers(scm.errors, inspect.isclass) if issubclass(c, Exception)]
+    classes = [c for _, c in inspect.getmembers(scm.errors, inspect.isclass)]
+    errors = [c for c in classes if issubclass(c, Exception) and not issubclass(c, Warning)]
     assert len(errors) >= 8 and all(issubclass(c, scm.errors.ScmError) for c in errors)
+    assert all(issubclass(c, scm.errors.ScmWarning) for c in classes if issubclass(c, Warning))
     for path in SRC.rglob("*.py"):  # every error class of scm is defined in scm.errors
         if path.name != "errors.py":
             assert not re.search(r"^class \w*(Error|Stopped)\(", path.read_text(), flags=re.M), path

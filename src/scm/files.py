@@ -24,8 +24,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_folder", "atomic_write", "atomic_write_json", "fsync_dir", "fsync_tree", "publish_folder",
-           "temporary_name"]
+__all__ = ["atomic_folder", "atomic_write", "atomic_write_json", "durable_rename", "fsync_dir", "fsync_tree",
+           "publish_folder", "temporary_name"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -81,6 +81,13 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], object])
 
 def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def durable_rename(path: Path, target: Path) -> Path:
+    """Rename `path` to `target` (same folder, replacing an empty folder or a file there) and fsync the folder."""
+    os.replace(path, target)
+    fsync_dir(Path(target).parent)
+    return Path(target)
 
 
 def publish_folder(tmp: Path, path: Path, *, replace: bool = False) -> Path:

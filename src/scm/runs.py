@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 
 from scm.config import TrainConfig, from_dict
 from scm.errors import CheckpointError, ConfigError, UnverifiedWarning
-from scm.files import atomic_folder, atomic_write, atomic_write_json, fsync_dir
+from scm.files import atomic_folder, atomic_write, atomic_write_json, durable_rename
 from scm.integrity import check_finite, read_header, read_tensors, shape_differences, verify_digest, write_tensors
 from scm.nets.registry import build_net
 
@@ -280,9 +280,8 @@ class RunDir:
         again), so that pruning and `latest` see only intact ones."""
         target = ckpt.with_name(f"{ckpt.name}.damaged")
         shutil.rmtree(target, ignore_errors=True)
-        ckpt.rename(target)
+        durable_rename(ckpt, target)
         atomic_write(target / "why.txt", why + "\n")
-        fsync_dir(self.ckpt_dir)
         return target
 
     def clean_partial(self) -> None:

@@ -165,6 +165,27 @@ def export(
     print(f"wrote {path}: load it with scm.diffusers.SCMPipeline.from_pretrained({str(path)!r})", file=sys.stderr)
 
 
+@app.command()
+def verify(
+    run: Annotated[str, typer.Argument(help="a run directory")],
+    record_digests: Annotated[bool, typer.Option("--record-digests", help="give the files written before scm "
+                                                 "recorded digests theirs, once they pass every other check")] = False,
+):
+    """Check every checkpoint file and EMA snapshot of RUN as sampling, --resume, --teacher and --init check what
+    they read (header, shapes against the network, content digest, finite values); exit 1 if any is damaged."""
+    from scm.run_check import check_run, describe
+
+    try:
+        results = check_run(run, record=record_digests)
+    except USER_ERRORS as e:
+        fail_on(e, {"run": "RUN"})
+    for r in results:
+        print(f"{r.status:10s} {r.path}" + (f": {r.detail}" if r.status in ("damaged", "unverified") else ""))
+    print(f"{run}: {describe(results)}", file=sys.stderr)
+    if any(r.status == "damaged" for r in results):
+        raise typer.Exit(1)
+
+
 @app.command("eval")
 def eval_(
     ckpt: Annotated[str, typer.Option(help="a run directory")],
