@@ -255,7 +255,7 @@ def test_export_errors_name_what_is_wrong(runs, tmp_path, monkeypatch):
     teacher = make_run(tmp_path / "teacher", "tiny-28-diffusion")
     expect([teacher, tmp_path / "o5"], "a diffusion run", "sCT or sCD")
     (tmp_path / "a-file").write_text("")
-    expect([run_dirs["sct"], tmp_path / "a-file" / "o7"], "OUT", "cannot create its folder", "a-file")
+    expect([run_dirs["sct"], tmp_path / "a-file" / "o7"], "OUT", "a-file is a file, not a folder")
     # without diffusers: which extra to install
     monkeypatch.delitem(sys.modules, "scm.diffusers.pipeline", raising=False)
     monkeypatch.setitem(sys.modules, "diffusers", None)

@@ -318,3 +318,18 @@ def test_resume_works_in_a_requeue_script_whenever_the_first_attempt_died(traine
     files, _ = RunDir.load(RunDir(out).latest())
     straight, _ = RunDir.load(trained / "run" / "checkpoints" / "000000003")
     assert all(torch.equal(files["net"][k], straight["net"][k]) for k in straight["net"])
+
+
+def test_inception_weights_of_another_network_are_a_named_error(tmp_path):
+    from scm.errors import InceptionError
+    from scm.metrics.inception import FIDInceptionV3, load_inception
+
+    state = {k: v for k, v in FIDInceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
+    name = next(k for k, v in state.items() if v.ndim == 4)
+    state[name] = torch.zeros(1, *state[name].shape[1:])
+    write_tensors(state, tmp_path / "inception.safetensors")
+    with pytest.raises(InceptionError, match=f"not the FID Inception weights.*{name} is \\[1, "):
+        load_inception(tmp_path / "inception.safetensors")
+    flip_bit(tmp_path / "inception.safetensors", -1)
+    with pytest.raises(InceptionError, match="damaged"):
+        load_inception(tmp_path / "inception.safetensors")

@@ -113,13 +113,16 @@ def _check_layout(path: Path, tensors: dict, data_bytes: int) -> None:
             ok = dtype in DTYPE_BYTES and all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
         except (TypeError, KeyError, ValueError):
             ok = False
-        if not ok or not 0 <= begin <= end <= data_bytes:
-            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name[:80]!r}: {str(entry)[:120]}; "
-                                  f"the data are {data_bytes} bytes)")
+        if not ok or begin > end:
+            raise CheckpointError(f"{path}: corrupt safetensors header (entry {name[:80]!r}: {str(entry)[:120]})")
         if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path}: corrupt safetensors header ({name[:80]!r} is {dtype} {shape} but spans "
                                   f"{end - begin} bytes)")
         spans.append((begin, end))
+    needed = max((end for _, end in spans), default=0)
+    if needed > data_bytes:
+        raise CheckpointError(f"{path}: truncated (its header describes {needed} bytes of tensors, the file holds "
+                              f"{data_bytes})")
     position = 0
     for begin, end in sorted(spans):
         if begin != position:
@@ -127,7 +130,7 @@ def _check_layout(path: Path, tensors: dict, data_bytes: int) -> None:
         position = end
     if position != data_bytes:
         raise CheckpointError(f"{path}: corrupt safetensors file (its tensors cover {position} of its {data_bytes} "
-                              "data bytes: truncated, extended or overlapping)")
+                              "data bytes: extended or overlapping)")
 
 
 def _content_digest(header: TensorHeader) -> str:

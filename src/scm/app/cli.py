@@ -392,15 +392,16 @@ def data_prepare(
     data: Annotated[str, typer.Option(help="a folder of images (recursive; class sub-folders = labels), an .npz, "
                                            "mnist, an IDX or CIFAR-10 folder")],
     out: Annotated[str, typer.Option(help="the prepared directory to create")],
-    resolution: Annotated[int, typer.Option(help="image size R: others are centre-cropped and area-resized "
-                                                 "(ADM/EDM2)")],
+    resolution: Annotated[int, typer.Option(help="image size R (at most 8192): others are centre-cropped and "
+                                                 "area-resized (ADM/EDM2)")],
     channels: Annotated[int | None, typer.Option(help="1 | 3 (default: the source's, if all images agree)")] = None,
     alpha: Annotated[str, typer.Option(help="transparency: white (composite on white) | drop")] = "white",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip undecodable files (listed in meta.json)")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ):
     """Convert images into a prepared directory (memory-mapped: for data larger than memory). An interrupted
-    run continues where it stopped when the same command is run again."""
+    run continues where it stopped when the same command is run again (refused, naming the file, when a source
+    file it prepared has changed since)."""
     from scm.data import load_dataset
     from scm.data.prepare import prepare
 

@@ -105,19 +105,23 @@ class ImageData(ArrayShape):
 
 
 def _decode(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """[H, W, 1] (greyscale) or [H, W, 3] uint8; 16-bit samples by round(v / 257), as `scm.data.preprocess`."""
+    from scm.data import preprocess as pp
 
+    img = pp.open_image(path)  # decodes fully (16-bit colour at full depth): a truncated file raises here
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes fully: a truncated file raises here
-            mode = img.mode
-            if mode in ("L", "I;16", "I", "F", "1"):
-                img = img.convert("L")
-            elif mode != "RGB":
-                img = img.convert("RGB")
+        mode = img.mode
+        if mode.startswith("I;16") or mode == "I":
+            arr = pp.sixteen_to_eight(np.asarray(img), str(path), mode)[:, :, 0]
+        else:
+            img = img.convert("L" if mode in ("L", "F", "1") else "RGB") if mode not in ("L", "RGB") else img
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None
+    finally:
+        img.close()
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

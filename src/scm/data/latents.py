@@ -34,6 +34,12 @@ temporary float32 copy on disk — cheaper than encoding twice (the encoder domi
 unlike normalising in place it rounds to a float16 output once, and an interruption anywhere resumes (both
 writers record their progress with every chunk). Named or given statistics need no scratch: one pass.
 
+Before any work, `encode` checks its settings, that the VAE folder holds an AutoencoderKL (config.json's
+`_class_name`, and every weight of one), and that the output (and the scratch) fit in the free disk space. An
+error at any later point removes the partial directories the encoding wrote or continued (the output's, the
+scratch, and OUT-images' when it prepares the images): nothing temporary is left behind. An interruption
+(KeyboardInterrupt) keeps them, so that the same call continues where it stopped.
+
 diffusers is an optional dependency (`pip install scm[latent]`), imported only when a VAE is needed.
 """
 
@@ -63,6 +69,7 @@ NAMED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "sd-vae-ft-mse": ((1.56, -0.695, 0.483, 0.729), (5.27, 5.91, 4.21, 4.31)),
 }
 WHICH = ("mean", "sample")
+DTYPES = ("float16", "float32")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VAES: dict[str, torch.nn.Module] = {}
 
@@ -80,18 +87,18 @@ def load_vae(path: str | Path) -> torch.nn.Module:
     spec = str(path)
     p = Path(spec).expanduser()
     if p.exists():
-        if not p.is_dir():
-            raise DataError(f"VAE {p}: not a folder (expected a diffusers AutoencoderKL folder)", key="vae")
-        folder = p if (p / "config.json").is_file() or not (p / "vae" / "config.json").is_file() else p / "vae"
-        if not (folder / "config.json").is_file():
-            raise DataError(f"VAE {p}: no config.json (expected a diffusers AutoencoderKL folder, or a pipeline "
-                            "folder with a vae/ sub-folder)", key="vae")
+        folder = _vae_folder(p)
         try:
-            vae = AutoencoderKL.from_pretrained(str(folder.resolve()), local_files_only=True, use_safetensors=True,
-                                               low_cpu_mem_usage=False)
+            vae, info = AutoencoderKL.from_pretrained(str(folder.resolve()), local_files_only=True,
+                                                      use_safetensors=True, low_cpu_mem_usage=False,
+                                                      output_loading_info=True)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
             raise DataError(f"VAE {folder}: cannot load it as an AutoencoderKL with safetensors weights "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", key="vae") from None
+        missing = [*info.get("missing_keys", []), *(k[0] for k in info.get("mismatched_keys", []))]
+        if missing:
+            raise DataError(f"VAE {folder}: its weights are not those of its AutoencoderKL config ({len(missing)} "
+                            f"missing or of another shape, e.g. {missing[0]})", key="vae")
     elif _HUB_ID.match(spec):
         try:
             vae = AutoencoderKL.from_pretrained(spec, use_safetensors=True, low_cpu_mem_usage=False)
@@ -103,6 +110,27 @@ def load_vae(path: str | Path) -> torch.nn.Module:
     if not isinstance(vae, AutoencoderKL):
         raise DataError(f"VAE {spec}: not an AutoencoderKL ({type(vae).__name__})", key="vae")
     return vae.eval().requires_grad_(False)
+
+
+def _vae_folder(p: Path) -> Path:
+    """The folder of the VAE at `p` (itself, or a pipeline folder's vae/), whose config.json names an AutoencoderKL
+    (or no class); DataError naming the folder and the class it holds otherwise."""
+    if not p.is_dir():
+        raise DataError(f"VAE {p}: not a folder (expected a diffusers AutoencoderKL folder)", key="vae")
+    folder = p if (p / "config.json").is_file() or not (p / "vae" / "config.json").is_file() else p / "vae"
+    if not (folder / "config.json").is_file():
+        raise DataError(f"VAE {p}: no config.json (expected a diffusers AutoencoderKL folder, or a pipeline "
+                        "folder with a vae/ sub-folder)", key="vae")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        held = config.get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"VAE {folder / 'config.json'}: not a diffusers config ({type(e).__name__}: {e})",
+                        key="vae") from None
+    if held is not None and held != "AutoencoderKL":
+        raise DataError(f"VAE {folder}: holds a {held} (config.json's _class_name), not an AutoencoderKL; give a "
+                        "diffusers AutoencoderKL folder, or a pipeline folder with a vae/ sub-folder", key="vae")
+    return folder
 
 
 def _cached_vae(path: str) -> torch.nn.Module:
@@ -230,7 +258,9 @@ def _check_images(data, vae, resolution: int | None) -> None:
                         key="data")
 
 
-def _check_settings(which: str, batch: int, sigma_d: float) -> None:
+def _check_settings(which: str, batch: int, sigma_d: float, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise DataError(f"dtype={dtype!r}: latents are stored as {' or '.join(DTYPES)}", key="dtype")
     if which not in WHICH:
         raise DataError(f"which={which!r}: store the posterior 'mean' or a 'sample'", key="which")
     if not (isinstance(batch, int) and batch >= 1):
@@ -271,34 +301,49 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
     obtained, for decoding. `normalization`: "measure" | "sd-vae-ft-mse" | (means, stds) | "vae" (the VAE's own
     (z − shift_factor)·scaling_factor, the data of a diffusers latent model: its std is then not σ_d).
     `resolution` R: images not prepared at R×R are prepared first (`pixels_at`). An interrupted encoding with the
-    same settings continues where it stopped (`resume`)."""
+    same settings continues where it stopped (`resume`), and so does one that failed with an error (a partial
+    directory is kept only when it holds finished items)."""
     from scm.data import load_dataset
-    from scm.data.prepared import PreparedWriter
+    from scm.data.prepared import PreparedWriter, removed_on_error
 
-    _check_settings(which, batch, sigma_d)
-    if resolution is not None:
-        data = pixels_at(data, out, resolution, progress=progress, log=log)
-    data = load_dataset(data) if isinstance(data, (str, Path)) else data
-    model = load_vae(vae).to(device)
-    _check_images(data, model, resolution)
-    shape = vae_latent_shape(model, data.shape[1:])
-    how, stats = _stats(normalization, shape[0], model, sigma_d)
+    _check_settings(which, batch, sigma_d, dtype)
+    model = load_vae(vae).to(device)  # before any work: a folder that holds no VAE is an error
     out, factor = Path(out), 2 if flip else 1
-    settings = {"vae": _vae_path(vae), "which": which, "flip": flip, "dtype": dtype, "normalization": how,
-                "stats": stats, "sigma_d": sigma_d, "seed": seed if which == "sample" else None}
-    key = json.dumps({"encode": settings, "source": data.source, "count": len(data)}, sort_keys=True)
-    final = PreparedWriter(out, shape, dtype, len(data) * factor, labelled=data.labels is not None, key=key,
-                           resume=resume)
-    job = _Encoding(data, model, final, factor, batch, device, progress, flip, which, seed, sigma_d, dtype)
-    stats = job.measured(key, resume) if stats is None else job.normalized(stats)
-    info = {"vae": settings["vae"], "mean": list(stats[0]), "std": list(stats[1]), "sigma_d": sigma_d,
-            "which": which, "image_shape": list(data.shape), "scaling": "per-channel App. G.1",
-            "normalization": how, "flip": flip, "seed": settings["seed"], "images": data.source}
-    origin = getattr(data, "meta", {}).get("source", data.source)  # a prepared directory's own source
-    path = final.finish({"source": f"latents of {origin}", "class_names": data.class_names,
-                         "value_range": "raw", "latent": info})
-    job.clean()
+    with removed_on_error():
+        if resolution is not None:
+            data = pixels_at(data, out, resolution, progress=progress, log=log)
+        data = load_dataset(data) if isinstance(data, (str, Path)) else data
+        _check_images(data, model, resolution)
+        shape = vae_latent_shape(model, data.shape[1:])
+        how, stats = _stats(normalization, shape[0], model, sigma_d)
+        _check_room(out, shape, len(data) * factor, dtype, stats is None, data.labels is not None)
+        settings = {"vae": _vae_path(vae), "which": which, "flip": flip, "dtype": dtype, "normalization": how,
+                    "stats": stats, "sigma_d": sigma_d, "seed": seed if which == "sample" else None}
+        key = json.dumps({"encode": settings, "source": data.source, "count": len(data)}, sort_keys=True)
+        final = PreparedWriter(out, shape, dtype, len(data) * factor, labelled=data.labels is not None, key=key,
+                               resume=resume)
+        job = _Encoding(data, model, final, factor, batch, device, progress, flip, which, seed, sigma_d, dtype)
+        stats = job.measured(key, resume) if stats is None else job.normalized(stats)
+        info = {"vae": settings["vae"], "mean": list(stats[0]), "std": list(stats[1]), "sigma_d": sigma_d,
+                "which": which, "image_shape": list(data.shape), "scaling": "per-channel App. G.1",
+                "normalization": how, "flip": flip, "seed": settings["seed"], "images": data.source}
+        origin = getattr(data, "meta", {}).get("source", data.source)  # a prepared directory's own source
+        path = final.finish({"source": f"latents of {origin}", "class_names": data.class_names,
+                             "value_range": "raw", "latent": info})
+        job.clean()
     return path
+
+
+def _check_room(out: Path, shape: tuple[int, ...], count: int, dtype: str, scratch: bool, labelled: bool) -> None:
+    """DataError unless the output's arrays (and, for measured statistics, the float32 scratch) fit in the free
+    disk space; what partial directories of an interrupted run hold already counts as theirs."""
+    from scm.data.prepared import allocated, check_disk
+
+    item = int(np.prod(shape))
+    need = count * (item * np.dtype(dtype).itemsize + 8 * labelled) + scratch * count * item * 4
+    need -= sum(allocated(out.with_name(out.name + end)) for end in (".partial", ".raw.partial"))
+    what = f"{count} latent(s) of {'×'.join(map(str, shape))} {dtype}" + (" and their float32 scratch" * scratch)
+    check_disk(out, need, what)
 
 
 @dataclass

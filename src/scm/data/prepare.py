@@ -12,10 +12,26 @@ Each image goes through `scm.data.preprocess` (modes, alpha, channels, and ADM/E
 resize to R×R); 8-bit arrays already at R×R with the asked channels are written as they are. Arrays of floats
 (e.g. latents) are written as float32 model-space values (`value_range` "raw") and are never resized.
 
-Resumable: the writer's key is a hash of the sorted relative file list with the files' sizes (or of the
-arrays), and the settings; after every chunk it records how many source files were consumed (and which were
-skipped), so an interrupted run continues with the next file and gives the same bytes as an uninterrupted one.
+Resumable: after every chunk the writer records how many source files were consumed (and which were skipped),
+so an interrupted run continues with the next file and gives the same bytes as an uninterrupted one, as long as
+what it continues is what it would prepare now. That is decided by
+- the writer's key: a hash of the settings and of the sorted relative file list (the names give the count, the
+  order and the labels), or of an in-memory source's arrays; another key is "something else", never continued;
+- the content of every source file already consumed: its SHA-256 is computed as it is read for preparation
+  (one more read of a file that is in the page cache anyway) and stored in DIR.partial/sources-sha256.bin before the
+  chunk is recorded; a continued run reads those files again (no decoding) and refuses, naming the file, when
+  one has changed. Sizes and modification times are not the rule: equal sizes and times can hide other pixels
+  (a rewrite that keeps them, `cp -p`, `rsync -t`), and a mere `touch` or copy changes nothing that was
+  prepared; only the content decides. Files not yet consumed may change freely: they are read when their
+  turn comes. (A file rewritten during the moment between its hashing and its decoding is not detected.)
 Nothing appears under the output's name until the data set is complete.
+
+Sizes are bounded before any work starts: `resolution` is at most MAX_RESOLUTION pixels a side; the memory of
+a chunk (2·chunk·C·R² bytes: its images decoded, then stacked) and of the images being decoded (about
+WORKING_BYTES·R² a thread) must fit in MEMORY_SHARE of the available memory, or the chunk (then the number of
+threads) is made smaller, and when one image in one thread does not fit it is an error naming the numbers; the
+output (N·C·R² bytes, and 8 a label) must fit in the free space of its file system (`check_disk`). (The decoded
+size of a source image is its own: Pillow refuses images over 2·Image.MAX_IMAGE_PIXELS pixels.)
 
 An undecodable file is an error naming it; with `skip_bad` it is skipped, and the skipped files (the first
 100, with the reasons) and their count are recorded in meta.json ("skipped", "skipped_count").
@@ -37,13 +53,19 @@ from tqdm import tqdm
 from scm._checks import describe_shape
 from scm.data import preprocess as pp
 from scm.data.images import folder_labels
-from scm.data.prepared import PreparedWriter, is_prepared
+from scm.data.prepared import PreparedWriter, allocated, check_disk, describe_bytes, is_prepared
+from scm.devices import available_memory
 from scm.errors import DataError
 
-__all__ = ["list_images", "prepare"]
+__all__ = ["MAX_RESOLUTION", "list_images", "prepare"]
 
 SKIPPED_LISTED = 100
-RULES = 1  # the version of the preprocessing rules, part of the resume key
+RULES = 2  # the version of the preprocessing rules and of the resume key (2: 16-bit colour, source digests)
+MAX_RESOLUTION = 8192  # pixels a side (one 8192×8192 colour image is 201 MB)
+WORKING_BYTES = 16  # memory per output pixel of an image being decoded: RGBA images (resized, cropped), arrays
+MEMORY_SHARE = 0.5  # the share of the available memory a preparation plans to use
+DIGESTS = "sources-sha256.bin"  # in DIR.partial/: the SHA-256 of each source file consumed (32 bytes each)
+DIGEST = 32
 
 
 def list_images(root: Path) -> list[Path]:
@@ -62,14 +84,80 @@ def _is_image_folder(src: str) -> bool:
 
 
 def _check(resolution, channels, alpha, chunk) -> None:
-    if not isinstance(resolution, int) or resolution < 1:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
         raise DataError(f"resolution={resolution!r}: must be a positive integer (pixels)", key="resolution")
+    if resolution > MAX_RESOLUTION:
+        raise DataError(f"resolution={resolution}: at most {MAX_RESOLUTION} pixels a side (one {resolution}×"
+                        f"{resolution} colour image alone would be {describe_bytes(3 * resolution ** 2)})",
+                        key="resolution")
     if channels not in (None, 1, 3):
         raise DataError(f"channels={channels!r}: must be 1 (greyscale) or 3 (colour)", key="channels")
     if alpha not in pp.ALPHA:
         raise DataError(f"alpha={alpha!r}: must be one of {', '.join(pp.ALPHA)}", key="alpha")
     if not isinstance(chunk, int) or chunk < 1:
         raise DataError(f"chunk={chunk!r}: must be a positive integer", key="chunk")
+
+
+def _plan(resolution: int, channels: int, chunk: int, workers: int, log) -> tuple[int, int]:
+    """(chunk, threads) whose estimated memory, 2·chunk·C·R² + threads·WORKING_BYTES·R² bytes, fits MEMORY_SHARE of
+    the available memory: as many threads as fit (at most `workers`, at most the chunk), then the largest chunk (at
+    most `chunk`); DataError naming the numbers when one image in one thread does not fit."""
+    pixels = resolution * resolution
+
+    def need(k: int, n: int) -> int:
+        return 2 * k * channels * pixels + n * WORKING_BYTES * pixels
+
+    available = available_memory()
+    if available is None or need(chunk, workers) <= MEMORY_SHARE * available:
+        return chunk, workers
+    budget = int(MEMORY_SHARE * available)
+    if need(1, 1) > budget:
+        raise DataError(f"resolution={resolution}: preparing {channels}-channel {resolution}×{resolution} images needs "
+                        f"about {describe_bytes(need(1, 1))} of memory even one at a time, but "
+                        f"{describe_bytes(available)} is available (at most {MEMORY_SHARE:.0%} of it is used)",
+                        key="resolution")
+    n = max(1, min(workers, chunk, budget // ((2 * channels + WORKING_BYTES) * pixels)))
+    k = min(chunk, (budget - n * WORKING_BYTES * pixels) // (2 * channels * pixels))
+    log(f"memory: {resolution}×{resolution} images are prepared {k} at a time in {n} thread(s) (about "
+        f"{describe_bytes(need(k, n))}; {describe_bytes(available)} available)")
+    return k, n
+
+
+def _file_digest(path: Path) -> bytes:
+    """The SHA-256 of a file's bytes, read 1 MiB at a time; 32 zero bytes when it cannot be read (its decoding
+    reports that, or skips it)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(2 ** 20):
+                h.update(block)
+    except OSError:
+        return bytes(DIGEST)
+    return h.digest()
+
+
+def _source_digests(writer: PreparedWriter, files: list[Path], workers: int, progress: bool):
+    """The file of the source files' digests in DIR.partial/ (open, to write them as files are consumed). A
+    continued run first reads the files it consumed again and refuses, naming one, when their content changed."""
+    path, done = writer.partial / DIGESTS, int(writer.progress.get("consumed", 0))
+    if done and (not path.is_file() or path.stat().st_size != DIGEST * len(files)):
+        raise DataError(f"{writer.partial}: an interrupted preparation without the digests of its sources "
+                        f"({DIGESTS}); remove it to prepare again from the start", key="out")
+    with open(path, "ab") as f:
+        f.truncate(DIGEST * len(files))
+    digests = np.fromfile(path, dtype=np.uint8, count=DIGEST * done).reshape(done, DIGEST)
+    changed = []
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=done, desc="checking the sources already prepared",
+                                                   unit="file", disable=not progress or not done, leave=False) as bar:
+        for i in range(0, done, 1024):
+            now = pool.map(_file_digest, files[i: min(i + 1024, done)])
+            changed += [j for j, d in enumerate(now, start=i) if d != digests[j].tobytes()]
+            bar.update(min(1024, done - i))
+    if changed:
+        raise DataError(f"{files[changed[0]]}: changed since an interrupted run prepared it into {writer.partial} "
+                        f"({len(changed)} of the {done} file(s) it prepared have other content now); remove "
+                        f"{writer.partial} to prepare again from the start", key="src")
+    return open(path, "r+b")
 
 
 def _digest(obj, *buffers) -> str:
@@ -123,26 +211,36 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
         raise DataError(f"{root}: no images found (searched recursively for {', '.join(pp.SUFFIXES)})", key="src")
     rel = [f.relative_to(root) for f in files]
     labels, names = folder_labels(rel)
+    fewest = channels or 1  # before reading any image (the writer checks the exact size)
+    need = len(files) * (fewest * resolution ** 2 + 8 * (labels is not None))
+    check_disk(out, need - allocated(out.with_name(out.name + ".partial")),
+               f"{len(files)} image(s) of {fewest}×{resolution}×{resolution}")
     if channels is None:
         channels = _common_channels(files, root, progress)
     settings = {"resolution": resolution, "channels": channels, "alpha": alpha, "rules": RULES}
-    key = _digest({"files": [[r.as_posix(), f.stat().st_size] for r, f in zip(rel, files, strict=True)],
-                   "labelled": labels is not None, **settings})
+    key = _digest({"files": [r.as_posix() for r in rel], "labelled": labels is not None, **settings})
     writer = PreparedWriter(out, (channels, resolution, resolution), "uint8", len(files), labelled=labels is not None,
                             key=key, resume=resume)
+    digests = _source_digests(writer, files, workers, progress)
 
     def one(f: Path):
+        digest = _file_digest(f)  # the file is read again by the decoder, from the page cache
         try:
-            return pp.preprocess_image(f, resolution, channels, alpha)
+            return digest, pp.preprocess_image(f, resolution, channels, alpha)
         except DataError as e:
             if not skip_bad:
                 raise DataError(str(e), key="skip_bad") from None  # the setting that would skip it
-            return e
+            return digest, e
 
     def chunks(start: int):
         with ThreadPoolExecutor(workers) as pool:
             for i in range(start, len(files), chunk):
-                results = list(pool.map(one, files[i: i + chunk]))  # in order: the first bad file raises
+                done = list(pool.map(one, files[i: i + chunk]))  # in order: the first bad file raises
+                digests.seek(i * DIGEST)
+                digests.write(b"".join(d for d, _ in done))
+                digests.flush()
+                os.fsync(digests.fileno())  # on disk before the writer records the chunk as consumed
+                results = [r for _, r in done]
                 keep = [j for j, r in enumerate(results) if not isinstance(r, DataError)]
                 bad = [{"file": rel[i + j].as_posix(), "reason": str(r)} for j, r in enumerate(results)
                        if isinstance(r, DataError)]
@@ -150,10 +248,12 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
                           else np.empty((0, channels, resolution, resolution), np.uint8))
                 yield images, None if labels is None else labels[i: i + chunk][keep], i + len(results), bad
 
-    skipped, count = _write(writer, chunks, len(files), progress, f"preparing {root.name}")
+    with digests:
+        skipped, count = _write(writer, chunks, len(files), progress, f"preparing {root.name}")
     if writer.written == 0:
         shutil.rmtree(writer.partial)  # nothing to continue
         raise DataError(f"{root}: every one of the {len(files)} image(s) was skipped as undecodable", key="src")
+    (writer.partial / DIGESTS).unlink()
     meta = {"source": str(root.resolve()), "class_names": names, "skipped": skipped, "skipped_count": count,
             "preprocessing": _preprocessing("adm-center-crop", alpha, resolution, channels)}
     path = writer.finish(meta)
@@ -226,10 +326,13 @@ def prepare(src: str | Path, out: str | Path, *, resolution: int, channels: int 
 
     `channels` None keeps the source's (1 or 3; a folder's images must then agree); `alpha` "white" or "drop"
     (images with transparency); `skip_bad` skips undecodable files (recorded in meta.json) instead of failing;
-    `resume` continues an interrupted run (otherwise its partial output is discarded); `workers` decoding
-    threads (default: the CPU count, at most 8)."""
+    `resume` continues an interrupted run (otherwise its partial output is discarded; one whose prepared source
+    files have changed is refused); `workers` decoding threads (default: the CPU count, at most 8). Sizes are
+    checked before any work (module docstring): a resolution over MAX_RESOLUTION, or an output larger than the
+    memory or the disk allows, is a DataError naming the setting and the numbers."""
     _check(resolution, channels, alpha, chunk)
     out, workers = Path(out), workers or min(8, os.cpu_count() or 1)
+    chunk, workers = _plan(resolution, channels or 3, chunk, workers, log)
     if out.exists():  # before reading any source (the writer checks it too)
         raise DataError(f"{out} already exists; choose another output directory or remove it", key="out")
     if _is_image_folder(str(src)):

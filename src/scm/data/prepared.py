@@ -13,6 +13,11 @@ flushed first), so an interrupted run continues where it stopped (`PreparedWrite
 crash leaves no half-written directory under DIR's name: `finish()` truncates the arrays to the items written,
 writes meta.json and renames DIR.partial to DIR.
 
+Before anything is written, the writer checks that the items still to be written fit in the free space of the
+output's file system (`check_disk`; its arrays are preallocated as sparse files of the full size), and an error
+names the numbers. Inside `removed_on_error()`, the partial directories of the writers opened in the block that hold
+no finished item are removed when it raises (those with progress are kept, for the same command to continue).
+
 Reading (`PreparedData`) gathers each batch by index with positioned reads (`os.pread`, in sorted order for
 locality) into a fresh buffer; only the labels are held in memory (8 bytes per item). The pages read stay in the
 OS page cache, not in the process: its resident memory does not grow with the data set (a memory map's pages
@@ -25,9 +30,12 @@ enter, i.e. when they are written.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +45,60 @@ from scm.data.images import ArrayShape
 from scm.errors import DataError
 from scm.files import atomic_write_json, publish_folder
 
-__all__ = ["FORMAT", "PreparedData", "PreparedWriter", "is_prepared", "load_prepared"]
+__all__ = ["FORMAT", "PreparedData", "PreparedWriter", "allocated", "check_disk",
+           "describe_bytes", "is_prepared", "load_prepared", "removed_on_error"]
 
 FORMAT, VERSION = "scm-prepared", 1
 DTYPES = ("uint8", "float16", "float32")
 IN_MEMORY_BYTES = 64 * 2**20  # prepared sets up to this size are read into memory by default
 VALUE_RANGES = ("uint8", "raw")
+_OPENED: contextvars.ContextVar[list | None] = contextvars.ContextVar("scm_prepared_opened", default=None)
+
+
+def describe_bytes(n: int | float) -> str:
+    """A size as people read it: 1.5 GB (decimal units, as disk sizes are sold)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_disk(out: str | Path, need: int, what: str) -> None:
+    """DataError (key "out") unless `need` bytes (`what` they hold, in words) fit in the free space of the file
+    system `out` will be on (that of its nearest existing folder)."""
+    folder = Path(out).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DataError(f"{out}: {what} need {describe_bytes(need)} of disk space, but {describe_bytes(free)} is free "
+                        f"on the file system of {folder}", key="out")
+
+
+def allocated(partial: Path) -> int:
+    """The bytes the arrays of a partial directory (an interrupted run's) hold on disk already (0: none)."""
+    if not Path(partial).is_dir():
+        return 0
+    return sum(getattr(f.stat(), "st_blocks", 0) * 512 for f in Path(partial).glob("*.bin"))
+
+
+@contextlib.contextmanager
+def removed_on_error() -> Iterator[list[PreparedWriter]]:
+    """Within the block, the `PreparedWriter`s opened are recorded (the list yielded); when the block raises, the
+    partial directories that hold no finished item are removed (an error leaves no empty temporary directory
+    behind), and those that do are kept, for the same command to continue where it stopped (as after an
+    interruption): hours of encoding are not lost to an out-of-memory error or a full disk."""
+    opened: list[PreparedWriter] = []
+    token = _OPENED.set(opened)
+    try:
+        yield opened
+    except BaseException:
+        for writer in opened:
+            if writer.written == 0:
+                shutil.rmtree(writer.partial, ignore_errors=True)
+        raise
+    finally:
+        _OPENED.reset(token)
 
 
 def is_prepared(path: Path) -> bool:
@@ -83,8 +139,13 @@ class PreparedWriter:
                                 "or other settings); remove it, or prepare into another directory", key="out")
             else:
                 shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True, exist_ok=True)
         item = int(np.prod(self.shape)) * np.dtype(dtype).itemsize
+        left = capacity - self.written
+        check_disk(self.out, left * (item + 8 * labelled),
+                   f"{left} item(s) of {'×'.join(map(str, self.shape))} {dtype}{' with labels' if labelled else ''}")
+        if _OPENED.get() is not None:
+            _OPENED.get().append(self)
+        self.partial.mkdir(parents=True, exist_ok=True)
         for name, size in (("images.bin", item), ("labels.bin", 8)):
             if name == "labels.bin" and not labelled:
                 continue

@@ -97,6 +97,9 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
 def _check_creatable(out: Path) -> None:
     """RunError (key "out") unless `out`'s parent folder exists or can be made, and is writable: checked before
     anything is loaded."""
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise RunError(f"{out}: cannot create it, {existing} is a file, not a folder", key="out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

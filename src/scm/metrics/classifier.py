@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scm.data import ImageData
 from scm.data.builtin import data_dir
-from scm.files import atomic_write, atomic_write_json
+from scm.errors import CheckpointError, DataError
+from scm.files import atomic_write_json
+from scm.integrity import read_tensors, write_tensors
 
 __all__ = ["Classifier", "get_classifier", "train_classifier"]
 
@@ -107,13 +108,19 @@ def get_classifier(key: str, train: ImageData | None = None, test: ImageData | N
     """The cached classifier for `key` (e.g. "mnist"), trained from train/test first if there is none."""
     weights, meta = _paths(key, root)
     if weights.is_file() and meta.is_file():
-        info = json.loads(meta.read_text())
-        model = Classifier(info["channels"], info["num_classes"])
-        model.load_state_dict(load_file(weights))
-        return model.eval(), info
+        try:
+            info = json.loads(meta.read_text())
+            model = Classifier(info["channels"], info["num_classes"])
+            expect = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            model.load_state_dict(read_tensors(weights, expect=expect))  # verified (scm.integrity)
+            return model.eval(), info
+        except (CheckpointError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            if train is None or test is None:
+                raise DataError(f"{weights}: damaged cached classifier ({e}); delete it to train it again") from None
+            log(f"{weights}: damaged cached classifier ({e}); training it again")
     if train is None or test is None:
         raise FileNotFoundError(f"no cached classifier {weights}; it is trained from the data set on first use")
     model, info = train_classifier(train, test, log=log)
-    atomic_write(weights, lambda tmp: save_file(model.state_dict(), str(tmp)))
+    write_tensors(model.state_dict(), weights)
     atomic_write_json(meta, info)  # last: a cached classifier is one with both files
     return model, info

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scm.errors import InceptionError
+from scm.errors import CheckpointError, InceptionError
+from scm.integrity import read_tensors, shape_differences
 
 __all__ = ["INCEPTION_SHA256", "FIDInceptionV3", "load_inception"]
 
@@ -179,9 +180,10 @@ def load_inception(path: str | Path | None = None, expected_sha256: str | None =
     if not path.is_file():
         raise InceptionError(f"{path}: Inception weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        try:
+            state = read_tensors(path)  # header, content digest where it has one, finite values (scm.integrity)
+        except CheckpointError as e:
+            raise InceptionError(str(e), key="inception") from None
     else:
         digest = _sha256(path)
         if expected_sha256 and digest != expected_sha256:
@@ -189,10 +191,8 @@ def load_inception(path: str | Path | None = None, expected_sha256: str | None =
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, after the hash check
     net = FIDInceptionV3()
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise InceptionError(
-            f"{path}: not the FID Inception weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if diff := shape_differences(expected, {k: tuple(v.shape) for k, v in state.items()}):
+        raise InceptionError(f"{path}: not the FID Inception weights ({diff})", key="inception")
+    net.load_state_dict(state, strict=False)
     return net.eval().requires_grad_(False)
