@@ -233,7 +233,7 @@ def test_config_that_does_not_fit_its_weights(run, trained, tmp_path):
     assert code == 2 and "differing tensors" in text, text
 
 
-def test_runs_without_digests_load_with_one_warning(run):
+def test_runs_without_digests_load_with_one_warning(run, trained):
     for ckpt in RunDir(run).checkpoints():  # as scm wrote them before digests were recorded
         state = json.loads((ckpt / "state.json").read_text())
         del state[FILES_KEY]
@@ -247,6 +247,14 @@ def test_runs_without_digests_load_with_one_warning(run):
     assert [line for line in text.splitlines() if line.startswith("warning:")] == [
         f"warning: {newest(run)}: written without a content digest (before scm verified what it reads): "
         "loaded unverified"]
+    for snap in (run / "ema-snapshots").iterdir():
+        save_file(load_file(str(snap)), str(snap), metadata={"scm_ema_snapshot": read_header(snap).metadata[
+            "scm_ema_snapshot"]})
+    code, text = cli("ema", "reconstruct", run, "--sigma-rel", "0.08", "--out", run.parent / "rec")
+    assert code == 0 and text.count("loaded unverified") == 1 and "3 files written without" in text, text
+    code, text = cli("train", "--preset", "tiny-28-diffusion", "--data", trained / "shapes.npz", "--out", run,
+                     *TRAIN, "--kimg", "0.016", "--resume")  # one line for the checkpoint's three files
+    assert code == 0 and text.count("loaded unverified") == 1 and "3 files written without" in text, text
 
 
 def test_scm_verify_checks_a_whole_run_and_records_digests_of_old_ones(run):

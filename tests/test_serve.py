@@ -66,12 +66,13 @@ def runs(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running(app):
-    """The app under uvicorn in a background thread, on a free port of 127.0.0.1: its base URL."""
+def running(app, **server_options):
+    """The app under uvicorn in a background thread, on a free port of 127.0.0.1: its base URL. `server_options`
+    go to `make_server` (idle_timeout …)."""
     from scm.serve import bind, make_server, url_of
 
     sock = bind("127.0.0.1", 0)
-    server = make_server(app)
+    server = make_server(app, **server_options)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

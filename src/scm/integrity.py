@@ -20,6 +20,7 @@ A file written before scm recorded digests has none: it is read (steps 1 and 3 s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,8 +37,8 @@ from safetensors.torch import save as serialize
 from scm.errors import CheckpointError, UnverifiedWarning
 from scm.files import atomic_write
 
-__all__ = ["DIGEST_KEY", "MAX_HEADER_BYTES", "TensorHeader", "check_finite", "read_header", "read_tensors",
-           "shape_differences", "verify_digest", "write_tensors"]
+__all__ = ["DIGEST_KEY", "MAX_HEADER_BYTES", "TensorHeader", "check_finite", "one_unverified_warning", "read_header",
+           "read_tensors", "shape_differences", "verify_digest", "write_tensors"]
 
 DIGEST_KEY = "scm_sha256"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
@@ -213,6 +214,24 @@ def read_tensors(path: str | Path, *, record: str | None = None, expect: dict[st
         raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
     check_finite(tensors, path)
     return tensors
+
+
+@contextlib.contextmanager
+def one_unverified_warning(what: str):
+    """Within the block, the UnverifiedWarnings of several files (a checkpoint's, a run's snapshots) become one,
+    naming `what` and how many files."""
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", UnverifiedWarning)
+        yield
+    unverified = [n for n in notes if issubclass(n.category, UnverifiedWarning)]
+    for note in notes:
+        if not issubclass(note.category, UnverifiedWarning):
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
+    if len(unverified) == 1:
+        warnings.warn(unverified[0].message, stacklevel=3)
+    elif unverified:
+        warnings.warn(UnverifiedWarning(f"{what}: {len(unverified)} files written without a content digest (before "
+                                        "scm verified what it reads): loaded unverified"), stacklevel=3)
 
 
 def _check_memory(header: TensorHeader, names: list[str]) -> None:

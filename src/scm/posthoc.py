@@ -22,6 +22,7 @@ from scm.ema_profile import MAX_ERROR, SIGMA_REL_MAX, exp_to_std, solve_coeffici
 from scm.errors import CheckpointError, InvalidSetting, RunError
 from scm.evaluate import check_counts, evaluate_setting, open_checked_reference
 from scm.files import atomic_folder, atomic_write, atomic_write_json
+from scm.integrity import one_unverified_warning
 from scm.metrics import seed_interval
 from scm.runs import EMASnapshot, LoadedRun, RunDir, ema_key, network_run, read_run_config
 
@@ -129,7 +130,8 @@ def reconstruct(rec: Reconstruction, std: float) -> dict[str, torch.Tensor]:
     if std not in rec.coefficients:
         raise KeyError(f"σ_rel={std} was not planned (planned: {list(rec.stds)})")
     x = rec.coefficients[std]
-    readers = [snap.open() for snap in rec.snapshots]
+    with one_unverified_warning(f"{rec.run}/ema-snapshots"):
+        readers = [snap.open() for snap in rec.snapshots]
     names = readers[-1].names(rec.profiles[0])
     out = {}
     for name in names:

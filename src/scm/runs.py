@@ -45,7 +45,15 @@ from safetensors import SafetensorError, safe_open
 from scm.config import TrainConfig, from_dict
 from scm.errors import CheckpointError, ConfigError, UnverifiedWarning
 from scm.files import atomic_folder, atomic_write, atomic_write_json, durable_rename
-from scm.integrity import check_finite, read_header, read_tensors, shape_differences, verify_digest, write_tensors
+from scm.integrity import (
+    check_finite,
+    one_unverified_warning,
+    read_header,
+    read_tensors,
+    shape_differences,
+    verify_digest,
+    write_tensors,
+)
 from scm.nets.registry import build_net
 
 __all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in", "ema_weights",
@@ -359,16 +367,19 @@ class RunDir:
         checkpoint written before digests were recorded is read unverified, with one UnverifiedWarning."""
         state = RunDir.read_state(ckpt)
         digests = state.get(FILES_KEY)
-        files = {}
-        for stem in stems:
-            path = ckpt / f"{stem}.safetensors"
-            if digests is not None and path.name not in digests:
-                raise CheckpointError(f"{path}: not among the files its checkpoint recorded ({', '.join(digests)})")
-            if path.is_symlink():
-                raise CheckpointError(f"{path}: a link (checkpoint files are plain files inside the run); refused")
-            files[stem] = load_tensors(path, record=None if digests is None else digests[path.name],
-                                       expect=(expect or {}).get(stem), names=(names or {}).get(stem))
+        with one_unverified_warning(str(ckpt)):
+            files = {stem: RunDir._load_file(ckpt, stem, digests, expect, names) for stem in stems}
         return files, state
+
+    @staticmethod
+    def _load_file(ckpt: Path, stem: str, digests: dict | None, expect: dict | None, names: dict | None):
+        path = ckpt / f"{stem}.safetensors"
+        if digests is not None and path.name not in digests:
+            raise CheckpointError(f"{path}: not among the files its checkpoint recorded ({', '.join(digests)})")
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a link (checkpoint files are plain files inside the run); refused")
+        return load_tensors(path, record=None if digests is None else digests[path.name],
+                            expect=(expect or {}).get(stem), names=(names or {}).get(stem))
 
 
 def is_run_dir(path: str | Path) -> bool:

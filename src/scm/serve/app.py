@@ -1,16 +1,22 @@
 """The web side of `scm serve`: a Starlette app over one student (and optionally a teacher), and the server.
 
-Endpoints (all GET; anything else is 404/405 as JSON):
+Endpoints (GET; HEAD too, as GET without a body, except on /api/generate; anything else is 404, or 405 with an
+Allow header, as JSON):
 
     /                  the page (page.html; its script and style at /static/page.js, /static/page.css)
-    /api/info          the models: method, sampler, allowed steps/NFEs, height, width, channels, classes and their
-                       names, whether they take guidance and its default, batch sizes, the teacher (or null)
-    /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &client=
+    /api/info          the models: method, sampler, allowed steps/NFEs and the default one (2 steps for a
+                       consistency run, the NFE a diffusion run is normally sampled at, TEACHER_NFE, for one served
+                       alone), height, width, channels, classes and their names, whether they take guidance and the
+                       scales accepted (guidance_range: min (exclusive), max, default, decimals), batch sizes, the
+                       teacher (or null)
+    /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &client=   (GET only:
+                       HEAD is 405, see `_get_only`)
                        → 200 image/png (one image, or a grid for batch 4 / 16), timings in headers:
                          X-Generation-Ms (network + sampler for all images), X-Ms-Per-Image,
                          X-Images-Per-Second, X-Images, X-NFE, X-Steps, X-Seed, X-Model, X-Server-Ms (arrival to
                          response: waiting, decoding and PNG encoding included)
-                       → 400 {"error": "...", "parameter": name} for a bad, unknown or repeated parameter
+                       → 400 {"error": "...", "parameter": name} for a bad, unknown or repeated parameter (an
+                         error repeats at most 64 characters of a name or value: `scm.serve.models.bounded_echo`)
                        → 409 {"error": "superseded ...", "superseded": true}: a newer request from the same
                          client arrived before this one started, so it was dropped without generating
                        → 503 {"error": "busy ..."}: too many requests are waiting for this model
@@ -50,6 +56,10 @@ default `scm serve` allows localhost, 127.0.0.1 and ::1 there): otherwise a page
 own domain at 127.0.0.1 (DNS rebinding) and use the models from the visitor's browser as same-origin. Other Host
 headers get 400 without reaching the app.
 
+Connections are closed when they have not sent a whole request head within `IDLE_TIMEOUT_S` of opening or of
+their previous response (`make_server`): neither a silent socket nor one that sends half a request, or one byte a
+second, holds a connection for longer. A request that has arrived is answered however long it takes.
+
 Nothing a request says can reach a file: the runs are loaded once, before the server starts, from paths given
 by the operator; the page and its two static files are read from the package when the app is built, and are
 the only files served.
@@ -62,6 +72,7 @@ import contextlib
 import importlib.resources
 import itertools
 import logging
+import math
 import socket
 import time
 from collections import OrderedDict
@@ -70,9 +81,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from scm.errors import InvalidSetting, ScmError, require_modules
-from scm.serve.models import SEED_MAX, ServedModel, parse_query
+from scm.serve.models import SEED_MAX, ServedModel, bounded_echo, parse_query
 
-__all__ = ["GONE", "SUPERSEDED", "Worker", "bind", "create_app", "make_server", "require", "url_of"]
+__all__ = ["GONE", "IDLE_TIMEOUT_S", "SUPERSEDED", "Worker", "bind", "create_app", "make_server", "require",
+           "url_of"]
 
 log = logging.getLogger("scm.serve")
 
@@ -274,7 +286,8 @@ class HostGuard:
             if host_of(header) not in self.allowed:
                 from starlette.responses import JSONResponse
 
-                message = f"Host {header!r} is not served here (allowed: {', '.join(sorted(self.allowed))})"
+                message = f"Host {bounded_echo(header)!r} is not served here (allowed: " \
+                          f"{', '.join(sorted(self.allowed))})"
                 await JSONResponse({"error": message}, status_code=400, headers=SECURITY)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -372,8 +385,13 @@ def _png(outcome, model: ServedModel, q, start: float):
 
 
 async def not_found(request, exc):
+    """Starlette's HTTP errors (404, 405 …) as JSON, with their headers (a 405's Allow: the methods it takes)."""
+    from starlette.responses import JSONResponse
+
     status = getattr(exc, "status_code", 404)
-    return _error(status, "not found" if status == 404 else str(getattr(exc, "detail", "")) or "error")
+    message = "not found" if status == 404 else str(getattr(exc, "detail", "")) or "error"
+    headers = {**SECURITY, "Cache-Control": "no-store", **(getattr(exc, "headers", None) or {})}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 @contextlib.asynccontextmanager
@@ -409,12 +427,22 @@ def create_app(student: ServedModel, teacher: ServedModel | None = None, *, max_
         threads = max(1, torch.get_num_threads() // len(models)) if on_cpu else None
     workers = {name: Worker(m, max_waiting, threads, run_batch=m.generate_many) for name, m in models.items()}
     routes = [Route("/", index), Route("/api/info", info), Route("/api/stats", stats),
-              Route("/api/generate", generate), Route("/static/{name}", static_file)]
+              _get_only(Route("/api/generate", generate)), Route("/static/{name}", static_file)]
     guard = [] if allowed_hosts is None else [Middleware(HostGuard, allowed=allowed_hosts)]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found}, middleware=guard)
     app.state.served = _Served(models, workers, {name: _package_file(name) for name in ("page.html", *STATIC)},
                                warm_up)
     return app
+
+
+def _get_only(route):
+    """`route` answering GET only. Starlette lets HEAD into every GET route, running the endpoint and dropping the
+    body; on /api/generate that is a whole generation (seconds of the worker, the queue's place of a real request)
+    for nothing. Headers only without the work cannot be had either: a HEAD answer carries the headers a GET
+    would (RFC 9110 §9.3.2), and here those (X-NFE, X-Generation-Ms, Content-Length …) are the generation's. So
+    HEAD there is 405 with Allow: GET, as for any other method the resource does not take (§15.5.6)."""
+    route.methods = {"GET"}
+    return route
 
 
 # -- the server -----------------------------------------------------------------------------------------------------
@@ -441,12 +469,73 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def make_server(app, *, log_level: str = "warning", access_log: bool = False):
+def _deadline_protocol(seconds: float):
+    """uvicorn's h11 HTTP protocol, closing a connection that has not sent a whole request head within `seconds`
+    of opening or of the end of its previous response.
+
+    uvicorn has no such timeout of its own (up to 0.55 at least): its only timer, keep-alive, starts after a
+    response and stops for good at the first byte received, so a connection that never sends, or sends half a
+    request (or one byte every few seconds), is held until the client lets go. The deadline here does not move
+    when bytes arrive (a trickle cannot extend it) and is off while a request that has arrived is being answered.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_deadline()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a whole request head arrived: it is the app's now
+                self._cancel_deadline()
+
+        def on_response_complete(self) -> None:
+            self._arm_deadline()  # before: a pipelined request that the next line parses cancels it
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_deadline()
+            super().connection_lost(exc)
+
+        def _arm_deadline(self) -> None:
+            self._cancel_deadline()
+            self._deadline = self.loop.call_later(seconds, self._deadline_passed)
+
+        def _cancel_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _deadline_passed(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()  # no answer: nothing was asked (as uvicorn's keep-alive timeout does)
+
+    return DeadlineH11Protocol
+
+
+# the longest a connection may stay open without a whole request head: from its start, or from the end of its
+# previous response (its keep-alive). A browser sends its request at once and reconnects when a kept-alive
+# connection was closed; a slow generation is not affected (the time counts only while no request is in hand).
+IDLE_TIMEOUT_S = 10.0
+
+
+def make_server(app, *, log_level: str = "warning", access_log: bool = False, idle_timeout: float = IDLE_TIMEOUT_S):
     """A uvicorn server for `app`; run it with `.run(sockets=[bind(...)])` (in any thread; `should_exit = True`
-    stops it)."""
+    stops it). A connection without a whole request head `idle_timeout` seconds after it opened, or after its
+    previous response, is closed (`IDLE_TIMEOUT_S`)."""
     require()
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
-                                         timeout_graceful_shutdown=2))
+    if isinstance(idle_timeout, bool) or not (isinstance(idle_timeout, (int, float)) and 0 < idle_timeout < math.inf):
+        raise InvalidSetting("idle_timeout", idle_timeout, "must be a number of seconds > 0")
+    # h11 (not httptools, were it installed): the protocol the deadline is built on; no WebSocket: none is served
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+                            timeout_graceful_shutdown=2, http=_deadline_protocol(idle_timeout), ws="none",
+                            timeout_keep_alive=idle_timeout)
+    return uvicorn.Server(config)
 

@@ -6,7 +6,8 @@ A request's parameters arrive as strings. Each is parsed strictly (an integer is
 underscores) and checked against the model: a value that does not fit raises `InvalidSetting` with `key` = the
 parameter's name, which the web side answers with HTTP 400. Parameters nobody asked for, or given twice, are
 refused too, so no request can carry anything the server would silently ignore (file paths included: the runs
-are loaded once, from the command line).
+are loaded once, from the command line). An error repeats at most `ECHO_MAX` characters of a name or value it
+refuses (`bounded_echo`): an answer never grows with what it was sent.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ from scm.images import encode_png, grid, to_uint8
 from scm.runs import LoadedRun
 from scm.sampling import TEACHER_NFE
 
-__all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "GUIDANCE_MAX", "PARAMETERS", "SEED_MAX", "Query",
-           "ServedModel", "check_pair", "parse_query"]
+__all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "ECHO_MAX", "GUIDANCE_DECIMALS", "GUIDANCE_MAX",
+           "PARAMETERS", "SEED_MAX", "Query", "ServedModel", "bounded_echo", "check_pair", "parse_query"]
 
 SEED_MAX = 2**31 - 1
 BATCHES = (1, 4, 16)                 # images per request: one image, or a 2×2 / 4×4 grid
 CONSISTENCY_STEPS = (1, 2, 4)        # consistency runs: sampling steps (= network evaluations)
 DIFFUSION_NFES = (3, 5, 9, 17, TEACHER_NFE)  # diffusion runs served on their own: Heun NFEs (2N − 1 evaluations)
-GUIDANCE_MAX = 10.0
+GUIDANCE_MAX = 10.0                  # guidance scales accepted: 0 < s <= GUIDANCE_MAX, …
+GUIDANCE_DECIMALS = 6                # … written with at most this many decimals ("1.5", not "1e1")
+ECHO_MAX = 64                        # characters of a request's own text that an error message repeats
 # every parameter /api/generate accepts; `model` picks the student or the teacher, `client` names the page
 # (a newer request with the same client id supersedes an older one that has not started: scm.serve.app)
 PARAMETERS = ("model", "client", "seed", "steps", "class", "guidance", "batch")
 _DIGITS = re.compile(r"[0-9]{1,10}")
-_DECIMAL = re.compile(r"[0-9]{1,3}(\.[0-9]{0,6})?|\.[0-9]{1,6}")
+_DECIMAL = re.compile(rf"[0-9]{{1,3}}(\.[0-9]{{0,{GUIDANCE_DECIMALS}}})?|\.[0-9]{{1,{GUIDANCE_DECIMALS}}}")
 _CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -94,7 +97,7 @@ class ServedModel:
         for k in self.steps:  # validated once, here: every allowed value is a valid sampler for this run
             self.sampler(k).times(run)
         if default_steps is None:
-            default_steps = 2 if 2 in self.steps else self.steps[0]
+            default_steps = self._recommended_steps()
         if default_steps not in self.steps:
             raise InvalidSetting("steps", default_steps, f"not one of the allowed {list(self.steps)}")
         self.default_steps = default_steps
@@ -116,6 +119,22 @@ class ServedModel:
         self.device = next(run.net.parameters()).device
 
     # -- what it offers -------------------------------------------------------------------------------------------
+    def _recommended_steps(self) -> int:
+        """The allowed step count a request without one gets: 2 steps for a consistency run (the first allowed
+        without 2); for a diffusion run the allowed NFE nearest TEACHER_NFE, the one it is normally sampled at
+        (its smallest NFEs give noise)."""
+        if not self.diffusion:
+            return 2 if 2 in self.steps else self.steps[0]
+        return min(self.steps, key=lambda nfe: (abs(nfe - TEACHER_NFE), -nfe))
+
+    def guidance_range(self) -> dict | None:
+        """The guidance scales a request may ask for (exactly what `check` accepts): min < s <= max, with at most
+        `decimals` decimals, and the one used when none is asked; None for a model that takes none."""
+        if not self.takes_guidance:
+            return None
+        return {"min": 0.0, "min_exclusive": True, "max": GUIDANCE_MAX, "default": self.default_guidance,
+                "decimals": GUIDANCE_DECIMALS}
+
     def sampler(self, steps: int) -> Sampler:
         return Sampler(nfe=steps, solver="heun", t_mid=self.t_mid) if self.diffusion \
             else Sampler(steps=steps, t_mid=self.t_mid)  # a t_mid for a diffusion run is refused
@@ -139,7 +158,7 @@ class ServedModel:
             "class_names": self.class_names,
             "guidance": self.takes_guidance,
             "default_guidance": self.default_guidance,
-            "guidance_range": [0.0, GUIDANCE_MAX] if self.takes_guidance else None,
+            "guidance_range": self.guidance_range(),
             "batches": list(self.batches),
             "checkpoint_step": self.run.step,
             "parameters": sum(p.numel() for p in self.run.net.parameters()),
@@ -156,21 +175,22 @@ class ServedModel:
             steps = _integer(params, "steps", 0, 0, 10**9)
             if steps not in self.steps:
                 what = "NFE" if self.diffusion else "step count"
-                raise InvalidSetting("steps", params["steps"], f"this model's {what} is one of {list(self.steps)}")
+                raise _refused("steps", params["steps"], f"this model's {what} is one of {list(self.steps)}")
         class_label = None
         if "class" in params:
             class_label = _integer(params, "class", 0, 0, 10**9)  # digits; the model's classes decide below
-            _refuse("class", params["class"], self.conditioning.refusal(class_label, None))
+            _refuse_if("class", params["class"], self.conditioning.refusal(class_label, None))
         guidance = self.default_guidance
         if "guidance" in params:
             value = params["guidance"]
-            _refuse("guidance", value, self.conditioning.refusal(None, 1.0))  # no guidance at all
+            _refuse_if("guidance", value, self.conditioning.refusal(None, 1.0))  # no guidance at all
             guidance = float(value) if _DECIMAL.fullmatch(value) else math.nan
             if not 0 < guidance <= GUIDANCE_MAX:
-                raise InvalidSetting("guidance", value, f"must be a number in (0, {GUIDANCE_MAX:g}]")
+                raise _refused("guidance", value, f"must be a number in (0, {GUIDANCE_MAX:g}] with at most "
+                                                  f"{GUIDANCE_DECIMALS} decimals")
         batch = _integer(params, "batch", 1, 0, 10**9)
         if batch not in self.batches:
-            raise InvalidSetting("batch", params["batch"], f"must be one of {list(self.batches)}")
+            raise _refused("batch", params["batch"], f"must be one of {list(self.batches)}")
         return Query(self.name, None, seed, steps, class_label, guidance, batch)
 
     def generate(self, q: Query) -> Generated:
@@ -204,10 +224,22 @@ class ServedModel:
             self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b))
 
 
-def _refuse(key: str, value: str, why: tuple[str, str] | None) -> None:
+def bounded_echo(text: str, limit: int = ECHO_MAX) -> str:
+    """A request's own text (a parameter's name or value, a header, a path) as an error message may repeat it:
+    whole up to `limit` characters, else its first `limit`, "…" and its length."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} characters)"
+
+
+def _refused(key: str, value: str, reason: str) -> InvalidSetting:
+    """The InvalidSetting of a request's parameter (key = its name), which repeats its name and value bounded."""
+    return InvalidSetting(bounded_echo(key), bounded_echo(value), reason)
+
+
+def _refuse_if(key: str, value: str, why: tuple[str, str] | None) -> None:
     """InvalidSetting naming the request's parameter for what the model's conditioning refuses."""
     if why is not None:
-        raise InvalidSetting(key, value, why[1])
+        raise _refused(key, value, why[1])
 
 
 def _integer(params: dict[str, str], key: str, default: int, lo: int, hi: int) -> int:
@@ -215,7 +247,7 @@ def _integer(params: dict[str, str], key: str, default: int, lo: int, hi: int) -
         return default
     text = params[key]
     if not _DIGITS.fullmatch(text) or not lo <= int(text) <= hi:
-        raise InvalidSetting(key, text, f"must be an integer in {lo}..{hi}")
+        raise _refused(key, text, f"must be an integer in {lo}..{hi}")
     return int(text)
 
 
@@ -225,18 +257,18 @@ def parse_query(items: Iterable[tuple[str, str]], models: dict[str, ServedModel]
     params: dict[str, str] = {}
     for key, value in items:
         if key not in PARAMETERS:
-            raise InvalidSetting(key, value, f"unknown parameter (accepted: {', '.join(PARAMETERS)})")
+            raise _refused(key, value, f"unknown parameter (accepted: {', '.join(PARAMETERS)})")
         if key in params:
-            raise InvalidSetting(key, value, "given more than once")
+            raise _refused(key, value, "given more than once")
         params[key] = value
     name = params.pop("model", "student")
     if name not in models:
         known = " or ".join(models)
         why = "no teacher run was given to this server" if name == "teacher" else f"must be {known}"
-        raise InvalidSetting("model", name, why)
+        raise _refused("model", name, why)
     client = params.pop("client", None)
     if client is not None and not _CLIENT.fullmatch(client):
-        raise InvalidSetting("client", client, "must be 1 to 64 letters, digits, '-' or '_'")
+        raise _refused("client", client, "must be 1 to 64 letters, digits, '-' or '_'")
     model = models[name]
     q = model.check(params)
     return model, Query(name, client, q.seed, q.steps, q.class_label, q.guidance, q.batch)

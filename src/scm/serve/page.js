@@ -162,7 +162,9 @@
       $("class-row").hidden = false;
     }
     if (s.guidance || (t && t.guidance)) {
-      const g = s.guidance ? s.default_guidance : t.default_guidance;
+      const range = s.guidance ? s.guidance_range : t.guidance_range; // what the server accepts
+      const g = range.default;
+      $("guidance").max = String(range.max);
       $("guidance").value = String(g);
       $("guidance-value").textContent = Number(g).toFixed(1);
       $("guidance-row").hidden = false;

@@ -23,6 +23,7 @@ from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
 from scm.errors import RunError, TrainingStopped, UnverifiedWarning
+from scm.integrity import one_unverified_warning
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
 from scm.train.build import build, build_objective
@@ -150,9 +151,10 @@ def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None
     lines and EMA snapshots written after the checkpoint are dropped (the run writes them again)."""
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", UnverifiedWarning)
-        ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, expect=state.expected_shapes()))
+        with one_unverified_warning("the checkpoint"):
+            ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, expect=state.expected_shapes()))
     for note in notes:
-        log.warn(str(note.message))
+        log.warn(str(note.message).replace("the checkpoint:", f"{ckpt}:"))
     for damaged, why in skipped:
         log.warn(f"skipped checkpoint {damaged}: {why}")
     barrier(info)
