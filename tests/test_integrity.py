@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scm.errors import CheckpointError, ConfigError, UnverifiedWarning
-from scm.integrity import DIGEST_KEY, read_header, read_tensors, write_tensors
+from scm.integrity import DIGEST_KEY, check_finite, read_header, read_tensors, write_tensors
 from scm.runs import FILES_KEY, RunDir, load_run
 
 from conftest import cli
@@ -113,6 +113,12 @@ def test_non_finite_values_refused(tmp_path):
     write_tensors(tensors, tmp_path / "nan.safetensors")
     with pytest.raises(CheckpointError, match="w holds 1 non-finite"):
         read_tensors(tmp_path / "nan.safetensors")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # every float dtype, every kind
+        big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # finite values whose sum overflows their dtype
+        check_finite({"big": big}, "x")
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(CheckpointError, match="big holds 1 non-finite"):
+                check_finite({"big": torch.cat([big, torch.tensor([bad], dtype=dtype)])}, "x")
     save_file({"w": torch.tensor([1.0, float("inf")])}, str(tmp_path / "old.safetensors"))  # no digest
     with pytest.warns(UnverifiedWarning), pytest.raises(CheckpointError, match="non-finite"):
         read_tensors(tmp_path / "old.safetensors")
@@ -341,3 +347,24 @@ def test_inception_weights_of_another_network_are_a_named_error(tmp_path):
     flip_bit(tmp_path / "inception.safetensors", -1)
     with pytest.raises(InceptionError, match="damaged"):
         load_inception(tmp_path / "inception.safetensors")
+
+
+def test_cached_classifiers_are_verified_adopted_and_retrained_when_damaged(tmp_path):
+    from scm.errors import DataError
+    from scm.metrics.classifier import Classifier, get_classifier
+
+    folder = tmp_path / "classifiers"
+    folder.mkdir()
+    model = Classifier(1, 10)
+    save_file(model.state_dict(), str(folder / "toy.safetensors"))  # cached by an scm before digests
+    (folder / "toy.json").write_text(json.dumps({"channels": 1, "num_classes": 10}))
+    with pytest.warns(UnverifiedWarning):
+        get_classifier("toy", root=tmp_path)
+    assert read_header(folder / "toy.safetensors").digest is not None  # recorded: the next read is verified
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedWarning)
+        loaded, _ = get_classifier("toy", root=tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    flip_bit(folder / "toy.safetensors", -3)
+    with pytest.raises(DataError, match=r"damaged cached classifier.*delete it"):
+        get_classifier("toy", root=tmp_path)  # (with its data set given, it would be trained again)

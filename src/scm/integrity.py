@@ -182,10 +182,18 @@ def shape_differences(expected: dict[str, tuple], found: dict[str, tuple], limit
     return f"{len(wrong) + len(missing) + len(extra)} differing tensors ({'; '.join(parts)})"
 
 
+def _all_finite(v: torch.Tensor) -> bool:
+    """Every value finite: for 32 bits or fewer, by one float64 sum (finite exactly when every term is: 2^60 terms
+    of at most fp32's 3.4e38 stay far below fp64's 1.8e308), faster than a mask; float64 values by the mask."""
+    if v.dtype == torch.float64:
+        return bool(torch.isfinite(v).all())
+    return bool(torch.isfinite(v.sum(dtype=torch.float64)))
+
+
 def check_finite(tensors: dict[str, torch.Tensor], source) -> None:
     """CheckpointError naming `source` and the first tensor holding NaN or infinity."""
     for name, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+        if v.is_floating_point() and v.numel() and not _all_finite(v):
             bad = int((~torch.isfinite(v)).sum())
             raise CheckpointError(f"{source}: {name} holds {bad} non-finite value(s) (NaN or infinity): damaged or "
                                   "diverged weights are never used")

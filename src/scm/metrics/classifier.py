@@ -19,7 +19,7 @@ from scm.data import ImageData
 from scm.data.builtin import data_dir
 from scm.errors import CheckpointError, DataError
 from scm.files import atomic_write_json
-from scm.integrity import read_tensors, write_tensors
+from scm.integrity import read_header, read_tensors, write_tensors
 
 __all__ = ["Classifier", "get_classifier", "train_classifier"]
 
@@ -112,7 +112,10 @@ def get_classifier(key: str, train: ImageData | None = None, test: ImageData | N
             info = json.loads(meta.read_text())
             model = Classifier(info["channels"], info["num_classes"])
             expect = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            model.load_state_dict(read_tensors(weights, expect=expect))  # verified (scm.integrity)
+            state = read_tensors(weights, expect=expect)  # verified (scm.integrity)
+            model.load_state_dict(state)
+            if read_header(weights).digest is None:  # cached by an scm before digests: warned once, then recorded
+                write_tensors(state, weights)
             return model.eval(), info
         except (CheckpointError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             if train is None or test is None:
