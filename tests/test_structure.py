@@ -127,3 +127,39 @@ def test_inference_commands_never_load_the_training_engine(tmp_path):
         proc = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True)
         assert proc.stdout.strip().endswith(f"EXIT {expected}"), (name, proc.stdout, proc.stderr[-2000:])
         assert "TRAINING MODULES [] " in proc.stdout, (name, proc.stdout)
+
+
+START_DRIVER = """
+import sys
+from scm.app.cli import app
+
+def commands(group, prefix=()):
+    for c in group.registered_commands:
+        yield (*prefix, c.name or c.callback.__name__.replace("_", "-").rstrip("-"))
+    for g in group.registered_groups:
+        yield from commands(g.typer_instance, (*prefix, g.name))
+
+done = []
+for args in [[], *([*c, "--help"] for c in commands(app))] + [a.split() for a in sys.argv[1:]]:
+    try:
+        app(args, prog_name="scm")
+    except SystemExit as e:
+        done.append((" ".join(args), e.code))
+    assert "torch" not in sys.modules and "numpy" not in sys.modules, (args, done)
+print("DONE", len(done), sorted({code for _, code in done}))
+"""
+
+
+def test_the_command_line_and_its_help_start_without_torch(tmp_path):
+    """`import scm`, `scm`, every subcommand's --help, and arguments that are wrong on their face (sample's --out
+    and --ts, eval's --ts) are answered without importing torch (or numpy): the command line starts at once."""
+    code = "import sys, scm, scm.errors, scm.defaults; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert scm.objectives.__name__ == "scm.objectives"  # the maths core is still an attribute of the package
+    bad = [f"sample --ckpt {tmp_path} --out {tmp_path}/x.txt", f"sample --ckpt {tmp_path} --out x.png --ts 1,a",
+           f"eval --ckpt {tmp_path} --ref mnist --ts 1,b"]
+    proc = subprocess.run([sys.executable, "-c", START_DRIVER, *bad], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, codes = proc.stdout.split("DONE ")[1].split(" ", 1)
+    assert int(count) >= 14 and codes.strip() == "[0, 2]", proc.stdout[-500:]
+    assert "--out" in proc.stderr and "--ts '1,a'" in proc.stderr and "--ts '1,b'" in proc.stderr, proc.stderr[-2000:]

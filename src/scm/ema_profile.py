@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from scm.defaults import MAX_ERROR  # the largest relative L² error of a reconstructed profile accepted
+
 __all__ = ["MAX_ERROR", "SIGMA_REL_MAX", "exp_to_std", "profile_dot", "solve_coefficients", "std_to_exp"]
 
 # The largest σ_rel a reconstruction may ask for (as `ema.stds`): γ = 0.14. At γ = 0 (σ_rel = 0.2887) the profile
@@ -39,7 +41,6 @@ __all__ = ["MAX_ERROR", "SIGMA_REL_MAX", "exp_to_std", "profile_dot", "solve_coe
 # `solve_coefficients` to say: narrow profiles (small σ_rel, large γ) need snapshots closer together than their
 # width, ~σ_rel·t.
 SIGMA_REL_MAX = 0.28
-MAX_ERROR = 0.05  # the largest relative L² error of a reconstructed averaging profile accepted by default
 
 
 def std_to_exp(std: float) -> float:

@@ -25,6 +25,7 @@ import torch
 
 from scm._checks import HALF_PI, T_TOL, check_float, check_positive
 from scm._rng import Generators, randn
+from scm.defaults import TEACHER_NFE  # a diffusion teacher's default evaluations: EDM's Heun sampler, 18 steps
 from scm.errors import InvalidSetting
 from scm.precision import compute_dtype
 from scm.trigflow import add_noise, ddim_step, denoise, t_max_default
@@ -32,7 +33,6 @@ from scm.trigflow import add_noise, ddim_step, denoise, t_max_default
 __all__ = ["TEACHER_NFE", "T_MID", "check_t_mid", "consistency_sample", "consistency_times", "ode_sample", "ode_times"]
 
 T_MID = 1.1  # the paper's fixed intermediate time for 2-step sampling (§5.2)
-TEACHER_NFE = 35  # a diffusion teacher's default evaluations: EDM's Heun sampler with 18 steps (Karras et al. 2022)
 
 
 def check_t_mid(t_mid, t_max: float = HALF_PI) -> float:

@@ -27,9 +27,9 @@ from scm.app.common import (
     writable_folder,
 )
 from scm.app.ema_cli import ema_app
-from scm.sampling import TEACHER_NFE
+from scm.defaults import TEACHER_NFE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Continuous-time consistency models (sCT / sCD): train, distill, sample, evaluate.")
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,6 +116,8 @@ def sample(
 ):
     """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs); a run on
     latents (`scm data encode`) is decoded through its VAE."""
+    target, kind = _output(out)  # the arguments first: torch is imported only for work that will be done
+    times = parse_times(ts)
     import numpy as np
 
     from scm.files import atomic_write
@@ -123,8 +125,7 @@ def sample(
     from scm.images import grid, save_png, to_uint8
 
     try:
-        target, kind = _output(out)
-        sampler = Sampler(steps=steps, ts=parse_times(ts), nfe=nfe, solver=solver, t_mid=t_mid)
+        sampler = Sampler(steps=steps, ts=times, nfe=nfe, solver=solver, t_mid=t_mid)
         run = load(ckpt, ema, raw, device)
         images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance)
         if kind == "grid":
@@ -212,6 +213,7 @@ def eval_(
     import json
     import time
 
+    times = [parse_times(t) for t in ts or []]  # the arguments first: torch is imported only for work to be done
     from scm.app.report import Report
     from scm.evaluate import evaluate
     from scm.files import atomic_write
@@ -221,7 +223,7 @@ def eval_(
         run = load(ckpt, ema, False, device)
         samplers = [Sampler(steps=k, t_mid=t_mid) for k in steps or []] \
             + [Sampler(nfe=k, solver=solver, t_mid=t_mid) for k in nfe or []] \
-            + [Sampler(ts=parse_times(t), solver=solver, t_mid=t_mid) for t in ts or []]  # t_mid with these: refused
+            + [Sampler(ts=t, solver=solver, t_mid=t_mid) for t in times]  # t_mid with these: refused
         if not samplers:  # defaults: 1 and 2 steps for consistency runs, Heun at TEACHER_NFE for diffusion runs
             diffusion = run.cfg.method == "diffusion"
             samplers = [Sampler(nfe=TEACHER_NFE, solver=solver, t_mid=t_mid)] if diffusion \

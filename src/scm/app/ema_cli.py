@@ -17,9 +17,8 @@ import typer
 
 from scm.app.common import USER_ERRORS, device_of, fail, fail_on, writable_later
 from scm.app.report import Report
-from scm.ema_profile import MAX_ERROR
+from scm.defaults import MAX_ERROR, TEACHER_NFE
 from scm.files import atomic_write, atomic_write_json
-from scm.sampling import TEACHER_NFE
 
 __all__ = ["ema_app"]
 
