@@ -106,7 +106,30 @@ def test_attention_layer_on_cpu_never_runs_the_kernels(monkeypatch):
 
     monkeypatch.setattr(attn_mod._TritonAttention, "apply", fail)
     q, k, v = _rand(2, 5, 8), _rand(2, 6, 8, seed=1), _rand(2, 6, 4, seed=2)
-    assert torch.equal(attention(q, k, v), attn_mod._Attention.apply(q, k, v, 8**-0.5)[0])
+    exact = attn_mod._Attention.apply(q, k, v, 8**-0.5)[0]
+    assert torch.equal(attention(q.clone().requires_grad_(), k, v).detach(), exact)  # differentiable: the exact op
+
+
+def test_inference_attention_uses_pytorchs_fused_kernel_and_derivatives_the_exact_op(monkeypatch):
+    """No tangent and no backward: F.scaled_dot_product_attention (equal to the exact op to float32 rounding);
+    under backward AD, forward AD or torch.func.jvp: the exact op, whose JVP rule the tangent needs."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1)
+                        or sdpa(*a, **k))
+    q, k, v = _rand(2, 5, 8), _rand(2, 6, 8, seed=1), _rand(2, 6, 4, seed=2)
+    exact = attn_mod._Attention.apply(q, k, v, 8**-0.5)[0]
+    with torch.no_grad():
+        fused = attention(q, k, v)
+    assert calls == [1]
+    torch.testing.assert_close(fused, exact, rtol=1e-5, atol=1e-6)  # another summation order, fp32 rounding
+    attention(q.clone().requires_grad_(), k, v).sum().backward()
+    with torch.autograd.forward_ad.dual_level():
+        attention(torch.autograd.forward_ad.make_dual(q, torch.ones_like(q)), k, v)
+    torch.func.jvp(lambda x: attention(x, k, v), (q,), (torch.ones_like(q),))
+    with torch.no_grad():
+        attention(q.double(), k.double(), v.double())  # float64 stays exact
+    assert calls == [1]
 
 
 # -- the fused kernel against the math path, float32 ---------------------------------------------------------------

@@ -20,7 +20,10 @@ Two backends compute it:
   key blocks with the online softmax. Peak: O(BLOCK_M × BLOCK_N) logits per program (≤ 64 × 64), never
   N × Nk; besides the outputs, a float32 log-sum-exp per query.
 
-`attention` (the layer, [N, L, C]) takes the kernels on CUDA when Triton is installed. Its forward kernel
+`attention` (the layer, [N, L, C]) runs PyTorch's fused `scaled_dot_product_attention` when nothing will
+differentiate the call (inference: no grad mode with inputs that require it, no forward-AD level, no functorch
+transform; float64 excepted): sampling needs no tangent. Otherwise it takes the kernels on CUDA when Triton is
+installed. Its forward kernel
 returns O and saves the log-sum-exp; its JVP rule runs one tangent kernel from the saved O and log-sum-exp
 (probabilities come out normalised, so one pass over the keys with two accumulators; the forward has already
 produced O, so the fused kernel would only redo it); its backward is the exact FlashAttention-2 backward
@@ -201,6 +204,15 @@ def _on_kernels(*xs: torch.Tensor) -> bool:
     return all(x.is_cuda for x in xs) and _triton().available() and _triton().unsupported(*xs) is None
 
 
+def _derivatives_wanted(*xs: torch.Tensor) -> bool:
+    """Whether this call may be differentiated: a backward (grad mode with an input that requires it), or a
+    tangent (a forward-AD dual level or a functorch transform such as torch.func.jvp is active)."""
+    from torch.autograd import forward_ad
+
+    return (torch.is_grad_enabled() and any(x.requires_grad for x in xs)) or forward_ad._current_level >= 0 \
+        or torch._C._functorch.maybe_current_level() is not None
+
+
 def _common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if torch.is_autocast_enabled(q.device.type):
@@ -222,6 +234,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = _common_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if LAYER_BACKEND == "auto" and dtype != torch.float64 and not _derivatives_wanted(q, k, v):
+        # inference (sampling, evaluation, serving): no tangent, no backward, so PyTorch's fused kernels
+        # (flash / memory-efficient / cuDNN on GPUs, the fused CPU kernel) serve; float64 stays on the exact path
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if q.is_cuda and LAYER_BACKEND == "auto" and _on_kernels(q, k, v):
         q, k, v = (x.unsqueeze(1).contiguous() for x in (q, k, v))  # one copy, not one per kernel (U-Net views)
         out, _ = _TritonAttention.apply(q, k, v, scale, None)
