@@ -30,7 +30,8 @@ from scm.errors import InvalidSetting
 from scm.precision import compute_dtype
 from scm.trigflow import add_noise, ddim_step, denoise, t_max_default
 
-__all__ = ["TEACHER_NFE", "T_MID", "check_t_mid", "consistency_sample", "consistency_times", "ode_sample", "ode_times"]
+__all__ = ["TEACHER_NFE", "T_MID", "check_t_mid", "consistency_sample", "consistency_steps", "consistency_times",
+           "ode_sample", "ode_times", "renoise_draws"]
 
 T_MID = 1.1  # the paper's fixed intermediate time for 2-step sampling (§5.2)
 
@@ -129,13 +130,27 @@ def consistency_sample(
     **cond,
 ) -> torch.Tensor:
     """Multistep consistency sampling (§5.3): len(ts) evaluations; fresh noise from `generator` (one
-    torch.Generator, or one per example)."""
+    torch.Generator, or one per example), drawn before the first evaluation (`renoise_draws`: the same numbers
+    as drawing each step's when it comes, since nothing else draws from the generators)."""
     _check_noise(noise, sigma_d)
     ts = check_times(ts)
+    renoise = renoise_draws(noise, len(ts) - 1, sigma_d, generator)
+    return consistency_steps(fn, noise, renoise, ts, sigma_d, **cond)
+
+
+def renoise_draws(noise: torch.Tensor, count: int, sigma_d: float, generator: Generators = None) -> list[torch.Tensor]:
+    """The re-noising noise z = σ_d·n of multistep consistency sampling's `count` later steps, in order."""
+    return [sigma_d * randn(noise.shape, generator, device=noise.device, dtype=noise.dtype) for _ in range(count)]
+
+
+def consistency_steps(fn: Callable, noise: torch.Tensor, renoise: Sequence[torch.Tensor], ts: Sequence[float],
+                      sigma_d: float, **cond) -> torch.Tensor:
+    """The steps of multistep consistency sampling (§5.3) with their noise given (`renoise`: one tensor per step
+    after the first): a function of tensors alone, which `torch.compile` captures whole (`scm.generate`'s captured
+    sampler). `ts` are checked times (`check_times`)."""
     F, tb = _evaluate(fn, noise, ts[0], sigma_d, cond)
     x0 = denoise(noise, F, tb, sigma_d)  # f = cos t·x_t − sin t·σ_d·F (eq. 5)
-    for t in ts[1:]:  # re-noise the current estimate to time t_i, then denoise again (§5.2-5.3)
-        z = sigma_d * randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
+    for t, z in zip(ts[1:], renoise, strict=True):  # re-noise the estimate to time t_i, denoise again (§5.2-5.3)
         x = add_noise(x0, z, tb.new_full(tb.shape, t))
         F, tb = _evaluate(fn, x, t, sigma_d, cond)
         x0 = denoise(x, F, tb, sigma_d)

@@ -113,6 +113,9 @@ def sample(
     class_: Annotated[int | None, typer.Option("--class", help="class label (conditional models)")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (sCD+CFG students, CFG teachers)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    captured: Annotated[bool, typer.Option("--captured", help="consistency runs: sampler and network as one "
+                                           "compiled graph (CUDA graphs on a GPU); the first batch compiles it")]
+    = False,
 ):
     """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs); a run on
     latents (`scm data encode`) is decoded through its VAE."""
@@ -127,7 +130,8 @@ def sample(
     try:
         sampler = Sampler(steps=steps, ts=times, nfe=nfe, solver=solver, t_mid=t_mid)
         run = load(ckpt, ema, raw, device)
-        images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance)
+        images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance,
+                                   captured=captured)
         if kind == "grid":
             save_png(grid(images), target)
         elif kind == "arrays":
