@@ -112,12 +112,16 @@ def test_attention_layer_on_cpu_never_runs_the_kernels(monkeypatch):
 
 def test_inference_attention_uses_pytorchs_fused_kernel_and_derivatives_the_exact_op(monkeypatch):
     """No tangent and no backward: F.scaled_dot_product_attention (equal to the exact op to float32 rounding);
-    under backward AD, forward AD or torch.func.jvp: the exact op, whose JVP rule the tangent needs."""
+    under backward AD, forward AD or torch.func.jvp: the exact op, whose JVP rule the tangent needs. The fused route
+    is taken on GPUs; here it is taken on the CPU by declaring the CPU such a device (the kernel is PyTorch's own)."""
+    q, k, v = _rand(2, 5, 8), _rand(2, 6, 8, seed=1), _rand(2, 6, 4, seed=2)
+    with torch.no_grad():  # on the CPU: the exact op, batch-invariant
+        assert torch.equal(attention(q, k, v), attn_mod._Attention.apply(q, k, v, 8**-0.5)[0])
+    monkeypatch.setattr(attn_mod, "_fused_for_inference", lambda q: q.dtype != torch.float64)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1)
                         or sdpa(*a, **k))
-    q, k, v = _rand(2, 5, 8), _rand(2, 6, 8, seed=1), _rand(2, 6, 4, seed=2)
     exact = attn_mod._Attention.apply(q, k, v, 8**-0.5)[0]
     with torch.no_grad():
         fused = attention(q, k, v)

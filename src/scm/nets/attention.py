@@ -20,7 +20,7 @@ Two backends compute it:
   key blocks with the online softmax. Peak: O(BLOCK_M × BLOCK_N) logits per program (≤ 64 × 64), never
   N × Nk; besides the outputs, a float32 log-sum-exp per query.
 
-`attention` (the layer, [N, L, C]) runs PyTorch's fused `scaled_dot_product_attention` when nothing will
+`attention` (the layer, [N, L, C]) runs PyTorch's fused `scaled_dot_product_attention` on GPUs when nothing will
 differentiate the call (inference: no grad mode with inputs that require it, no forward-AD level, no functorch
 transform; float64 excepted): sampling needs no tangent. Otherwise it takes the kernels on CUDA when Triton is
 installed. Its forward kernel
@@ -204,6 +204,14 @@ def _on_kernels(*xs: torch.Tensor) -> bool:
     return all(x.is_cuda for x in xs) and _triton().available() and _triton().unsupported(*xs) is None
 
 
+def _fused_for_inference(q: torch.Tensor) -> bool:
+    """Where inference takes PyTorch's fused attention: on GPUs (flash / memory-efficient / cuDNN kernels), not in
+    float64. Not on the CPU: there its kernel was no faster than the blocked path (tiny DiT, 64 images) and its
+    results depend on the batch, while the blocked path keeps an example's output independent of the batch it is
+    computed in (two processes equal one; an image depends on its seed alone)."""
+    return q.is_cuda and q.dtype != torch.float64
+
+
 def _derivatives_wanted(*xs: torch.Tensor) -> bool:
     """Whether this call may be differentiated: a backward (grad mode with an input that requires it), or a
     tangent (a forward-AD dual level or a functorch transform such as torch.func.jvp is active)."""
@@ -234,9 +242,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = _common_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    if LAYER_BACKEND == "auto" and dtype != torch.float64 and not _derivatives_wanted(q, k, v):
-        # inference (sampling, evaluation, serving): no tangent, no backward, so PyTorch's fused kernels
-        # (flash / memory-efficient / cuDNN on GPUs, the fused CPU kernel) serve; float64 stays on the exact path
+    if LAYER_BACKEND == "auto" and _fused_for_inference(q) and not _derivatives_wanted(q, k, v):
+        # inference (sampling, evaluation, serving, the sCD teacher): no tangent, no backward, so PyTorch's fused
+        # kernels (flash / memory-efficient / cuDNN) serve
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if q.is_cuda and LAYER_BACKEND == "auto" and _on_kernels(q, k, v):
         q, k, v = (x.unsqueeze(1).contiguous() for x in (q, k, v))  # one copy, not one per kernel (U-Net views)
