@@ -18,6 +18,7 @@ before it is renamed into place; a temporary left by a crash starts with "." and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +26,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_folder", "atomic_write", "atomic_write_json", "durable_rename", "fsync_dir", "fsync_tree",
-           "publish_folder", "temporary_name"]
+           "publish_folder", "sha256_of", "temporary_name"]
+
+
+def sha256_of(path: str | Path, offset: int = 0, into=None):
+    """A file's bytes from `offset` on, streamed 16 MiB at a time into a SHA-256 (`into`, or a new one); returns it
+    (`.digest()`, `.hexdigest()`). The one way scm hashes a file: checkpoints, source images, Inception weights."""
+    h = hashlib.sha256() if into is None else into
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(16 * 2**20):
+            h.update(chunk)
+    return h
 
 
 def fsync_dir(path: Path) -> None:

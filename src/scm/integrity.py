@@ -35,14 +35,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
 from scm.errors import CheckpointError, UnverifiedWarning
-from scm.files import atomic_write
+from scm.files import atomic_write, sha256_of
 
 __all__ = ["DIGEST_KEY", "MAX_HEADER_BYTES", "TensorHeader", "check_finite", "one_unverified_warning", "read_header",
            "read_tensors", "shape_differences", "verify_digest", "write_tensors"]
 
 DIGEST_KEY = "scm_sha256"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
-_CHUNK = 16 * 2**20
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
@@ -135,11 +134,8 @@ def _check_layout(path: Path, tensors: dict, data_bytes: int) -> None:
 
 
 def _content_digest(header: TensorHeader) -> str:
-    h = hashlib.sha256(_canonical(header.tensors, header.metadata))
-    with open(header.path, "rb") as f:
-        f.seek(8 + header.header_bytes)
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    h = sha256_of(header.path, 8 + header.header_bytes, into=hashlib.sha256(_canonical(header.tensors,
+                                                                                       header.metadata)))
     return f"sha256:{h.hexdigest()}"
 
 

@@ -56,6 +56,7 @@ from scm.data.images import folder_labels
 from scm.data.prepared import PreparedWriter, allocated, check_disk, describe_bytes, is_prepared
 from scm.devices import available_memory
 from scm.errors import DataError
+from scm.files import sha256_of
 
 __all__ = ["MAX_RESOLUTION", "list_images", "prepare"]
 
@@ -124,16 +125,12 @@ def _plan(resolution: int, channels: int, chunk: int, workers: int, log) -> tupl
 
 
 def _file_digest(path: Path) -> bytes:
-    """The SHA-256 of a file's bytes, read 1 MiB at a time; 32 zero bytes when it cannot be read (its decoding
+    """The SHA-256 of a file's bytes; 32 zero bytes when it cannot be read (its decoding
     reports that, or skips it)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while block := f.read(2 ** 20):
-                h.update(block)
+        return sha256_of(path).digest()
     except OSError:
         return bytes(DIGEST)
-    return h.digest()
 
 
 def _source_digests(writer: PreparedWriter, files: list[Path], workers: int, progress: bool):

@@ -9,7 +9,6 @@ bilinearly to 299×299 and scaled to [-1, 1], grey images repeated to three chan
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scm.errors import CheckpointError, InceptionError
+from scm.files import sha256_of
 from scm.integrity import read_tensors, shape_differences
 
 __all__ = ["INCEPTION_SHA256", "FIDInceptionV3", "load_inception"]
@@ -162,14 +162,6 @@ class FIDInceptionV3(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_inception(path: str | Path | None = None, expected_sha256: str | None = INCEPTION_SHA256) -> FIDInceptionV3:
     """The FID Inception network with weights from `path` (or $SCM_INCEPTION_WEIGHTS), eval mode."""
     path = path or os.environ.get("SCM_INCEPTION_WEIGHTS")
@@ -185,7 +177,7 @@ def load_inception(path: str | Path | None = None, expected_sha256: str | None =
         except CheckpointError as e:
             raise InceptionError(str(e), key="inception") from None
     else:
-        digest = _sha256(path)
+        digest = sha256_of(path).hexdigest()
         if expected_sha256 and digest != expected_sha256:
             raise InceptionError(f"{path}: sha256 {digest} is not the FID Inception weights' {expected_sha256}")
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, after the hash check

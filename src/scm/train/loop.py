@@ -151,10 +151,10 @@ def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None
     lines and EMA snapshots written after the checkpoint are dropped (the run writes them again)."""
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", UnverifiedWarning)
-        with one_unverified_warning("the checkpoint"):
+        with one_unverified_warning(str(run.ckpt_dir)):
             ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, expect=state.expected_shapes()))
     for note in notes:
-        log.warn(str(note.message).replace("the checkpoint:", f"{ckpt}:"))
+        log.warn(str(note.message))
     for damaged, why in skipped:
         log.warn(f"skipped checkpoint {damaged}: {why}")
     barrier(info)
