@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: test test-browser lint demo demo-full demo-publish clean
+.PHONY: test test-browser lint demo demo-text demo-full demo-publish clean
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -24,6 +24,11 @@ lint: $(VENV)/.installed
 demo: $(VENV)/.installed-demo
 	$(BIN)/scm data fetch mnist
 	$(BIN)/scm demo --out runs/demo --teacher demo/teacher
+
+# Text to image: captioned MNIST, the committed text-conditioned teacher (demo/text-teacher), its 2-step sCD student.
+demo-text: $(VENV)/.installed-demo
+	$(BIN)/scm data fetch mnist
+	$(BIN)/scm demo --text --out runs/demo-text --teacher demo/text-teacher
 
 demo-full: $(VENV)/.installed-demo
 	$(BIN)/scm data fetch mnist

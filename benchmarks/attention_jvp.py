@@ -4,7 +4,8 @@
     python benchmarks/attention_jvp.py --quick [--out DIR]    # CPU smoke test of this script (interpreter)
 
 For N = 256 … 4096 tokens and head dims 64 and 128 (self-attention, [batch, heads, N, d]) it times, round-robin:
-O and its tangent tO from `attention_jvp` on the math path and on the fused kernel (one pass), the kernel's
+O and its tangent tO from `attention_jvp` on the math path and on the fused kernel (one pass; also with a key
+padding mask whose last quarter of keys is padding: the cost of the masked variant), the kernel's
 forward alone (O and the log-sum-exp) and PyTorch's SDPA forward for reference; the peak extra GPU memory of
 each (max_memory_allocated above the inputs); and, in float32 at the same size, the largest absolute error of
 the kernel's O and tO against the math path. Writes benchmarks/results/attention_jvp.{json,md}
@@ -82,11 +83,14 @@ def main() -> None:
             t_scale = t_m.abs().max().item()
             del o_k, t_k, o_m, t_m
             q, k, v, tq, tk, tv = (x.to(dtype) for x in (q, k, v, tq, tk, tv))
+            mask = (torch.arange(n, device=device) < 3 * n // 4).expand(b, n)  # the last quarter of keys padding
             fns = {
                 "math tangent (O, tO)": lambda q=q, k=k, v=v, tq=tq, tk=tk, tv=tv: attention_jvp(
                     q, k, v, tq, tk, tv, backend="math"),
                 "triton fused (O, tO)": lambda q=q, k=k, v=v, tq=tq, tk=tk, tv=tv: attention_jvp(
                     q, k, v, tq, tk, tv, backend="triton"),
+                "triton fused, key mask (O, tO)": lambda q=q, k=k, v=v, tq=tq, tk=tk, tv=tv, m=mask: attention_jvp(
+                    q, k, v, tq, tk, tv, backend="triton", key_mask=m),
                 "triton forward (O)": lambda q=q, k=k, v=v, s=d**-0.5: attention_triton.forward_op(q, k, v, s),
             }
             if device.type == "cuda":
@@ -103,7 +107,7 @@ def main() -> None:
             for name, t in timings.items():
                 mem = "–" if t["peak_extra_mib"] is None else f"{t['peak_extra_mib']:.1f}"
                 table.append([n, d, name, f"{t['median_ms']:.3f}", f"{t['min_ms']:.3f}", mem,
-                              f"{err_o:.1e} / {err_t:.1e}" if name.startswith("triton fused") else ""])
+                              f"{err_o:.1e} / {err_t:.1e}" if name == "triton fused (O, tO)" else ""])
             print(f"N={n} d={d}: math {timings['math tangent (O, tO)']['median_ms']:.3f} ms, fused "
                   f"{timings['triton fused (O, tO)']['median_ms']:.3f} ms, fp32 max err O {err_o:.1e} tO {err_t:.1e}")
 
@@ -113,7 +117,8 @@ def main() -> None:
                     f"batch {b}, {h} heads, self-attention)")
     report.table(["N", "d", "pass", "median ms", "min ms", "peak extra MiB", "fp32 max abs err O / tO"], table)
     report.text("Math: `attention_jvp(backend=\"math\")`, query blocks of at most 4M logits over the batch. "
-                "Triton fused: one kernel pass for O and tO (online softmax, three accumulators). Triton forward: O "
+                "Triton fused: one kernel pass for O and tO (online softmax, three accumulators). "
+                "With key mask: the same, the last quarter of the keys padding. Triton forward: O "
                 "and the log-sum-exp only. Errors: the fused kernel against the math path, both in float32 "
                 "(the kernel's fp32 products in \"ieee\" precision) on the same inputs; tO is of order "
                 f"{max(r['fp32_max_abs_tO'] for r in rows):.0f} at most.")

@@ -13,9 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from scm.runs import ema_stds_in
+from scm.integrity import read_tensors, write_tensors
+from scm.runs import FILES_KEY, ema_stds_in
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     ckpt_name = (args.run / "checkpoints" / "latest").read_text().strip()
     ckpt = args.run / "checkpoints" / ckpt_name
-    tensors = load_file(str(ckpt / "ema.safetensors"))
+    tensors = read_tensors(ckpt / "ema.safetensors")  # verified: digest, shapes, finite values
     keep = [k for k in tensors if float(k.split("/", 1)[0]) == args.ema]
     if not keep:
         raise SystemExit(f"{ckpt}: no EMA with σ_rel={args.ema} (available: {ema_stds_in(tensors)})")
@@ -35,9 +34,10 @@ def main() -> None:
         shutil.rmtree(args.out)
     dst = args.out / "checkpoints" / ckpt_name
     dst.mkdir(parents=True)
-    save_file({k: tensors[k].contiguous() for k in keep}, str(dst / "ema.safetensors"))
+    digest = write_tensors({k: tensors[k] for k in keep}, dst / "ema.safetensors")  # carries its digest
     state = json.loads((ckpt / "state.json").read_text())
     state = {k: v for k, v in state.items() if k not in ("optimizer", "scaler")}
+    state[FILES_KEY] = {"ema.safetensors": digest}  # the one file the release holds
     (dst / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     (args.out / "checkpoints" / "latest").write_text(ckpt_name + "\n")
     cfg = json.loads((args.run / "config.json").read_text())

@@ -1,13 +1,15 @@
 """Cost of one training step: diffusion vs sCT vs sCD, same net and batch.
 
     python benchmarks/step_cost.py [--net tiny|dit-tiny|…] [--batch 64] [--res 28] [--channels 1] [--device cpu|cuda]
-                                   [--precision fp32|bf16|fp16]
+                                   [--precision fp32|bf16|fp16] [--text-tokens T]
 
 A step is the objective (its passes through the network), the backward and an Adam update, as the training
 loop runs it. Variants: the separate tangent pass (a no-grad JVP pass, then a training forward) and the fused
 pass (one pass carries the autograd graph of F and the forward-mode tangent); and, for reference, sCT with
-PyTorch's generic JVP formulas instead of scm's custom rules. Timings are round-robin medians; peak memory
-is measured in a fresh process per variant, all at once (CPU: peak RSS; CUDA: max_memory_allocated).
+PyTorch's generic JVP formulas instead of scm's custom rules. A text network (`dit-tiny-text`, `DiT-XL/2-text`, …)
+gets random prompts of --text-tokens tokens of its text width, padded at random lengths (at least a quarter real).
+Timings are round-robin medians; peak memory is measured in a fresh process per variant, all at once (CPU: peak
+RSS; CUDA: max_memory_allocated).
 Writes benchmarks/results/step_cost[-<net>][-<device>].{json,md} (the `tiny` U-Net's without -<net>).
 """
 
@@ -53,13 +55,14 @@ def make_step(name: str, args, device):
                                     fused_pass=spec["fused_pass"])
     opt = torch.optim.Adam(net.parameters(), lr=1e-6)
     x0 = torch.rand(args.batch, args.channels, args.res, args.res, device=device) * 2 - 1
+    cond = prompts(net.cfg, args.batch, args.text_tokens, device)
     ctx = native_ops if spec.get("native") else contextlib.nullcontext
     half = PRECISIONS[args.precision] if args.precision != "fp32" else None  # autocast, as scm.train.step
 
     def step():
         with ctx():
             with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                loss, _ = objective(net, x0, 100.0, generator=torch.Generator(device).manual_seed(0))
+                loss, _ = objective(net, x0, 100.0, generator=torch.Generator(device).manual_seed(0), **cond)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -67,6 +70,24 @@ def make_step(name: str, args, device):
                 net.normalize_weights_()
 
     return step
+
+
+def prompts(cfg, batch: int, tokens: int, device) -> dict:
+    """Random prompt inputs for a text network (none for others): tokens [B, T, text_dim] with a padding mask of
+    random lengths in [T/4, T], and the pooled embedding where the network takes one."""
+    if not getattr(cfg, "text_dim", 0):
+        return {}
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(max(1, tokens // 4), tokens + 1, (batch,), generator=g)
+    cond = {"text": torch.randn(batch, tokens, cfg.text_dim, generator=g).to(device),
+            "text_mask": (torch.arange(tokens)[None] < lengths[:, None]).to(device)}
+    if cfg.text_pooled_dim:
+        cond["text_pooled"] = torch.randn(batch, cfg.text_pooled_dim, generator=g).to(device)
+    return cond
+
+
+def cond_is_text(net: str) -> bool:
+    return bool(net_config(net).__dict__.get("text_dim", 0))
 
 
 def _peak_rss_mb() -> float:
@@ -84,7 +105,7 @@ def peak_memory(names, args) -> dict[str, float]:
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
                "--channels", str(args.channels), "--device", args.device, "--net", args.net,
-               "--precision", args.precision]
+               "--precision", args.precision, "--text-tokens", str(args.text_tokens)]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peaks = {}
     for name, proc in procs.items():
@@ -123,6 +144,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--net", default="tiny", choices=list(NET_PRESETS), help="network preset")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (fp32: none)")
+    ap.add_argument("--text-tokens", type=int, default=16, help="text networks: prompt tokens (T)")
     ap.add_argument("--name", default=None, help="result file stem (default: step_cost[-<net>][-<device>])")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -140,7 +162,8 @@ def main() -> None:
         r["peak_memory_mb"] = peaks[name]
     memory_kind = "peak RSS of the process" if device.type == "cpu" else "max_memory_allocated above the model"
     payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "device": str(device),
-               "net": args.net, "precision": args.precision, "memory": memory_kind, "timings": rows}
+               "net": args.net, "precision": args.precision, "memory": memory_kind, "timings": rows,
+               **({"text_tokens": args.text_tokens} if cond_is_text(args.net) else {})}
     report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`, {args.res}×{args.res}×"
                     f"{args.channels}, batch {args.batch}, {args.precision}, {device})")
     report.table(["step", "median ms", "img/s", "× diffusion step", f"peak memory (MB, {memory_kind})"],

@@ -192,3 +192,19 @@ def cli(*args):
 def run_metrics(run) -> list[dict]:
     """The metric lines of a run directory."""
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """scm.nets.attention_triton where its kernels can run: on CUDA, or in Triton's interpreter on the CPU."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install scm[triton])")
+    from scm.nets import attention_triton
+
+    if not torch.cuda.is_available() and not attention_triton.interpreting():
+        pytest.skip("no CUDA and TRITON_INTERPRET is off")
+    return attention_triton
+
+
+def kernel_device():
+    """Where the kernels' tensors live: CUDA when there is one, else the CPU (Triton's interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

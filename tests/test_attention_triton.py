@@ -22,6 +22,8 @@ import torch.autograd.forward_ad as fwAD
 import scm.nets.attention as attn_mod
 from scm.nets.attention import attention, attention_jvp
 
+from conftest import kernel_device
+
 D = torch.float64
 BLOCKS = (16, 16)
 
@@ -45,18 +47,6 @@ def _rel(a, ref):
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    pytest.importorskip("triton", reason="Triton is not installed (pip install scm[triton])")
-    from scm.nets import attention_triton
-
-    if not torch.cuda.is_available() and not attention_triton.interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off")
-    return attention_triton
-
-
-def _device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # -- the math path ---------------------------------------------------------------------------------------------
@@ -149,7 +139,7 @@ CASES = {  # (B, heads, N, Nk, d, dv): ragged block edges everywhere, one head-d
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_kernel_matches_math_float32(kernels, case):
     (q, k, v), (tq, tk, tv) = _inputs(*CASES[case])
-    dev = _device()
+    dev = kernel_device()
     args = [x.to(dev) for x in (q, k, v, tq, tk, tv)]
     o, t, lse = kernels.attention_forward(*args, scale=q.shape[-1] ** -0.5, blocks=BLOCKS)
     ref_o, ref_t, ref_lse = attention_jvp(q, k, v, tq, tk, tv, backend="math", return_lse=True)
@@ -166,7 +156,7 @@ def test_fused_kernel_matches_math_float32(kernels, case):
 def test_fused_kernel_with_absent_tangents(kernels, keep):
     (q, k, v), tangents = _inputs(1, 2, 18, 21, 32, 32, seed=7)
     ts = [t if on else None for t, on in zip(tangents, keep, strict=True)]
-    dev = _device()
+    dev = kernel_device()
     o, t = attention_jvp(*(x.to(dev) for x in (q, k, v)), *(None if x is None else x.to(dev) for x in ts),
                          backend="triton")
     ref_o, ref_t = attention_jvp(q, k, v, *ts, backend="math")
@@ -180,7 +170,7 @@ def test_fused_kernel_with_absent_tangents(kernels, keep):
 @pytest.mark.parametrize("shape", [(3, 37, 23, 32, 32), (2, 19, 33, 72, 40)])
 def test_kernel_autograd_function_matches_math(kernels, shape):
     n, lq, lk, c, cv = shape
-    dev = _device()
+    dev = kernel_device()
     q, k, v = _rand(n, lq, c).to(dev), _rand(n, lk, c, seed=1).to(dev), _rand(n, lk, cv, seed=2).to(dev)
     tq, tk, tv = (_rand(*x.shape, seed=3 + i).to(dev) for i, x in enumerate((q, k, v)))
     g = _rand(n, lq, cv, seed=6).to(dev)
@@ -211,7 +201,7 @@ def test_kernel_autograd_function_matches_math(kernels, shape):
 @pytest.mark.parametrize("dtype,bound", [(torch.float16, 4 * 2.0**-11), (torch.bfloat16, 4 * 2.0**-8)])
 def test_half_precision_inputs_against_float32(kernels, dtype, bound):
     (q, k, v), (tq, tk, tv) = _inputs(1, 2, 37, 29, 64, 64, seed=11)
-    dev = _device()
+    dev = kernel_device()
     half = [x.to(dev, dtype) for x in (q, k, v, tq, tk, tv)]
     exact = [x.float().cpu() for x in half]  # the same rounded values, float32
     o, t, lse = kernels.attention_forward(*half, scale=0.125, blocks=BLOCKS)

@@ -1,7 +1,7 @@
 """The demo's whole pipeline (data → teacher → sCD and sCT → evaluation → report) with a budget of seconds."""
 
-import inspect
 import json
+import typing
 from pathlib import Path
 
 from PIL import Image
@@ -45,8 +45,11 @@ def test_demo_pipeline_end_to_end(real_mnist, mnist_classifier, tmp_path, monkey
 
 def test_the_main_job_leaves_the_checkout_clean():
     """`make demo` writes into runs/ (ignored by git); only `make demo-publish` replaces the committed report."""
-    default_out = inspect.signature(cli.demo).parameters["out"].default
-    assert default_out.startswith("runs/") and "/runs/" in (ROOT / ".gitignore").read_text().split()
+    help_text = typing.get_type_hints(cli.demo, include_extras=True)["out"].__metadata__[0].help
+    assert "default: runs/demo," in help_text and "runs/demo-text with --text" in help_text
+    assert "/runs/" in (ROOT / ".gitignore").read_text().split()
     make = (ROOT / "Makefile").read_text()
     demo_recipe = make.split("\ndemo:")[1].split("\n\n")[0]
     assert "--out runs/demo" in demo_recipe and "demo-publish:" in make
+    text_recipe = make.split("\ndemo-text:")[1].split("\n\n")[0]
+    assert "--out runs/demo-text" in text_recipe and "--text" in text_recipe

@@ -337,7 +337,7 @@ def test_dit_preset_parameter_counts_match_the_paper(preset):
 
 
 def test_preset_table_and_config_round_trip():
-    assert {"dit-tiny", *PAPER_PARAMS} == set(DIT_PRESETS)
+    assert {"dit-tiny", *PAPER_PARAMS} | {f"{name}-text" for name in ("dit-tiny", *PAPER_PARAMS)} == set(DIT_PRESETS)
     with pytest.raises(ValueError, match=r"unknown network preset.*dit-tiny"):
         build_dit("DiT-XXL/2", 32, 4)
     net = build_dit("dit-tiny", 32, 3, label_dim=10, guidance_embed=True)
@@ -398,3 +398,15 @@ def test_scm_attention_environment_variable(value, expected):
         assert proc.returncode != 0 and f"SCM_ATTENTION={value!r}" in proc.stderr
     else:
         assert proc.returncode == 0 and proc.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny", *PAPER_PARAMS])
+def test_text_presets_add_cross_attention_and_the_caption_mlp_only(preset):
+    """A text preset = its base + per block q, kv and output projections (4c² + 4c) + the caption MLP
+    (text_dim·c + c + c² + c) + the pooled MLP (same form, when the encoder has a pooled vector)."""
+    with torch.device("meta"):
+        base, text = build_dit(preset, 32, 4), build_dit(f"{preset}-text", 32, 4)
+    c, depth, cfg = base.cfg.hidden_size, base.cfg.depth, text.cfg
+    mlp = lambda width: width * c + c + c * c + c * (1 if width else 0) if width else 0  # noqa: E731
+    expected = base.num_parameters() + depth * (4 * c * c + 4 * c) + mlp(cfg.text_dim) + mlp(cfg.text_pooled_dim)
+    assert text.num_parameters() == expected

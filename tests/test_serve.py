@@ -1,5 +1,6 @@
 """`scm serve`: the real server (uvicorn in a thread, and `scm serve` in a subprocess) on runs with fresh weights:
-its page, its answers, its refusals, and one generation at a time per model with superseded requests dropped."""
+its page, its answers, its refusals, and one generation at a time per model with superseded requests dropped; a
+text-to-image run takes prompts (checked, batched together)."""
 
 import asyncio
 import contextlib
@@ -54,6 +55,33 @@ def make_run(path: Path, preset: str, overrides=(), **flags) -> Path:
     return path
 
 
+def make_text_run(path: Path, method: str = "sct", overrides=(), *, dtype: str = "bfloat16", encoder=None,
+                  **flags) -> Path:
+    """A text-to-image run (dit-tiny-text-28, one block) with fresh weights, as `make_run`: its prompts are those of
+    the builtin encoder (or of `encoder`, a `scm.text` encoder), stored as `dtype` (so prompts are rounded to it)."""
+    from scm.config import make_config, to_dict
+    from scm.nets import build_net
+    from scm.runs import RunDir, ema_key
+    from scm.text import BuiltinEncoder, TextConfig
+
+    encoder = encoder or BuiltinEncoder(64, 16)
+    cfg = make_config(f"dit-tiny-text-28-{method}", None, ["net.depth=1", f"net.text_dim={encoder.width}",
+                                                           f"net.text_pooled_dim={encoder.pooled_width}",
+                                                           *overrides], data="captions", out=str(path), **flags)
+    cfg.text = TextConfig(dict(encoder.spec), encoder.max_tokens, encoder.width, encoder.pooled_width, dtype, 0.0)
+    cfg.validate()
+    run = RunDir(path)
+    run.write_config(to_dict(cfg))
+    torch.manual_seed(0)
+    net = build_net(cfg.net, cfg.loss.sigma_d)
+    with torch.no_grad():
+        for p in net.parameters():  # the zero-initialised ones (the cross-attention's output too) made small
+            if not p.any():
+                p.fill_(1.0) if p.numel() == 1 else p.normal_(0, 0.05)
+    run.save(1, {"ema": {ema_key(cfg.ema.stds[0], k): v for k, v in net.state_dict().items()}}, {"step": 1}, keep=1)
+    return path
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -62,7 +90,8 @@ def runs(tmp_path_factory):
     student = make_run(root / "scd", "tiny-28-scd", [*cond, "net.guidance_embed=true", "loss.guidance=1,2"],
                        teacher=str(teacher))
     sct = make_run(root / "sct", "tiny-28-sct")  # unconditional, no guidance input
-    return {"teacher": teacher, "student": student, "sct": sct}
+    text = make_text_run(root / "text")  # prompts (the builtin encoder), no guidance input
+    return {"teacher": teacher, "student": student, "sct": sct, "text": text}
 
 
 @contextlib.contextmanager
@@ -117,6 +146,18 @@ def plain_server(runs):
 
     with running(create_app(ServedModel(load_run(runs["sct"]), "student"), warm_up=False)) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def text_server(runs):
+    """A text-to-image consistency model, alone."""
+    from scm.runs import load_run
+    from scm.serve import ServedModel, create_app
+
+    threads = torch.get_num_threads()
+    with running(create_app(ServedModel(load_run(runs["text"]), "student"), warm_up=False, threads=THREADS)) as url:
+        yield url
+    torch.set_num_threads(threads)
 
 
 def get(url: str, path: str, timeout: float = 60, host: str | None = None):
@@ -266,6 +307,79 @@ def test_model_without_classes_or_guidance_refuses_them(plain_server):
     assert "no teacher" in json.loads(get(plain_server, "/api/generate?model=teacher")[2])["error"]
     status, _, body = get(plain_server, "/api/generate?seed=1&steps=1&batch=16")
     assert status == 200 and png(body).size == (117, 117)
+    status, _, body = get(plain_server, "/api/generate?prompt=a+thick+seven")
+    answer = json.loads(body)
+    assert status == 400 and answer["parameter"] == "prompt" and "takes no prompt" in answer["error"]
+    assert info["student"]["conditioning"] == "none" and info["student"]["example_prompts"] == []
+
+
+# -- prompts: a text-to-image model --------------------------------------------------------------------------------
+@needs_serve
+def test_text_model_generates_from_prompts(text_server, runs):
+    """/api/info says the model takes prompts (and offers examples); an image is exactly `generate`'s for the same
+    prompt and seed (URL-encoded UTF-8, the empty prompt too), and the prompt changes it."""
+    from urllib.parse import quote
+
+    from scm.generate import Sampler
+    from scm.serve.models import MNIST_PROMPTS
+    from scm.text import MAX_PROMPT_CHARS
+
+    s = json.loads(get(text_server, "/api/info")[2])["student"]
+    assert (s["conditioning"], s["prompt_max_chars"], s["classes"], s["guidance"]) == ("text", MAX_PROMPT_CHARS, 0,
+                                                                                        False)
+    assert s["example_prompts"] == list(MNIST_PROMPTS)  # the run recorded no sample-grid prompts
+    for prompt, batch in (("a thick seven", 1), ("ein dünner Strich ✓", 4), ("", 1)):
+        status, headers, body = get(text_server, f"/api/generate?seed=3&batch={batch}&prompt={quote(prompt)}")
+        assert status == 200 and headers["content-type"] == "image/png", body
+        assert body == reference_png(runs["text"], batch, Sampler(steps=2), seed=3, prompt=prompt), prompt
+    other = get(text_server, "/api/generate?seed=3&prompt=a+thin+one")[2]
+    assert other != get(text_server, "/api/generate?seed=3&prompt=a+thick+seven")[2]
+    longest = quote("ü" * MAX_PROMPT_CHARS)  # 12,000 characters of request line: accepted (16 KiB would not be)
+    assert get(text_server, f"/api/generate?steps=1&prompt={longest}")[0] == 200
+
+
+@needs_serve
+@pytest.mark.parametrize("query, parameter, needle", [
+    ("seed=1", "prompt", "give a prompt"), ("prompt=a%00b", "prompt", "NUL"),
+    ("prompt=" + "x" * 2001, "prompt", "at most 2000"), ("prompt=a&prompt=b", "prompt", "more than once"),
+    ("prompt=a&class=1", "class", "class"), ("prompt=a&guidance=2", "guidance", "no guidance")])
+def test_text_model_refuses_bad_prompts(text_server, query, parameter, needle):
+    status, _, body = get(text_server, f"/api/generate?{query}")
+    answer = json.loads(body)
+    assert status == 400 and answer["parameter"] == parameter, answer
+    assert needle in answer["error"] and len(answer["error"]) < 300, answer
+
+
+def test_requests_with_different_prompts_share_a_call(runs, tmp_path):
+    """Prompts, like seeds, may differ within a joint call: each request gets what it gets alone. The examples
+    offered are the run's recorded sample-grid prompts where there are some; a teacher must share the prompts."""
+    import shutil
+
+    from scm.errors import RunError
+    from scm.runs import load_run
+    from scm.serve import check_pair
+    from scm.serve.models import Query, ServedModel
+
+    model = ServedModel(load_run(runs["text"]), "student")
+    queries = [Query("student", None, 3, 2, None, None, 1, "a thick seven"),
+               Query("student", None, 3, 2, None, None, 4, "a thin one"),
+               Query("student", None, 3, 2, None, None, 1, "")]
+    together = model.generate_many(queries)
+    for q, joint in zip(queries, together, strict=True):
+        a = np.asarray(Image.open(io.BytesIO(model.generate(q).png)), dtype=int)
+        b = np.asarray(Image.open(io.BytesIO(joint.png)), dtype=int)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1 and joint.batched == 3
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(together[0].png))),
+                              np.asarray(Image.open(io.BytesIO(together[2].png))))
+    recorded = tmp_path / "recorded"
+    shutil.copytree(runs["text"], recorded)
+    (recorded / "samples").mkdir(exist_ok=True)
+    (recorded / "samples" / "prompts.txt").write_text("000000.png\ta thin one\n000001.png\tseven\n"
+                                                     "000002.png\ta thin one\n", encoding="utf-8")
+    assert ServedModel(load_run(recorded), "student").describe()["example_prompts"] == ["a thin one", "seven"]
+    unconditional_teacher = make_run(tmp_path / "teacher", "tiny-28-diffusion")
+    with pytest.raises(RunError, match="prompts"):
+        check_pair(load_run(runs["text"]), load_run(unconditional_teacher))
 
 
 # -- robustness: disconnects, one generation at a time, superseded requests -----------------------------------------

@@ -16,7 +16,7 @@ pytest.importorskip("playwright", reason="the browser test needs Playwright for 
 if browser_path() is None:
     pytest.skip("no Chromium on this machine (apt-get install chromium): make test-browser", allow_module_level=True)
 
-from test_serve import CLASSES, make_run
+from test_serve import CLASSES, make_run, make_text_run
 
 
 def _free_port() -> int:
@@ -39,3 +39,33 @@ def test_the_page_follows_its_controls(tmp_path):
     assert seen["seqs"] == sorted(set(seen["seqs"]))  # each step showed a new image ...
     assert all(a != b for a, b in zip(seen["images"], seen["images"][1:], strict=False))  # ... with other pixels
     assert all(float(ms) > 0 for ms in seen["ms"]) and float(seen["teacher_ms"]) > 0
+
+
+def test_a_text_model_takes_a_typed_prompt(tmp_path):
+    """A text model's page has a prompt box (at most MAX_PROMPT_CHARS characters, an example prompt to start
+    with); typing another prompt shows a new image."""
+    from playwright.sync_api import sync_playwright
+    from serve_screenshot import PIXELS, _wait_new_image
+
+    from scm.serve.models import MNIST_PROMPTS
+    from scm.text import MAX_PROMPT_CHARS
+
+    run = make_text_run(tmp_path / "text")
+    with serving(run, None, _free_port(), timeout_s=60) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+            seq = _wait_new_image(page, "#student-img", 0)
+            assert page.is_visible("#prompt") and not page.is_visible("#class")
+            assert page.input_value("#prompt") == MNIST_PROMPTS[0]
+            assert page.get_attribute("#prompt", "maxlength") == str(MAX_PROMPT_CHARS)
+            first = page.evaluate(PIXELS, "#student-img")
+            page.fill("#prompt", "a thin right-leaning digit 1")  # fill() fires the input event
+            _wait_new_image(page, "#student-img", seq)
+            assert page.evaluate(PIXELS, "#student-img") != first
+            assert not errors, errors
+        finally:
+            browser.close()

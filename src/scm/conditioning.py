@@ -1,14 +1,16 @@
 """What a run is conditioned on, written once: the network's inputs besides (x_t/σ_d, t), for training, for the
 teacher's classifier-free guidance and for sampling.
 
-A run is unconditional or conditioned on class labels (a data set's `labels`); later kinds (prompt embeddings)
-are further kinds of this one object. Its `Conditioning` says
+A run is unconditional, conditioned on class labels (a data set's `labels`), or on prompts (a data set's caption
+embeddings: `scm.text`), or on both. Its `Conditioning` says
 - which of a data batch's conditioning tensors the network gets (`from_batch`): training (`scm.train.batches`);
+  and, for prompts, which examples see the empty prompt instead of their caption (caption dropout);
 - the unconditional ("null") input and the guided network F_s = F_u + s·(F_c − F_u) (§5.2; `null`, `guided`):
-  the sCD teacher (`scm.objectives`) and the sampling of a class-conditional diffusion run;
+  no class, and the empty prompt's embedding; used by the sCD teacher (`scm.objectives`) and the sampling of a
+  conditional diffusion run;
 - how image i of a sampling request gets its condition (`sample_inputs`): the class asked for, or class
-  i mod the number of classes, so that an image depends on (seed, i) only (`scm.generate`, `scm serve`, the
-  exported pipeline);
+  i mod the number of classes, so that an image depends on (seed, i) only; the prompt asked for, encoded by the
+  run's text encoder (`scm generate`, `scm serve`, the exported pipeline);
 - which guidance scale the model takes and its default (`guidance`, `default_guidance`), and why a requested class
   or scale does not fit (`refusal`, `check`).
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from scm.errors import SamplerError
+from scm.text import TextConfig, encode_prompts
 from scm.trigflow import expand
 
 __all__ = ["GUIDANCE", "Conditioning", "guided"]
@@ -40,14 +43,15 @@ def guided(fn: Callable[..., torch.Tensor], null: dict) -> Callable[..., torch.T
 
     Returns g(x_scaled, t, *, guidance, **cond) where `guidance` is a float or a tensor [B] (one scale per
     example, as sCD samples it). The unconditional evaluation replaces entries of cond by `null` (a run's
-    `Conditioning.null()`: {"labels": None}, the network's unconditional mode, for class labels)."""
+    `Conditioning.null()`: {"labels": None}, the network's unconditional mode, for class labels; the empty prompt's
+    embedding, one row broadcast to the batch, for prompts)."""
     null = dict(null)
 
     def g(x_scaled: torch.Tensor, t: torch.Tensor, *, guidance, **cond) -> torch.Tensor:
         F_c = fn(x_scaled, t, **cond)
         if isinstance(guidance, (int, float)) and guidance == 1:
             return F_c
-        F_u = fn(x_scaled, t, **{**cond, **null})
+        F_u = fn(x_scaled, t, **{**cond, **_batched(null, x_scaled)})
         s = torch.as_tensor(guidance, dtype=F_c.dtype, device=F_c.device)
         if s.ndim == 1:
             s = expand(s, F_c)
@@ -56,22 +60,46 @@ def guided(fn: Callable[..., torch.Tensor], null: dict) -> Callable[..., torch.T
     return g
 
 
+def _batched(null: dict, like: torch.Tensor) -> dict:
+    """The null inputs with one-row tensors repeated to the batch of `like`, on its device."""
+    n = like.shape[0]
+    return {k: v.to(like.device).expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
+            for k, v in null.items()}
+
+
+def _drop_rows(cond: dict, null: dict, p: float, generator: torch.Generator) -> dict:
+    """cond with each example's prompt replaced by the null one with probability p (caption dropout)."""
+    n = cond["text"].shape[0]
+    drop = torch.rand(n, generator=generator) < p
+    if not drop.any():
+        return cond
+    out = dict(cond)
+    for k, v in _batched(null, cond["text"]).items():
+        keep = ~drop.to(v.device).view(n, *([1] * (v.ndim - 1)))
+        out[k] = torch.where(keep, cond[k], v)
+    return out
+
+
 @dataclass(frozen=True)
 class Conditioning:
-    """A run's conditioning (module docstring): `classes` class labels (0: unconditional), how it takes a guidance
-    scale (`guidance`, one of GUIDANCE) and the scale used when none is asked (`default_guidance`)."""
+    """A run's conditioning (module docstring): `classes` class labels (0: none), `text` its prompts (None: none),
+    how it takes a guidance scale (`guidance`, one of GUIDANCE) and the scale used when none is asked
+    (`default_guidance`)."""
 
     classes: int = 0
     guidance: str = "none"
     default_guidance: float | None = None
+    text: TextConfig | None = None
 
     def __post_init__(self):
         if not (isinstance(self.classes, int) and self.classes >= 0):
             raise ValueError(f"Conditioning.classes must be an int >= 0, got {self.classes!r}")
         if self.guidance not in GUIDANCE:
             raise ValueError(f"Conditioning.guidance must be one of {GUIDANCE}, got {self.guidance!r}")
-        if self.guidance == "cfg" and not self.classes:
-            raise ValueError("Conditioning: classifier-free guidance needs classes")
+        if self.guidance == "cfg" and not (self.classes or self.text):
+            raise ValueError("Conditioning: classifier-free guidance needs classes or prompts")
+        if self.text is not None and self.text.encoder is None:
+            raise ValueError("Conditioning.text needs its encoder")
         if (self.default_guidance is None) != (self.guidance == "none"):
             raise ValueError("Conditioning: a model that takes a guidance scale has a default one, and only it")
 
@@ -81,30 +109,41 @@ class Conditioning:
         classes is guided by CFG (default s = 1: unguided); a student with a guidance input takes the scale, by
         default the lower end of the range it was distilled with (1 without one)."""
         classes, embed = int(cfg.net.label_dim or 0), bool(getattr(cfg.net, "guidance_embed", False))
+        text = cfg.text if getattr(cfg.net, "text_dim", 0) and cfg.text.encoder is not None else None
         if cfg.method == "diffusion":
-            return cls(classes, "cfg", 1.0) if classes else cls(classes)
+            return cls(classes, "cfg", 1.0, text) if classes or text else cls(classes)
         if not embed:
-            return cls(classes)
+            return cls(classes, text=text)
         trained = getattr(cfg.loss, "guidance", None)
-        return cls(classes, "input", float(trained[0]) if trained else 1.0)
+        return cls(classes, "input", float(trained[0]) if trained else 1.0, text)
 
     @property
     def kind(self) -> str:
-        """"labels" or "none": what the data must provide (`scm.data.dataset.Dataset.conditions`)."""
-        return "labels" if self.classes else "none"
+        """"text", "labels" or "none": what a request may ask for."""
+        return "text" if self.text else "labels" if self.classes else "none"
 
     def requires(self) -> tuple[str, ...]:
-        """The conditioning tensors a training data set must provide."""
-        return ("labels",) if self.classes else ()
+        """The conditioning tensors a training data set must provide (`scm.data.dataset.Dataset.conditions`)."""
+        text = ("text", "text_mask", *(("text_pooled",) if self.text.pooled_width else ())) if self.text else ()
+        return ("labels",) * bool(self.classes) + text
 
     # -- training ---------------------------------------------------------------------------------------------------
-    def from_batch(self, cond: dict) -> dict:
-        """The network's inputs of a data batch's conditioning tensors (an unconditional run ignores the labels)."""
-        return {k: cond[k] for k in self.requires()}
+    def from_batch(self, cond: dict, generator: torch.Generator | None = None) -> dict:
+        """The network's inputs of a data batch's conditioning tensors (a run ignores what its network does not take);
+        with a `generator` (training), caption dropout replaces prompts by the empty one."""
+        out = {k: cond[k] for k in self.requires()}
+        if self.text and generator is not None and self.text.caption_dropout:
+            text_null = {k: v for k, v in self.null().items() if k != "labels"}
+            out = _drop_rows(out, text_null, self.text.caption_dropout, generator)
+        return out
 
     def null(self) -> dict:
-        """The unconditional input of classifier-free guidance (replaces the conditional one)."""
-        return {"labels": None} if self.classes else {}
+        """The unconditional input of classifier-free guidance (replaces the conditional one): no class, and the
+        empty prompt's embedding (one row, broadcast by `guided`)."""
+        out = {"labels": None} if self.classes else {}
+        if self.text:
+            out |= encode_prompts(self.text, [""])
+        return out
 
     def guided(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """fn with classifier-free guidance, its unconditional evaluation given this conditioning's null input."""
@@ -115,14 +154,25 @@ class Conditioning:
         """The function sampled: the network, guided by CFG for a class-conditional diffusion run."""
         return self.guided(net) if self.guidance == "cfg" else net
 
-    def refusal(self, class_labels=None, guidance=None) -> tuple[str, str] | None:
-        """(setting, reason) when a requested class label (an int, or one per image, None = the default) or guidance
-        scale does not fit this model; None when both do."""
+    def refusal(self, class_labels=None, guidance=None, prompts=None) -> tuple[str, str] | None:
+        """(setting, reason) when a requested class label (an int, or one per image, None = the default), prompt
+        (text, or one per image) or guidance scale does not fit this model; None when all do."""
+        if prompts is not None and not self.text:
+            return "prompt", "this model takes no prompt" + (" (it takes class labels)" if self.classes else "")
+        if prompts is None and self.text:
+            return "prompt", "this model is text-conditioned: give a prompt (\"\" for none)"
+        if prompts is not None:
+            many = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+            if not all(isinstance(p, str) for p in many):
+                return "prompt", "must be text"
+            if not many:
+                return "prompt", "give at least one"
         if class_labels is not None:
             many = isinstance(class_labels, (list, tuple))
             given = [c for c in (class_labels if many else [class_labels]) if c is not None]
             if given and not self.classes:
-                return "class_label", "this model is unconditional"
+                return "class_label", "this model takes prompts, not class labels" if self.text else \
+                    "this model is unconditional"
             if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < self.classes for c in given):
                 return "class_label", f"this model has classes 0..{self.classes - 1}"
         if guidance is not None:
@@ -135,20 +185,28 @@ class Conditioning:
                                     "diffusion model")
         return None
 
-    def check(self, class_labels=None, guidance=None) -> None:
-        """SamplerError (key "class_label" or "guidance") for a request `refusal` refuses."""
-        why = self.refusal(class_labels, guidance)
+    def check(self, class_labels=None, guidance=None, prompts=None) -> None:
+        """SamplerError (key "class_label", "prompt" or "guidance") for a request `refusal` refuses."""
+        why = self.refusal(class_labels, guidance, prompts)
         if why is not None:
             key, reason = why
-            raise SamplerError(f"{key}={class_labels if key == 'class_label' else guidance!r}: {reason}", key=key)
+            value = {"class_label": class_labels, "guidance": guidance}.get(key, prompts)
+            if key == "prompt" and isinstance(value, (list, tuple)) and len(value) > 3:
+                value = f"[{len(value)} prompts]"
+            raise SamplerError(f"{key}={value!r}: {reason}", key=key)
 
     def sample_inputs(self, index: torch.Tensor, class_labels: int | Sequence[int | None] | None = None,
-                      guidance: float | None = None) -> dict:
+                      guidance: float | None = None, prompts: str | Sequence[str] | None = None) -> dict:
         """The network's inputs for images `index` ([B] image numbers): class labels (`class_labels`: one for all,
-        or one per image; None: image i gets class i mod the number of classes) and the guidance scale (or the
-        default). Checked (`check`) first."""
-        self.check(class_labels, guidance)
+        or one per image; None: image i gets class i mod the number of classes), the prompt's embedding (`prompts`:
+        one for all, or one per image) and the guidance scale (or the default). Checked (`check`) first."""
+        self.check(class_labels, guidance, prompts)
         cond = {}
+        if self.text:
+            asked = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts] * len(index)
+            if len(asked) != len(index):
+                raise SamplerError(f"prompt: {len(asked)} prompts for {len(index)} images", key="prompt")
+            cond |= encode_prompts(self.text, asked, index.device)
         if self.classes:
             labels = index % self.classes
             if class_labels is not None:

@@ -29,6 +29,7 @@ from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss
 from scm.precision import PRECISIONS
 from scm.presets import FAMILIES, PRESETS
 from scm.sampling import T_MID, check_t_mid
+from scm.text import TextConfig
 from scm.trigflow import t_max_default
 
 __all__ = [
@@ -102,6 +103,8 @@ class TrainConfig:
     resolution: int | tuple[int, ...] = 32    # the data's size this preset expects: R (R×R images) or (H, W) …
     channels: int = 3                         # … and its channels
     conditional: bool = False                 # class-conditional on the data's labels
+    text: TextConfig = field(default_factory=TextConfig)  # a text network's prompts: the data's encoder (resolved)
+                                              # and text.caption_dropout (training)
     teacher: str | None = None                # sCD: a diffusion run directory, "diffusers:PATH" or "module:function"
     teacher_data: str = "own"                 # diffusers teachers: scm's data is the teacher's own ("own") or the
                                               # teacher's data is x0/σ_d ("unit", Sana-Sprint's convention)
@@ -160,11 +163,13 @@ class TrainConfig:
         _part("net", lambda: type(self.net)(**dataclasses.asdict(self.net)))
         self.optim.validate()
         self.ema.validate()
+        _part("text", self.text.validate)
         L = self.loss
         if getattr(L, "guidance", None) is not None:
             _need(self.method == "scd", "loss.guidance", L.guidance, "classifier-free guidance is for sCD only")
             _need(self.net.guidance_embed, "loss.guidance", L.guidance, "needs net.guidance_embed=true")
-            _need(self.conditional, "loss.guidance", L.guidance, "needs a class-conditional run (conditional=true)")
+            _need(self.conditional or bool(getattr(self.net, "text_dim", 0)), "loss.guidance", L.guidance,
+                  "needs a class-conditional run (conditional=true) or a text network")
         _need(not (self.distributed == "fsdp" and getattr(L, "fused_pass", None) is True), "loss.fused_pass",
               True, "is not supported with distributed=fsdp (FSDP2's hooks have no forward-mode AD rule); "
               "use the separate tangent pass (loss.fused_pass=false)")

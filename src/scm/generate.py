@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -169,11 +170,11 @@ class _Batches:
     from their generators and conditioning."""
 
     def __init__(self, run: LoadedRun, sampler: Sampler, device, decode: bool, class_labels=None, guidance=None,
-                 captured: bool = False):
+                 captured: bool = False, prompts=None):
         self.run, self.sampler, self.captured = run, sampler, captured and run.cfg.method != "diffusion"
         self.ts = sampler.times(run)
         self.conditioning = Conditioning.of_run(run.cfg)
-        self.conditioning.check(class_labels, guidance)
+        self.conditioning.check(class_labels, guidance, prompts)
         self.device = torch.device(device) if device is not None else next(run.net.parameters()).device
         self.fn = self.conditioning.network(run.net.to(self.device))
         self.latent, self.vae = (run.latent if decode else None), None
@@ -208,22 +209,26 @@ class _Batches:
 @torch.no_grad()
 def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed: int = 0,
              class_label: int | None = None, guidance: float | None = None, device=None,
-             progress: bool = True, decode: bool = True, captured: bool = False) -> tuple[torch.Tensor, float]:
+             progress: bool = True, decode: bool = True, captured: bool = False,
+             prompt: str | Sequence[str] | None = None) -> tuple[torch.Tensor, float]:
     """n images [n, C, H, W] in the data's model space ([-1, 1] for pixels) and the seconds spent generating
     them (network and sampler only, no transfers). For a run on latents the samples are decoded to images in
     [-1, 1] (`sample_shape`), unless `decode=False`; decoding is not counted in the seconds. `captured`: one
-    compiled graph per batch shape (module docstring)."""
+    compiled graph per batch shape (module docstring). `prompt` (a text run): one for all images, or a list of
+    which image i takes prompt i mod its length."""
     if not (isinstance(n, int) and n >= 1):
         raise SamplerError(f"n={n!r}: need at least one image", key="n")
     if not (isinstance(batch, int) and batch >= 1):
         raise SamplerError(f"batch={batch!r}: must be >= 1", key="batch")
-    images = _Batches(run, sampler, device, decode, class_label, guidance, captured)
+    many = isinstance(prompt, (list, tuple))
+    images = _Batches(run, sampler, device, decode, class_label, guidance, captured, prompt)
     out = []
     bar = tqdm(total=n, desc=sampler.describe(run), unit="img", disable=not progress, leave=False)
     for start in range(0, n, batch):
         m = min(batch, n - start)
         index = torch.arange(start, start + m, device=images.device)
-        cond = images.conditioning.sample_inputs(index, class_label, guidance)
+        prompts = [prompt[i % len(prompt)] for i in range(start, start + m)] if many else prompt
+        cond = images.conditioning.sample_inputs(index, class_label, guidance, prompts)
         out.append(images(image_generators(seed, start, m, images.device), cond))
         bar.update(m)
     bar.close()
@@ -231,15 +236,17 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
 
 
 @torch.no_grad()
-def generate_items(run: LoadedRun, sampler: Sampler, items: list[tuple[int, int, int | None]], *,
-                   guidance: float | None = None, device=None, decode: bool = True) -> tuple[torch.Tensor, float]:
-    """The images (seed, i, class_label) of `items` in one batch: each equal to image i of `generate(seed=seed,
-    class_label=class_label)` (up to the batch's floating-point differences), so that requests with different
-    seeds and classes can share a network call (`scm serve`). Returns the images and the seconds, as `generate`."""
+def generate_items(run: LoadedRun, sampler: Sampler, items: list[tuple], *, guidance: float | None = None,
+                   device=None, decode: bool = True) -> tuple[torch.Tensor, float]:
+    """The images (seed, i, class_label) — (seed, i, class_label, prompt) for a text run — of `items` in one batch:
+    each equal to image i of `generate(seed=seed, class_label=class_label, prompt=prompt)` (up to the batch's
+    floating-point differences), so that requests with different seeds, classes and prompts can share a network
+    call (`scm serve`). Returns the images and the seconds, as `generate`."""
     if not items:
         raise SamplerError("items: need at least one image", key="n")
-    labels = [c for _, _, c in items]
-    images = _Batches(run, sampler, device, decode, labels, guidance)
-    gens = [image_generator(seed, i, images.device) for seed, i, _ in items]
-    index = torch.tensor([i for _, i, _ in items], device=images.device)
-    return images(gens, images.conditioning.sample_inputs(index, labels, guidance)), images.elapsed
+    labels = [item[2] for item in items]
+    prompts = [item[3] for item in items] if all(len(item) > 3 and item[3] is not None for item in items) else None
+    images = _Batches(run, sampler, device, decode, labels, guidance, prompts=prompts)
+    gens = [image_generator(item[0], item[1], images.device) for item in items]
+    index = torch.tensor([item[1] for item in items], device=images.device)
+    return images(gens, images.conditioning.sample_inputs(index, labels, guidance, prompts)), images.elapsed

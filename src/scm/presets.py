@@ -57,6 +57,13 @@ PRESETS: dict[str, dict] = {
     "dit-tiny-32-sct":       {**_DIT_TINY, "resolution": 32, "channels": 3, "method": "sct", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
     "dit-tiny-32-scd":       {**_DIT_TINY, "resolution": 32, "channels": 3, "method": "scd", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
 
+    # CPU: the tiny transformer with cross-attention to prompts (dit-tiny-text) on captioned MNIST (`scm data encode
+    # --text-encoder builtin --data mnist-captions`): the dit-tiny-28 settings, caption dropout 0.1 (CFG, as label
+    # dropout); the sCD student takes the teacher's guidance scale s ~ U[1, 3] as an input (§5.2), as ImageNet's do.
+    "dit-tiny-text-28-diffusion": {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "diffusion", "kimg": 200.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "text.caption_dropout": 0.1},
+    "dit-tiny-text-28-sct":       {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "sct", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0},
+    "dit-tiny-text-28-scd":       {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "scd", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0, "net.guidance_embed": True, "loss.guidance": (1.0, 3.0)},
+
     # CIFAR-10, unconditional 32×32, DDPM++-size U-Net, batch 512. Teacher: EDM's settings; CMs: RAdam 1e-4, constant.
     "cifar10-diffusion": {**_C10, "method": "diffusion", "kimg": 204800.0, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999), "net.dropout": 0.13, "loss.P_mean": -1.2, "loss.P_std": 1.2},
     "cifar10-sct":       {**_C10, "method": "sct", "kimg": 102400.0, "optim.optimizer": "radam", "optim.lr": 1e-4, "net.dropout": 0.2, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 5120.0},

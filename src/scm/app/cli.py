@@ -24,6 +24,7 @@ from scm.app.common import (
     fail_on,
     load,
     parse_times,
+    read_prompts,
     writable_folder,
 )
 from scm.app.ema_cli import ema_app
@@ -111,6 +112,11 @@ def sample(
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to use (default: the run's first)")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="use the raw (non-averaged) weights")] = False,
     class_: Annotated[int | None, typer.Option("--class", help="class label (conditional models)")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="text models: a prompt (repeat for several; image i "
+                                                          "takes prompt i mod their number)")] = None,
+    prompts: Annotated[str | None, typer.Option(help="text models: a UTF-8 file of prompts, one per line")] = None,
+    n_per_prompt: Annotated[int | None, typer.Option(help="text models: images per prompt, in prompt order "
+                                                          "(sets --n)")] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (sCD+CFG students, CFG teachers)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     captured: Annotated[bool, typer.Option("--captured", help="consistency runs: sampler and network as one "
@@ -118,7 +124,9 @@ def sample(
     = False,
 ):
     """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs); a run on
-    latents (`scm data encode`) is decoded through its VAE."""
+    latents (`scm data encode`) is decoded through its VAE; a text model takes --prompt or --prompts."""
+    asked = read_prompts(prompt, prompts, n_per_prompt)
+    n = len(asked) if n_per_prompt else n
     target, kind = _output(out)  # the arguments first: torch is imported only for work that will be done
     times = parse_times(ts)
     import numpy as np
@@ -131,18 +139,22 @@ def sample(
         sampler = Sampler(steps=steps, ts=times, nfe=nfe, solver=solver, t_mid=t_mid)
         run = load(ckpt, ema, raw, device)
         images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance,
-                                   captured=captured)
+                                   captured=captured, prompt=asked)
+        used = [asked[i % len(asked)] for i in range(n)] if asked else None
         if kind == "grid":
             save_png(grid(images), target)
         elif kind == "arrays":
             import io
 
             buf = io.BytesIO()
-            np.savez(buf, x=to_uint8(images) if images.shape[1] in (1, 3) else images.numpy())
+            arrays = {"x": to_uint8(images) if images.shape[1] in (1, 3) else images.numpy()}
+            np.savez(buf, **arrays, **({"prompts": np.array(used)} if used else {}))
             atomic_write(target, buf.getvalue())
         else:
             for i, img in enumerate(to_uint8(images)):
                 save_png(img, target / f"{i:06d}.png")
+            if used:
+                atomic_write(target / "prompts.txt", "".join(f"{i:06d}.png\t{p}\n" for i, p in enumerate(used)))
     except USER_ERRORS as e:
         fail_on(e)
     print(f"{n} images ({sampler.describe(run)}) in {seconds:.2f} s: {n / seconds:.1f} img/s, "
@@ -158,7 +170,8 @@ def export(
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to export (default: the run's first)")] = None,
 ):
     """Export a consistency run: `--format diffusers` writes a diffusers pipeline folder (safetensors + JSON;
-    `SCMPipeline.from_pretrained(OUT)` from scm.diffusers) that samples exactly as `scm sample` does."""
+    `SCMPipeline.from_pretrained(OUT)` from scm.diffusers) that samples exactly as `scm sample` does; a text run's
+    takes prompts (`pipe("a thick seven")`) and carries a copy of its transformers text encoder."""
     from scm.diffusers.export import FORMATS, export_diffusers
 
     if format_ not in FORMATS:
@@ -210,13 +223,18 @@ def eval_(
     inception: Annotated[str | None, typer.Option(help="FID Inception weights file")] = None,
     ema: Annotated[float | None, typer.Option()] = None,
     guidance: Annotated[float | None, typer.Option(help="guidance scale (sCD+CFG students, CFG teachers)")] = None,
+    prompts: Annotated[str | None, typer.Option(help="text models: a UTF-8 file of prompts, one per line (default: "
+                                                     "the captions of a captioned --ref, e.g. mnist-captions:test)")]
+    = None,
     out: Annotated[str | None, typer.Option(help="output stem (default RUN/eval/<time>)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ):
-    """Measure a run's samples (FD-<dataset> or FID, KID, precision/recall) per sampler setting; JSON + Markdown."""
+    """Measure a run's samples (FD-<dataset> or FID, KID, precision/recall; a text model's prompt adherence on
+    captioned MNIST: digit accuracy and attribute agreement) per sampler setting; JSON + Markdown."""
     import json
     import time
 
+    asked = read_prompts(None, prompts, None)
     times = [parse_times(t) for t in ts or []]  # the arguments first: torch is imported only for work to be done
     from scm.app.report import Report
     from scm.evaluate import evaluate
@@ -234,7 +252,7 @@ def eval_(
                 else [Sampler(steps=1), Sampler(steps=2, t_mid=t_mid)]
         stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
-                          log=lambda m: print(m, file=sys.stderr), guidance=guidance)
+                          log=lambda m: print(m, file=sys.stderr), guidance=guidance, prompts=asked)
         stem.parent.mkdir(parents=True, exist_ok=True)
         if stem.suffix in (".json", ".md"):  # a stem is also accepted with either file's suffix
             stem = stem.with_suffix("")
@@ -251,13 +269,16 @@ def eval_(
 def eval_table(result: dict) -> tuple[list[str], list[list[str]]]:
     m = result["metric"]
     conf = any("confident" in r for r in result["rows"])
+    prompted = any(r.get("digit_accuracy") is not None for r in result["rows"])
     header = ["sampler", "NFE", m, "KID", "precision", "recall", *(["confident ≥ 0.9", "classes"] if conf else []),
-              "s / image", "images / s"]
+              *(["digit accuracy", "attribute agreement"] if prompted else []), "s / image", "images / s"]
+    share = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
     rows = []
     for r in result["rows"]:
         scores = ([f"{r[m]:.2f}", f"{r['KID']:.4f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
                   if r["finite"] else [f"{r[m]}", "-", "-", "-"])
         extra = [f"{100 * r.get('confident', 0):.1f} %", str(r.get("classes", "-"))] if conf else []
+        extra += [share(r.get("digit_accuracy")), share(r.get("attributes"))] if prompted else []
         rows.append([r["sampler"], r["nfe"], *scores, *extra, f"{r['seconds_per_image']:.4f}",
                      f"{r['images_per_second']:.1f}"])
     return header, rows
@@ -279,8 +300,8 @@ def serve(
                                                                  "* = any). Default: on a loopback --host, localhost, "
                                                                  "127.0.0.1 and ::1 only; elsewhere any")] = None,
 ):
-    """Generate in the browser: a page whose images follow its controls (seed, class, steps, guidance, number of
-    images) as they move, with the time per image; with --teacher, the teacher's images from the same noise
+    """Generate in the browser: a page whose images follow its controls (seed, class or prompt, steps, guidance,
+    number of images) as they move, with the time per image; with --teacher, the teacher's images from the same noise
     beside them. The models are loaded once; nothing a request says can name a file. Needs Starlette and
     uvicorn (the `serve` extra of scm)."""
     from scm.errors import MissingDependency
@@ -342,18 +363,31 @@ def serve(
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option(help="where the runs and the report go")] = "runs/demo",
-    teacher: Annotated[str, typer.Option(help="the diffusion teacher run")] = "demo/teacher",
+    out: Annotated[str | None, typer.Option(help="where the runs and the report go (default: runs/demo, "
+                                                 "runs/demo-text with --text)")] = None,
+    teacher: Annotated[str | None, typer.Option(help="the diffusion teacher run (default: demo/teacher, "
+                                                     "demo/text-teacher with --text)")] = None,
     full: Annotated[bool, typer.Option("--full", help="train the teacher too (about an hour more on a CPU)")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="seconds per stage (a smoke test)")] = False,
+    text: Annotated[bool, typer.Option("--text", help="text to image: captioned MNIST, a text-conditioned "
+                                                      "teacher and its 2-step sCD student, a prompt grid")] = False,
 ):
-    """The main job on MNIST: teacher → sCD and sCT → evaluation → report (report.md, report.html)."""
-    from scm.app.demo import DemoBudget, run_demo
-
+    """The main job on MNIST: teacher → sCD and sCT → evaluation → report (report.md, report.html); with --text,
+    the same for prompts."""
+    teacher = teacher or ("demo/text-teacher" if text else "demo/teacher")
+    out = out or ("runs/demo-text" if text else "runs/demo")
     if not full and not Path(teacher, "config.json").is_file():
         fail(f"--teacher {teacher}: not a run directory (run from the repository root, pass --teacher RUN, or "
               "train one with --full)")
     try:
+        if text:
+            from scm.app.demo_text import TextDemoBudget, run_text_demo
+
+            budget = TextDemoBudget.seconds() if quick else TextDemoBudget()
+            run_text_demo(Path(out), budget, full=full, teacher=Path(teacher))
+            return
+        from scm.app.demo import DemoBudget, run_demo
+
         result = run_demo(Path(out), DemoBudget.seconds() if quick else DemoBudget(), full=full, teacher=Path(teacher))
     except USER_ERRORS as e:
         fail_on(e)
@@ -384,11 +418,14 @@ def data_fetch(
 
 @data_app.command("info")
 def data_info(path: Annotated[str, typer.Argument(help="a data set name or path")]):
-    """Load a data set and report its size, resolution, channels and value range."""
+    """Load a data set and report its size, resolution, channels, value range, captions and prompt embeddings."""
     from scm.data import load_dataset
 
     try:
-        print(load_dataset(path).describe())
+        data = load_dataset(path)
+        print(data.describe())
+        if data.captions is not None:
+            print(_text_line(data))
     except USER_ERRORS as e:
         fail_on(e)
 
@@ -425,46 +462,82 @@ def data_prepare(
 
 @data_app.command("encode")
 def data_encode(
-    vae: Annotated[str, typer.Option(help="a diffusers AutoencoderKL folder (or a pipeline folder with vae/)")],
     data: Annotated[str, typer.Option(help="the images: a prepared directory, a folder of images, an .npz, …")],
-    out: Annotated[str, typer.Option(help="the prepared latent directory to create")],
-    resolution: Annotated[int | None, typer.Option(help="image size R: unless --data is a prepared R×R directory, "
-                                                        "the images are first prepared into OUT-images (centre "
-                                                        "crop, area resize), the pixel reference for scm eval")] = None,
-    flip: Annotated[bool, typer.Option("--flip", help="also store each image's horizontal mirror, right after "
-                                                      "it (twice the items)")] = False,
-    dtype: Annotated[str, typer.Option(help="storage: float16 | float32")] = "float16",
-    normalization: Annotated[str, typer.Option(help="per-channel µ_c, σ_c: measure (on this data) | sd-vae-ft-mse "
-                                                    "(the paper's values) | vae (the VAE's scaling_factor and "
-                                                    "shift_factor: a diffusers latent teacher's data)")] = "measure",
-    sample: Annotated[bool, typer.Option("--sample", help="store a posterior sample (seeded per image) instead of "
-                                                          "the posterior mean")] = False,
+    out: Annotated[str, typer.Option(help="the prepared directory to create")],
+    vae: Annotated[str | None, typer.Option(help="store latents: a diffusers AutoencoderKL folder (or a pipeline "
+                                                 "folder with vae/)")] = None,
+    text_encoder: Annotated[str | None, typer.Option(help="store the captions' prompt embeddings: builtin | a "
+                                                          "transformers text-encoder folder")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image size R (default: the source's): unless --data is "
+                                                        "a prepared R×R directory, --vae first prepares the images "
+                                                        "into OUT-images (centre crop, area resize), the pixel "
+                                                        "reference for scm eval")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="--vae: also store each image's horizontal mirror, right "
+                                                      "after it (twice the items)")] = False,
+    dtype: Annotated[str, typer.Option(help="storage of latents and prompt embeddings: float16 | float32")]
+    = "float16",
+    normalization: Annotated[str, typer.Option(help="--vae: per-channel µ_c, σ_c: measure (on this data) | "
+                                                    "sd-vae-ft-mse (the paper's values) | vae (the VAE's "
+                                                    "scaling_factor and shift_factor: a diffusers latent "
+                                                    "teacher's data)")] = "measure",
+    sample: Annotated[bool, typer.Option("--sample", help="--vae: store a posterior sample (seeded per image) "
+                                                          "instead of the posterior mean")] = False,
     seed: Annotated[int, typer.Option(help="the seed of --sample's noise")] = 0,
-    batch: Annotated[int, typer.Option(help="images per encoder call")] = 64,
+    batch: Annotated[int, typer.Option(help="images per VAE call")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
 ):
     r"""Encode images with a VAE into a prepared latent directory (normalised per channel to σ_d = 0.5, App. G.1),
-    to train on with `scm train --data`; samples of such a run are decoded by `scm sample` and `scm eval`. An
-    interrupted run continues where it stopped when the same command is run again. Needs `pip install scm\[latent]`."""
+    and/or their captions with a text encoder (prompt embeddings beside the images or latents), to train on with
+    `scm train --data`; samples of a latent run are decoded by `scm sample` and `scm eval`. Give --vae,
+    --text-encoder or both. An interrupted run continues where it stopped when the same command is run again.
+    --vae needs `pip install scm\[latent]`."""
+    if vae is None and text_encoder is None:
+        fail("give --vae (latents), --text-encoder (prompt embeddings) or both")
+    if vae is None and (flip or sample or normalization != "measure"):
+        fail(f"{'--flip' if flip else '--sample' if sample else '--normalization'} needs --vae")
     from scm.data import load_dataset
     from scm.data.latents import encode
+    from scm.data.prompts import encode_captions
 
     dev = device_of(device)
+    options = {"normalization": normalization, "which": "sample" if sample else "mean", "flip": flip,
+               "batch": batch, "seed": seed}
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
     try:
-        path = encode(data, vae, out, normalization=normalization, which="sample" if sample else "mean", flip=flip,
-                      dtype=dtype, batch=batch, resolution=resolution, seed=seed, progress=not no_progress,
-                      device=dev, log=lambda m: print(m, file=sys.stderr))
+        if text_encoder is None:
+            path = encode(data, vae, out, dtype=dtype, resolution=resolution, progress=not no_progress, device=dev,
+                          log=log, **options)
+        else:
+            path = encode_captions(data, text_encoder, out, vae=vae, resolution=resolution, dtype=dtype, device=dev,
+                                   progress=not no_progress, log=log, **(options if vae is not None else {}))
         encoded = load_dataset(path)
     except KeyboardInterrupt:
         fail("interrupted; the same command continues where it stopped", 130)
     except USER_ERRORS as e:
-        fail_on(e, DATA_FLAGS, DATA_HINTS)
-    info = encoded.latent
+        fail_on(e, {**DATA_FLAGS, "text_encoder": "--text-encoder"}, DATA_HINTS)
     print(encoded.describe())
-    print(f"normalisation ({info['normalization']}): µ_c = {', '.join(f'{v:.4g}' for v in info['mean'])}; "
-          f"σ_c = {', '.join(f'{v:.4g}' for v in info['std'])}; σ_d = {info['sigma_d']}")
+    if (info := encoded.latent) is not None:
+        print(f"normalisation ({info['normalization']}): µ_c = {', '.join(f'{v:.4g}' for v in info['mean'])}; "
+              f"σ_c = {', '.join(f'{v:.4g}' for v in info['std'])}; σ_d = {info['sigma_d']}")
+    if encoded.text is not None:
+        print(_text_line(encoded))
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _text_line(data) -> str:
+    """A data set's captions and prompt embeddings, in one line (`scm data info`, `scm data encode`)."""
+    text = data.text
+    if text is None:
+        return (f"captions: {data.meta.get('captions') if hasattr(data, 'meta') else sum(map(len, data.captions))} "
+                "(no prompt embeddings: scm data encode --text-encoder ENC makes them)")
+    encoder = text["encoder"]
+    name = encoder.get("path", encoder.get("kind"))
+    pooled = f", pooled {text['pooled_width']}" if text["pooled_width"] else ", no pooled embedding"
+    return (f"text: encoder {name}, {text['captions']} captions of {len(data)} items embedded as {text['max_tokens']} "
+            f"tokens × {text['width']}{pooled} ({text['dtype']}); the empty prompt's embedding for guidance")
 
 
 def main() -> None:

@@ -13,13 +13,13 @@ import typer
 from scm.errors import ScmError
 
 __all__ = ["DATA_FLAGS", "DATA_HINTS", "FLAGS", "HINTS", "USER_ERRORS", "device_of", "fail", "fail_on", "load",
-           "parse_times", "writable_folder", "writable_later"]
+           "parse_times", "read_prompts", "writable_folder", "writable_later"]
 
 # The library names the setting at fault (ScmError.key); here is how a person sets it on the command line.
 FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "t_mid": "--t-mid", "solver": "--solver",
          "class_label": "--class", "guidance": "--guidance", "n": "--n", "batch": "--batch", "ema_std": "--ema",
          "metric": "--metric", "method": "--method", "preset": "--preset", "resume": "--resume", "out": "--out",
-         "teacher": "--teacher", "inception": "--inception", "device": "--device"}
+         "prompt": "--prompt", "teacher": "--teacher", "inception": "--inception", "device": "--device"}
 HINTS = {"out": "continue it with --resume, or choose another --out", "method": "pick one with --method",
          "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
          "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
@@ -102,3 +102,31 @@ def writable_folder(out: str, folder: Path) -> Path:
     return folder
 
 
+
+
+def read_prompts(prompt: list[str] | None, prompts_file: str | None, per_prompt: int | None) -> list[str] | None:
+    """The prompts of --prompt (repeated) and --prompts FILE (UTF-8, one per non-empty line), each repeated
+    --n-per-prompt times in order; None when none is given. Bad input is an error exit naming the flag."""
+    asked = list(prompt or [])
+    if prompts_file is not None:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--prompts {prompts_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+        asked += [line.strip() for line in text.splitlines() if line.strip()]
+        if not asked:
+            fail(f"--prompts {prompts_file}: holds no prompt (one per line)")
+    if per_prompt is not None:
+        if per_prompt < 1:
+            fail(f"--n-per-prompt {per_prompt}: must be >= 1")
+        if not asked:
+            fail("--n-per-prompt: give --prompt or --prompts")
+        asked = [p for p in asked for _ in range(per_prompt)]
+    if not asked:
+        return None
+    from scm.text import check_prompts
+
+    try:
+        return check_prompts(asked)
+    except ScmError as e:
+        fail_on(e)

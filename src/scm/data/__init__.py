@@ -1,7 +1,10 @@
 """Data sets: a name or a path → an ImageData (in memory) or PreparedData (memory-mapped), in the model's space.
 
 - "mnist" (or "mnist:train": 60,000 digits) and "mnist:test" (10,000): the built-in MNIST (`scm data fetch mnist`);
-- a folder of PNG/JPEG images (recursive; class sub-folders become labels);
+- "mnist-captions" (or "mnist-captions:train") and "mnist-captions:test": MNIST with generated captions
+  (`scm.data.captions`);
+- a folder of PNG/JPEG images (recursive; class sub-folders become labels; captions from sidecar .txt files or a
+  metadata.jsonl: `scm.data.caption_files`);
 - a folder with the MNIST IDX files (train split), or a `cifar-10-batches-py` folder (train split);
 - an .npz with images under 'x' (and labels under 'y');
 - a prepared directory (`scm data prepare` / `scm data encode`: memory-mapped, for data larger than memory).

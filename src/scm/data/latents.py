@@ -294,7 +294,7 @@ def pixels_at(data, out: str | Path, resolution: int, *, progress: bool = True, 
 def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", which: str = "mean",
            flip: bool = False, dtype: str = "float16", batch: int = 64, sigma_d: float = 0.5,
            resolution: int | None = None, seed: int = 0, progress: bool = True, device="cpu",
-           resume: bool = True, log=print) -> Path:
+           resume: bool = True, log=print, text_encoder=None, text_batch: int = 256) -> Path:
     """Encode a data set of images (a name or path, or what `scm.data.load_dataset` returns) with the VAE at
     `vae` into the prepared directory `out`: latents normalised per channel (App. G.1, see the module's
     docstring), `value_range="raw"`, and meta["latent"] recording the VAE, µ_c, σ_c, σ_d and how they were
@@ -302,7 +302,9 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
     (z − shift_factor)·scaling_factor, the data of a diffusers latent model: its std is then not σ_d).
     `resolution` R: images not prepared at R×R are prepared first (`pixels_at`). An interrupted encoding with the
     same settings continues where it stopped (`resume`), and so does one that failed with an error (a partial
-    directory is kept only when it holds finished items)."""
+    directory is kept only when it holds finished items). The source's captions are kept (a mirror has its
+    image's); with `text_encoder` (a `scm.text.TextEncoder`) their prompt embeddings are stored too, as `dtype`
+    (`scm.data.prompts`)."""
     from scm.data import load_dataset
     from scm.data.prepared import PreparedWriter, removed_on_error
 
@@ -319,10 +321,13 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
         _check_room(out, shape, len(data) * factor, dtype, stats is None, data.labels is not None)
         settings = {"vae": _vae_path(vae), "which": which, "flip": flip, "dtype": dtype, "normalization": how,
                     "stats": stats, "sigma_d": sigma_d, "seed": seed if which == "sample" else None}
-        key = json.dumps({"encode": settings, "source": data.source, "count": len(data)}, sort_keys=True)
+        spec, digest = _caption_plan(data, factor, text_encoder, dtype, text_batch)
+        key = json.dumps({"encode": settings, "source": data.source, "count": len(data),
+                          **({"captions": digest} if digest else {})}, sort_keys=True)
         final = PreparedWriter(out, shape, dtype, len(data) * factor, labelled=data.labels is not None, key=key,
-                               resume=resume)
-        job = _Encoding(data, model, final, factor, batch, device, progress, flip, which, seed, sigma_d, dtype)
+                               resume=resume, captions=spec)
+        job = _Encoding(data, model, final, factor, batch, device, progress, flip, which, seed, sigma_d, dtype,
+                        spec is not None)
         stats = job.measured(key, resume) if stats is None else job.normalized(stats)
         info = {"vae": settings["vae"], "mean": list(stats[0]), "std": list(stats[1]), "sigma_d": sigma_d,
                 "which": which, "image_shape": list(data.shape), "scaling": "per-channel App. G.1",
@@ -332,6 +337,20 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
                              "value_range": "raw", "latent": info})
         job.clean()
     return path
+
+
+def _caption_plan(data, factor: int, encoder, dtype: str, batch: int):
+    """(the output's `CaptionSpec` or None, the captions' digest or None): the source's captions, each kept for
+    `factor` items (an image and its mirror), embedded by `encoder` when given."""
+    from scm.data.prompts import CaptionSpec, caption_stats
+
+    if getattr(data, "captions", None) is None:
+        if encoder is not None:
+            raise DataError(f"{data.source}: no captions to encode (a folder needs caption files or a "
+                            "metadata.jsonl)", key="data")
+        return None, None
+    rows, nbytes, digest = caption_stats(data.captions)
+    return CaptionSpec(rows * factor, nbytes * factor, encoder, dtype, batch), digest
 
 
 def _check_room(out: Path, shape: tuple[int, ...], count: int, dtype: str, scratch: bool, labelled: bool) -> None:
@@ -362,6 +381,7 @@ class _Encoding:
     seed: int
     sigma_d: float
     dtype: str
+    captioned: bool = False     # the output keeps the source's captions
     scratch: object = None      # the raw float32 latents of a measured normalisation
 
     @functools.cached_property
@@ -372,6 +392,14 @@ class _Encoding:
 
     def labels(self, a: int, b: int):
         return None if self.item_labels is None else self.item_labels[a:b]
+
+    def captions(self, a: int, b: int):
+        """The captions of output items a … b − 1 (each image's, repeated for its mirror), or None."""
+        if not self.captioned:
+            return None
+        f = self.factor
+        source = self.data.captions[a // f: (b - 1) // f + 1]
+        return [source[j // f - a // f] for j in range(a, b)]
 
     def batches(self, writer, name: str):
         """(start, raw latents) of the source images not yet in `writer`, `batch` images at a time."""
@@ -392,7 +420,8 @@ class _Encoding:
         for start, z in self.batches(self.final, "encoding"):
             a = start * self.factor
             x = normalize(z, *stats, self.sigma_d)
-            self.final.append(x.numpy().astype(self.dtype), self.labels(a, a + z.shape[0]))
+            self.final.append(x.numpy().astype(self.dtype), self.labels(a, a + z.shape[0]),
+                              captions=self.captions(a, a + z.shape[0]))
         return stats
 
     def measured(self, key: str, resume: bool):
@@ -415,7 +444,8 @@ class _Encoding:
         for a in range(self.final.written, count, chunk):
             b = min(a + chunk, count)
             z = torch.from_numpy(np.asarray(self.scratch.images[a:b]))
-            self.final.append(normalize(z, *stats, self.sigma_d).numpy().astype(self.dtype), self.labels(a, b))
+            self.final.append(normalize(z, *stats, self.sigma_d).numpy().astype(self.dtype), self.labels(a, b),
+                              captions=self.captions(a, b))
         return stats
 
     def clean(self) -> None:

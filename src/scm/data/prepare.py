@@ -8,6 +8,11 @@ Sources:
 - anything else `scm.data.load_dataset` opens ("mnist", "mnist:test", an .npz, an IDX or CIFAR-10 folder, a
   prepared directory): held in memory as it loads, written a chunk at a time.
 
+Captions are kept: a folder's (sidecar .txt files or a metadata.jsonl: `scm.data.caption_files`, read before any
+image) or a data set's (`captions`, e.g. "mnist-captions") are stored in captions.jsonl, those of skipped images
+left out; with a text encoder (`text_encoder`, what `scm data encode --text-encoder` without a VAE does) each
+caption's prompt embedding is stored too (`scm.data.prompts`). They are part of what a continued run must share.
+
 Each image goes through `scm.data.preprocess` (modes, alpha, channels, and ADM/EDM2's centre crop with area
 resize to R×R); 8-bit arrays already at R×R with the asked channels are written as they are. Arrays of floats
 (e.g. latents) are written as float32 model-space values (`value_range` "raw") and are never resized.
@@ -52,8 +57,10 @@ from tqdm import tqdm
 
 from scm._checks import describe_shape
 from scm.data import preprocess as pp
+from scm.data.caption_files import folder_captions
 from scm.data.images import folder_labels
 from scm.data.prepared import PreparedWriter, allocated, check_disk, describe_bytes, is_prepared
+from scm.data.prompts import CaptionSpec, caption_stats
 from scm.devices import available_memory
 from scm.errors import DataError
 from scm.files import sha256_of
@@ -187,25 +194,39 @@ def _common_channels(files: list[Path], root: Path, progress: bool) -> int:
     return 1 if g else 3
 
 
+def _captions(captions, text: dict, source) -> tuple[CaptionSpec | None, str | None]:
+    """The writer's caption plan for a source's captions (None: it has none) and their digest, for the key."""
+    if captions is None:
+        if text.get("encoder") is not None:
+            raise DataError(f"{source}: no captions to encode (a folder needs caption files or a metadata.jsonl)",
+                            key="data")
+        return None, None
+    rows, nbytes, digest = caption_stats(captions)
+    return CaptionSpec(rows, nbytes, **text), digest
+
+
 def _write(writer: PreparedWriter, chunks, total: int, progress: bool, desc: str) -> tuple[list, int]:
-    """Append the chunks (images, labels, consumed, newly skipped) after those already written; return the
-    skipped files and their count, including those of an interrupted run."""
+    """Append the chunks (images, labels, consumed, newly skipped, captions or None) after those already written;
+    return the skipped files and their count, including those of an interrupted run."""
     done = writer.progress.get("consumed", 0)
     skipped, count = list(writer.progress.get("skipped", [])), int(writer.progress.get("skipped_count", 0))
     with tqdm(total=total, initial=done, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for images, labels, consumed, bad in chunks(done):
+        for images, labels, consumed, bad, captions in chunks(done):
             count += len(bad)
             skipped += bad[: max(0, SKIPPED_LISTED - len(skipped))]
-            writer.append(images, labels, extra={"consumed": consumed, "skipped": skipped, "skipped_count": count})
+            writer.append(images, labels, extra={"consumed": consumed, "skipped": skipped, "skipped_count": count},
+                          captions=captions)
             bar.update(consumed - bar.n)
     return skipped, count
 
 
 def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None, alpha: str, skip_bad: bool,
-                    chunk: int, progress: bool, resume: bool, workers: int, log) -> Path:
+                    chunk: int, progress: bool, resume: bool, workers: int, log, text: dict) -> Path:
     files = list_images(root)
     if not files:
         raise DataError(f"{root}: no images found (searched recursively for {', '.join(pp.SUFFIXES)})", key="src")
+    captions = folder_captions(root, files)
+    spec, digest = _captions(captions, text, root)
     rel = [f.relative_to(root) for f in files]
     labels, names = folder_labels(rel)
     fewest = channels or 1  # before reading any image (the writer checks the exact size)
@@ -215,9 +236,10 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
     if channels is None:
         channels = _common_channels(files, root, progress)
     settings = {"resolution": resolution, "channels": channels, "alpha": alpha, "rules": RULES}
-    key = _digest({"files": [r.as_posix() for r in rel], "labelled": labels is not None, **settings})
+    key = _digest({"files": [r.as_posix() for r in rel], "labelled": labels is not None, **settings,
+                   **({"captions": digest} if digest else {})})
     writer = PreparedWriter(out, (channels, resolution, resolution), "uint8", len(files), labelled=labels is not None,
-                            key=key, resume=resume)
+                            key=key, resume=resume, captions=spec)
     digests = _source_digests(writer, files, workers, progress)
 
     def one(f: Path):
@@ -243,7 +265,8 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
                        if isinstance(r, DataError)]
                 images = (np.stack([results[j] for j in keep]) if keep
                           else np.empty((0, channels, resolution, resolution), np.uint8))
-                yield images, None if labels is None else labels[i: i + chunk][keep], i + len(results), bad
+                caps = None if captions is None else [captions[i + j] for j in keep]
+                yield images, None if labels is None else labels[i: i + chunk][keep], i + len(results), bad, caps
 
     with digests:
         skipped, count = _write(writer, chunks, len(files), progress, f"preparing {root.name}")
@@ -269,7 +292,7 @@ def _source_key(data) -> str:
 
 
 def _prepare_dataset(data, out: Path, resolution: int, channels: int | None, alpha: str, chunk: int,
-                     progress: bool, resume: bool, workers: int) -> Path:
+                     progress: bool, resume: bool, workers: int, text: dict) -> Path:
     n, src_c = len(data), data.channels
     floats = data.value_range != "uint8"
     if floats:
@@ -288,8 +311,10 @@ def _prepare_dataset(data, out: Path, resolution: int, channels: int | None, alp
              else "float32") if floats else "uint8"
     settings = {"resolution": resolution, "channels": channels, "alpha": alpha, "rules": RULES, "dtype": dtype}
     labelled = data.labels is not None
-    writer = PreparedWriter(out, (channels, resolution, resolution), dtype, n, labelled=labelled,
-                            key=_digest({"data": _source_key(data), **settings}), resume=resume)
+    spec, digest = _captions(data.captions, text, data.source)
+    key = _digest({"data": _source_key(data), **settings, **({"captions": digest} if digest else {})})
+    writer = PreparedWriter(out, (channels, resolution, resolution), dtype, n, labelled=labelled, key=key,
+                            resume=resume, captions=spec)
 
     def rows(i: int) -> np.ndarray:
         x = data.images[i: i + chunk]
@@ -304,7 +329,7 @@ def _prepare_dataset(data, out: Path, resolution: int, channels: int | None, alp
                 if not as_is:
                     x = np.stack(list(pool.map(lambda a: pp.preprocess_array(a, resolution, channels, alpha), x)))
                 y = None if not labelled else data.labels[i: i + chunk].numpy()
-                yield x, y, i + len(x), []
+                yield x, y, i + len(x), [], None if spec is None else list(data.captions[i: i + chunk])
 
     _write(writer, chunks, n, progress, "preparing")
     meta = {"source": data.source, "class_names": data.class_names, "skipped": [], "skipped_count": 0,
@@ -315,11 +340,14 @@ def _prepare_dataset(data, out: Path, resolution: int, channels: int | None, alp
     return writer.finish(meta)
 
 
-def prepare(src: str | Path, out: str | Path, *, resolution: int, channels: int | None = None, alpha: str = "white",
+def prepare(src, out: str | Path, *, resolution: int, channels: int | None = None, alpha: str = "white",
             skip_bad: bool = False, chunk: int = 256, progress: bool = True, resume: bool = True,
-            workers: int | None = None, log=print) -> Path:
-    """Write `src` (an image folder, or anything `load_dataset` opens) as a prepared directory `out` of
-    [channels, resolution, resolution] uint8 images (labels when the source has them); return `out`.
+            workers: int | None = None, log=print, text_encoder=None, text_dtype: str = "float16",
+            text_batch: int = 256) -> Path:
+    """Write `src` (an image folder, anything `load_dataset` opens, or a data set it returned) as a prepared
+    directory `out` of [channels, resolution, resolution] uint8 images (labels and captions when the source has
+    them); return `out`. With `text_encoder` (a `scm.text.TextEncoder`) the captions' prompt embeddings are stored
+    too, as `text_dtype`, `text_batch` captions per encoder call.
 
     `channels` None keeps the source's (1 or 3; a folder's images must then agree); `alpha` "white" or "drop"
     (images with transparency); `skip_bad` skips undecodable files (recorded in meta.json) instead of failing;
@@ -332,9 +360,11 @@ def prepare(src: str | Path, out: str | Path, *, resolution: int, channels: int 
     chunk, workers = _plan(resolution, channels or 3, chunk, workers, log)
     if out.exists():  # before reading any source (the writer checks it too)
         raise DataError(f"{out} already exists; choose another output directory or remove it", key="out")
-    if _is_image_folder(str(src)):
+    text = {} if text_encoder is None else {"encoder": text_encoder, "dtype": text_dtype, "batch": text_batch}
+    if isinstance(src, (str, Path)) and _is_image_folder(str(src)):
         return _prepare_folder(Path(src).expanduser(), out, resolution, channels, alpha, skip_bad, chunk, progress,
-                               resume, workers, log)
+                               resume, workers, log, text)
     from scm.data import load_dataset
 
-    return _prepare_dataset(load_dataset(src), out, resolution, channels, alpha, chunk, progress, resume, workers)
+    data = load_dataset(src) if isinstance(src, (str, Path)) else src
+    return _prepare_dataset(data, out, resolution, channels, alpha, chunk, progress, resume, workers, text)

@@ -11,7 +11,7 @@ _EXPORTS = {
     "from_diffusers": "teacher", "load_diffusers": "teacher", "read_diffusers": "teacher",
     "DiffusersNet": "net", "student_config": "net", "student_from_diffusers": "net", "DiffusersNetConfig": "net_config",
     "enable_jvp": "jvp", "JVPAttnProcessor": "jvp",
-    "SCMModel": "pipeline", "SCMPipeline": "pipeline", "export_diffusers": "export",
+    "SCMModel": "pipeline", "SCMPipeline": "pipeline", "SCMTextEncoder": "pipeline", "export_diffusers": "export",
 }
 
 __all__ = sorted(_EXPORTS)

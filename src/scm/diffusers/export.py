@@ -6,6 +6,9 @@
     OUT/model/diffusion_pytorch_model.safetensors
     OUT/scheduler/scheduler_config.json     SCMScheduler: prediction_type "trigflow", sigma_data = σ_d
     OUT/vae/…                               a run on latents: its AutoencoderKL (safetensors)
+    OUT/text_encoder/…                      a text run with a transformers text encoder: a copy of its folder
+                                            (safetensors weights, config and tokenizer files), checked against the
+                                            run's recorded weights digest
 
 Loaded with `scm.diffusers.SCMPipeline.from_pretrained(OUT)`, it samples as `scm sample` does (same times, same
 noise for the same seed, same decoding; see `scm.diffusers.pipeline`). The EMA weights are exported (σ_rel
@@ -13,23 +16,30 @@ noise for the same seed, same decoding; see `scm.diffusers.pipeline`). The EMA w
 pickle); the folder is built next to OUT and renamed into place (`scm.files.atomic_folder`), so OUT appears
 complete or not at all.
 
+A text run's pipeline records its `scm.text.TextConfig` (model_index.json: `text`) and takes prompts as `scm
+sample` does; its transformers text encoder's record names the copy (path "text_encoder"), which the pipeline
+reads wherever it is loaded from. An encoder folder with pickled weights only (.bin, .pt …) is refused.
+
 A diffusion run (a teacher) is refused: it samples by integrating the PF-ODE (eq. 3), not with consistency
 steps, which is all `SCMScheduler` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
 
-from scm.errors import MissingDependency, RunError
+from scm.errors import ConfigError, MissingDependency, RunError
 from scm.files import atomic_folder
 
-__all__ = ["FORMATS", "PICKLE_SUFFIXES", "export_diffusers"]
+__all__ = ["FORMATS", "PICKLE_SUFFIXES", "TEXT_ENCODER", "encoder_files", "export_diffusers"]
 
 FORMATS = ("diffusers",)
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
+TEXT_ENCODER = "text_encoder"  # the pipeline's component (and folder) holding a transformers text encoder
+UNSAFE_SUFFIXES = (*PICKLE_SUFFIXES, ".h5", ".msgpack")  # never copied with a text encoder
 
 
 def _pipeline_module():
@@ -47,8 +57,8 @@ def _pipeline_module():
 def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None = None, device="cpu") -> Path:
     """Write the run's newest checkpoint (its EMA with σ_rel `ema_std`, default the first) as an `SCMPipeline`
     folder `out`, which must not exist; returns its path. Errors: `CheckpointError` (not a run, no checkpoint, no
-    such EMA), `RunError` (`out` exists; a diffusion run), `MissingDependency` (no diffusers),
-    `DataError` (a run on latents whose VAE cannot be loaded)."""
+    such EMA), `RunError` (`out` exists; a diffusion run; a text encoder that cannot be copied), `MissingDependency`
+    (no diffusers), `DataError` (a run on latents whose VAE cannot be loaded)."""
     pipeline = _pipeline_module()
     from scm.conditioning import Conditioning
     from scm.config import to_dict
@@ -71,6 +81,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
              "guidance_default": Conditioning.of_run(cfg).default_guidance,  # a guided student's (generate's)
              "source": {"preset": cfg.preset, "method": cfg.method, "net_preset": cfg.net_preset,
                         "step": loaded.step, "ema_std": loaded.ema_std}}
+    extra["text"], text_encoder = _text_parts(pipeline, cfg, run)
     vae = None
     if loaded.latent is not None:
         from scm.data.latents import decoder
@@ -79,7 +90,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
         vae = decoder(info)
         extra.update(latent_mean=[float(v) for v in info["mean"]], latent_std=[float(v) for v in info["std"]],
                      latent_sigma_d=float(info["sigma_d"]))
-    pipe = pipeline.SCMPipeline(model=model, scheduler=scheduler, vae=vae, **extra)
+    pipe = pipeline.SCMPipeline(model=model, scheduler=scheduler, vae=vae, text_encoder=text_encoder, **extra)
 
     try:
         with atomic_folder(out) as tmp:
@@ -87,6 +98,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
             pickled = [p for p in tmp.rglob("*") if p.suffix in PICKLE_SUFFIXES]
             if pickled:  # diffusers chose a pickle format: refuse rather than write one
                 raise RunError(f"{out}: the export would contain pickle files ({', '.join(p.name for p in pickled)})")
+            if text_encoder is not None:  # the copy is the encoder the run was trained with (its weights digest)
+                _check_copy(cfg.text.encoder, tmp / TEXT_ENCODER, run)
     except FileExistsError:
         raise RunError(f"{out}: already exists (the export writes a new folder)", key="out") from None
     except OSError as e:  # the disk filled, or the folder was made read-only meanwhile: nothing is left behind
@@ -106,3 +119,48 @@ def _check_creatable(out: Path) -> None:
         raise RunError(f"{out}: cannot create its folder {out.parent} ({e.strerror or e})", key="out") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise RunError(f"{out}: its folder {out.parent} is not writable", key="out")
+
+
+def _text_parts(pipeline, cfg, run) -> tuple[dict | None, object]:
+    """(the pipeline's `text` record, its `text_encoder` component or None) of a run: None, None without prompts; a
+    transformers encoder is recorded as the pipeline's own copy (path TEXT_ENCODER)."""
+    from scm.conditioning import Conditioning
+
+    text = Conditioning.of_run(cfg).text
+    if text is None:
+        return None, None
+    record = dataclasses.asdict(text)
+    if text.encoder.get("kind") != "transformers":
+        return record, None
+    folder = Path(text.encoder["path"]).expanduser()
+    record["encoder"] = {**text.encoder, "path": TEXT_ENCODER}
+    return record, pipeline.SCMTextEncoder.of_folder(folder, encoder_files(folder, run))
+
+
+def encoder_files(folder: Path, run="the run") -> list[str]:
+    """The files a copy of the transformers text encoder at `folder` needs, relative to it: those beside its
+    config.json and beside its tokenizer's files (the folder itself, or a diffusers pipeline's text_encoder/ and
+    tokenizer/: `scm.text_transformers`), pickles and hidden files left out; RunError when the folder is no
+    encoder or holds no safetensors weights."""
+    from scm.text_transformers import encoder_folders
+
+    try:
+        parts = dict.fromkeys(encoder_folders(folder))  # (the model's folder, the tokenizer's), once each
+    except ConfigError as e:
+        raise RunError(f"{run}: cannot export its text encoder ({e})", key="run") from None
+    files = sorted(str(p.relative_to(folder)) for part in parts for p in part.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and not p.name.endswith(UNSAFE_SUFFIXES))
+    if not any(f.endswith(".safetensors") for f in files):
+        raise RunError(f"{run}: cannot export its text encoder {folder}: its weights are not safetensors", key="run")
+    return files
+
+
+def _check_copy(spec: dict, copy: Path, run) -> None:
+    """RunError unless the encoder copied to `copy` loads as the one `spec` records (its weights digest)."""
+    from scm.text import load_text_encoder
+
+    try:
+        load_text_encoder({**spec, "path": str(copy)})
+    except (ConfigError, OSError, ValueError) as e:
+        raise RunError(f"{run}: its text encoder {spec.get('path')} is not the one it was trained with ({e})",
+                       key="run") from None

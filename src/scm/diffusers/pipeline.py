@@ -4,6 +4,7 @@ consistency sampling (Lu & Song 2024, §5.1–5.3) driven by diffusers' own `SCM
     from scm.diffusers import SCMPipeline
     pipe = SCMPipeline.from_pretrained("exported")            # written by `scm export RUN exported`
     images = pipe(batch_size=4, num_inference_steps=2, seed=0).images     # = `scm sample --steps 2 --seed 0 --n 4`
+    images = pipe("a thick seven", num_inference_steps=2, seed=0).images  # a text run: = `scm sample --prompt …`
 
 The maths is TrigFlow's (§3): x_t = cos t·x0 + sin t·z with z ~ N(0, σ_d²I) (eq. 2); the network sees x_t/σ_d and t
 and returns F, and the consistency function is f = cos t·x_t − sin t·σ_d·F (eq. 5). `SCMScheduler.step` computes
@@ -22,17 +23,29 @@ mix_seed(s, i) (`scm.generate.image_generators`) and, for a class-conditional mo
 class i mod the number of classes: `pipe(batch_size=n, seed=s)` reproduces `scm sample --n n --seed s`. A list of
 per-image `torch.Generator`s, one generator, or none (the global RNG) may be given instead, as in diffusers.
 
+Prompts. A text-to-image run's pipeline records the run's `scm.text.TextConfig` (config `text`: its encoder's
+record, token count, widths and storage dtype) and encodes prompts exactly as `scm sample` does
+(`scm.text.encode_prompts`: the same encoder, rounded to the dtype the training captions were stored in). The
+first argument is the prompt: one for all images, or a list of which image i takes prompt i mod its length (as
+`scm sample --prompt a --prompt b`); `batch_size` defaults to the number of prompts times `num_images_per_prompt`
+(each prompt's images together, as diffusers pipelines and `scm sample --n-per-prompt` order them). A transformers
+text encoder travels with the export: its folder (weights as safetensors, tokenizer files) is the component
+`text_encoder` (`SCMTextEncoder`), so the pipeline loads from anywhere with that copy, checked against the run's
+recorded weights digest; the builtin toy encoder needs no files.
+
 A run on latents carries its VAE (`vae`) and the per-channel normalisation of its data (App. G.1): samples are
 denormalised, x·σ_c/σ_d + µ_c, and decoded exactly as `scm.data.latents.decode` does.
 
 diffusers (>= 0.33, for `SCMScheduler`) is needed to import this module: `pip install scm[diffusers]`.
 """
 
+import shutil
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from scm.errors import MissingDependency, SamplerError
+from scm.errors import ConfigError, MissingDependency, SamplerError
 
 try:
     from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SCMScheduler
@@ -49,9 +62,10 @@ from scm.generate import image_generators
 from scm.images import to_pil, to_uint8
 from scm.nets.registry import build_net
 from scm.sampling import T_MID, check_times, consistency_times
+from scm.text import TextConfig, check_prompts
 from scm.trigflow import t_max_default
 
-__all__ = ["OUTPUT_TYPES", "SCMModel", "SCMPipeline"]
+__all__ = ["OUTPUT_TYPES", "SCMModel", "SCMPipeline", "SCMTextEncoder"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -70,7 +84,8 @@ class SCMModel(ModelMixin, ConfigMixin):
     `diffusion_pytorch_model.safetensors`. Called like every scm network, `model(x_t/σ_d, t, labels=None,
     guidance=None)` → F, the TrigFlow velocity prediction (dx_t/dt = σ_d·F, eq. 3), t in radians of shape [B];
     `labels` class indices [B] for class-conditional networks (`label_dim` > 0), `guidance` the guidance scale
-    of a student distilled with classifier-free guidance as an input (`guidance_embed`, §5.2)."""
+    of a student distilled with classifier-free guidance as an input (`guidance_embed`, §5.2); a text network
+    (`text_dim` > 0) also takes text [B, T, D], text_mask [B, T] (bool) and text_pooled [B, P] (`scm.nets.dit`)."""
 
     @register_to_config
     def __init__(self, net_preset: str, net_config: dict, sigma_d: float = 0.5):
@@ -88,33 +103,85 @@ class SCMModel(ModelMixin, ConfigMixin):
         return bool(getattr(self.net.cfg, "guidance_embed", False))
 
     @property
+    def text_dim(self) -> int:
+        """The width of the prompt's token embeddings (0: the network takes no prompt)."""
+        return int(getattr(self.net.cfg, "text_dim", 0) or 0)
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """(C, H, W) of the network's input and output."""
         return self.net.shape
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, guidance=None, return_weight: bool = False):
-        return self.net(x, t, labels, guidance=guidance, return_weight=return_weight)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, guidance=None, return_weight: bool = False,
+                **text):
+        text = {k: v.to(x.dtype) if v.is_floating_point() else v for k, v in text.items()}  # the network's dtype
+        return self.net(x, t, labels, guidance=guidance, return_weight=return_weight, **text)
+
+
+class SCMTextEncoder(ModelMixin, ConfigMixin):
+    """A transformers text encoder's folder as a pipeline component (`text_encoder`): its files (the weights as
+    safetensors, the config and tokenizer files) are copied as they are by `save_pretrained`, and `from_pretrained`
+    remembers where the copy lies, so that the pipeline encodes prompts with it wherever it is loaded from. The
+    encoder itself is loaded by `scm.text` from the run's record (`SCMPipeline.text_config`), which checks its
+    weights against the recorded digest. Config (scm_text_encoder.json): `files`, the copied paths."""
+
+    config_name = "scm_text_encoder.json"
+
+    @register_to_config
+    def __init__(self, files: list | None = None):
+        super().__init__()
+        self.folder: Path | None = None
+        self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # a device for diffusers to read
+
+    @classmethod
+    def of_folder(cls, folder, files: list[str]) -> "SCMTextEncoder":
+        """The component of the encoder in `folder`, whose `files` (relative paths) it copies when saved."""
+        encoder = cls(files=sorted(files))
+        encoder.folder = Path(folder)
+        return encoder
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        out = Path(save_directory)
+        for name in self.config.files:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.folder / name, out / name)
+        self.save_config(out)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SCMTextEncoder":
+        folder = Path(pretrained_model_name_or_path)
+        config = cls.load_config(folder)
+        missing = [f for f in config.get("files", []) if not (folder / f).is_file()]
+        if missing:
+            raise ConfigError(f"{folder}: the text encoder's {', '.join(missing)} is missing", key="text_encoder")
+        return cls.of_folder(folder, list(config.get("files", [])))
 
 
 class SCMPipeline(DiffusionPipeline):
     """Consistency sampling of an exported scm run (1, 2 or N steps, §5.1–5.3) with diffusers' `SCMScheduler`.
 
     Components: `model` (an `SCMModel`), `scheduler` (`SCMScheduler`, prediction_type "trigflow",
-    sigma_data = σ_d) and, for a run on latents, `vae` (an `AutoencoderKL`). Config (model_index.json): `t_max`
+    sigma_data = σ_d), for a run on latents `vae` (an `AutoencoderKL`) and, for a text run with a transformers text
+    encoder, `text_encoder` (`SCMTextEncoder`). Config (model_index.json): `text`, a text run's `TextConfig`; `t_max`
     and `t_mid`, the paper's sampling times (App. G.2, §5.2), used instead of the scheduler's defaults;
     `guidance_default`, the guidance scale used when none is given (a guided student's lowest training scale,
     as `scm sample`); `latent_mean`, `latent_std`, `latent_sigma_d`, the per-channel normalisation of a run on
     latents (App. G.1); `source`, where the weights came from (preset, method, step, EMA σ_rel)."""
 
     model_cpu_offload_seq = "model->vae"
-    _optional_components: ClassVar[list[str]] = ["vae"]
+    _optional_components: ClassVar[list[str]] = ["vae", "text_encoder"]
 
     def __init__(self, model: SCMModel, scheduler: SCMScheduler, vae: AutoencoderKL | None = None,
-                 t_max: float | None = None, t_mid: float = T_MID, guidance_default: float | None = None,
-                 latent_mean: list | None = None, latent_std: list | None = None,
-                 latent_sigma_d: float | None = None, source: dict | None = None):
+                 text_encoder: SCMTextEncoder | None = None, t_max: float | None = None, t_mid: float = T_MID,
+                 guidance_default: float | None = None, latent_mean: list | None = None,
+                 latent_std: list | None = None, latent_sigma_d: float | None = None, source: dict | None = None,
+                 text: dict | None = None):
         super().__init__()
-        self.register_modules(model=model, scheduler=scheduler, vae=vae)
+        if (text is not None) != bool(model.text_dim):
+            raise ValueError("a text network and its prompts' record (text) go together")
+        if text is not None:
+            TextConfig(**text).validate()
+        self.register_modules(model=model, scheduler=scheduler, vae=vae, text_encoder=text_encoder)
         sigma_d = float(scheduler.config.sigma_data)
         t_max = t_max_default(sigma_d) if t_max is None else float(t_max)
         consistency_times(2, sigma_d=sigma_d, t_max=t_max, t_mid=float(t_mid))  # 0 < t_mid < t_max <= π/2
@@ -122,7 +189,7 @@ class SCMPipeline(DiffusionPipeline):
             raise ValueError("a VAE and the latent normalisation (latent_mean, latent_std) go together")
         self.register_to_config(t_max=t_max, t_mid=float(t_mid), guidance_default=guidance_default,
                                 latent_mean=latent_mean, latent_std=latent_std, latent_sigma_d=latent_sigma_d,
-                                source=source)
+                                source=source, text=text)
 
     @property
     def sigma_d(self) -> float:
@@ -167,17 +234,64 @@ class SCMPipeline(DiffusionPipeline):
         return generator
 
     @property
-    def conditioning(self) -> Conditioning:
-        """What the exported run is conditioned on (`scm.conditioning.Conditioning`): the model's classes, its guidance
-        input and the scale used when none is given (`guidance_default`)."""
-        if not self.model.guidance_embed:
-            return Conditioning(self.model.label_dim)
-        default = self.config.guidance_default
-        return Conditioning(self.model.label_dim, "input", 1.0 if default is None else float(default))
+    def text_config(self) -> TextConfig | None:
+        """A text pipeline's prompts (`scm.text.TextConfig`, from the config's `text`), its transformers encoder
+        read from this pipeline's own copy (the `text_encoder` component); None for a pipeline without prompts."""
+        if self.config.text is None:
+            return None
+        text = TextConfig(**{**self.config.text, "encoder": dict(self.config.text["encoder"])})
+        if text.encoder.get("kind") == "transformers":
+            folder = getattr(self.text_encoder, "folder", None)
+            if folder is None:
+                raise SamplerError("prompt: this pipeline's text encoder (its text_encoder component) is missing",
+                                   key="prompt")
+            text.encoder["path"] = str(Path(folder).resolve())
+        return text
 
-    def _conditioning(self, batch_size: int, class_labels, guidance_scale, device: torch.device) -> dict:
+    @property
+    def conditioning(self) -> Conditioning:
+        """What the exported run is conditioned on (`scm.conditioning.Conditioning`): the model's classes, its prompts,
+        its guidance input and the scale used when none is given (`guidance_default`)."""
+        text = self.text_config
+        if not self.model.guidance_embed:
+            return Conditioning(self.model.label_dim, text=text)
+        default = self.config.guidance_default
+        return Conditioning(self.model.label_dim, "input", 1.0 if default is None else float(default), text)
+
+    def _prompts(self, prompt, num_images_per_prompt, batch_size):
+        """(prompts, batch size): the prompt of each of the first len(prompts) images (image i takes prompt i mod
+        their number), each repeated `num_images_per_prompt` times; the batch size defaults to their number."""
+        if num_images_per_prompt is not None:
+            k = num_images_per_prompt
+            if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+                raise SamplerError(f"num_images_per_prompt={k!r}: must be an integer >= 1", key="num_images_per_prompt")
+            if prompt is None:
+                raise SamplerError("num_images_per_prompt: give a prompt (or batch_size for a model without prompts)",
+                                   key="num_images_per_prompt")
+        if prompt is None:
+            return None, 1 if batch_size is None else batch_size
+        if self.config.text is None:
+            raise SamplerError(f"prompt={_bounded(prompt)}: this model takes no prompt"
+                               + (" (it takes class labels)" if self.model.label_dim else ""), key="prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and len(prompt) > 0)):
+            raise SamplerError(f"prompt={_bounded(prompt)}: a str, or a list of them (one per image)", key="prompt")
+        try:
+            prompts = check_prompts(prompt)
+        except ConfigError as e:
+            raise SamplerError(str(e), key="prompt") from None
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt or 1)]
+        if batch_size is None:
+            return prompts, len(prompts)
+        if num_images_per_prompt is not None and batch_size != len(prompts):
+            raise SamplerError(f"batch_size={batch_size!r}: {len(prompts)} images asked by the prompts and "
+                               "num_images_per_prompt", key="batch_size")
+        return prompts, batch_size
+
+    def _conditioning(self, batch_size: int, class_labels, guidance_scale, device: torch.device,
+                      prompts: list[str] | None = None) -> dict:
         """The network's inputs besides (x, t), checked: class labels (an int, one per image, or None: image i gets
-        class i mod the number of classes, as `scm sample`) and the guidance scale (default: `guidance_default`)."""
+        class i mod the number of classes, as `scm sample`), the prompts' embeddings (image i: prompt i mod their
+        number) and the guidance scale (default: `guidance_default`)."""
         labels = None
         if class_labels is not None:
             labels = [class_labels] * batch_size if isinstance(class_labels, int) else class_labels
@@ -192,12 +306,14 @@ class SCMPipeline(DiffusionPipeline):
                 raise SamplerError(f"class_labels: {labels.shape[0]} labels for a batch of {batch_size}",
                                    key="class_labels")
             labels = labels.tolist()
-        why = self.conditioning.refusal(labels, guidance_scale)
-        if why is not None:  # in this pipeline's own words: class_labels, guidance_scale
-            key = {"class_label": "class_labels", "guidance": "guidance_scale"}[why[0]]
-            value = class_labels if key == "class_labels" else guidance_scale
-            raise SamplerError(f"{key}={value!r}: {why[1]}", key=key)
-        return self.conditioning.sample_inputs(torch.arange(batch_size, device=device), labels, guidance_scale)
+        conditioning = self.conditioning
+        why = conditioning.refusal(labels, guidance_scale, prompts)
+        if why is not None:  # in this pipeline's own words: class_labels, guidance_scale, prompt
+            key = {"class_label": "class_labels", "guidance": "guidance_scale", "prompt": "prompt"}[why[0]]
+            value = {"class_labels": class_labels, "guidance_scale": guidance_scale}.get(key)
+            raise SamplerError(f"{key}={_bounded(value)}: {why[1]}", key=key)
+        per_image = None if prompts is None else [prompts[i % len(prompts)] for i in range(batch_size)]
+        return conditioning.sample_inputs(torch.arange(batch_size, device=device), labels, guidance_scale, per_image)
 
     # -- decoding -------------------------------------------------------------------------------------------------
     def decode(self, x0: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -212,14 +328,19 @@ class SCMPipeline(DiffusionPipeline):
 
     # -- sampling -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, generator=None,
-                 class_labels=None, guidance_scale: float | None = None, timesteps=None,
-                 latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
-                 seed: int | None = None):
-        """Generate `batch_size` images with `num_inference_steps` consistency steps (default 1).
+    def __call__(self, prompt: str | list[str] | None = None, batch_size: int | None = None,
+                 num_inference_steps: int | None = None, generator=None, class_labels=None,
+                 guidance_scale: float | None = None, timesteps=None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, seed: int | None = None,
+                 num_images_per_prompt: int | None = None):
+        """Generate images with `num_inference_steps` consistency steps (default 1).
 
         Args:
-            batch_size: the number of images (taken from `latents` when given).
+            prompt: text models: a str for all images, or a list of which image i takes prompt i mod its length
+                ("" for the unconditional; required, as `scm sample` requires one). An int here is read as
+                `batch_size` (this argument's place before prompts existed).
+            batch_size: the number of images (default: the number of prompts × `num_images_per_prompt`, 1
+                without prompts; taken from `latents` when given).
             num_inference_steps: 1 (t_max), 2 (t_max, t_mid) or more (scm's schedule); see `times`.
             generator: a torch.Generator, a list of one per image (scm's convention: image i's noise from its own
                 generator, `scm.generate.image_generators`), a seed (an int, as `seed`) or None (global RNG).
@@ -234,29 +355,41 @@ class SCMPipeline(DiffusionPipeline):
                 in [0, 1]), "pt" (float [B, C, H, W] in [0, 1]) or "latent" (the samples in the model's space:
                 images in [-1, 1] unclamped, or normalised latents, not decoded).
             seed: per-image generators seeded with (seed, image index): exactly `scm sample --seed`.
+            num_images_per_prompt: images of each prompt, one prompt's images together (as `scm sample
+                --n-per-prompt`).
         """
+        if isinstance(prompt, int) and not isinstance(prompt, bool) and batch_size is None:
+            prompt, batch_size = None, prompt
         if output_type not in OUTPUT_TYPES:
             raise SamplerError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}", key="output_type")
-        device, model, sd = self._execution_device, self.model, self.sigma_d
-        shape = model.sample_shape
+        device, shape = self._execution_device, self.model.sample_shape
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape[1:]) != shape or latents.ndim != 4:
                 raise SamplerError(f"latents: expected a tensor of shape [B, {', '.join(map(str, shape))}], got "
                                    f"{tuple(getattr(latents, 'shape', ()))}", key="latents")
             batch_size = latents.shape[0]
+        prompts, batch_size = self._prompts(prompt, num_images_per_prompt, batch_size)
         if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
             raise SamplerError(f"batch_size={batch_size!r}: must be an integer >= 1", key="batch_size")
         ts = self.times(num_inference_steps, timesteps)
         gens = self._generators(generator, seed, batch_size, device)
-        cond = self._conditioning(batch_size, class_labels, guidance_scale, device)
-
+        cond = self._conditioning(batch_size, class_labels, guidance_scale, device, prompts)
         # the initial noise σ_d·ε at t_0, drawn as scm.generate draws it (float32, per-image generators)
         if latents is None:
-            x = sd * randn_tensor((batch_size, *shape), generator=gens, device=device, dtype=torch.float32)
+            x = self.sigma_d * randn_tensor((batch_size, *shape), generator=gens, device=device, dtype=torch.float32)
         else:
             x = latents.to(device=device, dtype=torch.float32)
+        images = self._output(self._sample(x, ts, gens, cond), output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _sample(self, x: torch.Tensor, ts: list[float], gens, cond: dict) -> torch.Tensor:
+        """Consistency sampling from the noise `x` at ts[0] through `ts`: the x0 estimate of the last step."""
+        model, sd, batch_size = self.model, self.sigma_d, x.shape[0]
         # the paper's schedule, not the scheduler's defaults: explicit times ending at 0
-        self.scheduler.set_timesteps(len(ts), timesteps=[*ts, 0.0], device=device, max_timesteps=None,
+        self.scheduler.set_timesteps(len(ts), timesteps=[*ts, 0.0], device=x.device, max_timesteps=None,
                                      intermediate_timesteps=None)
         self.scheduler.set_begin_index(0)
         x0 = x
@@ -268,18 +401,20 @@ class SCMPipeline(DiffusionPipeline):
             # at the next time t' (§5.3; at t' = 0, x = x0)
             step = self.scheduler.step(sd * F, t, x, generator=gens)
             x, x0 = step.prev_sample, step.pred_original_sample
+        return x0
 
+    def _output(self, x0: torch.Tensor, output_type: str):
+        """The samples as `output_type` asks (see `__call__`)."""
         if output_type == "latent":
-            images = x0
-        else:
-            pixels = self.decode(x0)
-            if output_type == "pil":
-                images = [to_pil(a) for a in to_uint8(pixels)]
-            else:
-                images = (pixels * 0.5 + 0.5).clamp(0, 1)
-                if output_type == "np":
-                    images = images.permute(0, 2, 3, 1).cpu().numpy()
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            return x0
+        pixels = self.decode(x0)
+        if output_type == "pil":
+            return [to_pil(a) for a in to_uint8(pixels)]
+        images = (pixels * 0.5 + 0.5).clamp(0, 1)
+        return images.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else images
+
+
+def _bounded(value, limit: int = 64) -> str:
+    """repr(value), cut to `limit` characters (a prompt may be long)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…"

@@ -102,8 +102,9 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
     if str(ref).endswith(".npz") and Path(ref).is_file() and not _is_image_npz(Path(ref)):
         stats = RefStats.load(Path(ref))
         return _space(stats.space, inception_path=inception_path, log=log), stats
-    name = str(ref)
-    data_key = name.split(":")[0] if name.split(":")[0] in ("mnist",) else Path(name.split(":")[0]).stem
+    name = _images_of(str(ref))
+    base, _, split = name.partition(":")
+    data_key = base if base in ("mnist",) else Path(base).stem
     key = "inception" if metric == "fid" else f"classifier:{data_key}"
     train = load_dataset(name)
     test = None
@@ -113,13 +114,20 @@ def open_reference(ref: str, metric: str = "fd", inception_path=None, log=print)
                             key="metric")
         test = _test_split(name, train)
     space = _space(key, train, test, inception_path, log)
-    cache = data_dir() / "refs" / f"{key.replace(':', '-')}-{data_key}.npz"
+    cache = data_dir() / "refs" / f"{key.replace(':', '-')}-{data_key}{'-' + split if split == 'test' else ''}.npz"
     if cache.is_file():
         return space, RefStats.load(cache)
     log(f"computing reference statistics of {train.source} in {space.metric} features ...")
     stats = reference_stats(space, train)
     stats.save(cache)
     return space, stats
+
+
+def _images_of(ref: str) -> str:
+    """The image data set of a reference: a captioned built-in set's images are its base set's ("mnist-captions:test"
+    is measured as "mnist:test", with the MNIST classifier and statistics)."""
+    base, colon, split = ref.partition(":")
+    return f"mnist{colon}{split}" if base == "mnist-captions" else ref
 
 
 def reference_stats(space: FeatureSpace, data, chunk: int = EMBED_CHUNK) -> RefStats:

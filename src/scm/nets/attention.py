@@ -30,6 +30,13 @@ produced O, so the fused kernel would only redo it); its backward is the exact F
 from the log-sum-exp. On the CPU it runs the math path, unchanged. `attention_jvp(q, k, v, tq, tk, tv)`
 ([B, heads, N, d]) returns O and tO from one call: on "triton" from ONE fused kernel pass that carries three
 accumulators (P̃V, P̃·tV + (P̃ ⊙ tS)V, rowsum(P̃ ⊙ tS)) rescaled by the running max.
+
+Key padding masks (cross-attention to prompts padded to a fixed length): `key_mask`, bool [N, Lk] for `attention`,
+[B, Nk] shared by the heads for `attention_jvp`, True on real keys. Padding keys get probability exactly 0 (their
+logits are -inf on every path: math, kernels, SDPA), so the output, its tangent and its gradients equal attention
+over the real keys alone, and padding keys get gradient 0. A row with no real key at all (an encoder that emits no
+tokens) outputs exactly 0, with tangent 0 and gradients 0, never NaN; its log-sum-exp is -inf. The mask is not
+differentiable; key_mask=None runs the unmasked code unchanged.
 """
 
 from __future__ import annotations
@@ -52,33 +59,39 @@ def _blocks(q: torch.Tensor, k: torch.Tensor):
     return [slice(i, min(i + size, lq)) for i in range(0, lq, size)]
 
 
-def _probs(q_blk: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax in (at least) float32 whatever the input dtype, so every pass sees the same p."""
+def _probs(q_blk: torch.Tensor, k: torch.Tensor, scale: float, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax in (at least) float32 whatever the input dtype, so every pass sees the same p. `pad` [N, Lk]
+    (True on padding keys): their probability is exactly 0, and a row with every key padded is all 0."""
     logits = torch.bmm(q_blk, k.transpose(1, 2))
     logits = to_compute(logits) * scale
-    return torch.softmax(logits, dim=-1).to(q_blk.dtype)
+    if pad is None:
+        return torch.softmax(logits, dim=-1).to(q_blk.dtype)
+    pad = pad[:, None, :]
+    p = torch.softmax(logits.masked_fill(pad, float("-inf")), dim=-1)
+    return p.masked_fill(pad, 0.0).to(q_blk.dtype)  # also the NaN of an all-padding row's 0/0
 
 
-def _forward_and_probs(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward_and_probs(q, k, v, scale: float, pad=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output and, when all the logits fit in one block (≤ _BLOCK_ELEMENTS), the probabilities, which the
     JVP and the backward then reuse instead of recomputing them (the same values: memory stays bounded)."""
     blocks = _blocks(q, k)
     if len(blocks) == 1:
-        p = _probs(q, k, scale)
+        p = _probs(q, k, scale, pad)
         return torch.bmm(p, v), p
     out = torch.empty(*q.shape[:2], v.shape[2], dtype=v.dtype, device=v.device)
     for blk in blocks:
-        out[:, blk] = torch.bmm(_probs(q[:, blk], k, scale), v)
+        out[:, blk] = torch.bmm(_probs(q[:, blk], k, scale, pad), v)
     return out, None
 
 
-def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float, probs: torch.Tensor | None = None) -> torch.Tensor:
+def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float, probs: torch.Tensor | None = None,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
     """The tangent of out = attention(q, k, v) along (t_q, t_k, t_v), any of them None, block by block
-    (`probs`: the probabilities of a single block, from the forward)."""
+    (`probs`: the probabilities of a single block, from the forward; `pad`: True on padding keys)."""
     blocks = _blocks(q, k)
     t_out = torch.zeros_like(out) if len(blocks) > 1 else None
     for blk in blocks:
-        p = _probs(q[:, blk], k, s) if probs is None else probs
+        p = _probs(q[:, blk], k, s, pad) if probs is None else probs
         t_x = 0
         if t_q is not None:
             t_x = torch.bmm(t_q[:, blk], k.transpose(1, 2))
@@ -96,90 +109,98 @@ def _blocked_jvp(q, k, v, out, t_q, t_k, t_v, s: float, probs: torch.Tensor | No
     return t_out
 
 
-def _blocked_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """log Σ_j exp(scale·q_i·k_j) per query, float32 (float64 for float64 inputs), block by block."""
+def _blocked_lse(q: torch.Tensor, k: torch.Tensor, scale: float, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """log Σ_j exp(scale·q_i·k_j) per query over the keys not padded (-inf where all are), float32 (float64
+    for float64 inputs), block by block."""
     lse = torch.empty(q.shape[:2], dtype=compute_dtype(q), device=q.device)
     for blk in _blocks(q, k):
-        lse[:, blk] = torch.logsumexp(to_compute(torch.bmm(q[:, blk], k.transpose(1, 2))) * scale, dim=-1)
+        logits = to_compute(torch.bmm(q[:, blk], k.transpose(1, 2))) * scale
+        if pad is not None:
+            logits = logits.masked_fill(pad[:, None, :], float("-inf"))
+        lse[:, blk] = torch.logsumexp(logits, dim=-1)
     return lse
 
 
 class _Attention(torch.autograd.Function):
     """Outputs (out, p): p is the probabilities when they fit in one block (else an empty tensor), kept for the
-    JVP and the backward; not differentiable."""
+    JVP and the backward; not differentiable. `pad` (optional, [N, Lk] bool, True on padding keys) is neither."""
 
     @staticmethod
-    def forward(q, k, v, scale):
-        out, p = _forward_and_probs(q, k, v, scale)
+    def forward(q, k, v, scale, pad=None):
+        out, p = _forward_and_probs(q, k, v, scale, pad)
         return out, (p if p is not None else out.new_empty(0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
+        q, k, v, scale, *rest = inputs
         out, p = output
-        ctx.scale = scale
+        ctx.scale, ctx.n_inputs = scale, len(inputs)
         ctx.has_probs = p.numel() > 0
         ctx.mark_non_differentiable(p)
         ctx.set_materialize_grads(False)  # absent tangents / gradients arrive as None, not zeros
         values = tuple(t.detach() for t in (q, k, v, out, p))  # no tangent kept alive, no graph for tangents
-        ctx.save_for_backward(*values)
-        ctx.save_for_forward(*values)
+        pad = rest[0] if rest else None
+        ctx.save_for_backward(*values, pad)
+        ctx.save_for_forward(*values, pad)
 
     @staticmethod
     def backward(ctx, d_out, _):
         if d_out is None:
-            return None, None, None, None
-        q, k, v, out, probs = ctx.saved_tensors
+            return (None,) * ctx.n_inputs
+        q, k, v, out, probs, pad = ctx.saved_tensors
         s = ctx.scale
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for blk in _blocks(q, k):
-            p = probs if ctx.has_probs else _probs(q[:, blk], k, s)
+            p = probs if ctx.has_probs else _probs(q[:, blk], k, s, pad)
             d_o = d_out[:, blk]
             dv += torch.bmm(p.transpose(1, 2), d_o)                             # dV = pᵀ dO
             dp = torch.bmm(d_o, v.transpose(1, 2))                              # dp = dO Vᵀ
             dx = p * (dp - (d_o * out[:, blk]).sum(-1, keepdim=True))           # softmax backward
             dq[:, blk] = torch.bmm(dx, k) * s
             dk += torch.bmm(dx.transpose(1, 2), q[:, blk]) * s
-        return dq, dk, dv, None
+        return (dq, dk, dv, None, None)[: ctx.n_inputs]
 
     @staticmethod
-    def jvp(ctx, t_q, t_k, t_v, _):
-        q, k, v, out, probs = ctx.saved_tensors
-        return _blocked_jvp(q, k, v, out, t_q, t_k, t_v, ctx.scale, probs if ctx.has_probs else None), None
+    def jvp(ctx, t_q, t_k, t_v, *_):
+        q, k, v, out, probs, pad = ctx.saved_tensors
+        probs = probs if ctx.has_probs else None
+        return _blocked_jvp(q, k, v, out, t_q, t_k, t_v, ctx.scale, probs, pad), None
 
 
 class _TritonAttention(torch.autograd.Function):
     """The same op on the Triton kernels, for q, k, v of shape [N, 1, L, C]: the forward saves the
     log-sum-exp; the JVP is one pass over the keys from the saved output and log-sum-exp; the backward is
-    the exact FlashAttention-2 backward from them. `blocks` (BLOCK_M, BLOCK_N) is for tests (None: per head dim)."""
+    the exact FlashAttention-2 backward from them. `blocks` (BLOCK_M, BLOCK_N) is for tests (None: per head dim);
+    `key_mask` (optional, [N, Lk] bool, True on real keys) is not differentiable."""
 
     @staticmethod
-    def forward(q, k, v, scale, blocks):
-        return _triton().forward_op(q, k, v, scale, blocks)
+    def forward(q, k, v, scale, blocks, key_mask=None):
+        return _triton().forward_op(q, k, v, scale, blocks, key_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, blocks = inputs
+        q, k, v, scale, blocks, *rest = inputs
         out, lse = output
-        ctx.scale, ctx.blocks = scale, blocks
+        ctx.scale, ctx.blocks, ctx.n_inputs = scale, blocks, len(inputs)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         values = tuple(t.detach() for t in (q, k, v, out, lse))
-        ctx.save_for_backward(*values)
-        ctx.save_for_forward(*values)
+        key_mask = rest[0] if rest else None
+        ctx.save_for_backward(*values, key_mask)
+        ctx.save_for_forward(*values, key_mask)
 
     @staticmethod
     def backward(ctx, d_out, _):
         if d_out is None:
-            return None, None, None, None, None
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _triton().backward_op(q, k, v, out, lse, d_out, ctx.scale, ctx.blocks)
-        return dq, dk, dv, None, None
+            return (None,) * ctx.n_inputs
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = _triton().backward_op(q, k, v, out, lse, d_out, ctx.scale, ctx.blocks, key_mask)
+        return (dq, dk, dv, None, None, None)[: ctx.n_inputs]
 
     @staticmethod
-    def jvp(ctx, t_q, t_k, t_v, _scale, _blocks):
-        q, k, v, out, lse = ctx.saved_tensors
-        t_out = _triton().tangent_op(q, k, v, out, lse, t_q, t_k, t_v, ctx.scale, ctx.blocks)
+    def jvp(ctx, t_q, t_k, t_v, *_):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        t_out = _triton().tangent_op(q, k, v, out, lse, t_q, t_k, t_v, ctx.scale, ctx.blocks, key_mask)
         return t_out, None
 
 
@@ -228,9 +249,31 @@ def _common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dt
     return dtype
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def _check_mask(key_mask: torch.Tensor, k: torch.Tensor, name: str) -> None:
+    """key_mask: bool [batch, keys] on k's device (batch = k.shape[0], keys = k.shape[-2])."""
+    want = (k.shape[0], k.shape[-2])
+    if key_mask.dtype != torch.bool or tuple(key_mask.shape) != want or key_mask.device != k.device:
+        raise ValueError(f"{name}: key_mask must be a bool tensor of shape {list(want)} on {k.device} (True on real "
+                         f"keys); got {key_mask.dtype} {tuple(key_mask.shape)} on {key_mask.device}")
+
+
+def _fused(q, k, v, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch's fused attention; a row whose keys are all padding gives 0 (SDPA's own answer would be NaN: such
+    rows attend to every key, then are zeroed)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if key_mask is None:
+        return sdpa(q, k, v, scale=scale)
+    some = key_mask.any(-1, keepdim=True)                                    # [N, 1]
+    out = sdpa(q, k, v, attn_mask=(key_mask | ~some)[:, None, :], scale=scale)
+    return out.masked_fill(~some[:, :, None], 0.0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scale·q kᵀ) v for q [N, Lq, C], k [N, Lk, C], v [N, Lk, Cv]; scale defaults to 1/sqrt(C).
 
+    key_mask: optional bool [N, Lk], True on real keys, False on padding: padding keys get probability exactly 0,
+    and a row whose keys are all padding outputs 0 (tangent 0, gradients 0). Not differentiable.
     Exact under backward AD, `torch.autograd.forward_ad` and `torch.func.jvp`. On CUDA with Triton installed
     (fp16 / bf16 / fp32, C and Cv ≤ 128) it runs the Triton kernels, elsewhere the blocked math path.
     """
@@ -239,24 +282,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         raise ValueError(f"attention expects 3-D q, k, v of shape [N, L, C]; got {shapes}")
     if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"attention shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if key_mask is not None:
+        _check_mask(key_mask, k, "attention")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = _common_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if LAYER_BACKEND == "auto" and _fused_for_inference(q) and not _derivatives_wanted(q, k, v):
         # inference (sampling, evaluation, serving, the sCD teacher): no tangent, no backward, so PyTorch's fused
         # kernels (flash / memory-efficient / cuDNN) serve
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _fused(q, k, v, scale, key_mask)
     if q.is_cuda and LAYER_BACKEND == "auto" and _on_kernels(q, k, v):
         q, k, v = (x.unsqueeze(1).contiguous() for x in (q, k, v))  # one copy, not one per kernel (U-Net views)
-        out, _ = _TritonAttention.apply(q, k, v, scale, None)
-        return out.squeeze(1)
-    return _Attention.apply(q, k, v, scale)[0]
+        if key_mask is None:
+            return _TritonAttention.apply(q, k, v, scale, None)[0].squeeze(1)
+        return _TritonAttention.apply(q, k, v, scale, None, key_mask.contiguous())[0].squeeze(1)
+    if key_mask is None:
+        return _Attention.apply(q, k, v, scale)[0]
+    return _Attention.apply(q, k, v, scale, ~key_mask)[0]
 
 
 def attention_jvp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tq: torch.Tensor | None, tk: torch.Tensor | None, tv: torch.Tensor | None,
     *, scale: float | None = None, backend: str = "auto", return_lse: bool = False,
+    key_mask: torch.Tensor | None = None,
 ):
     """(O, tO) of O = softmax(scale·Q Kᵀ)V along the tangents (tQ, tK, tV) (any may be None), in one call.
 
@@ -264,8 +313,10 @@ def attention_jvp(
     backend: "math" (the blocked exact path; float64 too), "triton" (one fused kernel pass computing O and
     tO together; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or "auto" (Triton for CUDA tensors
     it supports when Triton is installed, else math). return_lse: also return the row log-sum-exp of
-    scale·Q Kᵀ [B, heads, N] (float32; float64 for float64 math). A functional primitive: its outputs carry
-    no autograd history (`attention` is the differentiable op).
+    scale·Q Kᵀ [B, heads, N] (float32; float64 for float64 math). key_mask: optional bool [B, Nk] (the same
+    for every head), True on real keys: padding keys get probability 0 and are left out of the log-sum-exp; a
+    row whose keys are all padding gives O = 0, tO = 0 and log-sum-exp -inf. A functional primitive: its
+    outputs carry no autograd history (`attention` is the differentiable op).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
@@ -277,6 +328,8 @@ def attention_jvp(
     for name, t, x in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"attention_jvp: {name} has shape {tuple(t.shape)}, its primal {tuple(x.shape)}")
+    if key_mask is not None:
+        _check_mask(key_mask, k, "attention_jvp")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = _common_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -293,14 +346,15 @@ def attention_jvp(
 
     with torch.no_grad():
         if backend == "triton":
-            out, t_out, lse = _triton().jvp_op(q, k, v, tq, tk, tv, scale)
+            out, t_out, lse = _triton().jvp_op(q, k, v, tq, tk, tv, scale, None, key_mask)
             return (out, t_out, lse) if return_lse else (out, t_out)
         b, h = q.shape[:2]
         fold = lambda a: None if a is None else a.reshape(b * h, *a.shape[2:])  # noqa: E731
         q3, k3, v3 = fold(q), fold(k), fold(v)
-        out, probs = _forward_and_probs(q3, k3, v3, scale)
-        t_out = _blocked_jvp(q3, k3, v3, out, fold(tq), fold(tk), fold(tv), scale, probs)
+        pad = None if key_mask is None else fold((~key_mask)[:, None].expand(b, h, -1))
+        out, probs = _forward_and_probs(q3, k3, v3, scale, pad)
+        t_out = _blocked_jvp(q3, k3, v3, out, fold(tq), fold(tk), fold(tv), scale, probs, pad)
         unfold = lambda a: a.reshape(b, h, *a.shape[1:])  # noqa: E731
         if return_lse:
-            return unfold(out), unfold(t_out), unfold(_blocked_lse(q3, k3, scale))
+            return unfold(out), unfold(t_out), unfold(_blocked_lse(q3, k3, scale, pad))
         return unfold(out), unfold(t_out)

@@ -21,6 +21,12 @@ N × Nk ever exists; the extra memory is the output, its tangent and the log-sum
   (dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ = scale·dS K, dK = scale·dSᵀ Q), one kernel over key
   blocks and one over query blocks, so no atomics.
 
+Key padding mask: every kernel takes an optional bool [B, Nk] mask (True on real keys, shared by the heads),
+compiled in only when given (the constexpr HAS_MASK; without it the kernels are the unmasked ones). Padding keys
+get logit -inf in the online softmax and probability 0 in the lse-based passes. A row with no real key keeps
+m = -inf and l = 0: the kernels then use 0 as the reference max (no exp2(-inf + inf) = NaN) and divide by 1, so O,
+tO, dQ and the row's share of dK, dV are exactly 0, and its lse is -inf.
+
 Precision: products run on tensor cores in the input dtype (fp16 / bf16; probabilities cast to it before
 their product with V, as FlashAttention does) with float32 accumulators, softmax statistics and
 log-sum-exp. For float32 inputs `tl.dot` uses input_precision "ieee" (exact fp32 products, results within
@@ -108,15 +114,31 @@ if triton is not None:
         return ptr + z.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h
 
     @triton.jit
+    def _real_keys(MASK, z, smz, smn, keys, N_K, HAS_MASK: tl.constexpr):
+        """[BLOCK_N] bool: the keys inside Nk and, with a key padding mask, not padding."""
+        valid = keys < N_K
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + z.to(tl.int64) * smz + keys * smn, mask=valid, other=0) != 0)
+        return valid
+
+    @triton.jit
+    def _safe_lse2(lse2, HAS_MASK: tl.constexpr):
+        """A row whose keys are all padding has lse -inf: 0 instead (exp2(S − lse) would be +inf before the mask
+        zeroes it; the kernels never let it through, but no inf need be made)."""
+        if HAS_MASK:
+            lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        return lse2
+
+    @triton.jit
     def _fwd_kernel(
         Q, K, V, TQ, TK, TV, O, TO, LSE,
         sqz, sqh, sqm, skz, skh, skn, svz, svh, svn,
         stqz, stqh, stqm, stkz, stkh, stkn, stvz, stvh, stvn,
         soz, soh, som, stoz, stoh, stom,
-        H, N_Q, N_K, D, DV, scale,
+        H, N_Q, N_K, D, DV, scale, MASK, smz, smn,
         HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TS: tl.constexpr,
-        TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_MASK: tl.constexpr, TANGENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         z, h = bh // H, bh % H
@@ -138,10 +160,13 @@ if triton is not None:
             keys = start_n + offs_n
             k = _load(k_ptr, keys, N_K, skn, cols_d, D)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
-            s = tl.where((keys < N_K)[None, :], s, float("-inf"))
+            s = tl.where(_real_keys(MASK, z, smz, smn, keys, N_K, HAS_MASK)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+            m_ref = m_new
+            if HAS_MASK:  # no real key yet: exp2(-inf - 0) = 0, where exp2(-inf + inf) would be NaN
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_ref)
+            p = tl.math.exp2(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load(v_ptr, keys, N_K, svn, cols_dv, DV)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
@@ -162,11 +187,15 @@ if triton is not None:
                     t_acc += _dot(p.to(tv.dtype), tv, PREC, UPCAST)
             m_i = m_new
 
-        inv_l = 1.0 / l_i
+        if HAS_MASK:  # a row with every key padding: l = 0 and all accumulators 0, so O = tO = 0, lse = -inf
+            inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+            lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        else:
+            inv_l = 1.0 / l_i
+            lse = m_i + tl.math.log2(l_i)
         o = acc * inv_l[:, None]
         _store(_head(O, z, h, soz, soh), o, rows, N_Q, som, cols_dv, DV)
-        tl.store(LSE + bh.to(tl.int64) * N_Q + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
-                 mask=rows < N_Q)
+        tl.store(LSE + bh.to(tl.int64) * N_Q + rows, lse * 0.6931471805599453, mask=rows < N_Q)
         if TANGENT:
             t_o = t_acc * inv_l[:, None] - (r_i * inv_l)[:, None] * o
             _store(_head(TO, z, h, stoz, stoh), t_o, rows, N_Q, stom, cols_dv, DV)
@@ -177,10 +206,10 @@ if triton is not None:
         sqz, sqh, sqm, skz, skh, skn, svz, svh, svn,
         stqz, stqh, stqm, stkz, stkh, stkn, stvz, stvh, stvn,
         soz, soh, som, stoz, stoh, stom,
-        H, N_Q, N_K, D, DV, scale,
+        H, N_Q, N_K, D, DV, scale, MASK, smz, smn,
         HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, HAS_TS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        PREC: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         z, h = bh // H, bh % H
@@ -193,6 +222,7 @@ if triton is not None:
             tq = _load(_head(TQ, z, h, stqz, stqh), rows, N_Q, stqm, cols_d, D)
         qk_scale = scale * 1.4426950408889634
         lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + rows, mask=rows < N_Q, other=0.0) * 1.4426950408889634
+        lse2 = _safe_lse2(lse2, HAS_MASK)
 
         t_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)   # Σ P tV + (P ⊙ tS) V
         r_i = tl.zeros([BLOCK_M], tl.float32)               # Σ P ⊙ tS
@@ -201,7 +231,7 @@ if triton is not None:
             k = _load(k_ptr, keys, N_K, skn, cols_d, D)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
-            p = tl.where((keys < N_K)[None, :], p, 0.0)
+            p = tl.where(_real_keys(MASK, z, smz, smn, keys, N_K, HAS_MASK)[None, :], p, 0.0)
             v = _load(v_ptr, keys, N_K, svn, cols_dv, DV)
             if HAS_TS:
                 ts = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -225,7 +255,7 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, DK, DV_,
         sqz, sqh, sqm, skz, skh, skn, svz, svh, svn, sdoz, sdoh, sdom,
         sdkz, sdkh, sdkn, sdvz, sdvh, sdvn,
-        H, N_Q, N_K, D, DV, scale,
+        H, N_Q, N_K, D, DV, scale, MASK, smz, smn, HAS_MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -239,15 +269,17 @@ if triton is not None:
         qk_scale = scale * 1.4426950408889634
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+        real = _real_keys(MASK, z, smz, smn, keys, N_K, HAS_MASK)
         for start_m in range(0, N_Q, BLOCK_M):
             rows = start_m + offs_m
             q = _load(q_ptr, rows, N_Q, sqm, cols_d, D)
             do = _load(do_ptr, rows, N_Q, sdom, cols_dv, DV)
             lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + rows, mask=rows < N_Q, other=0.0) * 1.4426950408889634
+            lse2 = _safe_lse2(lse2, HAS_MASK)
             delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + rows, mask=rows < N_Q, other=0.0)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
-            p = tl.where((rows < N_Q)[:, None] & (keys < N_K)[None, :], p, 0.0)
+            p = tl.where((rows < N_Q)[:, None] & real[None, :], p, 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, PREC, UPCAST)
             dp = _dot(do, tl.trans(v), PREC, UPCAST)
             ds = p * (dp - delta[:, None])
@@ -259,7 +291,7 @@ if triton is not None:
     def _bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ,
         sqz, sqh, sqm, skz, skh, skn, svz, svh, svn, sdoz, sdoh, sdom, sdqz, sdqh, sdqm,
-        H, N_Q, N_K, D, DV, scale,
+        H, N_Q, N_K, D, DV, scale, MASK, smz, smn, HAS_MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
@@ -271,6 +303,7 @@ if triton is not None:
         q = _load(_head(Q, z, h, sqz, sqh), rows, N_Q, sqm, cols_d, D)
         do = _load(_head(DO, z, h, sdoz, sdoh), rows, N_Q, sdom, cols_dv, DV)
         lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + rows, mask=rows < N_Q, other=0.0) * 1.4426950408889634
+        lse2 = _safe_lse2(lse2, HAS_MASK)
         delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + rows, mask=rows < N_Q, other=0.0)
         qk_scale = scale * 1.4426950408889634
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -280,7 +313,7 @@ if triton is not None:
             v = _load(v_ptr, keys, N_K, svn, cols_dv, DV)
             s = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
-            p = tl.where((keys < N_K)[None, :], p, 0.0)
+            p = tl.where(_real_keys(MASK, z, smz, smn, keys, N_K, HAS_MASK)[None, :], p, 0.0)
             dp = _dot(do, tl.trans(v), PREC, UPCAST)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, PREC, UPCAST)
@@ -348,7 +381,7 @@ def _launch(kernel, length: int, by_keys: bool, bh: int, blocks, key: tuple, arg
         return
 
 
-def _check(q, k, v, tq=None, tk=None, tv=None) -> None:
+def _check(q, k, v, tq=None, tk=None, tv=None, key_mask=None) -> None:
     tangents = (tq, tk, tv)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"expected [B, heads, N, d] tensors; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -357,6 +390,10 @@ def _check(q, k, v, tq=None, tk=None, tv=None) -> None:
     for t, x in zip(tangents, (q, k, v), strict=True):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"a tangent of shape {tuple(t.shape)} for a primal of shape {tuple(x.shape)}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (k.shape[0], k.shape[2])
+                                 or key_mask.device != k.device):
+        raise ValueError(f"key_mask must be bool [{k.shape[0]}, {k.shape[2]}] on {k.device}, got {key_mask.dtype} "
+                         f"{tuple(key_mask.shape)} on {key_mask.device}")
     reason = unsupported(q, k, v, *(t for t in tangents if t is not None))
     if reason is not None:
         raise RuntimeError(reason)
@@ -368,12 +405,22 @@ def _dims(q, v) -> dict:
     return {"BLOCK_D": _pow2(q.shape[3]), "BLOCK_DV": _pow2(v.shape[3]), **_flags(q.dtype)}
 
 
-def attention_forward(q, k, v, tq=None, tk=None, tv=None, *, scale: float, blocks: tuple[int, int] | None = None):
+def _mask_args(key_mask: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    """(MASK, its batch stride, its key stride) for the kernels: the bool mask's bytes, or q (never read)."""
+    if key_mask is None:
+        return q, 0, 0
+    m = key_mask.view(torch.uint8)
+    return m, m.stride(0), m.stride(1)
+
+
+def attention_forward(q, k, v, tq=None, tk=None, tv=None, *, scale: float, blocks: tuple[int, int] | None = None,
+                      key_mask: torch.Tensor | None = None):
     """(O, tO or None, lse) in one pass: tO when any tangent is given; lse float32 [B, heads, N].
 
-    `blocks`: (BLOCK_M, BLOCK_N) to force (tests); None picks them per head dim.
+    `blocks`: (BLOCK_M, BLOCK_N) to force (tests); None picks them per head dim. `key_mask`: optional bool
+    [B, Nk], True on real keys (every head alike); a row whose keys are all padding gives O = tO = 0, lse = -inf.
     """
-    _check(q, k, v, tq, tk, tv)
+    _check(q, k, v, tq, tk, tv, key_mask)
     q, k, v, tq, tk, tv = map(_unit_stride, (q, k, v, tq, tk, tv))
     b, h, n, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
@@ -383,18 +430,20 @@ def attention_forward(q, k, v, tq=None, tk=None, tv=None, *, scale: float, block
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     tq_, tk_, tv_ = (x if t is None else t for t, x in ((tq, q), (tk, k), (tv, v)))  # absent: never read
     consts = {"HAS_TQ": tq is not None, "HAS_TK": tk is not None, "HAS_TV": tv is not None,
-              "HAS_TS": tq is not None or tk is not None, "TANGENT": tangent, **_dims(q, v)}
+              "HAS_TS": tq is not None or tk is not None, "HAS_MASK": key_mask is not None, "TANGENT": tangent,
+              **_dims(q, v)}
     args = (q, k, v, tq_, tk_, tv_, o, t_o, lse, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(tq_), *_strides(tk_), *_strides(tv_), *_strides(o), *_strides(t_o), h, n, nk, d, dv, scale)
-    key = ("fwd", q.dtype, tangent, consts["BLOCK_D"], consts["BLOCK_DV"])
+            *_strides(tq_), *_strides(tk_), *_strides(tv_), *_strides(o), *_strides(t_o), h, n, nk, d, dv, scale,
+            *_mask_args(key_mask, q))
+    key = ("fwd", q.dtype, tangent, key_mask is not None, consts["BLOCK_D"], consts["BLOCK_DV"])
     _launch(_fwd_kernel, n, False, b * h, blocks, key, args, consts, q.device)
     return o, (t_o if tangent else None), lse
 
 
 def attention_tangent(q, k, v, o, lse, tq=None, tk=None, tv=None, *, scale: float,
-                      blocks: tuple[int, int] | None = None) -> torch.Tensor:
+                      blocks: tuple[int, int] | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """tO from a saved output O and log-sum-exp (one pass over the keys, P = exp(S − lse) already normalised)."""
-    _check(q, k, v, tq, tk, tv)
+    _check(q, k, v, tq, tk, tv, key_mask)
     q, k, v, o, tq, tk, tv = map(_unit_stride, (q, k, v, o, tq, tk, tv))
     b, h, n, d = q.shape
     nk, dv = k.shape[2], v.shape[3]
@@ -403,28 +452,31 @@ def attention_tangent(q, k, v, o, lse, tq=None, tk=None, tv=None, *, scale: floa
     t_o, lse = torch.empty_like(o), lse.float().contiguous()
     tq_, tk_, tv_ = (x if t is None else t for t, x in ((tq, q), (tk, k), (tv, v)))
     consts = {"HAS_TQ": tq is not None, "HAS_TK": tk is not None, "HAS_TV": tv is not None,
-              "HAS_TS": tq is not None or tk is not None, **_dims(q, v)}
+              "HAS_TS": tq is not None or tk is not None, "HAS_MASK": key_mask is not None, **_dims(q, v)}
     args = (q, k, v, tq_, tk_, tv_, o, lse, t_o, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(tq_), *_strides(tk_), *_strides(tv_), *_strides(o), *_strides(t_o), h, n, nk, d, dv, scale)
-    key = ("tangent", q.dtype, consts["BLOCK_D"], consts["BLOCK_DV"])
+            *_strides(tq_), *_strides(tk_), *_strides(tv_), *_strides(o), *_strides(t_o), h, n, nk, d, dv, scale,
+            *_mask_args(key_mask, q))
+    key = ("tangent", q.dtype, key_mask is not None, consts["BLOCK_D"], consts["BLOCK_DV"])
     _launch(_tangent_kernel, n, False, b * h, blocks, key, args, consts, q.device)
     return t_o
 
 
-def attention_backward(q, k, v, o, lse, d_o, *, scale: float, blocks: tuple[int, int] | None = None):
-    """(dQ, dK, dV) of O = softmax(scale·QKᵀ)V for the output gradient d_o, from the saved O and lse."""
-    _check(q, k, v)
+def attention_backward(q, k, v, o, lse, d_o, *, scale: float, blocks: tuple[int, int] | None = None,
+                       key_mask: torch.Tensor | None = None):
+    """(dQ, dK, dV) of O = softmax(scale·QKᵀ)V for the output gradient d_o, from the saved O and lse (padding
+    keys and rows whose keys are all padding contribute nothing)."""
+    _check(q, k, v, key_mask=key_mask)
     q, k, v, o, d_o = map(_unit_stride, (q, k, v, o, d_o.to(o.dtype)))
     b, h, n, d = q.shape
     nk, dv_ = k.shape[2], v.shape[3]
     lse = lse.float().contiguous()
     delta = (d_o.float() * o.float()).sum(-1).contiguous()   # rowsum(dO ⊙ O), float32 [B, heads, N]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    consts = _dims(q, v)
-    common = (h, n, nk, d, dv_, scale)
+    consts = {"HAS_MASK": key_mask is not None, **_dims(q, v)}
+    common = (h, n, nk, d, dv_, scale, *_mask_args(key_mask, q))
     args = (q, k, v, d_o, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(d_o),
             *_strides(dk), *_strides(dv), *common)
-    key = (q.dtype, consts["BLOCK_D"], consts["BLOCK_DV"])
+    key = (q.dtype, key_mask is not None, consts["BLOCK_D"], consts["BLOCK_DV"])
     _launch(_bwd_dkdv_kernel, nk, True, b * h, blocks, ("dkdv", *key), args, consts, q.device)
     args = (q, k, v, d_o, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(d_o),
             *_strides(dq), *common)
@@ -443,40 +495,42 @@ def _b(blocks: Sequence[int] | None) -> tuple[int, int] | None:
 
 
 @torch.library.custom_op("scm::attention_triton_forward", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, float scale, int[]? blocks=None) -> (Tensor, Tensor)")
+                         schema="(Tensor q, Tensor k, Tensor v, float scale, int[]? blocks=None, "
+                                "Tensor? key_mask=None) -> (Tensor, Tensor)")
 def forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               blocks: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               blocks: Sequence[int] | None = None,
+               key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, lse)."""
-    o, _, lse = attention_forward(q, k, v, scale=scale, blocks=_b(blocks))
+    o, _, lse = attention_forward(q, k, v, scale=scale, blocks=_b(blocks), key_mask=key_mask)
     return o, lse
 
 
 @torch.library.custom_op("scm::attention_triton_jvp", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, float scale, "
-                                "int[]? blocks=None) -> (Tensor, Tensor, Tensor)")
+                                "int[]? blocks=None, Tensor? key_mask=None) -> (Tensor, Tensor, Tensor)")
 def jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None, tk: torch.Tensor | None,
-           tv: torch.Tensor | None, scale: float,
-           blocks: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           tv: torch.Tensor | None, scale: float, blocks: Sequence[int] | None = None,
+           key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(O, tO, lse) from the fused kernel; tO is zero without tangents."""
-    o, t_o, lse = attention_forward(q, k, v, tq, tk, tv, scale=scale, blocks=_b(blocks))
+    o, t_o, lse = attention_forward(q, k, v, tq, tk, tv, scale=scale, blocks=_b(blocks), key_mask=key_mask)
     return o, torch.zeros_like(o) if t_o is None else t_o, lse
 
 
 @torch.library.custom_op("scm::attention_triton_tangent", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor? tq, Tensor? tk, "
-                                "Tensor? tv, float scale, int[]? blocks=None) -> Tensor")
+                                "Tensor? tv, float scale, int[]? blocks=None, Tensor? key_mask=None) -> Tensor")
 def tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                tq: torch.Tensor | None, tk: torch.Tensor | None, tv: torch.Tensor | None, scale: float,
-               blocks: Sequence[int] | None = None) -> torch.Tensor:
+               blocks: Sequence[int] | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """tO from the saved O and lse."""
-    return attention_tangent(q, k, v, o, lse, tq, tk, tv, scale=scale, blocks=_b(blocks))
+    return attention_tangent(q, k, v, o, lse, tq, tk, tv, scale=scale, blocks=_b(blocks), key_mask=key_mask)
 
 
 @torch.library.custom_op("scm::attention_triton_backward", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor d_o, float scale, "
-                                "int[]? blocks=None) -> (Tensor, Tensor, Tensor)")
+                                "int[]? blocks=None, Tensor? key_mask=None) -> (Tensor, Tensor, Tensor)")
 def backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                d_o: torch.Tensor, scale: float,
-                blocks: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                d_o: torch.Tensor, scale: float, blocks: Sequence[int] | None = None,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV)."""
-    return attention_backward(q, k, v, o, lse, d_o, scale=scale, blocks=_b(blocks))
+    return attention_backward(q, k, v, o, lse, d_o, scale=scale, blocks=_b(blocks), key_mask=key_mask)

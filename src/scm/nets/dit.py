@@ -1,5 +1,6 @@
 """A diffusion transformer (DiT, Peebles & Xie 2023) made ready for sCM's JVP: `net(x_t/σ_d, t, labels,
-guidance=None, return_weight=False)` -> F (or (F, w)), the same call as `scm.nets.unet.UNet`.
+guidance=None, text=None, text_mask=None, text_pooled=None, return_weight=False)` -> F (or (F, w)), the call of
+`scm.nets.unet.UNet` plus a prompt for a text network (see "Text" below).
 
 Structure (DiT): p×p patches -> a linear embedding + a fixed 2-D sin-cos position embedding -> `depth`
 pre-norm transformer blocks (attention, then a GELU MLP, each a residual branch modulated and gated by the
@@ -40,6 +41,19 @@ sCM's stabilisers, carried over from the U-Net to the transformer (each a decisi
     bounded whatever the weights do. Sana-Sprint found QK normalization necessary for a stable sCM JVP in
     its transformer [Sana-Sprint, Chen et al. 2025, §3.2]; it is the transformer form of EDM2's cosine
     attention, which the U-Net uses (and, like it, has no learned gain).
+
+Text (`text_dim` > 0; presets `dit-tiny-text`, `DiT-S/2-text` … `DiT-XL/2-text`): the block of PixArt-α [Chen et
+al. 2023, §2.3]: self-attention, then cross-attention from the image tokens to the prompt's tokens, then the MLP;
+the cross-attention is a plain residual x + CrossAttn(LN(x), prompt) (not modulated by time: the prompt does not
+change with t), with q and k RMS-normalized per head as in self-attention and its output projection zero-initialized,
+so a fresh network ignores the prompt as a fresh block ignores its branches. The prompt's tokens pass once through
+PixArt's caption MLP (linear, GELU, linear) into the transformer's width; padding is masked in the attention (an
+empty prompt of an encoder that emits no tokens masks every key and contributes exactly 0); a pooled embedding,
+where the encoder has one, goes through an MLP and is added to the time embedding, as SD3's pooled CLIP vector is
+[Esser et al. 2024, §3]. Why this design rather than SD3/Flux's joint attention (MM-DiT): self-attention and its
+Triton JVP kernels stay as they are, the prompt's tokens carry no tangent (they do not depend on t), so the cross-
+attention's JVP runs only through the queries, and the extra cost per block is one attention of L×T logits. The
+network takes text=[B, T, text_dim] (float), text_mask=[B, T] (bool, True on real tokens) and text_pooled=[B, P].
 
 Other choices: the adaptive-weight head w_φ(t) is the U-Net's (positional embedding of c_noise(t) -> one
 linear layer); class labels enter as the U-Net's one-hot rows through a linear table (a zero row is
@@ -98,6 +112,8 @@ class DiTConfig:
     qk_norm: bool = True                # RMS-normalize q and k per head (stabiliser (c), module docstring)
     modulation: str = "double_norm"     # "double_norm" (stabiliser (b)) | "adaln_zero" (DiT's; ablation)
     c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM's log(σ_d tan t)/4 (ablation)
+    text_dim: int = 0                   # width of the prompt's token embeddings (0: no text; set from the data)
+    text_pooled_dim: int = 0            # width of its pooled embedding (0: none)
 
     def __post_init__(self):
         if not isinstance(self.img_resolution, int):
@@ -119,6 +135,12 @@ class DiTConfig:
         if self.hidden_size % 4:
             raise ValueError(f"DiTConfig.hidden_size must be a multiple of 4 (2-D sin-cos position embedding), "
                              f"got {self.hidden_size}")
+        for name in ("text_dim", "text_pooled_dim"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"DiTConfig.{name} must be an int >= 0, got {v!r}")
+        if self.text_pooled_dim and not self.text_dim:
+            raise ValueError("DiTConfig.text_pooled_dim needs text_dim (a pooled prompt comes with its tokens)")
         for name in ("embed_channels", "weight_channels"):
             if getattr(self, name) % 2:
                 raise ValueError(f"DiTConfig.{name} must be even, got {getattr(self, name)}")
@@ -155,6 +177,12 @@ DIT_PRESETS: dict[str, dict] = {
     "DiT-L/2":  dict(patch_size=2, hidden_size=1024, depth=24, num_heads=16),
     "DiT-XL/2": dict(patch_size=2, hidden_size=1152, depth=28, num_heads=16),
 }
+# Text variants: the same transformers with cross-attention to the prompt (module docstring, "Text"). The prompt's
+# width is the data's encoder's (set when a run resolves its data): 64 for the built-in toy encoder, 4096 for T5-XXL
+# (PixArt), 2304 for Gemma-2-2B (Sana), 768 for CLIP-L; the large presets name T5-XXL's, for their parameter counts.
+DIT_PRESETS |= {f"{name}-text": {**cfg, "text_dim": 4096} for name, cfg in list(DIT_PRESETS.items())
+                if name != "dit-tiny"}
+DIT_PRESETS["dit-tiny-text"] = {**DIT_PRESETS["dit-tiny"], "text_dim": 64, "text_pooled_dim": 64}
 
 
 def sincos_position_embedding(grid: tuple[int, int], channels: int) -> torch.Tensor:
@@ -182,26 +210,49 @@ class Block(nn.Module):
         self.proj = Linear(c, c)
         self.fc1 = Linear(c, cfg.mlp_hidden)
         self.fc2 = Linear(cfg.mlp_hidden, c)
+        if cfg.text_dim:  # cross-attention to the prompt's tokens (PixArt-α; module docstring, "Text")
+            self.cross_q = Linear(c, c)
+            self.cross_kv = Linear(c, 2 * c)
+            self.cross_proj = Linear(c, c)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, prompt: tuple | None = None) -> torch.Tensor:
+        """`prompt`: (tokens [B, T, C] in the transformer's width, key mask [B, T]) of a text network."""
         with torch.autocast(x.device.type, enabled=False):
             mod = self.modulation(to_compute(cond))[:, None, :]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = gated_residual(x, gate1, self.attention(modulate(x, scale1, shift1, self.cfg.modulation)))
+        if prompt is not None:
+            x = x + self.cross_attention(modulated_layer_norm(x), *prompt)
         x = gated_residual(x, gate2, self.mlp(modulate(x, scale2, shift2, self.cfg.modulation)))
         return x
 
+    def _heads(self, a: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        """[N, L, parts·C] -> `parts` tensors [N·heads, L, C/heads] (heads folded into the batch)."""
+        n, length, c = a.shape[0], a.shape[1], self.cfg.hidden_size
+        h, d = self.num_heads, c // self.num_heads
+        a = a.reshape(n, length, parts, h, d).permute(2, 0, 3, 1, 4).contiguous()  # [parts, N, H, L, D]
+        out = list(a.unbind(0))
+        if self.cfg.qk_norm and parts > 1:  # q and k RMS-normalized per head (stabiliser (c)); v as it is
+            out[: parts - 1] = normalize(a[: parts - 1], dim=-1).unbind(0)
+        return [x.reshape(n * h, length, d) for x in out]
+
+    def _merge(self, y: torch.Tensor, n: int) -> torch.Tensor:
+        """[N·heads, L, C/heads] -> [N, L, C]."""
+        h, c = self.num_heads, self.cfg.hidden_size
+        return y.reshape(n, h, y.shape[1], c // h).transpose(1, 2).reshape(n, y.shape[1], c)
+
     def attention(self, h: torch.Tensor) -> torch.Tensor:
-        n, length, c = h.shape
-        heads = self.num_heads
-        qkv = self.qkv(h).reshape(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4).contiguous()  # [3,N,H,L,D]
+        q, k, v = self._heads(self.qkv(h), 3)
+        return self.proj(self._merge(attention(q, k, v), h.shape[0]))  # exact JVP, bounded memory
+
+    def cross_attention(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention from the image tokens to the prompt's (padding masked; an all-padding prompt gives 0)."""
+        (q,) = self._heads(self.cross_q(h), 1)
         if self.cfg.qk_norm:
-            q, k = normalize(qkv[:2], dim=-1).unbind(0)  # RMS norm per head (stabiliser (c))
-        else:
-            q, k = qkv[0], qkv[1]
-        fold = lambda a: a.reshape(n * heads, length, c // heads)  # noqa: E731
-        y = attention(fold(q), fold(k), fold(qkv[2]))  # exact JVP, bounded memory
-        return self.proj(y.reshape(n, heads, length, c // heads).transpose(1, 2).reshape(n, length, c))
+            q = normalize(q, dim=-1)
+        k, v = self._heads(self.cross_kv(tokens), 2)
+        keys = mask.repeat_interleave(self.num_heads, dim=0)  # [N·heads, T]
+        return self.cross_proj(self._merge(attention(q, k, v, key_mask=keys), h.shape[0]))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         h = gelu(self.fc1(h))
@@ -239,6 +290,10 @@ class DiT(Network):
         self.guidance_linear = Linear(cfg.embed_channels, c) if cfg.guidance_embed else None
         self.weight_embed = PositionalEmbedding(cfg.weight_channels)
         self.weight_linear = MPConv(cfg.weight_channels, 1)
+        if cfg.text_dim:  # the prompt: tokens through PixArt-α's caption MLP; the pooled vector into cond (SD3)
+            self.text_mlp1, self.text_mlp2 = Linear(cfg.text_dim, c), Linear(c, c)
+        if cfg.text_pooled_dim:
+            self.pooled_mlp1, self.pooled_mlp2 = Linear(cfg.text_pooled_dim, c), Linear(c, c)
 
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_modulation = Linear(c, 2 * c)  # shift, scale
@@ -254,9 +309,13 @@ class DiT(Network):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for m in (self.time_mlp1, self.time_mlp2, self.label_embed, self.guidance_linear):
+        for m in (self.time_mlp1, self.time_mlp2, self.label_embed, self.guidance_linear,
+                  getattr(self, "pooled_mlp1", None), getattr(self, "pooled_mlp2", None)):
             if m is not None:
                 nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:  # cross-attention starts silent, as the gates do (PixArt-α)
+            if self.cfg.text_dim:
+                nn.init.zeros_(block.cross_proj.weight)
         c = self.cfg.hidden_size
         zero_rows = [slice(0, 6 * c)] if self.cfg.modulation == "adaln_zero" else [slice(2 * c, 3 * c),
                                                                                    slice(5 * c, 6 * c)]
@@ -270,11 +329,13 @@ class DiT(Network):
 
     # -- conditioning ---------------------------------------------------------------------------------------
 
-    def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
+    def embedding(self, t, labels=None, guidance=None, pooled=None) -> torch.Tensor:
         """The conditioning vector fed to every block (after its SiLU), computed in float32."""
         batch, device = t.shape[0], t.device
         with torch.autocast(device.type, enabled=False):
             emb = self.time_mlp2(silu(self.time_mlp1(self.time_embed(self.c_noise(t)))))
+            if self.cfg.text_pooled_dim:
+                emb = emb + self.pooled_mlp2(silu(self.pooled_mlp1(to_compute(pooled))))
             if self.label_embed is not None:
                 dropout = self.cfg.label_dropout if self.training else 0.0
                 onehot = class_labels(labels, batch, self.cfg.label_dim, device, dropout)
@@ -301,12 +362,36 @@ class DiT(Network):
         x = tokens.reshape(n, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, gh * p, gw * p)
         return x.clone() if x._base is not None else x  # a view (one channel) would trip FSDP2's backward hook
 
-    def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
+    def prompt(self, batch: int, text=None, text_mask=None, text_pooled=None) -> tuple | None:
+        """(tokens in the transformer's width, key mask) of a text network's prompt, None for others; shapes
+        checked (values are checked where prompts are encoded)."""
+        cfg = self.cfg
+        if not cfg.text_dim:
+            if text is not None or text_pooled is not None:
+                raise ValueError("this network takes no prompt (text_dim=0) but one was given")
+            return None
+        want = {"text": (text, (batch, None, cfg.text_dim)), "text_mask": (text_mask, (batch, None))}
+        if cfg.text_pooled_dim:
+            want["text_pooled"] = (text_pooled, (batch, cfg.text_pooled_dim))
+        for name, (value, shape) in want.items():
+            if value is None:
+                raise ValueError(f"this network takes a prompt: {name} is missing")
+            if value.ndim != len(shape) or any(s not in (None, v) for s, v in zip(shape, value.shape, strict=True)):
+                raise ValueError(f"{name} must have shape [{', '.join('T' if s is None else str(s) for s in shape)}]"
+                                 f", got {tuple(value.shape)}")
+        if text_mask.shape[1] != text.shape[1] or text_mask.dtype != torch.bool:
+            raise ValueError(f"text_mask must be bool [{batch}, {text.shape[1]}], got {text_mask.dtype} "
+                             f"{tuple(text_mask.shape)}")
+        return self.text_mlp2(gelu(self.text_mlp1(text))), text_mask
+
+    def forward(self, x, t, labels=None, guidance=None, text=None, text_mask=None, text_pooled=None,
+                return_weight: bool = False):
         check_input("DiT", x, t, self.shape)
-        cond = self.embedding(t, labels, guidance)
+        prompt = self.prompt(x.shape[0], text, text_mask, text_pooled)
+        cond = self.embedding(t, labels, guidance, text_pooled)
         h = self.patch_embed(self.patchify(x)) + self.pos_embed
         for block in self.blocks:
-            h = block(h, cond)
+            h = block(h, cond, prompt)
         with torch.autocast(x.device.type, enabled=False):
             shift, scale = self.final_modulation(to_compute(cond))[:, None, :].chunk(2, dim=-1)
         h = self.final_linear(modulate(h, scale, shift, self.cfg.modulation))

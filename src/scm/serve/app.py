@@ -7,10 +7,12 @@ Allow header, as JSON):
     /api/info          the models: method, sampler, allowed steps/NFEs and the default one (2 steps for a
                        consistency run, the NFE a diffusion run is normally sampled at, TEACHER_NFE, for one served
                        alone), height, width, channels, classes and their names, whether they take guidance and the
-                       scales accepted (guidance_range: min (exclusive), max, default, decimals), batch sizes, the
-                       teacher (or null)
-    /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &client=   (GET only:
-                       HEAD is 405, see `_get_only`)
+                       scales accepted (guidance_range: min (exclusive), max, default, decimals), batch sizes,
+                       "conditioning" ("text", "labels" or "none"), for a text model "prompt_max_chars" and
+                       "example_prompts", the teacher (or null)
+    /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &prompt= &client=   (GET
+                       only: HEAD is 405, see `_get_only`; `prompt`, URL-encoded UTF-8, is required by a text model
+                       and refused by others)
                        → 200 image/png (one image, or a grid for batch 4 / 16), timings in headers:
                          X-Generation-Ms (network + sampler for all images), X-Ms-Per-Image,
                          X-Images-Per-Second, X-Images, X-NFE, X-Steps, X-Seed, X-Model, X-Server-Ms (arrival to
@@ -39,8 +41,8 @@ each get their own slot (never superseded). A request whose client has disconnec
 a generation cannot be interrupted, so one under way when its client leaves runs to the end and is thrown away.
 At most `max_waiting` slots wait per model; more are answered 503. Requests that wait together are batched:
 when the worker takes the first waiting request, it takes with it, in queue order, every waiting request with
-the same steps and guidance (seeds and classes may differ: image i of a request still depends only on its seed
-and i, as in `scm sample`), up to `max_batch` images, and generates them in one network call
+the same steps and guidance (seeds, classes and prompts may differ: image i of a request still depends only on its
+seed, i and its condition, as in `scm sample`), up to `max_batch` images, and generates them in one network call
 (`ServedModel.generate_many`). So many pages at once cost a few batched calls rather than one call each
 (benchmarks/serve_load.py measures it).
 
@@ -518,6 +520,10 @@ def _deadline_protocol(seconds: float):
     return DeadlineH11Protocol
 
 
+# the largest request head accepted (uvicorn's default is 16 KiB): a prompt of MAX_PROMPT_CHARS characters, each up
+# to 4 bytes of UTF-8 written as 3 characters of percent-encoding each, fits with the other parameters
+MAX_HEAD_BYTES = 64 * 1024
+
 # the longest a connection may stay open without a whole request head: from its start, or from the end of its
 # previous response (its keep-alive). A browser sends its request at once and reconnects when a kept-alive
 # connection was closed; a slow generation is not affected (the time counts only while no request is in hand).
@@ -536,6 +542,6 @@ def make_server(app, *, log_level: str = "warning", access_log: bool = False, id
     # h11 (not httptools, were it installed): the protocol the deadline is built on; no WebSocket: none is served
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=2, http=_deadline_protocol(idle_timeout), ws="none",
-                            timeout_keep_alive=idle_timeout)
+                            timeout_keep_alive=idle_timeout, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
     return uvicorn.Server(config)
 

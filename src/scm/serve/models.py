@@ -8,6 +8,10 @@ parameter's name, which the web side answers with HTTP 400. Parameters nobody as
 refused too, so no request can carry anything the server would silently ignore (file paths included: the runs
 are loaded once, from the command line). An error repeats at most `ECHO_MAX` characters of a name or value it
 refuses (`bounded_echo`): an answer never grows with what it was sent.
+
+A text model (`Conditioning.kind` "text") takes a `prompt`: text of at most `scm.text.MAX_PROMPT_CHARS` characters
+without NUL ("" for none), required as `scm sample` requires one; its /api/info gives a few example prompts
+(`example_prompts`). Requests with different prompts are generated together (`generate_items`' items carry them).
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scm.conditioning import Conditioning
-from scm.errors import InvalidSetting, RunError
+from scm.errors import ConfigError, InvalidSetting, RunError
 from scm.generate import Sampler, generate_items, sample_shape
 from scm.images import encode_png, grid, to_uint8
 from scm.runs import LoadedRun
 from scm.sampling import TEACHER_NFE
+from scm.text import MAX_PROMPT_CHARS, check_prompts
 
 __all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "ECHO_MAX", "GUIDANCE_DECIMALS", "GUIDANCE_MAX",
-           "PARAMETERS", "SEED_MAX", "Query", "ServedModel", "bounded_echo", "check_pair", "parse_query"]
+           "MNIST_PROMPTS", "PARAMETERS", "SEED_MAX", "Query", "ServedModel", "bounded_echo", "check_pair",
+           "example_prompts", "parse_query"]
 
 SEED_MAX = 2**31 - 1
 BATCHES = (1, 4, 16)                 # images per request: one image, or a 2×2 / 4×4 grid
@@ -38,7 +44,12 @@ GUIDANCE_DECIMALS = 6                # … written with at most this many decima
 ECHO_MAX = 64                        # characters of a request's own text that an error message repeats
 # every parameter /api/generate accepts; `model` picks the student or the teacher, `client` names the page
 # (a newer request with the same client id supersedes an older one that has not started: scm.serve.app)
-PARAMETERS = ("model", "client", "seed", "steps", "class", "guidance", "batch")
+PARAMETERS = ("model", "client", "seed", "steps", "class", "guidance", "batch", "prompt")
+EXAMPLES = 8                         # example prompts /api/info gives a text model
+# example prompts for a text run whose sample-grid prompts are not recorded: captions of captioned MNIST's grammar
+# (`scm.data.captions`), one per phrasing and digit
+MNIST_PROMPTS = ("a thick seven", "the number three", "two, thin and slanted right", "a small upright digit 4",
+                 "an eight", "a large left-leaning zero", "nine, thick", "a thin right-leaning digit 1")
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _DECIMAL = re.compile(rf"[0-9]{{1,3}}(\.[0-9]{{0,{GUIDANCE_DECIMALS}}})?|\.[0-9]{{1,{GUIDANCE_DECIMALS}}}")
 _CLIENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -55,6 +66,7 @@ class Query:
     class_label: int | None = None
     guidance: float | None = None
     batch: int = 1
+    prompt: str | None = None  # a text model's (required there; None elsewhere)
 
 
 @dataclass
@@ -81,9 +93,26 @@ def _class_names(run: LoadedRun, n: int) -> list[str]:
     return names
 
 
+def example_prompts(run: LoadedRun, n: int = EXAMPLES) -> list[str]:
+    """A few prompts to offer for a text run: its sample-grid prompts where the run recorded them
+    (RUN/samples/prompts.txt: one per line, or "NAME<TAB>prompt" lines as `scm sample` writes), distinct, in order;
+    else `MNIST_PROMPTS`."""
+    path = run.checkpoint.parent.parent / "samples" / "prompts.txt"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    found = [line.split("\t", 1)[-1].strip() for line in lines]
+    try:
+        found = check_prompts([p for p in dict.fromkeys(found) if p])
+    except ConfigError:  # a recorded prompt the server would refuse is no example
+        found = []
+    return found[:n] or list(MNIST_PROMPTS[:n])
+
+
 class ServedModel:
     """A loaded run as the server offers it: the allowed steps (consistency) or NFEs (diffusion, Heun), whether
-    it takes classes and a guidance scale, and `run(query)` → PNG bytes and timings.
+    it takes classes, prompts and a guidance scale, and `generate(query)` → PNG bytes and timings.
 
     `steps` overrides the allowed step counts / NFEs (a teacher beside a student is served at one NFE); `t_mid`
     the intermediate time of a consistency run's 2+ steps (default: the run's own)."""
@@ -116,6 +145,9 @@ class ServedModel:
         self.class_names = _class_names(run, self.classes) if self.classes else []
         self.takes_guidance = self.conditioning.guidance != "none"
         self.default_guidance = self.conditioning.default_guidance
+        self.takes_prompt = self.conditioning.kind == "text"
+        self.example_prompts = example_prompts(run) if self.takes_prompt else []
+        self._any_prompt = "" if self.takes_prompt else None  # what checks of the other parameters assume
         self.device = next(run.net.parameters()).device
 
     # -- what it offers -------------------------------------------------------------------------------------------
@@ -160,6 +192,9 @@ class ServedModel:
             "default_guidance": self.default_guidance,
             "guidance_range": self.guidance_range(),
             "batches": list(self.batches),
+            "conditioning": self.conditioning.kind,
+            "prompt_max_chars": MAX_PROMPT_CHARS if self.takes_prompt else None,
+            "example_prompts": self.example_prompts,
             "checkpoint_step": self.run.step,
             "parameters": sum(p.numel() for p in self.run.net.parameters()),
             "device": str(self.device),
@@ -179,11 +214,11 @@ class ServedModel:
         class_label = None
         if "class" in params:
             class_label = _integer(params, "class", 0, 0, 10**9)  # digits; the model's classes decide below
-            _refuse_if("class", params["class"], self.conditioning.refusal(class_label, None))
+            _refuse_if("class", params["class"], self.conditioning.refusal(class_label, None, self._any_prompt))
         guidance = self.default_guidance
         if "guidance" in params:
             value = params["guidance"]
-            _refuse_if("guidance", value, self.conditioning.refusal(None, 1.0))  # no guidance at all
+            _refuse_if("guidance", value, self.conditioning.refusal(None, 1.0, self._any_prompt))  # none at all
             guidance = float(value) if _DECIMAL.fullmatch(value) else math.nan
             if not 0 < guidance <= GUIDANCE_MAX:
                 raise _refused("guidance", value, f"must be a number in (0, {GUIDANCE_MAX:g}] with at most "
@@ -191,7 +226,21 @@ class ServedModel:
         batch = _integer(params, "batch", 1, 0, 10**9)
         if batch not in self.batches:
             raise _refused("batch", params["batch"], f"must be one of {list(self.batches)}")
-        return Query(self.name, None, seed, steps, class_label, guidance, batch)
+        return Query(self.name, None, seed, steps, class_label, guidance, batch, self._prompt(params))
+
+    def _prompt(self, params: dict[str, str]) -> str | None:
+        """The request's prompt, checked as the library checks prompts (text, length, no NUL); refused for a model
+        that takes none, required by one that does."""
+        value = params.get("prompt")
+        why = self.conditioning.refusal(None, None, value)
+        if why is not None:
+            raise InvalidSetting("prompt", None if value is None else bounded_echo(value), why[1])
+        if value is not None:
+            try:
+                check_prompts([value])
+            except ConfigError as e:
+                raise _refused("prompt", value, str(e).removeprefix("prompt 0: ")) from None
+        return value
 
     def generate(self, q: Query) -> Generated:
         """The images of `q` (image i from (seed, i), as `scm sample`) as one PNG: the image for batch 1, else a
@@ -206,7 +255,8 @@ class ServedModel:
         if any((q.steps, q.guidance) != (steps, guidance) for q in queries):
             raise ValueError("generate_many: the queries must share steps and guidance")
         sampler = self.sampler(steps)
-        items = [(q.seed, i, q.class_label) for q in queries for i in range(q.batch)]
+        items = [(q.seed, i, q.class_label, *([q.prompt] if self.takes_prompt else [])) for q in queries
+                 for i in range(q.batch)]
         images, seconds = generate_items(self.run, sampler, items, guidance=guidance, device=self.device)
         out, start, total = [], 0, len(items)
         for q in queries:
@@ -220,8 +270,9 @@ class ServedModel:
     def warm_up(self) -> None:
         """One generation per batch size, so the first requests are not slowed by one-time set-up (allocator,
         CUDA context, kernel selection)."""
+        prompt = (self.example_prompts or [""])[0] if self.takes_prompt else None
         for b in self.batches:
-            self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b))
+            self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b, prompt))
 
 
 def bounded_echo(text: str, limit: int = ECHO_MAX) -> str:
@@ -271,12 +322,13 @@ def parse_query(items: Iterable[tuple[str, str]], models: dict[str, ServedModel]
         raise _refused("client", client, "must be 1 to 64 letters, digits, '-' or '_'")
     model = models[name]
     q = model.check(params)
-    return model, Query(name, client, q.seed, q.steps, q.class_label, q.guidance, q.batch)
+    return model, Query(name, client, q.seed, q.steps, q.class_label, q.guidance, q.batch, q.prompt)
 
 
 def check_pair(student: LoadedRun, teacher: LoadedRun) -> None:
     """A teacher shown beside a student must be a diffusion run that draws the same noise for the same seed and
-    class: the same sample shape, σ_d and classes (RunError, key "teacher", otherwise)."""
+    class (or prompt): the same sample shape, σ_d, classes and prompts (the same text encoder; RunError, key
+    "teacher", otherwise)."""
     if teacher.cfg.method != "diffusion":
         raise RunError(f"the teacher is a {teacher.cfg.method} run; a teacher is a diffusion run (its Heun ODE is "
                        "shown beside the student)", key="teacher")
@@ -285,9 +337,19 @@ def check_pair(student: LoadedRun, teacher: LoadedRun) -> None:
              "image shape": (sample_shape(student), sample_shape(teacher)),
              "sigma_d": (s.loss.sigma_d, t.loss.sigma_d),
              "classes": (Conditioning.of_run(s).classes, Conditioning.of_run(t).classes),
+             "prompts": (_prompts_of(s), _prompts_of(t)),
              "latent space": (student.latent is not None, teacher.latent is not None)}
     for what, (a, b) in pairs.items():
         if a != b:
             raise RunError(f"the teacher does not draw the student's noise: {what} {b} vs the student's {a}",
                            key="teacher")
 
+
+def _prompts_of(cfg) -> dict | None:
+    """What a run's prompts are encoded with (None: it takes none): its encoder's record (where its folder lies
+    aside: a transformers encoder is told by its digests), token count and width."""
+    text = Conditioning.of_run(cfg).text
+    if text is None:
+        return None
+    return {"encoder": {k: v for k, v in text.encoder.items() if k != "path"}, "max_tokens": text.max_tokens,
+            "width": text.width}

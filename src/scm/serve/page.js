@@ -1,7 +1,8 @@
 // scm serve: the page. Every input event asks the server for new images (one request per model); only the newest
 // response of each model is shown. The server drops a request that a newer one from this page (the same client id)
 // replaces before it starts (409), so while a slider moves the images follow as fast as the model generates.
-// Stable element ids for tests: #seed #seed-number #class #steps #guidance #batch, #student-img (its data-seq
+// A text model gets a prompt box (#prompt, with example prompts from /api/info as suggestions).
+// Stable element ids for tests: #seed #seed-number #prompt #class #steps #guidance #batch, #student-img (its data-seq
 // counts the images shown), #student-ms (ms per image, a plain number), #student-ips, #teacher-img, #teacher-ms.
 "use strict";
 
@@ -38,6 +39,7 @@
     const m = info[name];
     const p = new URLSearchParams({ model: name, client, seed: String(seedValue()), batch: $("batch").value });
     if (name === "student") p.set("steps", $("steps").value);
+    if (m.conditioning === "text") p.set("prompt", $("prompt").value);
     if (m.classes && $("class").value !== "") p.set("class", $("class").value);
     if (m.guidance) p.set("guidance", Number($("guidance").value).toFixed(1));
     return p.toString();
@@ -156,6 +158,12 @@
     $("steps-label").textContent = s.steps_kind === "nfe" ? "NFE" : "steps";
     for (const k of s.steps) $("steps").append(option(k, String(k)));
     $("steps").value = String(s.default_steps);
+    if (s.conditioning === "text") {
+      $("prompt").maxLength = s.prompt_max_chars;
+      $("prompt").value = s.example_prompts.length ? s.example_prompts[0] : "";
+      $("prompt-examples").replaceChildren(...s.example_prompts.map((e) => option(e, e)));
+      $("prompt-row").hidden = false;
+    }
     if (s.classes) {
       $("class").append(option("", `all (image i: class i mod ${s.classes})`));
       s.class_names.forEach((n, i) => $("class").append(option(i, n === String(i) ? n : `${i}: ${n}`)));
@@ -191,7 +199,7 @@
       $("guidance-value").textContent = Number($("guidance").value).toFixed(1);
       update();
     });
-    for (const id of ["class", "steps", "batch"]) $(id).addEventListener("input", update);
+    for (const id of ["prompt", "class", "steps", "batch"]) $(id).addEventListener("input", update);
     $("controls").addEventListener("submit", (e) => e.preventDefault());
   }
 

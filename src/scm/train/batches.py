@@ -1,7 +1,8 @@
 """Which examples and which random numbers each step uses: a pure function of (seed, step, slot).
 
 A global batch is split into `slots` = processes × micro-batches of equal size; slot s of step k always
-gets the same examples, the same noise generator and the same dropout seed, whatever the number of
+gets the same examples, the same noise generator and the same dropout seed (and, on a data set with prompt
+embeddings, the same caption of each example and the same caption dropout), whatever the number of
 processes or the accumulation. So a run resumed from a checkpoint continues exactly, and two processes
 with one micro-batch each compute what one process computes with two micro-batches.
 """
@@ -52,15 +53,31 @@ class BatchPlan:
     def dropout_seed(self, step: int, slot: int) -> int:
         return mix_seed(self.seed, step, slot, 2)
 
+    def caption_generator(self, step: int, slot: int) -> torch.Generator:
+        """The CPU generator that picks each example's caption among its captions (`Dataset.batch`'s `choice`)."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, step, slot, 3))
+
+    def caption_dropout_generator(self, step: int, slot: int) -> torch.Generator:
+        """The CPU generator of caption dropout: which examples see the empty prompt (`Conditioning.from_batch`)."""
+        return torch.Generator().manual_seed(mix_seed(self.seed, step, slot, 4))
+
 
 def micro_batches(data: Dataset, plan: BatchPlan, step: int, rank: int, grad_accum: int, world: int,
                   conditioning: Conditioning, device) -> list[MicroBatch]:
     """This process's micro-batches of step `step` (slots rank·grad_accum … rank·grad_accum + grad_accum − 1), with
-    the conditioning tensors the run's network takes."""
-    out = []
+    the conditioning tensors the run's network takes: on a data set with prompt embeddings, one caption of each
+    example, drawn by the slot's caption generator, and, for a run on prompts, the slot's caption dropout."""
+    out, text = [], getattr(data, "text", None) is not None
     for a in range(grad_accum):
         slot = rank * grad_accum + a
-        x0, cond = data.batch(plan.slot(step, slot, world * grad_accum), device)
-        out.append(MicroBatch(x0, conditioning.from_batch(cond), plan.noise_generator(step, slot, device),
-                              plan.dropout_seed(step, slot)))
+        index = plan.slot(step, slot, world * grad_accum)
+        if text:
+            x0, cond = data.batch(index, device, choice=plan.caption_generator(step, slot))
+        else:
+            x0, cond = data.batch(index, device)
+        if getattr(conditioning, "text", None) is not None:
+            cond = conditioning.from_batch(cond, plan.caption_dropout_generator(step, slot))
+        else:
+            cond = conditioning.from_batch(cond)
+        out.append(MicroBatch(x0, cond, plan.noise_generator(step, slot, device), plan.dropout_seed(step, slot)))
     return out

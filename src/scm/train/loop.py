@@ -23,6 +23,7 @@ from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
 from scm.errors import RunError, TrainingStopped, UnverifiedWarning
+from scm.files import atomic_write
 from scm.integrity import one_unverified_warning
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
@@ -77,6 +78,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     if resume:
         _resume(state, run, info, log)
     plan, conditioning = BatchPlan(len(data), cfg.batch, cfg.seed), Conditioning.of_run(cfg)
+    prompts = _grid_prompts(data, cfg) if conditioning.text else None
+    if prompts and info.is_main:  # the grids' prompts: what they show, and `scm serve`'s example prompts
+        run.samples_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run.samples_dir / "prompts.txt", "".join(f"{i}\t{p}\n" for i, p in enumerate(prompts)))
     total_nimg = math.ceil(round(cfg.kimg * 1000) / cfg.batch) * cfg.batch  # whole steps
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     stop, done = _StopFlag(), state.cur_nimg >= total_nimg
@@ -107,7 +112,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
                 weights = {k: v.to(info.device) for k, v in state.ema.weights().items()}  # gathers FSDP shards
                 if info.is_main:
                     for p in sample_grids(cfg, weights, info.device, run.samples_dir, state.kimg, latent=latent,
-                                          warn=log.warn):
+                                          warn=log.warn, prompts=prompts):
                         log.info(f"samples {p}")
                 barrier(info)
     log.close()
@@ -143,6 +148,12 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo
 def _scm_temporary(path: Path) -> bool:
     """A file scm's atomic writer left behind when its process was killed (`scm.files.temporary_name`)."""
     return path.name.startswith(".") and ".tmp-" in path.name and path.is_file()
+
+
+def _grid_prompts(data, cfg: TrainConfig) -> list[str]:
+    """A text run's sample-grid prompts: the first captions of the first `sample_count` examples, the same for every
+    grid of the run (and of its resumed parts)."""
+    return data.caption_of(torch.arange(min(cfg.sample_count, len(data))))
 
 
 def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None:

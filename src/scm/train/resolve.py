@@ -9,7 +9,10 @@ What is settled, in order:
   (`init`, with this run's training-time settings), else for sCD the teacher's own (a run of the same architecture:
   `init` becomes the teacher, paper App. G.2; a diffusers teacher: its network as a `scm.diffusers` student), else
   the preset's network, fresh; a student of a class-conditional run is class-conditional too;
-- the conditioning (`conditional`, the network's classes): what the data must provide (`Conditioning.requires`).
+- the prompts of a text network (`text`): the encoder, token count and widths of the data's caption embeddings
+  (a student of a text run keeps its run's, which the data must share);
+- the conditioning (`conditional`, the network's classes, `text`): what the data must provide
+  (`Conditioning.requires`).
 
 Pure: it reads the configuration files of the runs and folders it names, never weights, consumes no random
 numbers and returns a new configuration (the given one is not modified).
@@ -27,6 +30,7 @@ from scm.data.dataset import Dataset
 from scm.errors import ConfigError, DataError
 from scm.runs import RunDir, read_run_config
 from scm.teachers import TeacherSource, open_teacher
+from scm.text import TextConfig
 
 __all__ = ["DIFFUSERS_NET_PRESET", "TRAINING_NET_FIELDS", "architecture", "check_same_space", "diffusers_student",
            "resolve"]
@@ -53,6 +57,7 @@ def resolve(cfg: TrainConfig, data: Dataset) -> TrainConfig:
         cfg.net, cfg.net_preset = student, DIFFUSERS_NET_PRESET
     else:
         cfg.net = dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0)
+        _text_of_data(cfg, data)
     _check_conditioning(cfg, data)
     cfg.validate()
     return cfg
@@ -75,10 +80,26 @@ def _check_data(cfg: TrainConfig, data: Dataset) -> None:
                         f"loss.sigma_d is {cfg.loss.sigma_d}", key="loss.sigma_d")
 
 
+def _text_of_data(cfg: TrainConfig, data: Dataset) -> None:
+    """A fresh text network (its preset has cross-attention) takes the prompts of the data's caption embeddings."""
+    if not getattr(cfg.net, "text_dim", 0):
+        return
+    info = getattr(data, "text", None)
+    if info is None:
+        raise DataError(f"{data.source}: net_preset {cfg.net_preset} is text-conditioned, but the data set holds no "
+                        "prompt embeddings (encode its captions with a text encoder first: scm data encode)",
+                        key="data")
+    cfg.text = TextConfig.of_data(info, cfg.text.caption_dropout)
+    cfg.net = dataclasses.replace(cfg.net, text_dim=cfg.text.width, text_pooled_dim=cfg.text.pooled_width)
+
+
 def _check_conditioning(cfg: TrainConfig, data: Dataset) -> None:
     missing = [k for k in Conditioning.of_run(cfg).requires() if k not in data.conditions]
-    if cfg.conditional and missing:
+    if cfg.conditional and "labels" in missing:
         raise DataError(f"{data.source}: conditional=true needs class labels, but the data set has none")
+    if missing:
+        raise DataError(f"{data.source}: the run's network takes prompts, but the data set lacks {', '.join(missing)}",
+                        key="data")
 
 
 def check_same_space(path: str, run_latent: dict | None, data: Dataset, role: str) -> None:
@@ -132,8 +153,26 @@ def _student_of_run(cfg: TrainConfig, data: Dataset) -> None:
     if cfg.conditional and src.net.label_dim != data.num_classes:
         raise ConfigError(f"init {cfg.init}: {src.net.label_dim} classes, but the data has {data.num_classes}",
                           key="init")
+    if getattr(src.net, "text_dim", 0):
+        _same_prompts(cfg.init, src.text, data)
+        cfg.text = dataclasses.replace(src.text, caption_dropout=cfg.text.caption_dropout)
     changes = {k: getattr(cfg.net, k) for k in TRAINING_NET_FIELDS if hasattr(cfg.net, k)}
     cfg.net, cfg.net_preset = dataclasses.replace(src.net, **changes), src.net_preset
+
+
+def _same_prompts(path: str, text: TextConfig, data: Dataset) -> None:
+    """The data's caption embeddings were made as those of the text run at `path` (same encoder and shapes)."""
+    info = getattr(data, "text", None)
+    if info is None:
+        raise DataError(f"{data.source}: init {path} is text-conditioned, but the data set holds no prompt "
+                        "embeddings (encode its captions with the run's text encoder first: scm data encode)",
+                        key="data")
+    here = TextConfig.of_data(info, text.caption_dropout)
+    differ = [k for k in ("encoder", "max_tokens", "width", "pooled_width") if getattr(here, k) != getattr(text, k)]
+    if differ:
+        raise ConfigError(f"init {path}: its prompts were encoded otherwise than this data's ({', '.join(differ)} "
+                          f"differ: {text.encoder} vs {here.encoder}); encode the data with the run's text encoder",
+                          key="init")
 
 
 def diffusers_student(cfg: TrainConfig, teacher: TeacherSource, data: Dataset):

@@ -22,8 +22,9 @@ __all__ = ["sample_grids"]
 
 @torch.no_grad()
 def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: float, *, latent: dict | None = None,
-                 warn=print) -> list[Path]:
-    """Grids of the EMA `weights` into out_dir; `latent`: the data's latent information (decode through its VAE)."""
+                 warn=print, prompts: list[str] | None = None) -> list[Path]:
+    """Grids of the EMA `weights` into out_dir; `latent`: the data's latent information (decode through its VAE);
+    `prompts`: a text run's (image i takes prompt i mod their number)."""
     if latent is None and cfg.channels not in (1, 3):
         return []  # other data without a decoder: nothing to look at
     run = network_run(cfg, weights, source=out_dir, ema_std=cfg.ema.stds[0], step=round(kimg * 1000 / cfg.batch),
@@ -35,7 +36,8 @@ def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: f
     paths = []
     for name, sampler in samplers.items():
         try:
-            x, _ = generate(run, cfg.sample_count, sampler, batch=cfg.sample_count, seed=0, progress=False)
+            x, _ = generate(run, cfg.sample_count, sampler, batch=cfg.sample_count, seed=0, progress=False,
+                            prompt=prompts)
         except (DataError, MissingDependency) as e:  # only decoding raises these here
             warn(f"sample grids skipped: cannot decode the latents ({e})")
             return paths

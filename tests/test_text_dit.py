@@ -1,0 +1,179 @@
+"""The text-conditioned DiT (cross-attention to a padded prompt, pooled embedding) and the prompt side of
+`scm.conditioning.Conditioning`: exact JVP through masked cross-attention, padding ignored, CFG with the empty
+prompt, caption dropout, prompts per image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scm.conditioning import Conditioning
+from scm.errors import SamplerError
+from scm.nets import build_net, net_config
+from scm.nets.dit import DIT_PRESETS
+from scm.text import BuiltinEncoder, TextConfig, encode_prompts
+
+from conftest import central_difference, jvp_both
+
+D = torch.float64
+T, W = 6, 16  # prompt tokens and width of these tests' prompts
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=D)
+
+
+def _text_net(pooled=W, seed=0, **kw):
+    """A float64 text DiT whose zero-initialized weights are filled with small random values (else F ≡ 0 and the
+    cross-attention is silent: the tests would test nothing)."""
+    torch.manual_seed(seed)
+    cfg = net_config("dit-tiny-text", img_resolution=28, img_channels=1, depth=2, text_dim=W, text_pooled_dim=pooled,
+                     **kw)
+    net = build_net(cfg, 0.5).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in net.parameters():
+            zero = p == 0
+            p[zero] = 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)[zero]
+    return net.eval()
+
+
+def _prompt(batch=3, seed=5):
+    """Tokens [B, T, W], a mask with padding (row 0 full, row 1 half, the last row empty), pooled [B, W]."""
+    tokens, pooled = _rand(batch, T, W, seed=seed), _rand(batch, W, seed=seed + 1)
+    lengths = [T, T // 2] + [0] * (batch - 2)
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+    return tokens, mask, pooled
+
+
+def test_fresh_text_net_starts_silent_to_the_prompt():
+    cfg = net_config("dit-tiny-text", img_resolution=28, img_channels=1, text_dim=W, text_pooled_dim=W)
+    net = build_net(cfg, 0.5)
+    assert all(not b.cross_proj.weight.any() for b in net.blocks)  # zero-initialized cross-attention output
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    tokens, mask, pooled = _prompt(2)
+    tokens, pooled = tokens.float(), pooled.float()
+    assert torch.equal(net(x, t, text=tokens, text_mask=mask, text_pooled=pooled), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("wrt", ["x", "t"])
+def test_text_dit_jvp_equals_finite_difference_through_masked_cross_attention(wrt):
+    net = _text_net()
+    x, t = _rand(3, 1, 28, 28), torch.tensor([0.05, 0.8, 1.52], dtype=D)
+    tokens, mask, pooled = _prompt(3)
+    cond = dict(text=tokens, text_mask=mask, text_pooled=pooled)
+    fn, primals = ((lambda u: net(u, t, **cond)), [x]) if wrt == "x" else ((lambda c: net(x, c, **cond)), [t])
+    tangents = [_rand(*p.shape, seed=9) for p in primals]
+    jvp = jvp_both(fn, primals, tangents)
+    fd = central_difference(fn, primals, tangents)
+    assert torch.isfinite(jvp).all() and float(jvp.abs().max()) > 1e-3
+    # float64 central difference: error ~1e-10 (conftest.central_difference); 1e-7 relative leaves a margin
+    torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, float(fd.abs().max())), rtol=1e-6)
+
+
+def test_padding_is_ignored_and_the_prompt_matters():
+    net = _text_net()
+    x, t = _rand(3, 1, 28, 28), torch.full((3,), 0.9, dtype=D)
+    tokens, mask, pooled = _prompt(3)
+    base = net(x, t, text=tokens, text_mask=mask, text_pooled=pooled)
+    junk = torch.where(mask[..., None], tokens, _rand(3, T, W, seed=77))  # other values at padded positions only
+    assert torch.equal(net(x, t, text=junk, text_mask=mask, text_pooled=pooled), base)
+    other = tokens.clone()
+    other[0, 0] += 1.0  # a real token of example 0
+    changed = net(x, t, text=other, text_mask=mask, text_pooled=pooled)
+    assert not torch.allclose(changed[0], base[0]) and torch.equal(changed[1:], base[1:])
+    assert torch.isfinite(base[2]).all()  # the empty prompt (every key masked)
+
+
+def test_an_example_does_not_depend_on_its_batch():
+    net = _text_net()
+    x, t = _rand(3, 1, 28, 28), torch.tensor([0.3, 0.9, 1.4], dtype=D)
+    tokens, mask, pooled = _prompt(3)
+    full = net(x, t, text=tokens, text_mask=mask, text_pooled=pooled)
+    one = net(x[1:2], t[1:2], text=tokens[1:2], text_mask=mask[1:2], text_pooled=pooled[1:2])
+    torch.testing.assert_close(one, full[1:2], atol=1e-12, rtol=0)  # float64: only summation order differs
+
+
+def test_prompt_inputs_are_checked_by_shape():
+    net = _text_net()
+    x, t = _rand(2, 1, 28, 28), torch.rand(2, dtype=D)
+    tokens, mask, pooled = _prompt(2)
+    with pytest.raises(ValueError, match="text is missing"):
+        net(x, t)
+    with pytest.raises(ValueError, match="text must have shape"):
+        net(x, t, text=tokens[..., :3], text_mask=mask, text_pooled=pooled)
+    with pytest.raises(ValueError, match="text_mask must be bool"):
+        net(x, t, text=tokens, text_mask=mask.double(), text_pooled=pooled)
+    plain = build_net(net_config("dit-tiny", img_resolution=28, img_channels=1), 0.5).double()
+    with pytest.raises(ValueError, match="takes no prompt"):
+        plain(x, t, text=tokens, text_mask=mask)
+    with pytest.raises(ValueError, match="text_pooled_dim needs text_dim"):
+        net_config("dit-tiny", img_resolution=28, img_channels=1, text_pooled_dim=4)
+
+
+def test_text_presets_exist_for_every_dit_size():
+    for name in ("dit-tiny-text", "DiT-S/2-text", "DiT-B/2-text", "DiT-L/2-text", "DiT-XL/2-text"):
+        assert DIT_PRESETS[name]["text_dim"] > 0
+
+
+# -- conditioning -----------------------------------------------------------------------------------------------
+def _text_conditioning(dropout=0.5, guidance="cfg"):
+    enc = BuiltinEncoder(width=W, max_tokens=T)
+    text = TextConfig(enc.spec, T, W, W, "float16", dropout)
+    return Conditioning(0, guidance, 1.0 if guidance != "none" else None, text)
+
+
+def test_null_is_the_empty_prompt_and_guidance_broadcasts_it():
+    cond = _text_conditioning()
+    null = cond.null()
+    assert null["text_mask"].shape == (1, T) and not null["text_mask"].any() and not null["text_pooled"].any()
+    calls = []
+
+    def fn(x, t, **c):
+        calls.append(c)
+        return x * c["text_pooled"].sum(1)[:, None, None, None] + 1.0
+
+    x, t = torch.randn(4, 1, 2, 2), torch.rand(4)
+    inputs = cond.sample_inputs(torch.arange(4), prompts="a thick seven")
+    inputs.pop("guidance")
+    out = cond.guided(fn)(x, t, guidance=3.0, **inputs)
+    assert calls[1]["text"].shape == (4, T, W) and not calls[1]["text_mask"].any()
+    F_c = fn(x, t, **inputs)
+    F_u = fn(x, t, **{k: v.expand(4, *v.shape[1:]) for k, v in null.items()})
+    torch.testing.assert_close(out, F_u + 3.0 * (F_c - F_u))
+
+
+def test_sample_inputs_encode_each_images_prompt_as_training_stored_it():
+    cond = _text_conditioning()
+    got = cond.sample_inputs(torch.arange(3), prompts=["a thick seven", "a thin one", ""])
+    ref = BuiltinEncoder(width=W, max_tokens=T).encode(["a thick seven", "a thin one", ""])
+    assert torch.equal(got["text"], ref.tokens.half().float())  # rounded as the float16 training embeddings
+    assert torch.equal(got["text_mask"], ref.mask)
+    assert got["guidance"] == 1.0
+    assert torch.equal(encode_prompts(cond.text, ["a thin one"])["text"], got["text"][1:2])
+
+
+@pytest.mark.parametrize("prompts,match", [(None, "text-conditioned"), ([], "at least one"), ([3], "must be text"),
+                                           (["a", "b"], "2 prompts for 3 images")])
+def test_bad_prompt_requests_are_refused_by_name(prompts, match):
+    with pytest.raises(SamplerError, match=match) as e:
+        _text_conditioning().sample_inputs(torch.arange(3), prompts=prompts)
+    assert e.value.key == "prompt"
+
+
+def test_a_model_without_text_refuses_a_prompt():
+    with pytest.raises(SamplerError, match="takes no prompt"):
+        Conditioning(10, "cfg", 1.0).sample_inputs(torch.arange(2), prompts="a seven")
+
+
+def test_caption_dropout_replaces_whole_prompts_by_the_empty_one_reproducibly():
+    cond = _text_conditioning(dropout=0.5)
+    batch = cond.sample_inputs(torch.arange(64), prompts="a thick seven")
+    data = {k: batch[k] for k in ("text", "text_mask", "text_pooled")}
+    a = cond.from_batch(data, torch.Generator().manual_seed(1))
+    b = cond.from_batch(data, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    dropped = ~a["text_mask"].any(1)
+    assert 16 < int(dropped.sum()) < 48  # about half, of 64
+    assert not a["text_pooled"][dropped].any() and torch.equal(a["text"][~dropped], data["text"][~dropped])
+    assert all(torch.equal(cond.from_batch(data)[k], data[k]) for k in data)  # no generator: no dropout
