@@ -53,3 +53,25 @@ def test_the_main_job_leaves_the_checkout_clean():
     assert "--out runs/demo" in demo_recipe and "demo-publish:" in make
     text_recipe = make.split("\ndemo-text:")[1].split("\n\n")[0]
     assert "--out runs/demo-text" in text_recipe and "--text" in text_recipe
+
+
+def test_text_demo_end_to_end_on_the_committed_text_teacher(real_mnist, mnist_classifier, tmp_path, monkeypatch):
+    """`make demo-text` with a budget of seconds: captioned MNIST encoded, the committed text teacher distilled with
+    guidance, evaluated on held-out prompts (digit accuracy, attribute agreement) and a prompt grid."""
+    from PIL import Image
+
+    from scm.app.demo_text import GRID_PROMPTS, TextDemoBudget, run_text_demo
+
+    monkeypatch.setenv("SCM_DATA_DIR", real_mnist)
+    out = tmp_path / "demo-text"
+    budget = TextDemoBudget.seconds()
+    result = run_text_demo(out, budget, teacher=ROOT / "demo" / "text-teacher")
+    assert [(r["model"], r["nfe"]) for r in result["rows"]] == [("teacher", 3), ("sCD", 1), ("sCD", 2)]
+    for r in result["rows"]:
+        assert 0 <= r["digit_accuracy"] <= 1 and r["digit_count"] == budget.n_eval and (out / r["grid"]).is_file()
+    student = json.loads((out / "runs" / "scd" / "config.json").read_text())
+    assert student["loss"]["guidance"] == [2.0, 2.0] and student["text"]["encoder"]["kind"] == "builtin"
+    width = Image.open(out / "prompts.png").size[0]  # 2 per prompt, a blank, 2 more, at twice the size
+    assert width == (2 * budget.per_prompt + 1) * (2 * 28 + 1) + 1
+    assert Image.open(out / "prompts.png").size[1] == len(GRID_PROMPTS) * (2 * 28 + 1) + 1
+    assert "digit accuracy" in (out / "report.md").read_text()

@@ -288,10 +288,11 @@ def test_scm_verify_checks_a_whole_run_and_records_digests_of_old_ones(run):
         assert load_run(run / "checkpoints" / "000000001", raw=True).step == 1  # verified from now on
 
 
-def test_committed_demo_teacher_is_verified():
+@pytest.mark.parametrize("teacher", ["demo/teacher", "demo/text-teacher"])
+def test_committed_demo_teachers_are_verified(teacher):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnverifiedWarning)
-        assert load_run("demo/teacher").cfg.method == "diffusion"
+        assert load_run(teacher).cfg.method == "diffusion"
 
 
 def test_scd_refuses_a_consistency_teacher(trained, tmp_path):
