@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from scm.errors import SamplerError
-from scm.text import TextConfig, encode_prompts
+from scm.text import TextConfig, empty_prompt, encode_prompts
 from scm.trigflow import expand
 
 __all__ = ["GUIDANCE", "Conditioning", "guided"]
@@ -142,7 +142,7 @@ class Conditioning:
         empty prompt's embedding (one row, broadcast by `guided`)."""
         out = {"labels": None} if self.classes else {}
         if self.text:
-            out |= encode_prompts(self.text, [""])
+            out |= empty_prompt(self.text)
         return out
 
     def guided(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

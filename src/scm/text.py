@@ -34,7 +34,7 @@ import torch
 from scm.errors import ConfigError
 
 __all__ = ["BUILTIN", "BuiltinEncoder", "PromptEmbedding", "TextConfig", "TextEncoder", "check_prompts",
-           "encode_prompts", "load_text_encoder"]
+           "empty_prompt", "encode_prompts", "load_text_encoder"]
 
 BUILTIN = "builtin"
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused where prompts enter (it could only be truncated)
@@ -200,6 +200,19 @@ def encode_prompts(text: TextConfig, prompts: Sequence[str], device=None) -> dic
                            key="prompt")
     dtype = getattr(torch, text.dtype)
     return {k: (v.to(dtype).float() if v.is_floating_point() else v).to(device) for k, v in got.cond().items()}
+
+
+def empty_prompt(text: TextConfig) -> dict[str, torch.Tensor]:
+    """The empty prompt's inputs (one row, on the CPU): the unconditional input of classifier-free guidance and of
+    caption dropout, encoded once per encoder and shapes (training asks for it every step)."""
+    key = json.dumps([text.encoder, text.max_tokens, text.width, text.pooled_width, text.dtype], sort_keys=True)
+    return _empty_prompt(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _empty_prompt(key: str) -> dict[str, torch.Tensor]:
+    encoder, max_tokens, width, pooled_width, dtype = json.loads(key)
+    return encode_prompts(TextConfig(encoder, max_tokens, width, pooled_width, dtype), [""])
 
 
 @functools.lru_cache(maxsize=8)
