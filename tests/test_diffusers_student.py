@@ -2,8 +2,9 @@
 and GroupNorm), UNet2DConditionModel (cross-attention) and DiTTransformer2DModel (class-conditional, learned sigma),
 built from configs (nothing downloaded).
 
-1. The JVP attention processor reproduces diffusers' own (AttnProcessor2_0 / AttnProcessor), and enable_jvp leaves
-   whole models' outputs and state dicts as they were; the GroupNorm and timestep-embedding fixes are exact.
+1. diffusers' own processors (AttnProcessor2_0 / AttnProcessor) under scm's exact attention give what they gave, and
+   enable_jvp leaves whole models' outputs and state dicts as they were; key padding masks are honoured, other masks
+   refused; the GroupNorm and timestep-embedding fixes are exact.
 2. A fresh student is its teacher (the Parameterization-wrapped F, at any guidance scale), with a w_φ head and a
    zero guidance embedding; the teacher is left untouched.
 3. The student's JVP (scm.tangents' path, forward_ad and torch.func) equals float64 central finite differences.
@@ -31,7 +32,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 
 from scm.diffusers import DiffusersNet, DiffusersNetConfig, enable_jvp, from_diffusers, student_from_diffusers  # noqa: E402
-from scm.diffusers.jvp import ContiguousGroupNorm, JVPAttnProcessor  # noqa: E402
+from scm.diffusers.jvp import ContiguousGroupNorm  # noqa: E402
 from scm.nets.registry import build_net  # noqa: E402
 
 SD = 0.5
@@ -121,7 +122,8 @@ def test_jvp_processor_reproduces_diffusers_attention(name):
     for dtype, rel in ((torch.float32, 1e-5), (D, 1e-13)):
         ref = copy.deepcopy(attn).to(dtype)
         ours = enable_jvp(copy.deepcopy(attn).to(dtype))
-        assert isinstance(ours.processor, JVPAttnProcessor)
+        base = AttnProcessor if name == "unscaled" else AttnProcessor2_0
+        assert isinstance(ours.processor, base) and type(ours.processor).__name__ == "Exact" + base.__name__
         xd, cd = x.to(dtype), None if ctx is None else ctx.to(dtype)
         with torch.no_grad():
             # fp32: the two attention kernels sum in different orders (a few ulp of O(1) values, through a
@@ -135,11 +137,30 @@ def test_jvp_processor_reproduces_diffusers_attention(name):
     _close(jvp_both(fn, primals, tangents), central_difference(fn, primals, tangents), 1e-7)
 
 
-def test_jvp_processor_refuses_masks_and_enable_jvp_refuses_custom_processors():
-    attn = enable_jvp(Attention(query_dim=8, heads=2, dim_head=4))
-    with pytest.raises(NotImplementedError, match="mask"):
-        attn(torch.randn(1, 3, 8), attention_mask=torch.ones(1, 3, 3))
+def test_exact_attention_honours_padding_masks_and_refuses_others():
+    torch.manual_seed(0)
+    ref = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).double().eval()
+    attn = enable_jvp(copy.deepcopy(ref))
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 3, 8, generator=g, dtype=D), torch.randn(2, 5, 6, generator=g, dtype=D)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=D)  # diffusers' form: 1 real token, 0 padding
+    bias = (1 - keep)[:, None, :] * -10000.0  # what PixArt and Sana make of it
+    with torch.no_grad():  # e^-10000 is 0 in float64 as in every float type: the same function
+        _close(attn(x, ctx, attention_mask=bias), ref(x, ctx, attention_mask=bias), 1e-13)
+        # … and the same as attending to the real tokens alone
+        alone = attn(x[:1], ctx[:1, :3])
+        _close(attn(x, ctx, attention_mask=bias)[:1], alone, 1e-13)
+    # the tangent through the masked attention matches a central difference; padding tokens get none
+    fn = lambda a, c: attn(a, c, attention_mask=bias)  # noqa: E731
+    tangents = (torch.randn(x.shape, generator=g, dtype=D), torch.randn(ctx.shape, generator=g, dtype=D))
+    _close(jvp_both(fn, (x, ctx), tangents), central_difference(fn, (x, ctx), tangents), 1e-7)
+    with pytest.raises(NotImplementedError, match="padding mask"):  # a bias that is not a padding mask
+        attn(x, ctx, attention_mask=torch.full((2, 1, 5), -1.0, dtype=D))
+    with pytest.raises(NotImplementedError, match="key padding"):  # one mask row per query
+        attn(x, ctx, attention_mask=torch.zeros(2, 3, 5, dtype=D))
 
+
+def test_enable_jvp_refuses_processors_it_cannot_differentiate():
     class Custom:
         def __call__(self, attn, hidden_states, **kw):
             return hidden_states
@@ -244,7 +265,7 @@ def test_student_conditioning_and_errors():
     with pytest.raises(ConfigError, match="model_class"):
         build_net(DiffusersNetConfig(), SD)  # the "diffusers" preset's placeholder: no model yet
     with pytest.raises(ConfigError, match="not a network scm can train"):
-        DiffusersNetConfig(model_class="FluxTransformer2DModel")
+        DiffusersNetConfig(model_class="HunyuanDiT2DModel")
 
 
 def _unet_with_classes():

@@ -10,7 +10,7 @@ _EXPORTS = {
     "Parameterization": "convert", "call_model": "convert", "data_scale": "convert",
     "from_diffusers": "teacher", "load_diffusers": "teacher", "read_diffusers": "teacher",
     "DiffusersNet": "net", "student_config": "net", "student_from_diffusers": "net", "DiffusersNetConfig": "net_config",
-    "enable_jvp": "jvp", "JVPAttnProcessor": "jvp",
+    "enable_jvp": "jvp", "ExactAttention": "jvp",
     "SCMModel": "pipeline", "SCMPipeline": "pipeline", "SCMTextEncoder": "pipeline", "export_diffusers": "export",
 }
 

@@ -177,28 +177,29 @@ def call_model(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, 
     """Call a diffusers network on (x, timestep) with scm's conditioning and return its prediction tensor.
 
     `labels` (scm's name: class indices [B], or None for the unconditional input) becomes `class_labels`; for a
-    class-conditional model None becomes `null_label` (DiT's extra "no class" row is found by itself). Every
-    other keyword (encoder_hidden_states, pooled_projections, added_cond_kwargs, …) passes through. A model with
-    learned variance (twice the input's channels, e.g. DiT) gives its first half, the mean prediction.
+    class-conditional model None becomes `null_label` (DiT's extra "no class" row is found by itself). Prompts
+    (`text`, `text_mask`, `text_pooled`) and a guidance scale (`guidance`, for a model with a guidance input) become
+    the model's own inputs (`scm.diffusers.families`); every other keyword (encoder_hidden_states, …) passes
+    through. A model with learned variance (twice the input's channels, e.g. DiT, PixArt) gives its first half,
+    the mean prediction.
     """
+    from scm.diffusers.families import family_of
+
     labels = cond.pop("labels", None)
     if labels is not None and labels.is_floating_point():  # one-hot rows → indices
         labels = labels.argmax(dim=1)
-    conditional = num_classes(model) is not None
-    if conditional:
+    if num_classes(model) is not None:
         if labels is None:
             null = default_null_label(model) if null_label is None else null_label
             if null is None:
                 raise ConfigError(f"{type(model).__name__} is class-conditional without an unconditional class; "
                                   "pass null_label (or labels)", key="teacher")
             labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
-        cond["class_labels"] = labels
     elif labels is not None:
         raise ConfigError(f"{type(model).__name__} is unconditional but labels were given", key="teacher")
     if timestep.ndim == 0:
         timestep = timestep.expand(x.shape[0])
-    out = model(x, timestep=timestep.to(x.dtype), **cond)
-    out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
+    out = family_of(model, generic=True).call(model, x, timestep.to(x.dtype), labels=labels, **cond)
     if out.shape[1] == 2 * x.shape[1]:
         out = out[:, : x.shape[1]]
     return out

@@ -42,6 +42,7 @@ from torch import nn
 
 from scm._checks import describe_shape
 from scm.diffusers.convert import Parameterization, call_model, data_scale, default_null_label, num_classes
+from scm.diffusers.families import family_of, latent_shape
 from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig
 from scm.errors import ConfigError
 from scm.nets.layers import Linear, MPConv, Network, PositionalEmbedding, check_input, guidance_scales
@@ -84,13 +85,6 @@ def _parameterization(cfg: DiffusersNetConfig) -> Parameterization:
     return Parameterization.from_scheduler(cls.from_config(cfg.scheduler_config))
 
 
-def _time_embeddings(model: nn.Module) -> list[nn.Module]:
-    """The modules whose output is the time embedding the guidance embedding is added to (module docstring)."""
-    if type(model).__name__ == "DiTTransformer2DModel":
-        return [block.norm1.emb for block in model.transformer_blocks]
-    return [model.time_embedding]
-
-
 def _width(module: nn.Module) -> int:
     """The output width of a time-embedding module (its last linear layer)."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
@@ -131,8 +125,9 @@ class DiffusersNet(Network):
         # The guidance embedding (§5.2, Sana-Sprint): zero-initialised, added to the time embedding by hooks.
         self.guidance_embed = self.guidance_linear = None
         self._guidance: torch.Tensor | None = None
-        if cfg.guidance_embed:
-            targets = _time_embeddings(model)
+        self.family = family_of(model)
+        if cfg.guidance_embed and not self.family.own_guidance(model.config):
+            targets = self.family.time_embeddings(model)
             self.guidance_embed = PositionalEmbedding(cfg.embed_channels)
             self.guidance_linear = Linear(cfg.embed_channels, _width(targets[0]))
             nn.init.zeros_(self.guidance_linear.weight)
@@ -179,9 +174,13 @@ class DiffusersNet(Network):
         sd, k = self.sigma_d, self.k
         x_in, timestep = self.param.model_inputs(x, t, sd, k)
         index = self._labels(labels, x.shape[0], x.device)
-        if self.guidance_linear is not None:
+        own = self.family.own_guidance(self.model.config)
+        if self.guidance_linear is not None or own:
             with torch.autocast(x.device.type, enabled=False):
                 g = guidance_scales(guidance, x.shape[0], x.device, compute_dtype(t))
+            if own:
+                cond["guidance"] = g
+            else:
                 self._guidance = self.guidance_linear(self.guidance_embed(g))
         try:
             out = call_model(self.model, x_in, timestep, labels=index, null_label=self.null_label, **cond)
@@ -206,13 +205,13 @@ def _check_supported(name: str, key: str) -> None:
                           f"{', '.join(SUPPORTED_MODELS)})", key=key)
 
 
-def _model_shape(config, name: str) -> tuple[int, ...]:
-    """(C, H, W) of a diffusers model's input, from its config (sample_size: R, or [H, W])."""
-    size = config.get("sample_size")
-    if size is None:
-        raise ConfigError(f"{name}: its config has no sample_size (the input resolution)", key="teacher")
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(config.get("in_channels")), *(int(v) for v in hw))
+def _model_shape(config, name: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """(C, H, W) of a diffusers model's input: `shape` (checked), or from its config (sample_size: R, or [H, W])."""
+    found = latent_shape(config, name, shape)
+    if found is None:
+        raise ConfigError(f"{name}: its config gives no input size (sample_size): the data's shape is needed",
+                          key="teacher")
+    return found
 
 
 def _resolution(shape: tuple[int, ...]) -> int | tuple[int, ...]:
@@ -222,43 +221,63 @@ def _resolution(shape: tuple[int, ...]) -> int | tuple[int, ...]:
 
 def _check_model(config, cfg: DiffusersNetConfig) -> None:
     """A model config (a mapping) scm can train as the student `cfg` describes: a time embedding with a derivative,
-    the shape and no more classes than the model has."""
+    the shape, the prompt widths and no more classes than the model has."""
     name = cfg.model_class
     if config.get("time_embedding_type") == "learned":
         raise ConfigError(f"{name} has a learned (table) time embedding, which has no derivative in t: it cannot be "
                           "trained as an sCM student", key="net.model_class")
-    shape = _model_shape(config, name)
-    if cfg.img_shape != shape:
+    _model_shape(config, name, cfg.img_shape)  # channels (and Flux's even sizes)
+    shape = latent_shape(config, name)
+    if shape is not None and cfg.img_shape != shape and not _any_size(name):
         raise ConfigError(f"DiffusersNetConfig is for {describe_shape(cfg.img_shape)} inputs but the {name} takes "
                           f"{describe_shape(shape)}", key="net")
+    if (cfg.text_dim, cfg.text_pooled_dim) != family_of(name).widths(config):
+        raise ConfigError(f"DiffusersNetConfig takes prompts of widths {(cfg.text_dim, cfg.text_pooled_dim)}, the "
+                          f"{name} {family_of(name).widths(config)}", key="net.text_dim")
     classes = num_classes(config) or 0
     if cfg.label_dim > classes:
         raise ConfigError(f"label_dim={cfg.label_dim}, but the {name} has {classes or 'no'} classes",
                           key="net.label_dim")
 
 
+def _any_size(name: str) -> bool:
+    """Whether a model of this class takes inputs of sizes other than its config's sample_size (transformers with
+    position embeddings made per size or cropped from a larger table)."""
+    return name in ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel",
+                    "PixArtTransformer2DModel")
+
+
 def student_config(model_class: str, model_config: dict, scheduler_class: str, scheduler_config: dict, *,
                    data: str = "own", label_dim: int | None = None, guidance_embed: bool = False,
                    label_dropout: float = 0.0, null_label: int | None = None, dropout: float | None = None,
-                   weight_channels: int = 128, embed_channels: int = 256) -> DiffusersNetConfig:
+                   weight_channels: int = 128, embed_channels: int = 256,
+                   shape: tuple[int, ...] | None = None) -> DiffusersNetConfig:
     """The config of the student a diffusers model (its class and config, and its training scheduler's) gives, from
     the configs alone (no weights are read, no random numbers drawn): `student_from_diffusers` without the model.
     label_dim (the classes of scm's labels) defaults to the model's; fewer are allowed (labels 0 … label_dim−1 are
     the model's first classes; 0 with a class-conditional model: always its "no class" input); dropout defaults to
-    the model's configured dropout. ConfigError for a model scm cannot train as a student (module docstring); what
-    only its modules tell (a "no class" index for label dropout) is read from the model built on the meta device
-    (no memory, no weights)."""
+    the model's configured dropout; shape (C, H, W) to the model's sample_size (a transformer takes other sizes; Flux
+    has none of its own). With guidance_embed, a class with a guidance embedder of its own (Flux, Sana) has it
+    switched on (`scm.diffusers.families`); a model that already takes a guidance scale (Flux-dev) always does.
+    ConfigError for a model scm cannot train as a student (module docstring); what only its modules tell (a "no
+    class" index for label dropout) is read from the model built on the meta device (no memory, no weights)."""
     _check_supported(model_class, "teacher")
     model_config, scheduler_config = _plain(model_config), _plain(scheduler_config)
-    shape, classes = _model_shape(model_config, model_class), num_classes(model_config) or 0
+    family = family_of(model_class)
+    guidance_embed = guidance_embed or family.own_guidance(model_config)
+    if guidance_embed and family.time_embeddings is None:
+        model_config.update(family.native_guidance)
+    shape, classes = _model_shape(model_config, model_class, shape), num_classes(model_config) or 0
     if label_dim is not None and not 0 <= label_dim <= classes:
         raise ConfigError(f"label_dim={label_dim}, but the {model_class} has {classes or 'no'} classes",
                           key="label_dim")
+    text_dim, pooled_dim = family.widths(model_config)
     cfg = DiffusersNetConfig(
         model_class=model_class, model_config=model_config, scheduler_class=scheduler_class,
         scheduler_config=scheduler_config, data=data, img_resolution=_resolution(shape), img_channels=shape[0],
         label_dim=classes if label_dim is None else label_dim, null_label=null_label, guidance_embed=guidance_embed,
-        label_dropout=label_dropout, embed_channels=embed_channels, weight_channels=weight_channels,
+        text_dim=text_dim, text_pooled_dim=pooled_dim, label_dropout=label_dropout, embed_channels=embed_channels,
+        weight_channels=weight_channels,
         dropout=float(model_config.get("dropout", 0.0) if dropout is None else dropout))
     _check_model(model_config, cfg)
     if cfg.label_dropout:
@@ -274,11 +293,12 @@ def student_from_diffusers(model: nn.Module, scheduler, *, sigma_d: float | None
     fresh w_φ head and, with `guidance_embed`, a zero-initialised guidance embedding, so that it computes exactly
     the teacher's F. Its parameters are float32 (float64 for a float64 teacher) on the teacher's device, with
     gradients, in training mode. `settings`: those of `student_config` (label_dim, guidance_embed, label_dropout,
-    null_label, dropout, weight_channels, embed_channels).
+    null_label, dropout, weight_channels, embed_channels, shape).
 
     sigma_d and data are the teacher conventions of `scm.diffusers.from_diffusers` (σ_d may be None for an EDM
-    teacher with data="own"). Supported: UNet2DModel, UNet2DConditionModel (prompt embeddings as
-    `encoder_hidden_states=` conditioning), DiTTransformer2DModel; any other class is a ConfigError."""
+    teacher with data="own"). Supported: the classes of `scm.diffusers.families` (UNet2DModel, UNet2DConditionModel
+    with SD's and SDXL's conditioning, DiTTransformer2DModel, PixArt, SD3, Flux and Sana transformers); any other
+    class is a ConfigError."""
     from scm.diffusers.teacher import resolve_sigma_d
 
     _check_supported(type(model).__name__, "teacher")
@@ -291,10 +311,23 @@ def student_from_diffusers(model: nn.Module, scheduler, *, sigma_d: float | None
 
 def copy_teacher_weights(student: DiffusersNet, model: nn.Module) -> DiffusersNet:
     """Load a diffusers teacher's weights into its student's copy of the network (float64 for a float64 teacher), on
-    the teacher's device."""
+    the teacher's device. A guidance embedder the student has and its teacher has not (Flux, Sana:
+    `scm.diffusers.families`) keeps its fresh weights with its output layer zeroed, so it adds nothing."""
     teacher_param = next(model.parameters())
     student.to(teacher_param.device)
     if teacher_param.dtype == torch.float64:
         student.double()
-    student.model.load_state_dict(model.state_dict(), strict=True)
+    family = student.family
+    switched_on = family.own_guidance(student.model.config) and not family.own_guidance(model.config)
+    rename = family.rename if switched_on and family.rename else (lambda key: key)
+    state = {rename(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = student.model.load_state_dict(state, strict=False)
+    new = [k for k in missing if ".guidance_embedder." in k]
+    if unexpected or len(new) != len(missing):
+        raise ConfigError(f"the teacher's weights do not fit its student ({type(model).__name__}): missing "
+                          f"{sorted(set(missing) - set(new))[:4]}, unexpected {sorted(unexpected)[:4]}", key="teacher")
+    for name, module in student.model.named_modules():
+        if new and name.endswith("guidance_embedder.linear_2"):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
     return student

@@ -12,7 +12,9 @@ from scm.errors import ConfigError
 
 __all__ = ["SUPPORTED_MODELS", "DiffusersNetConfig"]
 
-SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+# the classes of scm.diffusers.families (a test checks the two agree)
+SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel",
+                    "SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel")
 
 
 @dataclass
@@ -20,7 +22,7 @@ class DiffusersNetConfig:
     """A diffusers network as an scm student (one line a field). `model_class` "" is a placeholder (a preset before
     its teacher is known); a network is built only from a config that names its model (`student_from_diffusers`)."""
 
-    model_class: str = ""                               # UNet2DModel | UNet2DConditionModel | DiTTransformer2DModel
+    model_class: str = ""                               # one of SUPPORTED_MODELS
     model_config: dict = field(default_factory=dict)    # its diffusers config (keys without a leading "_")
     scheduler_class: str = ""                           # the teacher's training scheduler: its parameterisation
     scheduler_config: dict = field(default_factory=dict)
@@ -29,6 +31,8 @@ class DiffusersNetConfig:
     img_channels: int = 4
     label_dim: int = 0                                  # classes of scm's labels (<= the model's; 0: none)
     null_label: int | None = None                       # its "no class" index (None: the model's own, if any)
+    text_dim: int = 0                                   # width of the prompt tokens it takes (0: no prompts)
+    text_pooled_dim: int = 0                            # width of the pooled prompt embedding it takes (0: none)
     guidance_embed: bool = False                        # take a guidance-scale input (sCD with CFG, §5.2)
     label_dropout: float = 0.0                          # drop labels with this probability in training (CFG)
     dropout: float = 0.0                                # p of every dropout layer of the diffusers model
@@ -47,6 +51,10 @@ class DiffusersNetConfig:
         if not isinstance(self.img_resolution, int):
             self.img_resolution = tuple(self.img_resolution)
         sizes(self.img_resolution, "img_resolution")
+        for name in ("text_dim", "text_pooled_dim"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                raise ValueError(f"DiffusersNetConfig.{name} must be an int >= 0, got {v!r}")
         for name in ("img_channels", "embed_channels", "weight_channels"):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
