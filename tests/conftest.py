@@ -208,3 +208,19 @@ def kernels():
 def kernel_device():
     """Where the kernels' tensors live: CUDA when there is one, else the CPU (Triton's interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def captioned(real_mnist, tmp_path_factory):
+    """256 captioned MNIST digits with the built-in encoder's prompt embeddings (8 tokens of width 16; pooled 16)."""
+    from scm.data import load_dataset
+    from scm.data.prompts import encode_captions
+    from scm.text import BuiltinEncoder
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCM_DATA_DIR", real_mnist)
+    data = load_dataset("mnist-captions").subset(0, 256)
+    out = encode_captions(data, BuiltinEncoder(width=16, max_tokens=8), tmp_path_factory.mktemp("c") / "mc",
+                          progress=False, log=lambda m: None)
+    yield out, mp
+    mp.undo()

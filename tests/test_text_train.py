@@ -23,20 +23,6 @@ SMALL = ["tensorboard=false", "progress=false", "sample_count=4", "ckpt_every_ki
 
 
 @pytest.fixture(scope="module")
-def captioned(real_mnist, tmp_path_factory):
-    """256 captioned MNIST digits with the built-in encoder's prompt embeddings (8 tokens of width 16)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SCM_DATA_DIR", real_mnist)
-    from scm.text import BuiltinEncoder
-
-    data = load_dataset("mnist-captions").subset(0, 256)
-    out = encode_captions(data, BuiltinEncoder(width=16, max_tokens=8), tmp_path_factory.mktemp("c") / "mc",
-                          progress=False, log=lambda m: None)
-    yield out, mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def text_runs(captioned, tmp_path_factory):
     data, _ = captioned
     root = tmp_path_factory.mktemp("runs")

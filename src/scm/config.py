@@ -168,8 +168,10 @@ class TrainConfig:
         if getattr(L, "guidance", None) is not None:
             _need(self.method == "scd", "loss.guidance", L.guidance, "classifier-free guidance is for sCD only")
             _need(self.net.guidance_embed, "loss.guidance", L.guidance, "needs net.guidance_embed=true")
-            _need(self.conditional or bool(getattr(self.net, "text_dim", 0)), "loss.guidance", L.guidance,
-                  "needs a class-conditional run (conditional=true) or a text network")
+            # a diffusers teacher's own network (made at resolve) may take prompts: checked again then
+            pending = str(self.teacher or "").startswith("diffusers:") and self.net_preset != "diffusers"
+            _need(self.conditional or bool(getattr(self.net, "text_dim", 0)) or pending, "loss.guidance",
+                  L.guidance, "needs a class-conditional run (conditional=true) or a text network")
         _need(not (self.distributed == "fsdp" and getattr(L, "fused_pass", None) is True), "loss.fused_pass",
               True, "is not supported with distributed=fsdp (FSDP2's hooks have no forward-mode AD rule); "
               "use the separate tangent pass (loss.fused_pass=false)")

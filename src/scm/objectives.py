@@ -255,8 +255,10 @@ class ConsistencyLoss:
             return self.sigma_d * self.teacher(x_t / self.sigma_d, t, **cond), cond  # sCD (App. G.2)
         lo, hi = self.guidance
         s = lo + (hi - lo) * torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        teacher = guided(self.teacher, self.teacher_uncond)
-        dxdt = self.sigma_d * teacher(x_t / self.sigma_d, t, guidance=s, **cond)   # §5.2: CFG teacher at s
+        # §5.2: the CFG teacher at s; a guidance-distilled teacher (Flux-dev) takes s as an input instead
+        teacher = self.teacher if getattr(self.teacher, "takes_guidance", False) else guided(self.teacher,
+                                                                                              self.teacher_uncond)
+        dxdt = self.sigma_d * teacher(x_t / self.sigma_d, t, guidance=s, **cond)
         return dxdt, {**cond, "guidance": s}
 
     def __call__(self, net: Callable, x0: torch.Tensor, progress_kimg: float = 0.0, *, generator=None, t=None,

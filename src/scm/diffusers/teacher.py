@@ -59,7 +59,10 @@ def from_diffusers(model: torch.nn.Module, scheduler, *, sigma_d: float | None =
         out = call_model(model, x_in, timestep, null_label=null_label, **{**fixed, **call_cond})
         return param.trigflow_F(out, x_in, t, sigma_d, k).to(x_scaled.dtype)
 
+    from scm.diffusers.families import family_of
+
     fn.parameterization, fn.sigma_d, fn.data = param, sigma_d, data
+    fn.takes_guidance = family_of(model, generic=True).own_guidance(getattr(model, "config", {}))
     return fn
 
 
@@ -90,14 +93,15 @@ class DiffusersFolder:
     scheduler_config: dict
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """(C, H, W) of the network's input (its config's in_channels and sample_size)."""
-        size = self.model_config.get("sample_size")
-        if size is None or self.model_config.get("in_channels") is None:
-            raise ConfigError(f"{self.model_dir / 'config.json'}: no sample_size and in_channels (the network's "
-                              "input shape)", key="teacher")
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(self.model_config["in_channels"]), *(int(v) for v in hw))
+    def shape(self) -> tuple[int, ...] | None:
+        """(C, H, W) of the network's input (its config's in_channels and sample_size); None for a network without a
+        size of its own (Flux: the data's)."""
+        from scm.diffusers.families import latent_shape
+
+        if self.model_config.get("in_channels") is None:
+            raise ConfigError(f"{self.model_dir / 'config.json'}: no in_channels (the network's input shape)",
+                              key="teacher")
+        return latent_shape(self.model_config, self.model_class)
 
     @property
     def classes(self) -> int | None:

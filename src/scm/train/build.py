@@ -88,6 +88,8 @@ def _check_teacher_call(teacher: LoadedTeacher, cfg: TrainConfig, data: Dataset,
     x = torch.zeros(2, *cfg.shape, device=device)
     t = torch.tensor([0.5, 1.0], device=device)
     cond = Conditioning.of_run(cfg).from_batch(data.batch(torch.arange(2) % len(data), device)[1])
+    if getattr(teacher.fn, "takes_guidance", False) and getattr(cfg.loss, "guidance", None):
+        cond["guidance"] = float(cfg.loss.guidance[0])  # a guidance-distilled teacher (Flux-dev) takes the scale
     try:
         with torch.no_grad():
             out = teacher.fn(x, t, **cond)

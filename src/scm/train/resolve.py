@@ -55,6 +55,7 @@ def resolve(cfg: TrainConfig, data: Dataset) -> TrainConfig:
         _student_of_run(cfg, data)
     elif teacher is not None and teacher.kind == "diffusers" and (student := diffusers_student(cfg, teacher, data)[0]):
         cfg.net, cfg.net_preset = student, DIFFUSERS_NET_PRESET
+        _prompts_of_teacher(cfg, data)
     else:
         cfg.net = dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0)
         _text_of_data(cfg, data)
@@ -91,6 +92,24 @@ def _text_of_data(cfg: TrainConfig, data: Dataset) -> None:
                         key="data")
     cfg.text = TextConfig.of_data(info, cfg.text.caption_dropout)
     cfg.net = dataclasses.replace(cfg.net, text_dim=cfg.text.width, text_pooled_dim=cfg.text.pooled_width)
+
+
+def _prompts_of_teacher(cfg: TrainConfig, data: Dataset) -> None:
+    """A diffusers student that takes prompts takes the data's caption embeddings, which must have its widths (made
+    by its pipeline's own text encoders: `scm data encode` with the pipeline); a pooled embedding the network does
+    not take is left unused."""
+    if not cfg.net.text_dim:
+        return
+    info = getattr(data, "text", None)
+    if info is None:
+        raise DataError(f"{data.source}: the teacher {cfg.teacher} takes prompts, but the data set holds no prompt "
+                        "embeddings (encode its captions with the teacher's pipeline: scm data encode)", key="data")
+    text = TextConfig.of_data(info, cfg.text.caption_dropout)
+    if text.width != cfg.net.text_dim or (cfg.net.text_pooled_dim and text.pooled_width != cfg.net.text_pooled_dim):
+        raise DataError(f"{data.source}: its prompt embeddings have widths (tokens {text.width}, pooled "
+                        f"{text.pooled_width}), the teacher {cfg.teacher} takes ({cfg.net.text_dim}, "
+                        f"{cfg.net.text_pooled_dim}): encode the captions with the teacher's pipeline", key="data")
+    cfg.text = text
 
 
 def _check_conditioning(cfg: TrainConfig, data: Dataset) -> None:
@@ -186,6 +205,6 @@ def diffusers_student(cfg: TrainConfig, teacher: TeacherSource, data: Dataset):
         return student_config(f.model_class, f.model_config, f.scheduler_class, f.scheduler_config,
                               data=cfg.teacher_data, label_dim=data.num_classes if cfg.conditional else 0,
                               guidance_embed=getattr(cfg.net, "guidance_embed", False),
-                              label_dropout=getattr(cfg.net, "label_dropout", 0.0)), None
+                              label_dropout=getattr(cfg.net, "label_dropout", 0.0), shape=data.shape), None
     except ConfigError as e:
         return None, str(e)
