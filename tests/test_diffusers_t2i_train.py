@@ -84,6 +84,19 @@ def test_cli_distils_a_text_to_image_family_and_samples_from_a_prompt(family, ca
     assert code == 0, text
     images = np.load(out)["x"]
     assert images.shape[0] == 4 and np.isfinite(images.astype(np.float64)).all()
+    # exported as a diffusers pipeline, it samples as scm sample does (same seed, prompt and guidance scale)
+    code, text = cli("export", run, tmp_path / "exported")
+    assert code == 0, text
+    from scm.diffusers import SCMPipeline
+    from scm.generate import Sampler, generate
+
+    pipe = SCMPipeline.from_pretrained(tmp_path / "exported")
+    pipe.set_progress_bar_config(disable=True)
+    for steps in (1, 2, 4):
+        x, _ = generate(loaded, 2, Sampler(steps=steps), seed=5, prompt="a thin one", guidance=2.0, progress=False)
+        y = pipe("a thin one", batch_size=2, num_inference_steps=steps, seed=5, guidance_scale=2.0,
+                 output_type="latent").images
+        assert (y - x).abs().max() <= 1e-5, steps  # as tests/test_export.py
 
 
 def test_a_teacher_that_takes_prompts_refuses_data_without_them_or_of_other_widths(real_mnist, captioned, tmp_path,
