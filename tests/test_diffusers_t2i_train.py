@@ -117,3 +117,9 @@ def test_a_teacher_that_takes_prompts_refuses_data_without_them_or_of_other_widt
     code, text = cli("train", "--preset", "tiny-28-scd", "--data", other, "--out", tmp_path / "r2", "--teacher",
                      f"diffusers:{folder}", "--kimg", 0.016, "progress=false")
     assert code != 0 and "widths" in text, text
+    # a guidance-distilled teacher (Flux-dev: its network takes the scale) needs a guidance range
+    torch.manual_seed(0)
+    flux = _folder(tmp_path / "flux", FAMILIES["flux"][0](), _flow())
+    code, text = cli("train", "--preset", "tiny-28-scd", "--data", captioned[0], "--out", tmp_path / "r3",
+                     "--teacher", f"diffusers:{flux}", "--kimg", 0.016, "progress=false")
+    assert code == 2 and "loss.guidance" in text and "guidance-distilled" in text, text

@@ -104,6 +104,13 @@ class DiffusersFolder:
         return latent_shape(self.model_config, self.model_class)
 
     @property
+    def takes_guidance(self) -> bool:
+        """Whether the network takes a guidance scale itself (a guidance-distilled model: Flux-dev)."""
+        from scm.diffusers.families import family_of
+
+        return family_of(self.model_class, generic=True).own_guidance(self.model_config)
+
+    @property
     def classes(self) -> int | None:
         """The number of classes of a class-conditional network; None for an unconditional one."""
         return num_classes(self.model_config)

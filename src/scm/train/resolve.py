@@ -147,6 +147,10 @@ def _check_teacher(cfg: TrainConfig, teacher: TeacherSource, data: Dataset) -> N
         raise ConfigError(f"teacher {cfg.teacher}: its network is {describe_shape(teacher.shape)} but this run's data "
                           f"is {describe_shape(cfg.shape)}", key="teacher")
     if teacher.kind == "diffusers":
+        if teacher.folder.takes_guidance and getattr(cfg.loss, "guidance", None) is None:
+            raise ConfigError(f"teacher {cfg.teacher}: a guidance-distilled model (its network takes the guidance "
+                              "scale, as Flux-dev's): distil it with a guidance range (e.g. loss.guidance=1,4)",
+                              key="loss.guidance")
         if teacher.classes and not cfg.conditional:
             cfg.conditional = True
             _check_conditioning(cfg, data)
