@@ -208,6 +208,21 @@ def test_groupnorm_and_timestep_fixes():
     assert torch.equal(wide(s), ts(s))
     assert wide(s.double()).dtype == D
     _close(wide(s.double()).float(), ts(s), 1e-4)  # float32 rounding of sin/cos(999·ω)
+    # RMSNorm (its variance in float32 whatever the input): bit-identical in float32, float64 for float64 inputs
+    from diffusers.models.normalization import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    ours = enable_jvp(torch.nn.Sequential(copy.deepcopy(norm)))[0]
+    assert type(ours).__name__ == "WideRMSNorm" and isinstance(ours, RMSNorm)
+    h = torch.randn(3, 16)
+    assert torch.equal(ours(h), norm(h))
+    h64 = h.double()
+    exact = h64 * torch.rsqrt(h64.square().mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    assert ours.double()(h64).dtype == D and (ours(h64) - exact).abs().max() < 1e-15  # no float32 step left
+    th = torch.randn(3, 16, dtype=D)
+    _close(jvp_both(ours, (h64,), (th,)), central_difference(ours, (h64,), (th,)), 1e-8)
 
 
 # -- 2. a fresh student is its teacher -----------------------------------------------------------------------------
