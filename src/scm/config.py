@@ -175,6 +175,9 @@ class TrainConfig:
         _need(not (self.distributed == "fsdp" and getattr(L, "fused_pass", None) is True), "loss.fused_pass",
               True, "is not supported with distributed=fsdp (FSDP2's hooks have no forward-mode AD rule); "
               "use the separate tangent pass (loss.fused_pass=false)")
+        _need(not (getattr(self.net, "checkpointing", False) and getattr(L, "fused_pass", None) is True),
+              "loss.fused_pass", True, "is not supported with net.checkpointing=true (the recomputation has no "
+              "tangent); use the separate tangent pass (loss.fused_pass=false)")
         _need(self.teacher_data in ("own", "unit"), "teacher_data", self.teacher_data, "must be 'own' or 'unit'")
         if self.method == "scd":
             _need(self.teacher is not None, "teacher", self.teacher, "sCD needs a teacher (a diffusion run directory)")

@@ -116,6 +116,8 @@ class DiffusersNet(Network):
             if type(m).__name__ == "LabelEmbedding":
                 m.dropout_prob = 0.0  # diffusers' label dropout off: `label_dropout` decides (module docstring)
         self.model = enable_jvp(model)
+        if cfg.checkpointing:  # diffusers' own per-block checkpointing (non-reentrant; see Network.block)
+            self.model.enable_gradient_checkpointing()
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
 
@@ -171,6 +173,7 @@ class DiffusersNet(Network):
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False, **cond):
         check_input("DiffusersNet", x, t, self.shape)
+        self.checkpointing()  # the fused pass is refused by name (the model checkpoints its own blocks)
         sd, k = self.sigma_d, self.k
         x_in, timestep = self.param.model_inputs(x, t, sd, k)
         index = self._labels(labels, x.shape[0], x.device)
@@ -251,7 +254,7 @@ def student_config(model_class: str, model_config: dict, scheduler_class: str, s
                    data: str = "own", label_dim: int | None = None, guidance_embed: bool = False,
                    label_dropout: float = 0.0, null_label: int | None = None, dropout: float | None = None,
                    weight_channels: int = 128, embed_channels: int = 256,
-                   shape: tuple[int, ...] | None = None) -> DiffusersNetConfig:
+                   shape: tuple[int, ...] | None = None, checkpointing: bool = False) -> DiffusersNetConfig:
     """The config of the student a diffusers model (its class and config, and its training scheduler's) gives, from
     the configs alone (no weights are read, no random numbers drawn): `student_from_diffusers` without the model.
     label_dim (the classes of scm's labels) defaults to the model's; fewer are allowed (labels 0 … label_dim−1 are
@@ -276,7 +279,8 @@ def student_config(model_class: str, model_config: dict, scheduler_class: str, s
         model_class=model_class, model_config=model_config, scheduler_class=scheduler_class,
         scheduler_config=scheduler_config, data=data, img_resolution=_resolution(shape), img_channels=shape[0],
         label_dim=classes if label_dim is None else label_dim, null_label=null_label, guidance_embed=guidance_embed,
-        text_dim=text_dim, text_pooled_dim=pooled_dim, label_dropout=label_dropout, embed_channels=embed_channels,
+        text_dim=text_dim, text_pooled_dim=pooled_dim, label_dropout=label_dropout, checkpointing=checkpointing,
+        embed_channels=embed_channels,
         weight_channels=weight_channels,
         dropout=float(model_config.get("dropout", 0.0) if dropout is None else dropout))
     _check_model(model_config, cfg)
@@ -293,7 +297,7 @@ def student_from_diffusers(model: nn.Module, scheduler, *, sigma_d: float | None
     fresh w_φ head and, with `guidance_embed`, a zero-initialised guidance embedding, so that it computes exactly
     the teacher's F. Its parameters are float32 (float64 for a float64 teacher) on the teacher's device, with
     gradients, in training mode. `settings`: those of `student_config` (label_dim, guidance_embed, label_dropout,
-    null_label, dropout, weight_channels, embed_channels, shape).
+    null_label, dropout, weight_channels, embed_channels, shape, checkpointing).
 
     sigma_d and data are the teacher conventions of `scm.diffusers.from_diffusers` (σ_d may be None for an EDM
     teacher with data="own"). Supported: the classes of `scm.diffusers.families` (UNet2DModel, UNet2DConditionModel

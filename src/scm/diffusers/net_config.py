@@ -35,6 +35,7 @@ class DiffusersNetConfig:
     text_pooled_dim: int = 0                            # width of the pooled prompt embedding it takes (0: none)
     guidance_embed: bool = False                        # take a guidance-scale input (sCD with CFG, §5.2)
     label_dropout: float = 0.0                          # drop labels with this probability in training (CFG)
+    checkpointing: bool = False                         # the model's own gradient checkpointing (per block)
     dropout: float = 0.0                                # p of every dropout layer of the diffusers model
     embed_channels: int = 256                           # positional embedding of the guidance scale
     weight_channels: int = 128                          # embedding width of the adaptive-weight head w_φ(t)

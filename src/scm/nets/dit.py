@@ -107,6 +107,7 @@ class DiTConfig:
     dropout: float = 0.0                # dropout on the MLP's hidden layer (sCT)
     label_dropout: float = 0.0          # drop labels with this probability in training (classifier-free guidance)
     guidance_embed: bool = False        # take a guidance-scale input (sCD students with CFG, §5.2)
+    checkpointing: bool = False         # recompute each block's activations in the backward pass (saves memory)
     embed_channels: int = 256           # channels of the positional time (and guidance) embedding (DiT: 256)
     weight_channels: int = 128          # embedding width of the adaptive-weight head w_φ(t)
     qk_norm: bool = True                # RMS-normalize q and k per head (stabiliser (c), module docstring)
@@ -391,7 +392,7 @@ class DiT(Network):
         cond = self.embedding(t, labels, guidance, text_pooled)
         h = self.patch_embed(self.patchify(x)) + self.pos_embed
         for block in self.blocks:
-            h = block(h, cond, prompt)
+            h = self.block(block, h, cond, prompt)
         with torch.autocast(x.device.type, enabled=False):
             shift, scale = self.final_modulation(to_compute(cond))[:, None, :].chunk(2, dim=-1)
         h = self.final_linear(modulate(h, scale, shift, self.cfg.modulation))

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from scm._checks import check_t
@@ -226,6 +227,33 @@ class Network(nn.Module):
 
     def c_noise(self, t: torch.Tensor) -> torch.Tensor:
         return c_noise(t, getattr(self.cfg, "c_noise", "t"), self.sigma_d)
+
+    def checkpointing(self) -> bool:
+        """Whether this call checkpoints its blocks (`block`): the config asks for it and grad mode is on;
+        RuntimeError inside a forward-AD dual level (the fused pass)."""
+        if not (getattr(self.cfg, "checkpointing", False) and torch.is_grad_enabled()):
+            return False
+        from torch.autograd import forward_ad
+
+        if forward_ad._current_level >= 0:
+            raise RuntimeError("activation checkpointing (net.checkpointing) needs the separate tangent pass "
+                               "(loss.fused_pass=false): the fused pass runs the tangent inside the forward")
+        return True
+
+    def block(self, block: nn.Module, *args):
+        """block(*args), through activation checkpointing when the config asks for it (`checkpointing`) and a
+        backward may follow (grad mode): the block's activations are not kept but recomputed in the backward pass,
+        with the RNG state replayed (dropout draws the same masks), so the gradients are those of the stored pass
+        bit for bit where the recomputation repeats the forward's kernels (tested).
+
+        sCM's step then takes the tangent in its own pass under no_grad (it stores nothing) and the checkpointed
+        forward of F for the backward (`loss.fused_pass=false`, set by the run). The fused pass cannot be
+        checkpointed: its forward also runs the tangent's operations, whose saved values a recomputation without the
+        tangent would not repeat (checkpointing matches saved values one by one); recomputing the tangent too would
+        cost the separate pass's work anyway. A dual level with grad mode on is refused (RuntimeError)."""
+        if self.checkpointing():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """The adaptive log-weight w_φ(t) of eq. 8 (EDM2's −logvar), shape [B], computed in float32."""

@@ -56,6 +56,7 @@ class UNetConfig:
     dropout_max_res: int | None = None  # dropout only in blocks at resolution <= this (sCT: 16); None = all
     label_dropout: float = 0.0          # drop labels with this probability in training (classifier-free guidance)
     guidance_embed: bool = False        # take a guidance-scale input (sCD students with CFG, §5.2)
+    checkpointing: bool = False         # recompute each block's activations in the backward pass (saves memory)
     time_embed: str = "positional"      # "positional" (§4.1) | "fourier" (ablation)
     c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM2's log(σ)/4 (ablation)
     fourier_scale: float = 16.0         # scale of the "fourier" embedding
@@ -259,11 +260,11 @@ class UNet(Network):
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            h = block(h) if name.endswith("_conv") else block(h, emb)
+            h = block(h) if name.endswith("_conv") else self.block(block, h, emb)
             skips.append(h)
         for name, block in self.dec.items():
             if "block" in name:
                 h = mp_cat(h, skips.pop(), t=self.cfg.concat_balance)
-            h = block(h, emb)
+            h = self.block(block, h, emb)
         out = self.out_conv(h, gain=self.out_gain).to(x.dtype)
         return (out, self.weight(t)) if return_weight else out

@@ -107,6 +107,8 @@ def build_objective(cfg: TrainConfig, teacher=None) -> DiffusionLoss | Consisten
     settings = {f.name: getattr(cfg.loss, f.name) for f in dataclasses.fields(cfg.loss)}
     if cfg.method == "diffusion":
         return DiffusionLoss(**settings)
-    if settings["fused_pass"] is None and cfg.distributed == "fsdp":
-        settings["fused_pass"] = False  # FSDP2's hooks have no forward-mode AD rule: separate tangent pass
+    if settings["fused_pass"] is None and (cfg.distributed == "fsdp" or getattr(cfg.net, "checkpointing", False)):
+        # FSDP2's hooks have no forward-mode AD rule, and activation checkpointing recomputes a pass without
+        # tangents (scm.nets.layers.Network.block): the separate tangent pass
+        settings["fused_pass"] = False
     return ConsistencyLoss(**settings, teacher=teacher, teacher_uncond=Conditioning.of_run(cfg).null())

@@ -36,7 +36,7 @@ __all__ = ["DIFFUSERS_NET_PRESET", "TRAINING_NET_FIELDS", "architecture", "check
            "resolve"]
 
 # Fields a student may change relative to the run it is initialized from (training-time behaviour only).
-TRAINING_NET_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_embed")
+TRAINING_NET_FIELDS = ("dropout", "dropout_max_res", "label_dropout", "guidance_embed", "checkpointing")
 DIFFUSERS_NET_PRESET = "diffusers"
 SPACE_FIELDS = ("vae", "mean", "std", "sigma_d")  # what makes two latent spaces the same one
 
@@ -209,6 +209,7 @@ def diffusers_student(cfg: TrainConfig, teacher: TeacherSource, data: Dataset):
         return student_config(f.model_class, f.model_config, f.scheduler_class, f.scheduler_config,
                               data=cfg.teacher_data, label_dim=data.num_classes if cfg.conditional else 0,
                               guidance_embed=getattr(cfg.net, "guidance_embed", False),
-                              label_dropout=getattr(cfg.net, "label_dropout", 0.0), shape=data.shape), None
+                              label_dropout=getattr(cfg.net, "label_dropout", 0.0), shape=data.shape,
+                              checkpointing=getattr(cfg.net, "checkpointing", False)), None
     except ConfigError as e:
         return None, str(e)
