@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import resource
 import subprocess
@@ -39,6 +40,7 @@ VARIANTS = {
     "sCT, fused pass": dict(kind="sct", fused_pass=True),
     "sCD, separate tangent pass": dict(kind="scd", fused_pass=False),
     "sCD, fused pass": dict(kind="scd", fused_pass=True),
+    "sCD, separate pass, checkpointed blocks": dict(kind="scd", fused_pass=False, checkpointing=True),
     "sCT, PyTorch-native JVP rules (naive)": dict(kind="sct", fused_pass=False, native=True),
 }
 
@@ -46,8 +48,11 @@ VARIANTS = {
 def make_step(name: str, args, device):
     spec = VARIANTS[name]
     torch.manual_seed(0)
-    net = awake(build_net(net_config(args.net, img_resolution=args.res, img_channels=args.channels), 0.5)).to(device)
+    cfg = net_config(args.net, img_resolution=args.res, img_channels=args.channels)
+    net = awake(build_net(cfg, 0.5)).to(device)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    if spec.get("checkpointing"):  # activation checkpointing per block (net.checkpointing), same weights
+        net.cfg = dataclasses.replace(cfg, checkpointing=True)
     if spec["kind"] == "diffusion":
         objective = DiffusionLoss()
     else:
@@ -195,7 +200,11 @@ NOTES = """## Notes
 - The custom rules also skip the weight-tangent convolution of PyTorch's conv2d JVP formula and Python
   decompositions of scalar ops (see jvp_cost.md); the naive row swaps them for PyTorch's generic formulas.
 - `scm train` uses the fused pass by default (`loss.fused_pass`), except under FSDP2, whose hooks have no
-  forward-mode AD rule; the separate pass replays the RNG so both passes draw the same dropout masks.
+  forward-mode AD rule, and with activation checkpointing; the separate pass replays the RNG so both passes draw
+  the same dropout masks.
+- **Checkpointed blocks** (`net.checkpointing=true`): the separate no-grad tangent pass (stores nothing), then a
+  forward of F that keeps only each block's input and recomputes the block in the backward pass: one more forward
+  of the student per step, for activations of one block at a time instead of all blocks.
 """
 
 
