@@ -7,7 +7,7 @@ Every encoder has the same interface (`TextEncoder`): `encode(prompts)` returns 
 prepared data set record the spec, so prompts are encoded later exactly as the training captions were
 (`load_text_encoder(spec)`).
 
-Two kinds:
+Three kinds:
 - "builtin": a toy that needs no weights and never downloads anything, for demos and tests. A prompt is lower-cased
   and cut into words (runs of letters or digits) and single punctuation marks; each word's vector is drawn from a
   generator seeded by the SHA-256 of the word (so the same word has the same vector on every machine, with no
@@ -15,6 +15,8 @@ Two kinds:
   The pooled embedding is the mean of the word vectors (zero for the empty prompt, whose mask is all False). It
   knows no synonyms and no grammar: a network learns what its words mean from the captions alone.
 - a folder holding a `transformers` text encoder and its tokenizer (`scm.text_transformers`, the `text` extra).
+- "pipeline": a diffusers text-to-image pipeline folder's own text encoders, encoding prompts exactly as the
+  pipeline does for its network (`scm.diffusers.pipeline_text`, the `diffusers` extra).
 """
 
 from __future__ import annotations
@@ -166,8 +168,10 @@ class BuiltinEncoder:
 
 def load_text_encoder(spec: str | Path | dict, *, max_tokens: int | None = None, device="cpu") -> TextEncoder:
     """The encoder `spec` names: "builtin", a folder of a transformers text encoder (or of a diffusers pipeline with
-    text_encoder/ and tokenizer/), or the `spec` dict a run or prepared set recorded. ConfigError (key
-    "text_encoder") when it names nothing scm can load."""
+    text_encoder/ and tokenizer/), or the `spec` dict a run or prepared set recorded. A pipeline folder whose
+    model_index.json names a text-to-image pipeline class scm knows (`scm.diffusers.pipeline_text.PIPELINES`) gives
+    that pipeline's own encoding (`max_tokens` is then its max_sequence_length). ConfigError (key "text_encoder")
+    when it names nothing scm can load."""
     if isinstance(spec, dict):
         kind = spec.get("kind")
         if kind == BUILTIN:
@@ -177,9 +181,17 @@ def load_text_encoder(spec: str | Path | dict, *, max_tokens: int | None = None,
 
             return load_transformers_encoder(spec["path"], max_tokens=int(spec["max_tokens"]), device=device,
                                              expect=spec)
+        if kind == "pipeline":
+            from scm.diffusers.pipeline_text import load_pipeline_encoder
+
+            return load_pipeline_encoder(spec["path"], device=device, expect=spec)
         raise ConfigError(f"text encoder record {spec!r}: unknown kind {kind!r}", key="text_encoder")
     if str(spec) == BUILTIN:
         return BuiltinEncoder(max_tokens=max_tokens or 16)
+    from scm.diffusers.pipeline_text import load_pipeline_encoder, pipeline_class
+
+    if pipeline_class(spec) is not None:
+        return load_pipeline_encoder(spec, max_sequence_length=max_tokens, device=device)
     from scm.text_transformers import load_transformers_encoder
 
     return load_transformers_encoder(spec, max_tokens=max_tokens, device=device)

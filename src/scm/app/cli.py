@@ -2,7 +2,8 @@
 
 Errors the user can fix (missing files, bad values, a run directory of another kind, …) end with one line
 `error: …` on stderr and a non-zero exit code: 2 for bad input, 3 when training stopped on non-finite
-steps, 130 when interrupted (a checkpoint is saved; continue with --resume).
+steps, 4 when a peer process of a distributed run stopped (continue from the last checkpoint with --resume), 130
+when interrupted (a checkpoint is saved; continue with --resume).
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def train(
                           kimg=kimg, batch=batch, device=device)
         result = run_training(cfg, resume=resume)
     except TrainingStopped as e:
-        hint = "; continue with the same command and --resume" if e.reason == "interrupted" else ""
-        fail(f"{e}{hint}", 130 if e.reason == "interrupted" else 3)
+        hint = {"interrupted": "; continue with the same command and --resume",
+                "peer": ". This process stops too: once every node can run again, start each node's command again "
+                        "with --resume (every rank continues from that checkpoint)"}.get(e.reason, "")
+        fail(f"{e}{hint}", {"interrupted": 130, "peer": 4}.get(e.reason, 3))
     except USER_ERRORS as e:
         fail_on(e)
     done = f"done: {result.kimg:.1f} kimg in {result.step} steps; run directory {result.run_dir}"
@@ -464,10 +467,16 @@ def data_prepare(
 def data_encode(
     data: Annotated[str, typer.Option(help="the images: a prepared directory, a folder of images, an .npz, …")],
     out: Annotated[str, typer.Option(help="the prepared directory to create")],
-    vae: Annotated[str | None, typer.Option(help="store latents: a diffusers AutoencoderKL folder (or a pipeline "
-                                                 "folder with vae/)")] = None,
+    vae: Annotated[str | None, typer.Option(help="store latents: a diffusers AutoencoderKL or AutoencoderDC folder "
+                                                 "(or a pipeline folder with vae/)")] = None,
     text_encoder: Annotated[str | None, typer.Option(help="store the captions' prompt embeddings: builtin | a "
                                                           "transformers text-encoder folder")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="store what a diffusers text-to-image pipeline's network takes "
+                                                      "(a pipeline folder: SD3, Flux, Sana, PixArt-Σ, SDXL): the "
+                                                      "captions encoded by its own text encoders as it encodes "
+                                                      "prompts, the images by its own VAE, normalised as its network "
+                                                      "was trained ((z − shift_factor)·scaling_factor); in place of "
+                                                      "--text-encoder and --vae")] = None,
     resolution: Annotated[int | None, typer.Option(help="image size R (default: the source's): unless --data is "
                                                         "a prepared R×R directory, --vae first prepares the images "
                                                         "into OUT-images (centre crop, area resize), the pixel "
@@ -490,10 +499,12 @@ def data_encode(
     r"""Encode images with a VAE into a prepared latent directory (normalised per channel to σ_d = 0.5, App. G.1),
     and/or their captions with a text encoder (prompt embeddings beside the images or latents), to train on with
     `scm train --data`; samples of a latent run are decoded by `scm sample` and `scm eval`. Give --vae,
-    --text-encoder or both. An interrupted run continues where it stopped when the same command is run again.
-    --vae needs `pip install scm\[latent]`."""
+    --text-encoder or both, or --pipeline (both, a diffusers pipeline's own). An interrupted run continues where
+    it stopped when the same command is run again. --vae needs `pip install scm\[latent]`, --pipeline
+    `pip install scm\[diffusers,text]`."""
+    vae, normalization = _pipeline_options(pipeline, text_encoder, vae, normalization)
     if vae is None and text_encoder is None:
-        fail("give --vae (latents), --text-encoder (prompt embeddings) or both")
+        fail("give --vae (latents), --text-encoder (prompt embeddings) or both, or --pipeline")
     if vae is None and (flip or sample or normalization != "measure"):
         fail(f"{'--flip' if flip else '--sample' if sample else '--normalization'} needs --vae")
     from scm.data import load_dataset
@@ -507,6 +518,10 @@ def data_encode(
         print(message, file=sys.stderr)
 
     try:
+        if pipeline is not None:
+            from scm.diffusers.pipeline_text import load_pipeline_encoder
+
+            text_encoder = load_pipeline_encoder(pipeline, device=dev)
         if text_encoder is None:
             path = encode(data, vae, out, dtype=dtype, resolution=resolution, progress=not no_progress, device=dev,
                           log=log, **options)
@@ -517,7 +532,8 @@ def data_encode(
     except KeyboardInterrupt:
         fail("interrupted; the same command continues where it stopped", 130)
     except USER_ERRORS as e:
-        fail_on(e, {**DATA_FLAGS, "text_encoder": "--text-encoder"}, DATA_HINTS)
+        own = {"text_encoder": "--pipeline", "vae": "--pipeline", "normalization": "--pipeline"} if pipeline else {}
+        fail_on(e, {**DATA_FLAGS, "text_encoder": "--text-encoder", **own}, DATA_HINTS)
     print(encoded.describe())
     if (info := encoded.latent) is not None:
         print(f"normalisation ({info['normalization']}): µ_c = {', '.join(f'{v:.4g}' for v in info['mean'])}; "
@@ -525,6 +541,18 @@ def data_encode(
     if encoded.text is not None:
         print(_text_line(encoded))
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _pipeline_options(pipeline, text_encoder, vae, normalization: str) -> tuple:
+    """(the VAE, the normalisation) of `scm data encode`: with --pipeline its own VAE, normalised as its network
+    was trained (vae); an error exit for the flags it replaces."""
+    if pipeline is None:
+        return vae, normalization
+    if given := [flag for flag, value in (("--text-encoder", text_encoder), ("--vae", vae)) if value is not None]:
+        fail(f"--pipeline sets the text encoder and the VAE (its own): leave out {' and '.join(given)}")
+    if normalization not in ("measure", "vae"):
+        fail("--pipeline stores latents normalised as its network was trained (vae): leave out --normalization")
+    return pipeline, "vae"
 
 
 def _text_line(data) -> str:

@@ -1,5 +1,6 @@
-"""Latent space: images encoded by a VAE (a diffusers `AutoencoderKL`), normalised per channel, stored as a
-prepared directory (`scm.data.prepared`), and decoded back to images after sampling.
+"""Latent space: images encoded by a VAE (a diffusers `AutoencoderKL`, or Sana's deterministic `AutoencoderDC`),
+normalised per channel, stored as a prepared directory (`scm.data.prepared`), and decoded back to images after
+sampling.
 
 The paper trains its ImageNet 512×512 models on 64×64×4 latents of Stable Diffusion's VAE (sd-vae-ft-mse) and
 normalises each latent channel c to the data's scale σ_d (App. G.1):
@@ -19,7 +20,8 @@ such a teacher with its data as scm's (`scm.diffusers`); its std is then whateve
 
 Which latent is stored: the posterior mean (`latent_dist.mean`) by default, deterministic; or a sample
 mean + std·ε of the posterior (`which="sample"`), ε from a generator per image seeded with (seed, image index),
-so that a sample does not depend on the batch size. EDM2 stores the posterior's mean and std and draws a sample
+so that a sample does not depend on the batch size. An AutoencoderDC has no posterior: its latent is its
+encoder's output, and it has no sample to store. EDM2 stores the posterior's mean and std and draws a sample
 each time an item is loaded; we store one tensor, so that a latent data set has one array like a pixel one.
 
 Horizontal flips (`flip=True`) store each image's mirror right after it: item 2i is image i, item 2i + 1 its
@@ -34,11 +36,11 @@ temporary float32 copy on disk — cheaper than encoding twice (the encoder domi
 unlike normalising in place it rounds to a float16 output once, and an interruption anywhere resumes (both
 writers record their progress with every chunk). Named or given statistics need no scratch: one pass.
 
-Before any work, `encode` checks its settings, that the VAE folder holds an AutoencoderKL (config.json's
-`_class_name`, and every weight of one), and that the output (and the scratch) fit in the free disk space. An
-error at any later point removes the partial directories the encoding wrote or continued (the output's, the
-scratch, and OUT-images' when it prepares the images): nothing temporary is left behind. An interruption
-(KeyboardInterrupt) keeps them, so that the same call continues where it stopped.
+Before any work, `encode` checks its settings, that the VAE folder holds an AutoencoderKL or AutoencoderDC
+(config.json's `_class_name`, and every weight of one), and that the output (and the scratch) fit in the free
+disk space. An error at any later point removes the partial directories the encoding wrote or continued (the
+output's, the scratch, and OUT-images' when it prepares the images): nothing temporary is left behind. An
+interruption (KeyboardInterrupt) keeps them, so that the same call continues where it stopped.
 
 diffusers is an optional dependency (`pip install scm[latent]`), imported only when a VAE is needed.
 """
@@ -71,35 +73,39 @@ NAMED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 WHICH = ("mean", "sample")
 DTYPES = ("float16", "float32")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderDC")  # config.json's _class_name (none: AutoencoderKL)
 _VAES: dict[str, torch.nn.Module] = {}
 
 
 # -- the VAE ------------------------------------------------------------------------------------------------------
-def _autoencoder_kl():
-    return require_modules("latent space", "latent", "diffusers")[0].AutoencoderKL
+def _autoencoders() -> dict:
+    diffusers = require_modules("latent space", "latent", "diffusers")[0]
+    return {name: getattr(diffusers, name) for name in VAE_CLASSES}
 
 
 def load_vae(path: str | Path) -> torch.nn.Module:
-    """A diffusers `AutoencoderKL` in eval mode without gradients, from a local folder (config.json and
-    safetensors weights) or a pipeline folder holding a `vae/` sub-folder. A hub id ("org/name") is tried only
-    when no such path exists (it needs the network). Weights are read from safetensors only (never unpickled)."""
-    AutoencoderKL = _autoencoder_kl()
+    """A diffusers `AutoencoderKL` or `AutoencoderDC` in eval mode without gradients, from a local folder
+    (config.json and safetensors weights) or a pipeline folder holding a `vae/` sub-folder. A hub id ("org/name")
+    is tried only when no such path exists (it needs the network; AutoencoderKL only). Weights are read from
+    safetensors only (never unpickled)."""
+    classes = _autoencoders()
     spec = str(path)
     p = Path(spec).expanduser()
     if p.exists():
-        folder = _vae_folder(p)
+        folder, name = _vae_folder(p)
         try:
-            vae, info = AutoencoderKL.from_pretrained(str(folder.resolve()), local_files_only=True,
+            vae, info = classes[name].from_pretrained(str(folder.resolve()), local_files_only=True,
                                                       use_safetensors=True, low_cpu_mem_usage=False,
                                                       output_loading_info=True)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-            raise DataError(f"VAE {folder}: cannot load it as an AutoencoderKL with safetensors weights "
+            raise DataError(f"VAE {folder}: cannot load it as an {name} with safetensors weights "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", key="vae") from None
         missing = [*info.get("missing_keys", []), *(k[0] for k in info.get("mismatched_keys", []))]
         if missing:
-            raise DataError(f"VAE {folder}: its weights are not those of its AutoencoderKL config ({len(missing)} "
+            raise DataError(f"VAE {folder}: its weights are not those of its {name} config ({len(missing)} "
                             f"missing or of another shape, e.g. {missing[0]})", key="vae")
     elif _HUB_ID.match(spec):
+        AutoencoderKL = classes["AutoencoderKL"]
         try:
             vae = AutoencoderKL.from_pretrained(spec, use_safetensors=True, low_cpu_mem_usage=False)
         except Exception as e:  # any failure of the download (offline, unknown id, no safetensors …)
@@ -107,14 +113,15 @@ def load_vae(path: str | Path) -> torch.nn.Module:
                             "offline, the VAE must be a local folder", key="vae") from None
     else:
         raise DataError(f"VAE {spec}: no such folder (a diffusers AutoencoderKL folder is needed)", key="vae")
-    if not isinstance(vae, AutoencoderKL):
-        raise DataError(f"VAE {spec}: not an AutoencoderKL ({type(vae).__name__})", key="vae")
+    if not isinstance(vae, tuple(classes.values())):
+        raise DataError(f"VAE {spec}: not an {' or '.join(VAE_CLASSES)} ({type(vae).__name__})", key="vae")
     return vae.eval().requires_grad_(False)
 
 
-def _vae_folder(p: Path) -> Path:
-    """The folder of the VAE at `p` (itself, or a pipeline folder's vae/), whose config.json names an AutoencoderKL
-    (or no class); DataError naming the folder and the class it holds otherwise."""
+def _vae_folder(p: Path) -> tuple[Path, str]:
+    """(the folder of the VAE at `p` — itself, or a pipeline folder's vae/ —, the class its config.json names: one
+    of VAE_CLASSES, AutoencoderKL when it names none); DataError naming the folder and the class it holds
+    otherwise."""
     if not p.is_dir():
         raise DataError(f"VAE {p}: not a folder (expected a diffusers AutoencoderKL folder)", key="vae")
     folder = p if (p / "config.json").is_file() or not (p / "vae" / "config.json").is_file() else p / "vae"
@@ -127,10 +134,11 @@ def _vae_folder(p: Path) -> Path:
     except (OSError, ValueError, AttributeError) as e:
         raise DataError(f"VAE {folder / 'config.json'}: not a diffusers config ({type(e).__name__}: {e})",
                         key="vae") from None
-    if held is not None and held != "AutoencoderKL":
-        raise DataError(f"VAE {folder}: holds a {held} (config.json's _class_name), not an AutoencoderKL; give a "
-                        "diffusers AutoencoderKL folder, or a pipeline folder with a vae/ sub-folder", key="vae")
-    return folder
+    if held is not None and held not in VAE_CLASSES:
+        raise DataError(f"VAE {folder}: holds a {held} (config.json's _class_name), not an "
+                        f"{' or '.join(VAE_CLASSES)}; give a diffusers AutoencoderKL folder, or a pipeline folder "
+                        "with a vae/ sub-folder", key="vae")
+    return folder, held or "AutoencoderKL"
 
 
 def _cached_vae(path: str) -> torch.nn.Module:
@@ -150,8 +158,9 @@ def _vae_path(path: str | Path) -> str:
 
 def vae_latent_shape(vae, sizes: tuple[int, ...]) -> tuple[int, ...]:
     """The latent shape (C, h, w) of H×W images (`sizes` = (H, W)): AutoencoderKL halves both in every down block
-    but the last, h = H / 2^(len(block_out_channels) − 1)."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    but the last, h = H / 2^(len(block_out_channels) − 1); AutoencoderDC likewise (encoder_block_out_channels)."""
+    blocks = vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")
+    factor = 2 ** (len(blocks) - 1)
     if any(n % factor for n in sizes):
         raise DataError(f"image size {'×'.join(map(str, sizes))} is not divisible by the VAE's downsampling factor "
                         f"{factor}", key="resolution")
@@ -235,8 +244,9 @@ def _encode_batch(vae, x: torch.Tensor, start: int, *, flip: bool, which: str, s
     """Raw float32 latents of the images x (items start …), each followed by its mirror's when `flip`."""
     m = x.shape[0]
     inputs = torch.cat([x, x.flip(-1)]) if flip else x
-    dist = vae.encode(inputs).latent_dist
-    z = dist.mean
+    encoded = vae.encode(inputs)
+    dist = getattr(encoded, "latent_dist", None)
+    z = encoded.latent if dist is None else dist.mean  # AutoencoderDC: deterministic, no posterior
     if which == "sample":
         eps = torch.stack([_noise(seed, start + i % m, i // m, z.shape[1:], z.device) for i in range(z.shape[0])])
         z = z + dist.std * eps
@@ -310,6 +320,9 @@ def encode(data, vae: str | Path, out: str | Path, *, normalization="measure", w
 
     _check_settings(which, batch, sigma_d, dtype)
     model = load_vae(vae).to(device)  # before any work: a folder that holds no VAE is an error
+    if which == "sample" and type(model).__name__ == "AutoencoderDC":
+        raise DataError(f"which='sample': the VAE {vae} ({type(model).__name__}) has no posterior to sample; store "
+                        "its latents ('mean')", key="which")
     out, factor = Path(out), 2 if flip else 1
     with removed_on_error():
         if resolution is not None:

@@ -8,7 +8,9 @@
     OUT/vae/…                               a run on latents: its AutoencoderKL (safetensors)
     OUT/text_encoder/…                      a text run with a transformers text encoder: a copy of its folder
                                             (safetensors weights, config and tokenizer files), checked against the
-                                            run's recorded weights digest
+                                            run's recorded weights digest; with a diffusers pipeline's encoders
+                                            (`scm data encode --pipeline`): its text components, tokenizers,
+                                            model_index.json and network config, checked likewise
 
 Loaded with `scm.diffusers.SCMPipeline.from_pretrained(OUT)`, it samples as `scm sample` does (same times, same
 noise for the same seed, same decoding; see `scm.diffusers.pipeline`). The EMA weights are exported (σ_rel
@@ -130,10 +132,19 @@ def _text_parts(pipeline, cfg, run) -> tuple[dict | None, object]:
     if text is None:
         return None, None
     record = dataclasses.asdict(text)
-    if text.encoder.get("kind") != "transformers":
+    kind = text.encoder.get("kind")
+    if kind not in ("transformers", "pipeline"):
         return record, None
     folder = Path(text.encoder["path"]).expanduser()
     record["encoder"] = {**text.encoder, "path": TEXT_ENCODER}
+    if kind == "pipeline":  # a diffusers pipeline's own encoders: its text components, tokenizers and settings
+        from scm.diffusers.pipeline_text import pipeline_files
+
+        try:
+            files = pipeline_files(folder)
+        except ConfigError as e:
+            raise RunError(f"{run}: cannot export its text encoders ({e})", key="run") from None
+        return record, pipeline.SCMTextEncoder.of_folder(folder, files)
     return record, pipeline.SCMTextEncoder.of_folder(folder, encoder_files(folder, run))
 
 

@@ -59,6 +59,7 @@ class Family:
     guidance_scale_key: str | None = None      # its config's factor on the guidance input (Sana-Sprint's)
     rename: Callable[[str], str] | None = None
     packed: bool = False                       # takes 2×2-packed latent tokens (Flux): in_channels = 4 × C
+    any_size: bool = False                     # takes latents of other sizes than its sample_size (the data's)
 
     def widths(self, config: Mapping) -> tuple[int, int]:
         """(D, P): the widths of the prompt tokens and of the pooled prompt embedding a model takes (0: none)."""
@@ -193,14 +194,15 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("UNet2DModel", _call_unet, lambda m: [m.time_embedding]),
     Family("UNet2DConditionModel", _call_unet, lambda m: [m.time_embedding], ("cross_attention_dim", "")),
     Family("DiTTransformer2DModel", _call_dit, lambda m: [b.norm1.emb for b in m.transformer_blocks]),
-    Family("PixArtTransformer2DModel", _call_pixart, lambda m: [m.adaln_single.emb], ("caption_channels", "")),
+    Family("PixArtTransformer2DModel", _call_pixart, lambda m: [m.adaln_single.emb], ("caption_channels", ""),
+           any_size=True),
     Family("SD3Transformer2DModel", _call_sd3, lambda m: [m.time_text_embed],
-           ("joint_attention_dim", "pooled_projection_dim")),
+           ("joint_attention_dim", "pooled_projection_dim"), any_size=True),
     Family("FluxTransformer2DModel", _call_flux, None, ("joint_attention_dim", "pooled_projection_dim"),
-           native_guidance={"guidance_embeds": True}, packed=True),
+           native_guidance={"guidance_embeds": True}, packed=True, any_size=True),
     Family("SanaTransformer2DModel", _call_sana, None, ("caption_channels", ""),
            native_guidance={"guidance_embeds": True}, guidance_scale_key="guidance_embeds_scale",
-           rename=_sana_rename),
+           rename=_sana_rename, any_size=True),
 )}
 
 
@@ -223,7 +225,8 @@ def family_of(model_or_class, *, generic: bool = False) -> Family:
 def latent_shape(config: Mapping, name: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
     """(C, H, W) of a model's input: `shape` where given (the data's, checked against the model's channels), else
     from its config (in_channels, sample_size, in latents); None for Flux, which has no size of its own (its
-    in_channels are those of 2×2-packed latents: C = in_channels/4, H and W even)."""
+    in_channels are those of 2×2-packed latents: C = in_channels/4, H and W even). The transformers (`any_size`)
+    take other sizes than their sample_size too: their position embeddings are made per size (or cropped)."""
     packed = name in FAMILIES and FAMILIES[name].packed
     channels = int(config.get("in_channels") or 0) // (4 if packed else 1)
     if shape is None:

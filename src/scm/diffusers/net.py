@@ -231,7 +231,7 @@ def _check_model(config, cfg: DiffusersNetConfig) -> None:
                           "trained as an sCM student", key="net.model_class")
     _model_shape(config, name, cfg.img_shape)  # channels (and Flux's even sizes)
     shape = latent_shape(config, name)
-    if shape is not None and cfg.img_shape != shape and not _any_size(name):
+    if shape is not None and cfg.img_shape != shape and not family_of(name).any_size:
         raise ConfigError(f"DiffusersNetConfig is for {describe_shape(cfg.img_shape)} inputs but the {name} takes "
                           f"{describe_shape(shape)}", key="net")
     if (cfg.text_dim, cfg.text_pooled_dim) != family_of(name).widths(config):
@@ -241,13 +241,6 @@ def _check_model(config, cfg: DiffusersNetConfig) -> None:
     if cfg.label_dim > classes:
         raise ConfigError(f"label_dim={cfg.label_dim}, but the {name} has {classes or 'no'} classes",
                           key="net.label_dim")
-
-
-def _any_size(name: str) -> bool:
-    """Whether a model of this class takes inputs of sizes other than its config's sample_size (transformers with
-    position embeddings made per size or cropped from a larger table)."""
-    return name in ("SD3Transformer2DModel", "FluxTransformer2DModel", "SanaTransformer2DModel",
-                    "PixArtTransformer2DModel")
 
 
 def student_config(model_class: str, model_config: dict, scheduler_class: str, scheduler_config: dict, *,

@@ -92,6 +92,14 @@ class SCMModel(ModelMixin, ConfigMixin):
         super().__init__()
         self.net = build_net(network_config(net_preset, net_config, sigma_d), sigma_d)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loading, always building the network in memory: with accelerate installed diffusers would
+        build it on the meta device and load only the saved weights, leaving the networks' non-persistent buffers
+        (the frequencies of the time and guidance embeddings, computed at construction) without values."""
+        kwargs["low_cpu_mem_usage"] = False
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def label_dim(self) -> int:
         """The number of classes (0: unconditional)."""
@@ -236,11 +244,12 @@ class SCMPipeline(DiffusionPipeline):
     @property
     def text_config(self) -> TextConfig | None:
         """A text pipeline's prompts (`scm.text.TextConfig`, from the config's `text`), its transformers encoder
-        read from this pipeline's own copy (the `text_encoder` component); None for a pipeline without prompts."""
+        read from this pipeline's own copy (the `text_encoder` component; a diffusers pipeline's text components for
+        a run encoded with them); None for a pipeline without prompts."""
         if self.config.text is None:
             return None
         text = TextConfig(**{**self.config.text, "encoder": dict(self.config.text["encoder"])})
-        if text.encoder.get("kind") == "transformers":
+        if text.encoder.get("kind") in ("transformers", "pipeline"):
             folder = getattr(self.text_encoder, "folder", None)
             if folder is None:
                 raise SamplerError("prompt: this pipeline's text encoder (its text_encoder component) is missing",

@@ -94,13 +94,15 @@ class DiffusersFolder:
 
     @property
     def shape(self) -> tuple[int, ...] | None:
-        """(C, H, W) of the network's input (its config's in_channels and sample_size); None for a network without a
-        size of its own (Flux: the data's)."""
-        from scm.diffusers.families import latent_shape
+        """(C, H, W) of the network's input (its config's in_channels and sample_size); None for a network that takes
+        the data's size (the text-to-image transformers: `scm.diffusers.families`)."""
+        from scm.diffusers.families import FAMILIES, latent_shape
 
         if self.model_config.get("in_channels") is None:
             raise ConfigError(f"{self.model_dir / 'config.json'}: no in_channels (the network's input shape)",
                               key="teacher")
+        if self.model_class in FAMILIES and FAMILIES[self.model_class].any_size:
+            return None
         return latent_shape(self.model_config, self.model_class)
 
     @property

@@ -44,8 +44,10 @@ SPACE_FIELDS = ("vae", "mean", "std", "sigma_d")  # what makes two latent spaces
 def resolve(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     """The configuration `cfg` trains with on `data` (module docstring), validated."""
     cfg = copy.deepcopy(cfg)
-    _check_data(cfg, data)
     teacher = open_teacher(cfg.teacher) if cfg.method == "scd" else None
+    if teacher is not None and teacher.kind == "diffusers" and cfg.init is None:
+        _shape_of_data(cfg, teacher, data)
+    _check_data(cfg, data)
     if teacher is not None:
         _check_teacher(cfg, teacher, data)
     if cfg.init is None and teacher is not None and teacher.kind == "run" \
@@ -67,6 +69,18 @@ def resolve(cfg: TrainConfig, data: Dataset) -> TrainConfig:
 def architecture(net_cfg) -> str:
     """"UNet", "DiT", "DiffusersNet" …: the network a config builds."""
     return type(net_cfg).__name__.removesuffix("Config")
+
+
+def _shape_of_data(cfg: TrainConfig, teacher: TeacherSource, data: Dataset) -> None:
+    """A diffusers teacher whose network becomes the student (`scm.diffusers.families`) takes the data's shape: the
+    preset's resolution and channels give way to it (the preset's own network is not used)."""
+    from scm.diffusers.net_config import SUPPORTED_MODELS
+
+    if teacher.folder.model_class not in SUPPORTED_MODELS or len(data.shape) != 3:
+        return
+    channels, h, w = data.shape
+    cfg.channels, cfg.resolution = channels, (h if h == w else (h, w))
+    cfg.net = dataclasses.replace(cfg.net, img_resolution=cfg.resolution, img_channels=channels)
 
 
 def _check_data(cfg: TrainConfig, data: Dataset) -> None:
