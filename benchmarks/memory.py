@@ -1,0 +1,191 @@
+"""Peak memory and step time of sCD for diffusers students, with and without activation checkpointing.
+
+    python benchmarks/memory.py [--size tiny|real] [--device cpu|cuda] [--batches 4,16] [--repeats 3]
+
+Each case (a student × batch × variant) runs in a fresh process: the teacher (no grad) and the student are built,
+one sCD step (guided teacher, guidance-conditioned student, backward, Adam update) warms up, then `--repeats` steps
+are timed. Memory: on CUDA the allocator's peak (`max_memory_allocated`) during the timed steps above what was
+allocated before them (the weights, optimizer state and teacher are not counted); on the CPU the process's peak
+resident set (VmHWM) above its resident set before the first step: PyTorch's CPU allocator keeps no statistics,
+so this counts everything the step touched, activations first.
+
+Variants: the fused pass (the default step), the separate tangent pass (a no-grad JVP pass, then the forward of F),
+and the separate pass with every block checkpointed (`net.checkpointing=true`, which a run pairs with the separate
+pass). LoRA students are not built yet.
+
+`--size tiny`: small random SD3-like and Sana-like transformers (CPU, minutes); `--size real`: SD3-medium and
+Sana-1.6B configurations (random weights) at 1024² latents in bf16, for a GPU (`benchmarks/t2i_cost.py` holds the
+configurations). Writes benchmarks/results/memory-<size>-<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import machine, write_results
+
+from scm.app.report import Report
+
+VARIANTS = {"fused pass": dict(fused=True, checkpointing=False),
+            "separate tangent pass": dict(fused=False, checkpointing=False),
+            "separate pass + checkpointed blocks": dict(fused=False, checkpointing=True)}
+
+TINY = {  # (class, config, latent shape (C, H, W), prompt tokens, token width, pooled width, scheduler)
+    "sd3-like": ("SD3Transformer2DModel", dict(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=64,
+        pos_embed_max_size=32), (16, 32, 32), 64, 128, 64, "flow"),
+    "sana-like": ("SanaTransformer2DModel", dict(
+        in_channels=32, out_channels=32, num_attention_heads=4, attention_head_dim=32, num_layers=8,
+        num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128, caption_channels=128,
+        sample_size=32, patch_size=1), (32, 32, 32), 64, 128, 0, "flow"),
+}
+
+
+def _networks(name: str, size: str):
+    if size == "real":
+        from t2i_cost import REAL  # the published configurations, rebuilt (random weights)
+
+        return REAL[name]
+    return TINY[name]
+
+
+def make_step(name: str, variant: str, batch: int, size: str, device: torch.device):
+    """One sCD training step of the student `name` (fresh random teacher weights; the student is its copy)."""
+    import diffusers
+
+    from scm.diffusers import from_diffusers, student_from_diffusers
+    from scm.objectives import ConsistencyLoss
+
+    cls, config, shape, tokens, width, pooled, _ = _networks(name, size)
+    spec = VARIANTS[variant]
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+    with torch.device(device):
+        teacher = getattr(diffusers, cls)(**config).eval().requires_grad_(False)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    net = student_from_diffusers(teacher, scheduler, sigma_d=1.0, guidance_embed=True, shape=shape,
+                                 checkpointing=spec["checkpointing"])
+    objective = ConsistencyLoss(sigma_d=1.0, teacher=from_diffusers(teacher, scheduler, sigma_d=1.0),
+                                teacher_uncond={"text": torch.zeros(1, tokens, width, device=device)},
+                                guidance=(1.0, 3.0), warmup_kimg=0, fused_pass=spec["fused"])
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-6)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, *shape, generator=g).to(device)
+    cond = {"text": torch.randn(batch, tokens, width, generator=g).to(device),
+            "text_mask": torch.ones(batch, tokens, dtype=torch.bool, device=device)}
+    if pooled:
+        cond["text_pooled"] = torch.randn(batch, pooled, generator=g).to(device)
+        objective.teacher_uncond["text_pooled"] = torch.zeros(1, pooled, device=device)
+    objective.teacher_uncond["text_mask"] = torch.ones(1, tokens, dtype=torch.bool, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss, _ = objective(net, x0, 100.0, generator=torch.Generator(device).manual_seed(0), **cond)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args) -> None:
+    device = torch.device(args.device)
+    step = make_step(args.net, args.worker, args.batch, args.size, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_mb("VmRSS")
+    times = []
+    for _ in range(args.repeats + 1):  # the first step warms up (allocations, kernels); its time is dropped
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda"
+            else _rss_mb("VmHWM") - base)
+    print(json.dumps({"peak_mb": peak, "median_ms": 1000 * statistics.median(times[1:]),
+                      "min_ms": 1000 * min(times[1:]), "max_ms": 1000 * max(times[1:])}))
+
+
+def run_case(args, net: str, variant: str, batch: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant, "--net", net, "--batch", str(batch), "--size", args.size,
+           "--device", args.device, "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    if proc.returncode:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": last[:300]}  # e.g. out of memory: recorded, the table goes on
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="tiny", choices=["tiny", "real"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="4,16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--nets", default=None, help="comma-separated students (default: all of the size)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--net", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    nets = args.nets.split(",") if args.nets else (list(TINY) if args.size == "tiny" else ["sd3", "sana"])
+    rows = []
+    for net in nets:
+        for batch in (int(b) for b in args.batches.split(",")):
+            for variant in VARIANTS:
+                rows.append({"student": net, "batch": batch, "variant": variant, **run_case(args, net, variant, batch)})
+                print(json.dumps(rows[-1]), flush=True)
+    _write(args, rows)
+
+
+def _write(args, rows) -> None:
+    kind = "max_memory_allocated above the weights" if args.device != "cpu" else "peak RSS above the step's start"
+    report = Report(f"sCD memory and step time: full fine-tuning with and without activation checkpointing "
+                    f"({args.size} students, {args.device})")
+    report.table(["student", "batch", "variant", f"peak MB ({kind})", "step ms (median, min–max)"],
+                 [[r["student"], r["batch"], r["variant"], f"{r['peak_mb']:.0f}" if "peak_mb" in r else r["error"],
+                   f"{r['median_ms']:.0f} ({r['min_ms']:.0f}–{r['max_ms']:.0f})" if "median_ms" in r else "–"]
+                  for r in rows])
+    report.markdown_text(NOTES)
+    payload = {"size": args.size, "device": args.device, "memory": kind, "repeats": args.repeats, "rows": rows,
+               "machine": machine(), "command": " ".join(["python", *sys.argv])}
+    name = f"memory-{args.size}-{torch.device(args.device).type}"
+    json_path, md_path = write_results(name, payload, report)
+    print(report.to_markdown())
+    print(f"wrote {json_path} and {md_path}")
+
+
+NOTES = """## Notes
+
+- One process per case, so each peak is its own. The CPU figure is a resident-set high-water mark: it also holds
+  the allocator's caches and the first step's transient buffers, so compare variants with each other, not with
+  a model's parameter count.
+- Checkpointing keeps each block's input only and recomputes the block in the backward pass; the tangent runs in
+  its own no-grad pass, which stores nothing. Expected: the activation memory of the forward of F falls from all
+  blocks' to about one block's, for one more forward of the student per step.
+- LoRA students (the other half of the issue's table) are not built yet.
+"""
+
+
+if __name__ == "__main__":
+    main()
