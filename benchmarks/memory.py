@@ -183,6 +183,10 @@ NOTES = """## Notes
 - Checkpointing keeps each block's input only and recomputes the block in the backward pass; the tangent runs in
   its own no-grad pass, which stores nothing. Expected: the activation memory of the forward of F falls from all
   blocks' to about one block's, for one more forward of the student per step.
+- The fused pass of a diffusers student held 2–3× the separate pass's memory and was no faster: diffusers' ops
+  have no custom forward-AD rules, so the tangent's operations are recorded for the backward with the primal's
+  (scm's own networks compute their tangents from detached values: benchmarks/results/step_cost.md). `scm train`
+  therefore takes the separate pass for diffusers students unless `loss.fused_pass=true` is set.
 - LoRA students (the other half of the issue's table) are not built yet.
 """
 

@@ -107,8 +107,11 @@ def build_objective(cfg: TrainConfig, teacher=None) -> DiffusionLoss | Consisten
     settings = {f.name: getattr(cfg.loss, f.name) for f in dataclasses.fields(cfg.loss)}
     if cfg.method == "diffusion":
         return DiffusionLoss(**settings)
-    if settings["fused_pass"] is None and (cfg.distributed == "fsdp" or getattr(cfg.net, "checkpointing", False)):
-        # FSDP2's hooks have no forward-mode AD rule, and activation checkpointing recomputes a pass without
-        # tangents (scm.nets.layers.Network.block): the separate tangent pass
+    separate = (cfg.distributed == "fsdp" or getattr(cfg.net, "checkpointing", False)
+                or architecture(cfg.net) == "DiffusersNet")
+    if settings["fused_pass"] is None and separate:
+        # FSDP2's hooks have no forward-mode AD rule; activation checkpointing recomputes a pass without tangents
+        # (scm.nets.layers.Network.block); a diffusers network's ops record their tangents for the backward (no
+        # custom rules), so its fused pass held 2-3× the memory and was no faster (benchmarks/results/memory-*.md)
         settings["fused_pass"] = False
     return ConsistencyLoss(**settings, teacher=teacher, teacher_uncond=Conditioning.of_run(cfg).null())
