@@ -5,6 +5,11 @@ wrapped in DistributedDataParallel (default) or sharded with FSDP2's `fully_shar
 wrapped network for the training pass (so gradients are all-reduced) and for the tangent pass under
 no_grad, which never touches the gradient-sync machinery; tests check that every rank ends with the
 weights of a single process that ran the same global batch.
+
+When another process of the run stops (killed, its machine lost) or stops answering, the collective a process
+waits in fails: at once when the peer's connection closes, else after the collective timeout
+(SCM_COLLECTIVE_TIMEOUT seconds, default 600). `peer_failures` turns that failure into a TrainingStopped
+(reason "peer") that names this process, the peer where it is known and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -12,9 +17,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import math
 import os
+import re
+import socket
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,8 +38,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from scm.devices import resolve_device
+from scm.errors import ConfigError, ScmError, TrainingStopped
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model"]
+__all__ = ["TIMEOUT_VARIABLE", "DistInfo", "collective_timeout", "init_distributed", "peer_failures", "wrap_model"]
+
+# How long a collective waits for the other processes before it fails (seconds): torch's own default for NCCL
+# (10 minutes; gloo's is 30), long enough for the longest wait of a healthy run (the main process alone writes a
+# checkpoint or a sample grid while the others wait in a barrier), short enough that a lost node ends the run.
+TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_S = "SCM_COLLECTIVE_TIMEOUT", 600.0
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -59,8 +75,73 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend, timeout=collective_timeout())
     return DistInfo(rank, world, local_rank, device)
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The process group's timeout: SCM_COLLECTIVE_TIMEOUT seconds (DEFAULT_TIMEOUT_S when unset). A collective that
+    waits longer for another process fails (gloo raises; NCCL's watchdog ends the process)."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{TIMEOUT_VARIABLE}={text!r}: must be a number of seconds > 0 (unset: "
+                          f"{DEFAULT_TIMEOUT_S:g})", key=TIMEOUT_VARIABLE)
+    return datetime.timedelta(seconds=seconds)
+
+
+@contextlib.contextmanager
+def peer_failures(info: DistInfo, latest: Callable[[], Path | None]) -> Iterator[None]:
+    """Raise a collective's failure that says another process of the run stopped or stopped answering (its connection
+    closed, a timeout) as TrainingStopped(reason="peer"), naming this process, the peer (where the backend's message
+    or the world size tells), the backend's reason and the checkpoint `latest()` names (the one to resume from).
+    Other errors pass unchanged; outside torchrun this does nothing."""
+    try:
+        yield
+    except Exception as e:
+        reason = _peer_lost(e) if info.enabled else None
+        if reason is None:
+            raise
+        ckpt = None
+        with contextlib.suppress(ScmError, OSError):  # only to name it: a run directory in any state will do
+            ckpt = latest()
+        raise TrainingStopped(_peer_message(info, reason, ckpt), reason="peer", checkpoint=ckpt) from e
+
+
+_PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "connection refused", "timed out", "timeout",
+              "remote process exited", "aborted")
+
+
+def _peer_lost(error: BaseException) -> str | None:
+    """The backend's one-line reason when `error` (or an error it was raised from) is a collective that lost a peer;
+    None for any other error. gloo raises RuntimeErrors that name its source ("…/gloo/transport/tcp/pair.cc:553]
+    Connection closed by peer [10.0.0.2]:45698. …"), NCCL and the stores torch.distributed's DistError."""
+    seen = 0
+    while error is not None and seen < 5:
+        text = str(error)
+        backend = isinstance(error, getattr(dist, "DistError", ())) or re.search(r"gloo|nccl|c10d", text, re.I)
+        if backend and any(p in text.lower() for p in _PEER_LOST):
+            line = re.sub(r"^\s*\[[^\]]*\]\s*", "", text.strip().splitlines()[0])  # gloo's "[file.cc:553] "
+            return re.split(r"\.\s", line, maxsplit=1)[0].rstrip(".")[:200]
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _peer_message(info: DistInfo, reason: str, ckpt: Path | None) -> str:
+    node, nodes = os.environ.get("GROUP_RANK"), os.environ.get("GROUP_WORLD_SIZE")
+    where = f"node {node} of {nodes}, " if node is not None and nodes is not None else ""
+    me = f"rank {info.rank} of {info.world} ({where}host {socket.gethostname()})"
+    peer = f"rank {1 - info.rank}" if info.world == 2 else "another rank"
+    waited = ""
+    if "timed out" in reason.lower() or "timeout" in reason.lower():
+        waited = f" (no answer within {collective_timeout().total_seconds():g} s, {TIMEOUT_VARIABLE})"
+    resume = (f"the last checkpoint is {ckpt} (step {int(ckpt.name)})" if ckpt is not None
+              else "no checkpoint was written yet")
+    return (f"a peer process of the distributed run stopped or stopped answering: {me} lost {peer}: {reason}{waited}; "
+            f"{resume}")
 
 
 def wrap_model(net: nn.Module, info: DistInfo, mode: str) -> nn.Module:

@@ -28,7 +28,7 @@ from scm.integrity import one_unverified_warning
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
 from scm.train.build import build, build_objective
-from scm.train.distributed import DistInfo, barrier, init_distributed
+from scm.train.distributed import DistInfo, barrier, init_distributed, peer_failures
 from scm.train.ema import PowerEMA
 from scm.train.logger import Logger
 from scm.train.optim import learning_rate
@@ -57,9 +57,15 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Train the run `cfg` describes into `cfg.out` (or continue it there, with `resume`)."""
+    """Train the run `cfg` describes into `cfg.out` (or continue it there, with `resume`). Under torchrun, a peer
+    process that stops or stops answering ends this one with TrainingStopped(reason="peer") (`peer_failures`)."""
     cfg.validate()
     info = init_distributed(cfg.device)
+    with peer_failures(info, RunDir(cfg.out).latest):
+        return _train(cfg, info, resume)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     data = load_dataset(cfg.data)
     cfg, run = resolve(cfg, data), RunDir(cfg.out)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
