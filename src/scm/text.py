@@ -55,6 +55,12 @@ class PromptEmbedding:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @classmethod
+    def none(cls, max_tokens: int, width: int, pooled_width: int) -> PromptEmbedding:
+        """The encoding of no prompt at all (a batch of 0), with an encoder's shapes."""
+        return cls(torch.zeros(0, max_tokens, width), torch.zeros(0, max_tokens, dtype=torch.bool),
+                   torch.zeros(0, pooled_width) if pooled_width else None)
+
     def cond(self) -> dict[str, torch.Tensor]:
         """The network's conditioning inputs: text, text_mask and (where the encoder has one) text_pooled."""
         out = {"text": self.tokens, "text_mask": self.mask}

@@ -61,9 +61,7 @@ class TransformersEncoder:
     def encode(self, prompts: Sequence[str]) -> PromptEmbedding:
         prompts = check_prompts(prompts)
         if not prompts:
-            return PromptEmbedding(torch.zeros(0, self.max_tokens, self.width),
-                                   torch.zeros(0, self.max_tokens, dtype=torch.bool),
-                                   torch.zeros(0, self.pooled_width) if self.pooled_width else None)
+            return PromptEmbedding.none(self.max_tokens, self.width, self.pooled_width)
         parts = [self._encode(prompts[i: i + _BATCH]) for i in range(0, len(prompts), _BATCH)]
         tokens, mask, pooled = (list(x) for x in zip(*parts, strict=True))
         return PromptEmbedding(torch.cat(tokens), torch.cat(mask), torch.cat(pooled) if self.pooled_width else None)

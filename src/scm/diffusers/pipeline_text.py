@@ -407,9 +407,7 @@ class PipelineTextEncoder:
     def encode(self, prompts: Sequence[str]) -> PromptEmbedding:
         prompts = check_prompts(prompts)
         if not prompts:
-            return PromptEmbedding(torch.zeros(0, self.max_tokens, self.width),
-                                   torch.zeros(0, self.max_tokens, dtype=torch.bool),
-                                   torch.zeros(0, self.pooled_width) if self.pooled_width else None)
+            return PromptEmbedding.none(self.max_tokens, self.width, self.pooled_width)
         parts = [self._run(prompts[i: i + _BATCH]) for i in range(0, len(prompts), _BATCH)]
         tokens, mask = torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts])
         pooled = torch.cat([p.pooled for p in parts]) if self.pooled_width else None
