@@ -86,8 +86,9 @@ def require_modules(purpose: str, extra: str, *modules: str) -> list:
 
 
 class TrainingStopped(ScmError, RuntimeError):
-    """Training stopped early with a checkpoint saved: interrupted (`reason="interrupted"`) or too many
-    consecutive non-finite steps (`reason="diverged"`)."""
+    """Training stopped early with a checkpoint saved: interrupted (`reason="interrupted"`), too many
+    consecutive non-finite steps (`reason="diverged"`), or a peer process of a distributed run stopped or stopped
+    answering (`reason="peer"`: the last checkpoint is the one to resume from)."""
 
     def __init__(self, message: str, *, reason: str, checkpoint=None):
         super().__init__(message)

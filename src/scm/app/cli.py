@@ -63,7 +63,7 @@ def train(
     except TrainingStopped as e:
         hint = {"interrupted": "; continue with the same command and --resume",
                 "peer": ". This process stops too: once every node can run again, start each node's command again "
-                        "with --resume (every rank continues from that checkpoint)"}.get(e.reason, "")
+                        "with --resume"}.get(e.reason, "")
         fail(f"{e}{hint}", {"interrupted": 130, "peer": 4}.get(e.reason, 3))
     except USER_ERRORS as e:
         fail_on(e)

@@ -223,6 +223,33 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
+def disagreement(value: int, info: DistInfo, name: Callable[[int], str] = str) -> str | None:
+    """None when every process holds the same `value`; else which ranks hold which value, for a message:
+    "step 4 on rank(s) 0–7; no checkpoint on rank(s) 8–15" (`name` words a value)."""
+    if not info.enabled:
+        return None
+    mine = torch.tensor([value], dtype=torch.int64, device=info.device)
+    every = [torch.empty_like(mine) for _ in range(info.world)]
+    dist.all_gather(every, mine)
+    ranks: dict[int, list[int]] = {}
+    for rank, v in enumerate(every):
+        ranks.setdefault(int(v.item()), []).append(rank)
+    if len(ranks) == 1:
+        return None
+    return "; ".join(f"{name(v)} on rank(s) {_spans(r)}" for v, r in sorted(ranks.items(), reverse=True))
+
+
+def _spans(ranks: list[int]) -> str:
+    """Rank numbers, consecutive ones as spans: "3", "0, 2", "0–7", "0–3, 8–11"."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -22,13 +22,13 @@ import torch.distributed as dist
 from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
-from scm.errors import RunError, TrainingStopped, UnverifiedWarning
+from scm.errors import ConfigError, RunError, TrainingStopped, UnverifiedWarning
 from scm.files import atomic_write
 from scm.integrity import one_unverified_warning
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
 from scm.train.build import build, build_objective
-from scm.train.distributed import DistInfo, barrier, init_distributed, peer_failures
+from scm.train.distributed import DistInfo, barrier, disagreement, init_distributed, peer_failures
 from scm.train.ema import PowerEMA
 from scm.train.logger import Logger
 from scm.train.optim import learning_rate
@@ -61,6 +61,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     process that stops or stops answering ends this one with TrainingStopped(reason="peer") (`peer_failures`)."""
     cfg.validate()
     info = init_distributed(cfg.device)
+    slots = info.world * cfg.grad_accum
+    if cfg.batch % slots:  # each slot takes batch // slots examples: a remainder would be dropped silently
+        raise ConfigError(f"batch={cfg.batch} must be divisible by the processes × grad_accum = {info.world} × "
+                          f"{cfg.grad_accum} = {slots} (the batch is global)", key="batch")
     with peer_failures(info, RunDir(cfg.out).latest):
         return _train(cfg, info, resume)
 
@@ -92,7 +96,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
     stop, done = _StopFlag(), state.cur_nimg >= total_nimg
     log.start(state.cur_nimg, total_nimg)
-    with stop.installed():
+    with stop.installed(), contextlib.closing(log):  # the bar ends before any error is printed
         while not done:
             lr = learning_rate(cfg.optim, state.kimg)
             batches = micro_batches(data, plan, state.step, info.rank, cfg.grad_accum, info.world, conditioning,
@@ -170,6 +174,7 @@ def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None
         warnings.simplefilter("always", UnverifiedWarning)
         with one_unverified_warning(str(run.ckpt_dir)):
             ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, expect=state.expected_shapes()))
+    _same_checkpoint_everywhere(run, ckpt, info)
     for note in notes:
         log.warn(str(note.message))
     for damaged, why in skipped:
@@ -186,6 +191,17 @@ def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None
         return
     state.load(ckpt, *loaded)
     log.info(f"resumed from {ckpt} at {state.kimg:.1f} kimg (step {state.step})")
+
+
+def _same_checkpoint_everywhere(run: RunDir, ckpt: Path | None, info: DistInfo) -> None:
+    """Every process reads the run directory (the main process alone writes it): on several machines it must be one
+    shared folder, else the processes would continue from different checkpoints (or none) and train apart."""
+    seen = disagreement(RunDir.step_of(ckpt) if ckpt is not None else -1, info,
+                        lambda step: "no checkpoint" if step < 0 else f"step {step}")
+    if seen:
+        raise RunError(f"{run.path}: the processes of this run found different checkpoints in it ({seen}): every "
+                       f"machine must see the same run directory, on a shared filesystem (rank 0 writes it, every "
+                       f"rank reads it to resume)")
 
 
 def _stopped(state: TrainState, path, diverged: bool) -> TrainingStopped:
