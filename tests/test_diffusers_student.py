@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.errors import ConfigError, MissingDependency
@@ -198,6 +199,12 @@ def test_groupnorm_and_timestep_fixes():
     fixed.__class__ = ContiguousGroupNorm
     _close(jvp_both(fixed, (x,), (tx,)), central_difference(gn, (x,), (tx,)), 1e-8)
     _close(fixed(x), gn(x), 1e-14)  # the same values (the channels-last kernel sums in another order)
+    # under CPU bf16 autocast (which leaves GroupNorm alone) the value and its tangent keep the input's type
+    fp = copy.deepcopy(fixed).float()
+    xb, tb = x.float().to(torch.bfloat16), tx.float().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), fwAD.dual_level():
+        out = fwAD.unpack_dual(fp(fwAD.make_dual(xb, tb)))
+    assert out.primal.dtype == out.tangent.dtype == torch.bfloat16
     # Timesteps: bit-identical to diffusers' in float32, float64 for float64 timesteps
     from diffusers.models.embeddings import Timesteps
 

@@ -135,7 +135,10 @@ class ContiguousGroupNorm(nn.GroupNorm):
     (e.g. channels-last) inputs (module docstring, 2). Same parameters, same values."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+        # in the wider of the input's and the weights' types, then back: a bf16 input with fp32 weights (CPU autocast
+        # leaves GroupNorm alone) would otherwise give a bf16 value with an fp32 tangent, which the next op refuses
+        work = x.dtype if self.weight is None else torch.promote_types(x.dtype, self.weight.dtype)
+        return F.group_norm(x.contiguous().to(work), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
 
 @functools.cache
