@@ -50,10 +50,12 @@ TINY = {  # (class, config, latent shape (C, H, W), prompt tokens, token width, 
 
 
 def _networks(name: str, size: str):
-    if size == "real":
-        from t2i_cost import REAL  # the published configurations, rebuilt (random weights)
+    if size == "real":  # the published configurations, rebuilt (random weights): benchmarks/t2i_cost.py's
+        from t2i_cost import real_specs, widths
 
-        return REAL[name]
+        spec = real_specs()[name]
+        width, pooled = widths(spec)
+        return spec.model_class, spec.config, spec.shape, spec.tokens, width, pooled, "flow"
     return TINY[name]
 
 
