@@ -189,7 +189,7 @@ NOTES = """## Notes
   have no custom forward-AD rules, so the tangent's operations are recorded for the backward with the primal's
   (scm's own networks compute their tangents from detached values: benchmarks/results/step_cost.md). `scm train`
   therefore takes the separate pass for diffusers students unless `loss.fused_pass=true` is set.
-- LoRA students (the other half of the issue's table) are not built yet.
+- LoRA students (full fine-tuning's counterpart in this table) are not built yet.
 """
 
 

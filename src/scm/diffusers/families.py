@@ -11,7 +11,7 @@ scm's conditioning is always the same (`scm.conditioning`): `labels`, `guidance`
 | UNet2DConditionModel (SD, SDXL) | encoder_hidden_states | encoder_attention_mask | SDXL: text_embeds | idem |
 | DiTTransformer2DModel | – (class labels) | – | – | scm's, on each block's `norm1.emb` |
 | PixArtTransformer2DModel | encoder_hidden_states | encoder_attention_mask | – | scm's, `adaln_single.emb` |
-| SD3Transformer2DModel | encoder_hidden_states (joint) | none (every token) | pooled_proj. | scm's, `time_text_embed` |
+| SD3Transformer2DModel | encoder_hidden_states (joint) | none (all tokens) | pooled_proj. | scm's, `time_text_embed` |
 | FluxTransformer2DModel | encoder_hidden_states (joint) | none (all tokens) | pooled_proj. | its own |
 | SanaTransformer2DModel | encoder_hidden_states (cross) | encoder_attention_mask | – | its own |
 
@@ -22,10 +22,10 @@ pipeline's default for that size); PixArt-α's resolution and aspect ratio the s
 
 The guidance input (§5.2; Sana-Sprint's distilled-CFG student): where the class has a guidance embedder of its own
 (Flux's and Sana's `guidance_embeds`), the student is the same class with it switched on, its output layer
-zero-initialised (a fresh student equals its teacher at every scale) and fed `guidance_scale`·s, so the student
-loads in the pipelines that know that input (Sana-Sprint multiplies by `guidance_embeds_scale`, Flux by 1); elsewhere
-scm adds its own zero-initialised embedding to the time embedding (`scm.diffusers.net`). A teacher with such an
-input (Flux-dev) is given the guidance scale the same way.
+zero-initialised (a fresh student equals its teacher at every scale) and fed s times its config's
+`guidance_embeds_scale` (Sana-Sprint's convention; Flux: s itself), so the student stays a diffusers class of the same
+kind; elsewhere scm adds its own zero-initialised embedding to the time embedding (`scm.diffusers.net`). A teacher
+with such an input (Flux-dev) is given the guidance scale the same way.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _call_unet(model, x, timestep, *, labels=None, guidance=None, **cond):
     if "text" in cond:
         text, mask, vec = _prompt(cond, "UNet2DConditionModel", model.config.get("addition_embed_type") == "text_time")
         kwargs["encoder_hidden_states"] = text
-        if mask is not None:  # all True (SD's and SDXL's pipelines attend to every token) is no mask
+        if mask is not None:  # all True from SD's and SDXL's own encoders: the same as no mask
             kwargs["encoder_attention_mask"] = _mask_input(mask, x)
         if model.config.get("addition_embed_type") == "text_time":
             h, w = (VAE_FACTOR * s for s in x.shape[-2:])
