@@ -11,7 +11,8 @@ so this counts everything the step touched, activations first.
 
 Variants: the fused pass (the default step), the separate tangent pass (a no-grad JVP pass, then the forward of F),
 and the separate pass with every block checkpointed (`net.checkpointing=true`, which a run pairs with the separate
-pass). LoRA students are not built yet.
+pass); and LoRA students (adapters of rank `--rank` on the teacher's frozen network, which is also the teacher),
+with and without checkpointed blocks.
 
 `--size tiny`: small random SD3-like and Sana-like transformers (CPU, minutes); `--size real`: SD3-medium and
 Sana-1.6B configurations (random weights) at 1024² latents in bf16, for a GPU (`benchmarks/t2i_cost.py` holds the
@@ -21,6 +22,7 @@ configurations). Writes benchmarks/results/memory-<size>-<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -33,9 +35,11 @@ from common import machine, write_results
 
 from scm.app.report import Report
 
-VARIANTS = {"fused pass": dict(fused=True, checkpointing=False),
-            "separate tangent pass": dict(fused=False, checkpointing=False),
-            "separate pass + checkpointed blocks": dict(fused=False, checkpointing=True)}
+VARIANTS = {"fused pass": dict(fused=True, checkpointing=False, lora=False),
+            "separate tangent pass": dict(fused=False, checkpointing=False, lora=False),
+            "separate pass + checkpointed blocks": dict(fused=False, checkpointing=True, lora=False),
+            "LoRA, separate pass": dict(fused=False, checkpointing=False, lora=True),
+            "LoRA + checkpointed blocks": dict(fused=False, checkpointing=True, lora=True)}
 
 TINY = {  # (class, config, latent shape (C, H, W), prompt tokens, token width, pooled width, scheduler)
     "sd3-like": ("SD3Transformer2DModel", dict(
@@ -59,11 +63,14 @@ def _networks(name: str, size: str):
     return TINY[name]
 
 
-def make_step(name: str, variant: str, batch: int, size: str, device: torch.device):
-    """One sCD training step of the student `name` (fresh random teacher weights; the student is its copy)."""
+def make_step(name: str, variant: str, batch: int, size: str, device: torch.device, rank: int):
+    """One sCD training step of the student `name` (fresh random teacher weights; the student is its copy, or for
+    LoRA its adapters of rank `rank` on the teacher's network, which then is the teacher: held once)."""
     import diffusers
 
     from scm.diffusers import from_diffusers, student_from_diffusers
+    from scm.diffusers.lora import BaseTeacher
+    from scm.diffusers.net_config import LoRAConfig
     from scm.objectives import ConsistencyLoss
 
     cls, config, shape, tokens, width, pooled, _ = _networks(name, size)
@@ -74,8 +81,10 @@ def make_step(name: str, variant: str, batch: int, size: str, device: torch.devi
         teacher = getattr(diffusers, cls)(**config).eval().requires_grad_(False)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
     net = student_from_diffusers(teacher, scheduler, sigma_d=1.0, guidance_embed=True, shape=shape,
-                                 checkpointing=spec["checkpointing"])
-    objective = ConsistencyLoss(sigma_d=1.0, teacher=from_diffusers(teacher, scheduler, sigma_d=1.0),
+                                 checkpointing=spec["checkpointing"], lora=LoRAConfig(rank=rank if spec["lora"] else 0))
+    fn = BaseTeacher(net) if spec["lora"] else from_diffusers(teacher, scheduler, sigma_d=1.0)
+    del teacher  # a LoRA student's teacher is its own base: the copy goes (scm.train.build does the same)
+    objective = ConsistencyLoss(sigma_d=1.0, teacher=fn,
                                 teacher_uncond={"text": torch.zeros(1, tokens, width, device=device)},
                                 guidance=(1.0, 3.0), warmup_kimg=0, fused_pass=spec["fused"])
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-6)
@@ -107,13 +116,16 @@ def _rss_mb(field: str) -> float:
 
 def worker(args) -> None:
     device = torch.device(args.device)
-    step = make_step(args.net, args.worker, args.batch, args.size, device)
+    step = make_step(args.net, args.worker, args.batch, args.size, device, args.rank)
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_mb("VmRSS")
+    held = base / 2**20 if device.type == "cuda" else base
     times = []
     for _ in range(args.repeats + 1):  # the first step warms up (allocations, kernels); its time is dropped
         start = time.perf_counter()
@@ -123,13 +135,13 @@ def worker(args) -> None:
         times.append(time.perf_counter() - start)
     peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda"
             else _rss_mb("VmHWM") - base)
-    print(json.dumps({"peak_mb": peak, "median_ms": 1000 * statistics.median(times[1:]),
+    print(json.dumps({"held_mb": held, "peak_mb": peak, "median_ms": 1000 * statistics.median(times[1:]),
                       "min_ms": 1000 * min(times[1:]), "max_ms": 1000 * max(times[1:])}))
 
 
 def run_case(args, net: str, variant: str, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--net", net, "--batch", str(batch), "--size", args.size,
-           "--device", args.device, "--repeats", str(args.repeats)]
+           "--device", args.device, "--repeats", str(args.repeats), "--rank", str(args.rank)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -143,11 +155,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", default="4,16")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=None, help="the LoRA rank (default: 64 for real, 16 for tiny)")
     ap.add_argument("--nets", default=None, help="comma-separated students (default: all of the size)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--net", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.rank = args.rank or (64 if args.size == "real" else 16)
     if args.worker:
         return worker(args)
     nets = args.nets.split(",") if args.nets else (list(TINY) if args.size == "tiny" else ["sd3", "sana"])
@@ -162,14 +176,17 @@ def main() -> None:
 
 def _write(args, rows) -> None:
     kind = "max_memory_allocated above the weights" if args.device != "cpu" else "peak RSS above the step's start"
-    report = Report(f"sCD memory and step time: full fine-tuning with and without activation checkpointing "
-                    f"({args.size} students, {args.device})")
-    report.table(["student", "batch", "variant", f"peak MB ({kind})", "step ms (median, min–max)"],
-                 [[r["student"], r["batch"], r["variant"], f"{r['peak_mb']:.0f}" if "peak_mb" in r else r["error"],
+    report = Report(f"sCD memory and step time: full fine-tuning and LoRA (r={args.rank}), with and without "
+                    f"activation checkpointing ({args.size} students, {args.device})")
+    held = "weights held MB (teacher + student, or the shared base + adapters)"
+    report.table(["student", "batch", "variant", held, f"step peak MB ({kind})", "step ms (median, min–max)"],
+                 [[r["student"], r["batch"], r["variant"], f"{r['held_mb']:.0f}" if "held_mb" in r else "–",
+                   f"{r['peak_mb']:.0f}" if "peak_mb" in r else r["error"],
                    f"{r['median_ms']:.0f} ({r['min_ms']:.0f}–{r['max_ms']:.0f})" if "median_ms" in r else "–"]
                   for r in rows])
     report.markdown_text(NOTES)
-    payload = {"size": args.size, "device": args.device, "memory": kind, "repeats": args.repeats, "rows": rows,
+    payload = {"size": args.size, "device": args.device, "memory": kind, "repeats": args.repeats,
+               "lora_rank": args.rank, "rows": rows,
                "machine": machine(), "command": " ".join(["python", *sys.argv])}
     name = f"memory-{args.size}-{torch.device(args.device).type}"
     json_path, md_path = write_results(name, payload, report)
@@ -189,7 +206,10 @@ NOTES = """## Notes
   have no custom forward-AD rules, so the tangent's operations are recorded for the backward with the primal's
   (scm's own networks compute their tangents from detached values: benchmarks/results/step_cost.md). `scm train`
   therefore takes the separate pass for diffusers students unless `loss.fused_pass=true` is set.
-- LoRA students (full fine-tuning's counterpart in this table) are not built yet.
+- "weights held": what was allocated before the first step (on the CPU the resident set then, which includes
+  PyTorch itself): the teacher and the student for full fine-tuning; for LoRA the teacher's network once, with
+  adapters (`scm.diffusers.lora`: the teacher is the student with its adapters off). The step's peak includes
+  Adam's state, created at the first (warm-up) step: two tensors per trained parameter, so LoRA's is small.
 """
 
 

@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field
 
 from scm._checks import sizes
+from scm.diffusers.net_config import LoRAConfig
 from scm.ema_profile import SIGMA_REL_MAX
 from scm.errors import ConfigError, InvalidSetting
 from scm.nets.registry import NET_PRESETS, NetConfig, config_class, net_config
@@ -29,6 +30,7 @@ from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss
 from scm.precision import PRECISIONS
 from scm.presets import FAMILIES, PRESETS
 from scm.sampling import T_MID, check_t_mid
+from scm.teachers import TEACHER_DTYPES
 from scm.text import TextConfig
 from scm.trigflow import t_max_default
 
@@ -109,8 +111,12 @@ class TrainConfig:
     teacher_data: str = "own"                 # diffusers teachers: scm's data is the teacher's own ("own") or the
                                               # teacher's data is x0/σ_d ("unit", Sana-Sprint's convention)
     teacher_ema: float | None = None          # σ_rel of the teacher's EMA to use (None: its first)
+    teacher_dtype: str = "fp32"               # the teacher's weights and calls: "fp32" | "bf16" | "fp16" (half memory)
+    teacher_offload: bool = False             # keep the teacher on the CPU between calls (CUDA; one copy per call)
     init: str | None = None                   # start from this run's EMA (sCD: defaults to the teacher)
     init_ema: float | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # sCD of a diffusers teacher: a student of low-rank adapters
+                                              # on the teacher's frozen network (lora.rank > 0), which is the teacher
     net_preset: str = "tiny"                 # a U-Net (tiny, cifar, S…XXL) or transformer (dit-tiny, DiT-S/2…) preset
     net: NetConfig = field(default_factory=UNetConfig)  # the network of `net_preset` (U-Net, DiT, diffusers), resolved
     loss: DiffusionLoss | ConsistencyLoss = field(default_factory=DiffusionLoss)  # the objective of `method`
@@ -164,6 +170,20 @@ class TrainConfig:
         self.optim.validate()
         self.ema.validate()
         _part("text", self.text.validate)
+        _part("lora", self.lora.validate)
+        _need(self.teacher_dtype in TEACHER_DTYPES, "teacher_dtype", self.teacher_dtype,
+              f"must be one of {tuple(TEACHER_DTYPES)}")
+        held = self.teacher_dtype != "fp32" or self.teacher_offload
+        _need(not held or self.method == "scd", "teacher_dtype", self.teacher_dtype, "only sCD has a teacher")
+        _need(not (held and self.lora.rank), "teacher_dtype" if self.teacher_dtype != "fp32" else "teacher_offload",
+              self.teacher_dtype if self.teacher_dtype != "fp32" else True,
+              "a LoRA student's teacher is its own frozen base, held as the student is")
+        _need(not (self.teacher_offload and self.distributed == "fsdp"), "teacher_offload", True,
+              "is not supported with distributed=fsdp, which shards the teacher across the processes instead")
+        if self.lora.rank:
+            diffusers_teacher = str(self.teacher or "").startswith("diffusers:")
+            _need(self.method == "scd" and diffusers_teacher and self.init is None, "lora.rank", self.lora.rank,
+                  "adapters train on a diffusers teacher's own network: sCD with teacher=diffusers:PATH (no init)")
         L = self.loss
         if getattr(L, "guidance", None) is not None:
             _need(self.method == "scd", "loss.guidance", L.guidance, "classifier-free guidance is for sCD only")

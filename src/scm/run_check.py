@@ -16,7 +16,7 @@ from scm.errors import CheckpointError, UnverifiedWarning
 from scm.files import atomic_write_json
 from scm.integrity import read_tensors, write_tensors
 from scm.nets.registry import build_net
-from scm.runs import FILES_KEY, RunDir, ema_key, read_run_config, weight_shapes
+from scm.runs import FILES_KEY, RunDir, ema_key, read_run_config, trained_keys, weight_shapes
 
 __all__ = ["FileCheck", "check_run", "describe"]
 
@@ -35,8 +35,8 @@ def check_run(path: str | Path, *, record: bool = False) -> list[FileCheck]:
     cfg = read_run_config(run.path)
     with torch.device("meta"):  # names and shapes only: nothing is allocated
         net = build_net(cfg.net, cfg.loss.sigma_d)
-    shapes = weight_shapes(net)
-    expect = {"net": {k: tuple(v.shape) for k, v in net.state_dict().items()},
+    shapes, keys = weight_shapes(net), trained_keys(net)  # (a LoRA student's checkpoints hold its trained part)
+    expect = {"net": {k: tuple(v.shape) for k, v in net.state_dict().items() if keys is None or k in keys},
               "ema": {ema_key(s, k): v for s in cfg.ema.stds for k, v in shapes.items()}}
     results = []
     for ckpt in run.checkpoints():

@@ -58,7 +58,7 @@ from scm.nets.registry import build_net
 
 __all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in", "ema_weights",
            "is_run_dir", "load_run", "load_tensors", "locate_checkpoint", "mix_seed", "network_run", "read_run_config",
-           "save_tensors", "weight_shapes"]
+           "save_tensors", "trained_keys", "weight_shapes", "with_base"]
 
 
 def mix_seed(*values: int) -> int:
@@ -411,8 +411,10 @@ def network_run(cfg: TrainConfig, weights: dict[str, torch.Tensor], *, source: P
     """The run `cfg` describes with `weights` (a checkpoint's, an EMA's, or post-hoc reconstructed ones) loaded into
     its network (`net`, when already built), in eval mode without gradients; CheckpointError naming `source` and
     the first differing tensors when they do not fit."""
-    net = build_net(cfg.net, cfg.loss.sigma_d) if net is None else net
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items() if v.is_floating_point() or k in weights}
+    net = with_base(build_net(cfg.net, cfg.loss.sigma_d)) if net is None else net
+    keys = trained_keys(net)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()
+                if (v.is_floating_point() or k in weights) and (keys is None or k in keys)}
     if diff := shape_differences(expected, {k: tuple(v.shape) for k, v in weights.items()}):
         raise CheckpointError(f"{source}: the weights do not fit the run's network (config.json): {diff}",
                               key="weights")
@@ -421,8 +423,26 @@ def network_run(cfg: TrainConfig, weights: dict[str, torch.Tensor], *, source: P
 
 
 def weight_shapes(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of the weights a network's checkpoint holds (the EMA's: its floating-point state)."""
-    return {k: tuple(v.shape) for k, v in net.state_dict().items() if v.is_floating_point()}
+    """The names and shapes of the weights a network's checkpoint holds (the EMA's: its floating-point state, or a
+    LoRA student's trained part of it)."""
+    keys = trained_keys(net)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()
+            if v.is_floating_point() and (keys is None or k in keys)}
+
+
+def trained_keys(net: torch.nn.Module) -> list[str] | None:
+    """The state-dict entries of `net` its checkpoints hold apart from non-float buffers (None: all): a LoRA
+    student's adapters and heads (`scm.diffusers.net.DiffusersNet.trained_keys`); its frozen base is read from
+    the teacher's folder (`with_base`)."""
+    keys = getattr(net, "trained_keys", None)
+    return None if keys is None else keys()
+
+
+def with_base(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with its frozen base weights where it has one (a LoRA student: read from its teacher's folder)."""
+    if getattr(getattr(net.cfg, "lora", None), "rank", 0):
+        net.load_base()
+    return net
 
 
 def locate_checkpoint(path: str | Path) -> tuple[RunDir, Path | None]:
@@ -448,10 +468,11 @@ def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = Fals
     if ckpt is None:
         raise CheckpointError(f"{run.path}: the run has no checkpoint yet")
     std = None if raw else cfg.ema.stds[0] if ema_std is None else float(ema_std)
-    net = build_net(cfg.net, cfg.loss.sigma_d)
-    shapes = weight_shapes(net)
+    net = with_base(build_net(cfg.net, cfg.loss.sigma_d))
+    shapes, keys = weight_shapes(net), trained_keys(net)
     if raw:
-        stem, names, expect = "net", None, {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        stem, names = "net", None
+        expect = {k: tuple(v.shape) for k, v in net.state_dict().items() if keys is None or k in keys}
     else:
         stem, names, expect = "ema", [ema_key(std, k) for k in shapes], {ema_key(std, k): v for k, v in shapes.items()}
     try:

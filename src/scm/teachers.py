@@ -25,10 +25,11 @@ from scm.errors import ConfigError
 from scm.precision import compute_dtype
 from scm.trigflow import expand
 
-__all__ = ["DIFFUSERS_PREFIX", "LoadedTeacher", "TeacherSource", "from_edm", "from_flow", "load_teacher",
-           "load_teacher_factory", "open_teacher"]
+__all__ = ["DIFFUSERS_PREFIX", "TEACHER_DTYPES", "HeldTeacher", "LoadedTeacher", "TeacherSource", "from_edm",
+           "from_flow", "load_teacher", "load_teacher_factory", "open_teacher"]
 
 DIFFUSERS_PREFIX = "diffusers:"
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # `teacher_dtype`
 
 TrigFlowFn = Callable[..., torch.Tensor]
 
@@ -179,3 +180,59 @@ def load_teacher_factory(spec: str) -> TrigFlowFn:
         raise ConfigError(f"teacher={spec!r}: {attr}() must return a callable fn(x_scaled, t, **cond) -> F",
                           key="teacher")
     return fn
+
+
+class HeldTeacher:
+    """A teacher network held for sCD with less memory: its weights in `dtype` (bf16/fp16: half of fp32's; each call
+    runs under autocast to it and returns the caller's dtype) and, with `offload`, on the CPU between calls (moved to
+    `device` for each call, pinned where CUDA is there, and dropped from the device after it: the teacher then costs
+    no device memory between calls, for one host-to-device copy of its weights per call). No gradients ever."""
+
+    def __init__(self, fn: TrigFlowFn, module: torch.nn.Module, device, dtype: torch.dtype = torch.float32,
+                 offload: bool = False):
+        self.fn, self.module, self.device, self.dtype = fn, module, torch.device(device), dtype
+        self.takes_guidance = getattr(fn, "takes_guidance", False)
+        module.requires_grad_(False).eval()
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
+        self.offload = offload and self.device.type != "cpu"
+        self._host = self._pin() if self.offload else []  # (module, "_parameters" | "_buffers", name, host tensor)
+
+    def _pin(self) -> list[tuple]:
+        """The module's tensors, each replaced by a pinned host copy (where CUDA is there): what each call moves."""
+        slots = []
+        for m in self.module.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, v in getattr(m, kind).items():
+                    if v is not None:
+                        slots.append((m, kind, name, _as(kind, _pinned(v.detach().cpu()))))
+        self._put(slots)
+        return slots
+
+    @staticmethod
+    def _put(slots) -> None:
+        for m, kind, name, v in slots:
+            getattr(m, kind)[name] = v
+
+    def _on_device(self) -> list[tuple]:
+        return [(m, kind, name, _as(kind, v.to(self.device, non_blocking=True))) for m, kind, name, v in self._host]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        self._put(self._on_device())  # (nothing without offload)
+        try:
+            if self.dtype == torch.float32:
+                return self.fn(x, t, **cond)
+            with torch.autocast(x.device.type, dtype=self.dtype):
+                return self.fn(x, t, **cond).to(x.dtype)
+        finally:
+            self._put(self._host)  # the device copies are dropped
+
+
+def _pinned(v: torch.Tensor) -> torch.Tensor:
+    return v.pin_memory() if torch.cuda.is_available() else v
+
+
+def _as(kind: str, v: torch.Tensor) -> torch.Tensor:
+    """A module slot's value: a frozen Parameter in `_parameters`, the tensor itself in `_buffers`."""
+    return torch.nn.Parameter(v, requires_grad=False) if kind == "_parameters" else v

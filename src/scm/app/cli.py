@@ -171,6 +171,8 @@ def export(
     format_: Annotated[str, typer.Option("--format", help="diffusers: a pipeline folder for "
                                                           "scm.diffusers.SCMPipeline")] = "diffusers",
     ema: Annotated[float | None, typer.Option(help="σ_rel of the EMA to export (default: the run's first)")] = None,
+    merge_lora: Annotated[bool, typer.Option("--merge-lora", help="a LoRA run: merge its adapters into the base "
+                                             "weights (a full network) instead of writing them apart")] = False,
 ):
     """Export a consistency run: `--format diffusers` writes a diffusers pipeline folder (safetensors + JSON;
     `SCMPipeline.from_pretrained(OUT)` from scm.diffusers) that samples exactly as `scm sample` does; a text run's
@@ -180,7 +182,7 @@ def export(
     if format_ not in FORMATS:
         fail(f"--format {format_}: unknown export format (known: {', '.join(FORMATS)})")
     try:
-        path = export_diffusers(run, out, ema_std=ema)
+        path = export_diffusers(run, out, ema_std=ema, merge_lora=merge_lora)
     except USER_ERRORS as e:
         fail_on(e, {"out": "OUT", "run": "RUN"}, {"out": "choose another OUT, or remove it"})
     print(f"wrote {path}: load it with scm.diffusers.SCMPipeline.from_pretrained({str(path)!r})", file=sys.stderr)

@@ -5,6 +5,8 @@
     OUT/model/config.json                   SCMModel: the scm network's config (net_preset + fields) and σ_d
     OUT/model/diffusion_pytorch_model.safetensors
     OUT/scheduler/scheduler_config.json     SCMScheduler: prediction_type "trigflow", sigma_data = σ_d
+    OUT/lora/pytorch_lora_weights.safetensors   a LoRA student: its adapters in diffusers' LoRA format, for
+                                            `pipe.load_lora_weights` on the teacher's own pipeline (+ scm_lora.json)
     OUT/vae/…                               a run on latents: its AutoencoderKL (safetensors)
     OUT/text_encoder/…                      a text run with a transformers text encoder: a copy of its folder
                                             (safetensors weights, config and tokenizer files), checked against the
@@ -56,11 +58,15 @@ def _pipeline_module():
     return pipeline
 
 
-def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None = None, device="cpu") -> Path:
+def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None = None, merge_lora: bool = False,
+                     device="cpu") -> Path:
     """Write the run's newest checkpoint (its EMA with σ_rel `ema_std`, default the first) as an `SCMPipeline`
-    folder `out`, which must not exist; returns its path. Errors: `CheckpointError` (not a run, no checkpoint, no
-    such EMA), `RunError` (`out` exists; a diffusion run; a text encoder that cannot be copied), `MissingDependency`
-    (no diffusers), `DataError` (a run on latents whose VAE cannot be loaded)."""
+    folder `out`, which must not exist; returns its path. A LoRA student's pipeline holds its base and adapters,
+    and OUT/lora/ its adapters alone in diffusers' LoRA format (`write_adapters`); with `merge_lora` the adapters
+    are added into the base weights instead (a plain network, no OUT/lora/). Errors: `CheckpointError` (not a run,
+    no checkpoint, no such EMA), `RunError` (`out` exists; a diffusion run; a text encoder that cannot be copied;
+    merge_lora on a run without adapters), `MissingDependency` (no diffusers), `DataError` (a run on latents whose
+    VAE cannot be loaded)."""
     pipeline = _pipeline_module()
     from scm.conditioning import Conditioning
     from scm.config import to_dict
@@ -76,7 +82,11 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
         raise RunError(f"{run}: a diffusion run (a teacher) samples with the PF-ODE, not with consistency steps; "
                        "export an sCT or sCD run", key="run")
     sigma_d = float(cfg.loss.sigma_d)
-    model = pipeline.SCMModel(net_preset=cfg.net_preset, net_config=to_dict(cfg.net), sigma_d=sigma_d)
+    lora = cfg.lora.rank > 0
+    if merge_lora and not lora:
+        raise RunError(f"{run}: the run has no LoRA adapters to merge (lora.rank is 0)", key="run")
+    net_cfg = _merged(loaded.net) if merge_lora else cfg.net
+    model = pipeline.SCMModel(net_preset=cfg.net_preset, net_config=to_dict(net_cfg), sigma_d=sigma_d)
     model.net.load_state_dict(loaded.net.state_dict(), strict=True)
     scheduler = pipeline.SCMScheduler(prediction_type="trigflow", sigma_data=sigma_d)
     extra = {"t_mid": float(cfg.t_mid),  # the run's 2-step time (the paper's 1.1 unless the run set another)
@@ -102,11 +112,63 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
                 raise RunError(f"{out}: the export would contain pickle files ({', '.join(p.name for p in pickled)})")
             if text_encoder is not None:  # the copy is the encoder the run was trained with (its weights digest)
                 _check_copy(cfg.text.encoder, tmp / TEXT_ENCODER, run)
+            if lora and not merge_lora:
+                write_adapters(loaded.net, tmp / LORA_FOLDER, {**extra["source"], "t_mid": extra["t_mid"],
+                                                               "sigma_d": sigma_d, "guidance_default":
+                                                               extra["guidance_default"]})
     except FileExistsError:
         raise RunError(f"{out}: already exists (the export writes a new folder)", key="out") from None
     except OSError as e:  # the disk filled, or the folder was made read-only meanwhile: nothing is left behind
         raise RunError(f"{out}: cannot write the export ({e.strerror or e})", key="out") from None
     return out
+
+
+def _merged(net):
+    """A LoRA student's network config once its adapters are merged into its base (`net` is merged in place)."""
+    from scm.diffusers.lora import merge_adapters
+    from scm.diffusers.net_config import LoRAConfig
+
+    merge_adapters(net.model)
+    return dataclasses.replace(net.cfg, lora=LoRAConfig(), lora_base="")
+
+
+# the pipeline class whose `save_lora_weights` / `load_lora_weights` a student class's adapters go with
+LORA_PIPELINES = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline",
+                  "SanaTransformer2DModel": "SanaPipeline", "UNet2DConditionModel": "StableDiffusionXLPipeline"}
+LORA_FOLDER = "lora"
+
+
+def write_adapters(net, folder: Path, record: dict) -> None:
+    """A LoRA student's adapters as diffusers' LoRA file `folder`/pytorch_lora_weights.safetensors (the pipeline
+    class's own `save_lora_weights`, with the adapters' configuration as its metadata), which
+    `pipe.load_lora_weights(folder)` loads into the teacher's pipeline (SD3, Flux, Sana, SD/SDXL); and
+    `folder`/scm_lora.json: the base, the times and σ_d to sample with, and whether the student has a guidance
+    input (the adapters alone do not carry it, nor the heads: use the SCMPipeline for those)."""
+    import json
+
+    import diffusers
+    from safetensors.torch import save_file
+
+    from scm.diffusers.lora import adapter_state, lora_prefix
+    from scm.files import atomic_write
+
+    cfg = net.cfg
+    state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(net.model).items()}
+    metadata = {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha or cfg.lora.rank, "target_modules": net.adapted}
+    folder.mkdir(parents=True)
+    loader = LORA_PIPELINES.get(cfg.model_class)
+    if loader is not None:
+        component = lora_prefix(cfg.model_class)
+        getattr(diffusers, loader).save_lora_weights(folder, **{f"{component}_lora_layers": state,
+                                                                f"{component}_lora_adapter_metadata": metadata})
+    else:  # no diffusers pipeline loads LoRAs into this class: the same layout, for peft or by hand
+        prefix = lora_prefix(cfg.model_class)
+        save_file({f"{prefix}.{k}": v for k, v in state.items()}, str(folder / "pytorch_lora_weights.safetensors"))
+    guided = net.guidance_linear is not None or bool(net.base_new_keys)  # an input the teacher's pipeline lacks
+    info = {"base": cfg.lora_base, "model_class": cfg.model_class, "pipeline_class": loader,
+            "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank, "targets": net.adapted},
+            "guidance_input": guided, **record}
+    atomic_write(folder / "scm_lora.json", json.dumps(info, indent=2) + "\n")
 
 
 def _check_creatable(out: Path) -> None:

@@ -214,12 +214,17 @@ GENERIC = Family("", _call_dit, None)
 def family_of(model_or_class, *, generic: bool = False) -> Family:
     """The family of a diffusers model (or its class name); for another class `GENERIC` when `generic` (a teacher),
     else ConfigError."""
-    name = model_or_class if isinstance(model_or_class, str) else type(model_or_class).__name__
+    name = model_or_class if isinstance(model_or_class, str) else _class_name(model_or_class)
     if name not in FAMILIES and generic:
         return GENERIC
     if name not in FAMILIES:
         raise ConfigError(f"{name} is not a network scm can call (supported: {', '.join(FAMILIES)})", key="teacher")
     return FAMILIES[name]
+
+
+def _class_name(model) -> str:
+    """The diffusers class of a model, also once wrapped by a subclass of it (FSDP2's `fully_shard` makes one)."""
+    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in FAMILIES), type(model).__name__)
 
 
 def latent_shape(config: Mapping, name: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:

@@ -35,6 +35,7 @@ rebuilds the network without the original diffusers folder. diffusers itself mus
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -43,7 +44,7 @@ from torch import nn
 from scm._checks import describe_shape
 from scm.diffusers.convert import Parameterization, call_model, data_scale, default_null_label, num_classes
 from scm.diffusers.families import family_of, latent_shape
-from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig
+from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig, LoRAConfig
 from scm.errors import ConfigError
 from scm.nets.layers import Linear, MPConv, Network, PositionalEmbedding, check_input, guidance_scales
 from scm.precision import compute_dtype
@@ -139,6 +140,66 @@ class DiffusersNet(Network):
         for m in (self.weight_embed, self.weight_linear, self.guidance_embed, self.guidance_linear):
             if m is not None:
                 m.to(device=device, dtype=dtype if dtype == torch.float64 else None)
+        self.base_new_keys: tuple[str, ...] | None = None  # the model's keys its teacher lacks (copy_teacher_weights)
+        self._base_only = False
+        self.adapted: list[str] = []
+        if cfg.lora.rank:
+            self._add_adapters()
+
+    # -- LoRA (scm.diffusers.lora) -----------------------------------------------------------------------------------
+    def _add_adapters(self) -> None:
+        """peft adapters on the model (every weight of it frozen), and hooks that silence a guidance embedder its
+        teacher lacks while the network is its own teacher (`base_only`)."""
+        from scm.diffusers.lora import add_adapters
+
+        self.adapted = add_adapters(self.model, self.cfg.lora)  # the names of the adapted layers
+        for name, module in self.model.named_modules():
+            if name.endswith("guidance_embedder"):
+                module.register_forward_hook(lambda m, args, out, name=name: self._silenced(name, out))
+
+    def _silenced(self, name: str, output):
+        new = self._base_only and any(k.startswith(name + ".") for k in self.base_new_keys or ())
+        return torch.zeros_like(output) if new else output
+
+    @contextlib.contextmanager
+    def base_only(self):
+        """The network as its LoRA student's teacher: adapters and the student's own guidance input off, eval mode
+        (`scm.diffusers.lora.BaseTeacher`)."""
+        from scm.diffusers.lora import switched_off
+
+        if not self.cfg.lora.rank:
+            raise RuntimeError("base_only: this network has no adapters (lora.rank is 0)")
+        self._base_only = True
+        try:
+            with switched_off(self, self.model):
+                yield self
+        finally:
+            self._base_only = False
+
+    def load_base(self) -> DiffusersNet:
+        """A LoRA student's frozen base: the weights of the teacher folder its config names (`lora_base`), read
+        again (checkpoints hold the trained tensors only)."""
+        from scm.teachers import open_teacher
+
+        if not self.cfg.lora_base:
+            raise ConfigError("a LoRA student needs its base: DiffusersNetConfig.lora_base is empty",
+                              key="net.lora_base")
+        source = open_teacher(self.cfg.lora_base)
+        loaded = source.folder.load(device=next(self.parameters()).device)
+        return copy_teacher_weights(self, loaded.model)
+
+    def trained_keys(self) -> list[str] | None:
+        """The state-dict entries training changes, which checkpoints and EMA averages hold: all (None) for a
+        network trained whole; for a LoRA student its adapters, its heads and what its teacher lacks."""
+        if not self.cfg.lora.rank:
+            return None
+        if self.base_new_keys is None:  # what copy_teacher_weights finds, from the teacher's config alone
+            from scm.teachers import open_teacher
+
+            own = self.family.own_guidance(open_teacher(self.cfg.lora_base).folder.model_config)
+            self.base_new_keys = () if own else tuple(k for k in self.model.state_dict() if ".guidance_embedder." in k)
+        new = {"model." + k for k in self.base_new_keys}
+        return [k for k in self.state_dict() if not k.startswith("model.") or ".lora_" in k or k in new]
 
     def _add_guidance(self, module, args, output):
         return output if self._guidance is None else output + self._guidance.to(output.dtype)
@@ -178,7 +239,7 @@ class DiffusersNet(Network):
         x_in, timestep = self.param.model_inputs(x, t, sd, k)
         index = self._labels(labels, x.shape[0], x.device)
         own = self.family.own_guidance(self.model.config)
-        if self.guidance_linear is not None or own:
+        if (self.guidance_linear is not None and not self._base_only) or own:
             with torch.autocast(x.device.type, enabled=False):
                 g = guidance_scales(guidance, x.shape[0], x.device, compute_dtype(t))
             if own:
@@ -247,13 +308,15 @@ def student_config(model_class: str, model_config: dict, scheduler_class: str, s
                    data: str = "own", label_dim: int | None = None, guidance_embed: bool = False,
                    label_dropout: float = 0.0, null_label: int | None = None, dropout: float | None = None,
                    weight_channels: int = 128, embed_channels: int = 256,
-                   shape: tuple[int, ...] | None = None, checkpointing: bool = False) -> DiffusersNetConfig:
+                   shape: tuple[int, ...] | None = None, checkpointing: bool = False, lora: LoRAConfig | None = None,
+                   lora_base: str = "") -> DiffusersNetConfig:
     """The config of the student a diffusers model (its class and config, and its training scheduler's) gives, from
     the configs alone (no weights are read, no random numbers drawn): `student_from_diffusers` without the model.
     label_dim (the classes of scm's labels) defaults to the model's; fewer are allowed (labels 0 … label_dim−1 are
     the model's first classes; 0 with a class-conditional model: always its "no class" input); dropout defaults to
     the model's configured dropout; shape (C, H, W) to the model's sample_size (a transformer takes other sizes; Flux
-    has none of its own). With guidance_embed, a class with a guidance embedder of its own (Flux, Sana) has it
+    has none of its own); lora: adapters (`scm.diffusers.lora`) on the base weights of the folder `lora_base`. With
+    guidance_embed, a class with a guidance embedder of its own (Flux, Sana) has it
     switched on (`scm.diffusers.families`); a model that already takes a guidance scale (Flux-dev) always does.
     ConfigError for a model scm cannot train as a student (module docstring); what only its modules tell (a "no
     class" index for label dropout) is read from the model built on the meta device (no memory, no weights)."""
@@ -273,8 +336,7 @@ def student_config(model_class: str, model_config: dict, scheduler_class: str, s
         scheduler_config=scheduler_config, data=data, img_resolution=_resolution(shape), img_channels=shape[0],
         label_dim=classes if label_dim is None else label_dim, null_label=null_label, guidance_embed=guidance_embed,
         text_dim=text_dim, text_pooled_dim=pooled_dim, label_dropout=label_dropout, checkpointing=checkpointing,
-        embed_channels=embed_channels,
-        weight_channels=weight_channels,
+        embed_channels=embed_channels, weight_channels=weight_channels, lora=lora or LoRAConfig(), lora_base=lora_base,
         dropout=float(model_config.get("dropout", 0.0) if dropout is None else dropout))
     _check_model(model_config, cfg)
     if cfg.label_dropout:
@@ -317,8 +379,10 @@ def copy_teacher_weights(student: DiffusersNet, model: nn.Module) -> DiffusersNe
     family = student.family
     switched_on = family.own_guidance(student.model.config) and not family.own_guidance(model.config)
     rename = family.rename if switched_on and family.rename else (lambda key: key)
-    state = {rename(k): v for k, v in model.state_dict().items()}
+    adapted = {k.replace(".base_layer.", "."): k for k in student.model.state_dict() if ".base_layer." in k}
+    state = {adapted.get(rename(k), rename(k)): v for k, v in model.state_dict().items()}
     missing, unexpected = student.model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".lora_" not in k]  # a LoRA student's adapters (scm.diffusers.lora)
     new = [k for k in missing if ".guidance_embedder." in k]
     if unexpected or len(new) != len(missing):
         raise ConfigError(f"the teacher's weights do not fit its student ({type(model).__name__}): missing "
@@ -327,4 +391,8 @@ def copy_teacher_weights(student: DiffusersNet, model: nn.Module) -> DiffusersNe
         if new and name.endswith("guidance_embedder.linear_2"):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
+    student.base_new_keys = tuple(new)
+    if student.cfg.lora.rank:  # what the teacher lacks trains in full beside the adapters
+        for name, p in student.model.named_parameters():
+            p.requires_grad_(".lora_" in name or name in new)
     return student

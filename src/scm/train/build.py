@@ -17,7 +17,7 @@ from scm.errors import ConfigError
 from scm.nets.registry import build_net
 from scm.objectives import ConsistencyLoss, DiffusionLoss
 from scm.runs import load_run
-from scm.teachers import LoadedTeacher, load_teacher, open_teacher
+from scm.teachers import TEACHER_DTYPES, HeldTeacher, LoadedTeacher, load_teacher, open_teacher
 from scm.train.resolve import DIFFUSERS_NET_PRESET, architecture, diffusers_student
 
 __all__ = ["Built", "build", "build_objective"]
@@ -29,16 +29,18 @@ class Built:
     teacher: object | None            # the sCD teacher's fn(x_t/σ_d, t, **cond) -> F
     init_note: str                    # where the network's weights come from, for the log
     teacher_info: dict | None = None  # recorded in RUN/teacher.json (diffusers teachers)
+    teacher_module: torch.nn.Module | None = None  # the teacher's network (sharded with FSDP2 under distributed=fsdp)
 
 
 def build(cfg: TrainConfig, data: Dataset, device: torch.device) -> Built:
     """The teacher, then the network with its initial weights, for the resolved configuration `cfg`. Random numbers
     are drawn in a fixed order (the teacher's and the init run's networks are built before the student), so the
     student's fresh parameters are a function of the seed."""
+    host = cfg.teacher_offload and torch.device(device).type != "cpu"  # read onto the CPU, moved per call
     teacher = load_teacher(open_teacher(cfg.teacher), ema=cfg.teacher_ema, sigma_d=cfg.loss.sigma_d,
-                           data=cfg.teacher_data, device=device) if cfg.method == "scd" else None
+                           data=cfg.teacher_data, device="cpu" if host else device) if cfg.method == "scd" else None
     if teacher is not None:
-        _check_teacher_call(teacher, cfg, data, device)
+        _check_teacher_call(teacher, cfg, data, "cpu" if host else device)
     init = load_run(cfg.init, cfg.init_ema, device=device) if cfg.init is not None else None
     net = build_net(cfg.net, cfg.loss.sigma_d)
     if init is not None:
@@ -51,7 +53,30 @@ def build(cfg: TrainConfig, data: Dataset, device: torch.device) -> Built:
 
         copy_teacher_weights(net, teacher.model)
     info = _teacher_info(cfg, teacher, data) if teacher is not None and teacher.model is not None else None
-    return Built(net.to(device), None if teacher is None else teacher.fn, _init_note(cfg, teacher, data, info), info)
+    note, fn = _init_note(cfg, teacher, data, info), None if teacher is None else teacher.fn
+    module = None if teacher is None else _teacher_module(teacher, cfg)
+    if module is not None and (cfg.teacher_dtype != "fp32" or cfg.teacher_offload):
+        fn = HeldTeacher(fn, module, device, TEACHER_DTYPES[cfg.teacher_dtype], cfg.teacher_offload)
+        note += f"; the teacher held in {cfg.teacher_dtype}" + (", on the CPU between calls" if host else "")
+    if cfg.lora.rank:  # the teacher is the student's own frozen base (scm.diffusers.lora): its copy is let go
+        from scm.diffusers.lora import BaseTeacher
+
+        fn = BaseTeacher(net, takes_guidance=getattr(fn, "takes_guidance", False))
+        note += f"; LoRA rank {cfg.lora.rank} on {len(net.adapted)} layers, the base frozen and shared with the teacher"
+        module = teacher = None
+    return Built(net.to(device), fn, note, info, module)
+
+
+def _teacher_module(teacher: LoadedTeacher, cfg: TrainConfig) -> torch.nn.Module | None:
+    """The network a teacher computes with (a diffusers model, or a run's network); None for a function given as
+    module:function, which teacher_dtype and teacher_offload cannot hold (ConfigError)."""
+    module = teacher.model if teacher.model is not None else teacher.fn
+    if isinstance(module, torch.nn.Module):
+        return module
+    if cfg.teacher_dtype != "fp32" or cfg.teacher_offload:
+        raise ConfigError(f"teacher={cfg.teacher}: a teacher given as a function is not a network scm can hold in "
+                          "another dtype or on the CPU", key="teacher_dtype")
+    return None
 
 
 def _init_note(cfg: TrainConfig, teacher: LoadedTeacher | None, data: Dataset, info: dict | None) -> str:

@@ -15,6 +15,7 @@ waits in fails: at once when the peer's connection closes, else after the collec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import math
@@ -159,6 +160,25 @@ def wrap_model(net: nn.Module, info: DistInfo, mode: str) -> nn.Module:
     return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
+def shard_evaluated(module: nn.Module) -> nn.Module:
+    """FSDP2 on a network that is only evaluated (the sCD teacher under distributed=fsdp): each block of it (the
+    members of its module lists and dicts) and then the rest sharded across the processes, a block's weights
+    gathered for its forward and freed after, so a process holds 1/world of the teacher between blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks, inside = [], set()
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and not any(name.startswith(b + ".") for b in inside):
+            for child_name, child in m.named_children():
+                if any(p.numel() for p in child.parameters()):
+                    blocks.append(child)
+                    inside.add(f"{name}.{child_name}" if name else child_name)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -187,8 +207,10 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(unwrap(model), options=_FULL)
 
 
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    set_model_state_dict(unwrap(model), state, options=_FULL)
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Full (unsharded) tensors into the model; strict=False: `state` holds part of it (a LoRA student's trained
+    tensors, checked against the checkpoint's expected names before)."""
+    set_model_state_dict(unwrap(model), state, options=_FULL if strict else dataclasses.replace(_FULL, strict=False))
 
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -42,17 +42,21 @@ def _copy_full_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 class PowerEMA:
     """Shadow copies (float32) of a module's parameters and buffers, one set per σ_rel."""
 
-    def __init__(self, net: nn.Module, stds: tuple[float, ...]):
+    def __init__(self, net: nn.Module, stds: tuple[float, ...], keys: list[str] | None = None):
+        """Averages of `net`'s floating-point state, or of its entries `keys` only (a LoRA student's trained
+        tensors: its frozen base needs none)."""
         self.stds = tuple(float(s) for s in stds)
         self.exps = {s: std_to_exp(s) for s in self.stds}
-        self.shadow = {
-            s: {k: v.detach().clone().float() for k, v in net.state_dict().items() if v.is_floating_point()}
-            for s in self.stds
-        }
+        self.keys = None if keys is None else set(keys)
+        self.shadow = {s: {k: v.detach().clone().float() for k, v in self._averaged(net).items()} for s in self.stds}
+
+    def _averaged(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in net.state_dict().items()
+                if v.is_floating_point() and (self.keys is None or k in self.keys)}
 
     @torch.no_grad()
     def update(self, net: nn.Module, cur_nimg: int, batch: int) -> None:
-        current = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+        current = self._averaged(net)
         for s, shadow in self.shadow.items():
             beta = (1 - batch / max(cur_nimg, batch)) ** (self.exps[s] + 1)
             for k, v in shadow.items():

@@ -28,7 +28,14 @@ from scm.integrity import one_unverified_warning
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
 from scm.train.build import build, build_objective
-from scm.train.distributed import DistInfo, barrier, disagreement, init_distributed, peer_failures
+from scm.train.distributed import (
+    DistInfo,
+    barrier,
+    disagreement,
+    init_distributed,
+    peer_failures,
+    shard_evaluated,
+)
 from scm.train.ema import PowerEMA
 from scm.train.logger import Logger
 from scm.train.optim import learning_rate
@@ -80,9 +87,16 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
         run.write_teacher(built.teacher_info)
     log = Logger(run, cfg, info)
     log.info(data.describe())
-    log.info(f"{cfg.method} | preset {cfg.preset} | {built.net.num_parameters() / 1e6:.2f}M parameters | "
-             f"{built.init_note} | {info.world} process(es) on {info.device}")
+    trained = sum(p.numel() for p in built.net.parameters() if p.requires_grad)
+    count = f"{built.net.num_parameters() / 1e6:.2f}M parameters"
+    if trained < built.net.num_parameters():  # a LoRA student: its base is frozen
+        count += f" ({trained / 1e6:.3f}M trained)"
+    log.info(f"{cfg.method} | preset {cfg.preset} | {count} | {built.init_note} | {info.world} process(es) on "
+             f"{info.device}")
 
+    if built.teacher_module is not None and info.enabled and cfg.distributed == "fsdp":
+        shard_evaluated(built.teacher_module)  # the teacher sharded like the student
+        log.info(f"the teacher sharded with FSDP2 across {info.world} processes")
     objective = build_objective(cfg, built.teacher)
     state = TrainState.create(built.net, cfg, info)
     if resume:

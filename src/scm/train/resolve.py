@@ -61,6 +61,10 @@ def resolve(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     else:
         cfg.net = dataclasses.replace(cfg.net, label_dim=data.num_classes if cfg.conditional else 0)
         _text_of_data(cfg, data)
+    if cfg.lora.rank and cfg.net_preset != DIFFUSERS_NET_PRESET:
+        raise ConfigError(f"lora.rank={cfg.lora.rank}: adapters train on the teacher's own network, but scm cannot "
+                          f"train {cfg.teacher} as a student ({diffusers_student(cfg, teacher, data)[1]})",
+                          key="lora.rank")
     _check_conditioning(cfg, data)
     cfg.validate()
     return cfg
@@ -224,6 +228,7 @@ def diffusers_student(cfg: TrainConfig, teacher: TeacherSource, data: Dataset):
                               data=cfg.teacher_data, label_dim=data.num_classes if cfg.conditional else 0,
                               guidance_embed=getattr(cfg.net, "guidance_embed", False),
                               label_dropout=getattr(cfg.net, "label_dropout", 0.0), shape=data.shape,
-                              checkpointing=getattr(cfg.net, "checkpointing", False)), None
+                              checkpointing=getattr(cfg.net, "checkpointing", False), lora=cfg.lora,
+                              lora_base=cfg.teacher if cfg.lora.rank else ""), None
     except ConfigError as e:
         return None, str(e)

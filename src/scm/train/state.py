@@ -46,7 +46,8 @@ class TrainState:
     def create(cls, net: nn.Module, cfg: TrainConfig, info: DistInfo) -> TrainState:
         """Wrap `net` for this process group, with a fresh optimizer, EMA and loss scaler."""
         model = wrap_model(net.train(), info, cfg.distributed)
-        return cls(model, make_optimizer(model.parameters(), cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds),
+        trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA student's base is frozen
+        return cls(model, make_optimizer(trained, cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds, _saved(net)),
                    torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
 
     @property
@@ -65,7 +66,7 @@ class TrainState:
     def save(self, run: RunDir, keep: int, info: DistInfo) -> Path | None:
         """Write a checkpoint (every process takes part in gathering; the main process writes)."""
         tensors, meta = optimizer_state(self.model, self.optimizer)
-        files = {"net": full_model_state(self.model), "ema": self.ema.state_dict(), "optim": tensors}
+        files = {"net": self._net_state(full_model_state(self.model)), "ema": self.ema.state_dict(), "optim": tensors}
         path = None
         if info.is_main:
             state = {"step": self.step, "cur_nimg": self.cur_nimg, "kimg": self.kimg, "bad_steps": self.bad_steps,
@@ -76,9 +77,14 @@ class TrainState:
         barrier(info)
         return path
 
+    def _net_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of the network's state: all of it, or a LoRA student's trained tensors."""
+        keys = _saved(self.net)
+        return state if keys is None or not state else {k: state[k] for k in keys}  # (empty off the main rank)
+
     def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """What a checkpoint of this run must hold: the network's tensors and each EMA's (names and full shapes)."""
-        net = {k: tuple(v.shape) for k, v in self.net.state_dict().items()}
+        net = {k: tuple(v.shape) for k, v in self._net_state(self.net.state_dict()).items()}
         ema = {ema_key(s, k): tuple(v.shape) for s, shadow in self.ema.shadow.items() for k, v in shadow.items()}
         return {"net": net, "ema": ema}  # (shapes of sharded tensors are their full shapes: nothing is gathered)
 
@@ -88,7 +94,7 @@ class TrainState:
         if files is None or state is None:
             files, state = RunDir.load(ckpt, expect=self.expected_shapes())
         try:
-            load_full_model_state(self.model, files["net"])
+            load_full_model_state(self.model, files["net"], strict=_saved(self.net) is None)
             load_optimizer_state(self.model, self.optimizer, files["optim"], state["optimizer"])
             self.ema.load_state_dict(files["ema"])
             if state.get("scaler"):
@@ -97,3 +103,10 @@ class TrainState:
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{ckpt}: does not fit this run ({type(e).__name__}: {e})") from None
         self.bad_steps, self.bad_run = int(state.get("bad_steps", 0)), int(state.get("bad_run", 0))
+
+
+def _saved(net: nn.Module) -> list[str] | None:
+    """The state-dict entries of `net` that training changes (None: all), as the network says
+    (`DiffusersNet.trained_keys`: a LoRA student's adapters and heads)."""
+    keys = getattr(net, "trained_keys", None)
+    return None if keys is None else keys()
