@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scm.errors import InvalidSetting, require_modules
+from scm.errors import InvalidSetting, MissingDependency, require_modules
 from scm.files import atomic_write
 from scm.images import grid, save_png, to_pil
 
@@ -95,9 +95,10 @@ def mp4_codec() -> str:
         try:
             av.codec.Codec(name, "w")
             return name
-        except Exception:  # PyAV raises its own error types for an unknown encoder; the next one is tried
+        except ValueError:  # PyAV's UnknownCodecError: this FFmpeg lacks the encoder; try the next one
             continue
-    raise RuntimeError("PyAV's FFmpeg has neither the libx264 nor the mpeg4 encoder")
+    raise MissingDependency("writing MP4 video needs an H.264 (libx264) or MPEG-4 encoder, and the installed PyAV's "
+                            "FFmpeg has neither: install PyAV's own wheel (pip install 'scm[video]')", extra="video")
 
 
 def _pad_even(frames: np.ndarray) -> np.ndarray:
@@ -126,8 +127,10 @@ def save_mp4(video, path: str | Path, fps: int = 8, codec: str | None = None) ->
             stream.pix_fmt = "yuv420p"
             if codec == "libx264":
                 stream.options = {"crf": "17"}  # near-transparent quality; tiny report clips stay small anyway
-            else:
+            elif hasattr(stream.codec_context, "qscale"):  # PyAV >= 14 or so
                 stream.codec_context.qscale = 2  # MPEG-4 part 2 at a fixed, fine quantiser (1 best … 31 worst)
+            else:
+                stream.bit_rate = 8_000_000  # generous for the small clips of reports
             for array in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")))
             container.mux(stream.encode())  # flush the encoder's delayed frames

@@ -22,7 +22,6 @@ records the program's version, the ranges and every clip's voice, speed and pitc
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from scm.errors import DataError, InvalidSetting, ScmError
-from scm.files import atomic_folder
+from scm.files import atomic_folder, atomic_write, atomic_write_json
 from scm.media import encode_wav
 
 __all__ = ["DIGIT_WORDS", "PITCHES", "SAMPLE_RATE", "SPEEDS", "VARIANTS", "VOICES", "ClipSpec", "MissingProgram",
@@ -210,13 +209,12 @@ def _write_clips(folder: Path, specs: list[ClipSpec], seed, workers: int, progra
     for spec, clip in zip(specs, clips, strict=True):
         index = counters[spec.digit] = counters.get(spec.digit, -1) + 1
         name = f"{spec.digit}/{index}.wav"
-        (folder / str(spec.digit)).mkdir(exist_ok=True)
-        (folder / name).write_bytes(encode_wav(clip[None], SAMPLE_RATE))
+        atomic_write(folder / name, encode_wav(clip[None], SAMPLE_RATE))
         records.append({"file": name, **asdict(spec)})
     manifest = {"program": program_version(program), "seed": seed, "sample_rate": SAMPLE_RATE, "seconds": 1,
                 "normalisation": f"peak {PEAK}", "voices": VOICES, "variants": VARIANTS, "speeds": SPEEDS,
                 "pitches": PITCHES, "words": DIGIT_WORDS, "clips": records}
-    (folder / "synthesis.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_json(folder / "synthesis.json", manifest)
 
 
 def _workers(workers: int | None) -> int:
