@@ -93,6 +93,8 @@ def test_splits_hold_train_and_test_with_no_shared_clip(espeak, tmp_path):
         assert json.loads((root / split / "synthesis.json").read_text())["seed"] == [5, split == "test"]
     with pytest.raises(FileExistsError):
         sd.synthesise_spoken_digit_splits(root, train_per_digit=1, test_per_digit=1, seed=5)
+    sd.synthesise_spoken_digit_splits(root, train_per_digit=1, test_per_digit=1, seed=6, replace=True)
+    assert json.loads((root / "test" / "synthesis.json").read_text())["seed"] == [6, 1]
 
 
 def test_missing_espeak_ng_is_named_with_its_debian_package(tmp_path, monkeypatch):

@@ -217,6 +217,13 @@ def _write_clips(folder: Path, specs: list[ClipSpec], seed, workers: int, progra
     atomic_write_json(folder / "synthesis.json", manifest)
 
 
+def _check_free(path: str | Path, replace: bool) -> None:
+    """Fail before minutes of synthesis, not after, when `path` is taken (an empty folder is not)."""
+    path = Path(path)
+    if not replace and (path.is_file() or path.is_symlink() or (path.is_dir() and any(path.iterdir()))):
+        raise FileExistsError(f"{path}: already exists")
+
+
 def _workers(workers: int | None) -> int:
     return workers if workers is not None else min(8, 2 * (os.cpu_count() or 1))
 
@@ -228,6 +235,7 @@ def synthesise_spoken_digits(out: str | Path, per_digit: int = 300, seed: int = 
     error unless `replace`. `workers` espeak-ng processes run at once (default twice the CPU count, at most 8).
     Raises MissingProgram when espeak-ng is not installed."""
     find_program(program)
+    _check_free(out, replace)
     specs = plan_clips(per_digit, seed)
     with atomic_folder(out, replace=replace) as tmp:
         _write_clips(tmp, specs, seed, _workers(workers), program)
@@ -241,6 +249,7 @@ def synthesise_spoken_digit_splits(root: str | Path, train_per_digit: int = 300,
     drawn from the same voices and ranges with the seeds (seed, 0) and (seed, 1); no test clip repeats a train
     clip's digit, voice, speed and pitch. `root` is written atomically as a whole."""
     find_program(program)
+    _check_free(root, replace)
     train = plan_clips(train_per_digit, [seed, 0])
     test = plan_clips(test_per_digit, [seed, 1], exclude=train)
     with atomic_folder(root, replace=replace) as tmp:
