@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 .PHONY: test test-browser lint demo demo-text demo-full demo-publish clean
 
 test: $(VENV)/.installed
+	command -v espeak-ng >/dev/null || apt-get install -y -q espeak-ng || sudo apt-get install -y -q espeak-ng
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
