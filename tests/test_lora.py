@@ -36,7 +36,7 @@ from test_diffusers_t2i_train import FAMILIES, _folder  # noqa: E402
 
 from scm.diffusers import from_diffusers, student_from_diffusers  # noqa: E402
 from scm.diffusers.lora import BaseTeacher  # noqa: E402
-from scm.diffusers.net_config import LoRAConfig  # noqa: E402
+from scm.lora_config import LoRAConfig  # noqa: E402
 from scm.runs import RunDir, load_run  # noqa: E402
 
 TESTS = Path(__file__).parent

@@ -21,9 +21,9 @@ import typing
 from dataclasses import dataclass, field
 
 from scm._checks import sizes
-from scm.diffusers.net_config import LoRAConfig
 from scm.ema_profile import SIGMA_REL_MAX
 from scm.errors import ConfigError, InvalidSetting
+from scm.lora_config import LoRAConfig
 from scm.nets.registry import NET_PRESETS, NetConfig, config_class, net_config
 from scm.nets.unet import UNetConfig
 from scm.objectives import OBJECTIVES, ConsistencyLoss, DiffusionLoss

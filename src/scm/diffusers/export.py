@@ -126,7 +126,7 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
 def _merged(net):
     """A LoRA student's network config once its adapters are merged into its base (`net` is merged in place)."""
     from scm.diffusers.lora import merge_adapters
-    from scm.diffusers.net_config import LoRAConfig
+    from scm.lora_config import LoRAConfig
 
     merge_adapters(net.model)
     return dataclasses.replace(net.cfg, lora=LoRAConfig(), lora_base="")

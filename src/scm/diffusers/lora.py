@@ -24,8 +24,8 @@ import contextlib
 import torch
 from torch import nn
 
-from scm.diffusers.net_config import LoRAConfig
 from scm.errors import ConfigError, MissingDependency
+from scm.lora_config import LoRAConfig
 
 __all__ = [
     "ADAPTER",

@@ -44,8 +44,9 @@ from torch import nn
 from scm._checks import describe_shape
 from scm.diffusers.convert import Parameterization, call_model, data_scale, default_null_label, num_classes
 from scm.diffusers.families import family_of, latent_shape
-from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig, LoRAConfig
+from scm.diffusers.net_config import SUPPORTED_MODELS, DiffusersNetConfig
 from scm.errors import ConfigError
+from scm.lora_config import LoRAConfig
 from scm.nets.layers import Linear, MPConv, Network, PositionalEmbedding, check_input, guidance_scales
 from scm.precision import compute_dtype
 
