@@ -467,7 +467,7 @@ def _check_modality(kind: str, resolution, options: dict, detected: bool) -> Non
                         f"source is audio{how}", key="resolution")
     if kind != "audio" and resolution is None:
         what = "frames" if kind == "video" else "images"
-        raise DataError(f"resolution: needed for {kind} (the side R of the R×R {what})", key="resolution")
+        raise DataError(f"{kind} needs a resolution (the side R of the R×R {what})", key="resolution")
 
 
 def _animated(path: Path) -> bool:
