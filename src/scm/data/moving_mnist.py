@@ -140,15 +140,20 @@ def clip_digits(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: no digit record of a generated Moving MNIST set ({e})") from None
 
 
-def _generate(spec: MovingMnist, name: str, split: str, seed: int, out: Path, mnist: Path, chunk: int, log) -> Path:
-    """One split into the prepared directory `out` from the cached MNIST `mnist` (resumable: `PreparedWriter`)."""
+def _mnist(path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, 28, 28] digits, int64 [n] classes) of a split of the cached MNIST."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z[f"x_{split}"], z[f"y_{split}"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: cannot read the cached MNIST ({e})", key="mnist") from None
+
+
+def _generate(spec: MovingMnist, name: str, split: str, seed: int, out: Path, mnist: tuple, chunk: int, log) -> Path:
+    """One split into the prepared directory `out` from MNIST's (digits, classes) (resumable: `PreparedWriter`)."""
     from scm.data.prepared import PreparedWriter
 
-    try:
-        with np.load(mnist, allow_pickle=False) as z:
-            images, classes = z[f"x_{split}"], z[f"y_{split}"].astype(np.int64)
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{mnist}: cannot read the cached MNIST ({e})", key="mnist") from None
+    images, classes = mnist
     n, rng = spec.clips[split], np.random.default_rng([seed, SPLITS.index(split)])
     index = rng.integers(0, len(images), (n, spec.digits))
     positions = trajectories(rng, n, spec.frames, spec.digits, spec.step)
@@ -203,5 +208,6 @@ def fetch_moving_mnist(name: str = "moving-mnist", root: Path | None = None, *, 
             log(f"{name} {split}: already generated at {out}")
             paths[split] = out
             continue
-        paths[split] = _generate(spec, name, split, seed, out, root / "mnist" / "mnist.npz", chunk, log)
+        mnist = _mnist(root / "mnist" / "mnist.npz", split)
+        paths[split] = _generate(spec, name, split, seed, out, mnist, chunk, log)
     return paths

@@ -493,17 +493,14 @@ def source_modality(root: Path, modality: str | None = None) -> str:
                 if suffix in VIDEO_SUFFIXES else "audio" if suffix in AUDIO_SUFFIXES else None)
         if kind and p.is_file():
             seen[kind].append(p)
-    images = seen["image"] + seen["gif"]
-    present = {k: v for k, v in (("image", images), ("video", seen["video"]), ("audio", seen["audio"])) if v}
-    if seen["video"] and seen["gif"] and not seen["image"]:
-        present.pop("image")  # video files and GIF clips
+    clips = bool(seen["gif"]) and not seen["image"] and (bool(seen["video"]) or any(map(_animated, seen["gif"])))
+    images, videos = seen["image"] + seen["gif"] * (not clips), seen["video"] + seen["gif"] * clips
+    present = {k: v for k, v in (("image", images), ("video", videos), ("audio", seen["audio"])) if v}
     if len(present) > 1:
         (a, fa), (b, fb) = list(present.items())[:2]
         raise DataError(f"{root}: mixes {a} files ({len(fa)}, e.g. {fa[0]}) and {b} files ({len(fb)}, e.g. {fb[0]}); "
                         "a data set holds one kind", key="src")
     found = next(iter(present), None)
-    if found == "image" and not seen["image"] and any(_animated(p) for p in seen["gif"]):
-        found = "video"
     if modality is not None:
         if found is not None and modality != found and not (modality == "video" and found == "image"):
             raise DataError(f"{root}: holds {found} files, not {modality}", key="modality")
