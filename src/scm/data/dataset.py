@@ -2,7 +2,8 @@
 that every kind of data set satisfies (`ImageData` in memory, `PreparedData` on disk; tests check both).
 
 An item is a float tensor in the model's space of shape `shape` (images: (C, H, W), not necessarily square;
-the same interface carries (C, T, H, W) video or (C, L) audio). Its conditioning is data too: `batch` returns the
+the same interface carries (C, T, H, W) video or (C, L) audio: `modality` says which, `media` their frame or
+sample rate). Its conditioning is data too: `batch` returns the
 items and a dict of conditioning tensors ({"labels": int64 [B]} for a labelled set; for a set with prompt
 embeddings "text" float32 [B, T, D], "text_mask" bool [B, T] and, where the encoder has one, "text_pooled" float32
 [B, P]; {} otherwise), and `conditions` names what that dict holds; a run's `scm.conditioning.Conditioning` picks
@@ -50,6 +51,16 @@ class Dataset(Protocol):
 
     @property
     def channels(self) -> int: ...
+
+    @property
+    def modality(self) -> str:
+        """"image" (items (C, H, W)), "video" ((C, T, H, W)) or "audio" ((C, L)): `scm.data.modality`."""
+        ...
+
+    @property
+    def media(self) -> dict | None:
+        """The items' timing: video {"fps", "frames", "stride"}, audio {"sample_rate"}; None for images."""
+        ...
 
     @property
     def num_classes(self) -> int: ...

@@ -1,9 +1,10 @@
-"""Image data sets held in memory: folders of PNG/JPEG files (with their captions, `scm.data.caption_files`) and
-.npz arrays.
+"""Data sets held in memory: folders of PNG/JPEG files (with their captions, `scm.data.caption_files`), .npz
+arrays, and arrays of video or audio clips made in memory (`ImageData` holds any of the three modalities).
 
 Pixels are kept as uint8 [N, C, H, W] (or float for data that is not 8-bit, e.g. latents) and mapped to the
 model's space on the fly: 8-bit images and [0, 1] floats to [-1, 1] (the paper's pixel convention, σ_d = 0.5),
-anything else used as is. Every problem names the file and what is wrong.
+anything else used as is. Video is [N, C, T, H, W] and audio [N, C, L] under the same rules, with their timing
+in `media` (`scm.data.modality`). Every problem names the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from scm.data.caption_files import check_captions, folder_captions
+from scm.data.modality import DEFAULT_FPS, check_media, describe_items, modality_of
 from scm.data.rows import choose
 from scm.errors import DataError
 
@@ -25,7 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 class ArrayShape:
     """What a data set's `images` ([N, C, …]), `labels`/`class_names`, `captions` and `text` tell: its size, item
-    shape, channels, classes, conditioning tensors and captions (shared by `ImageData` and
+    shape, modality, channels, classes, conditioning tensors and captions (shared by `ImageData` and
     `scm.data.prepared.PreparedData`; the interface they satisfy is `scm.data.dataset.Dataset`)."""
 
     def __len__(self) -> int:
@@ -38,6 +40,11 @@ class ArrayShape:
     @property
     def channels(self) -> int:
         return self.images.shape[1]
+
+    @property
+    def modality(self) -> str:
+        """"image" (items (C, H, W)), "video" ((C, T, H, W)) or "audio" ((C, L)): `scm.data.modality`."""
+        return modality_of(self.shape, self.source)
 
     @property
     def num_classes(self) -> int:
@@ -80,16 +87,24 @@ class ArrayShape:
 
 @dataclass
 class ImageData(ArrayShape):
-    images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W] (H and W may differ)
+    images: torch.Tensor                    # uint8 or float [N, C, H, W] (H and W may differ), video [N, C, T, H, W],
+    #                                         audio [N, C, L]
     labels: torch.Tensor | None             # int64 [N] or None
     source: str
     class_names: list[str] | None = None
     value_range: str = "uint8"              # "uint8" (0..255) | "unit" ([0, 1] floats) | "raw" (used as is)
     captions: list[list[str]] | None = None  # one list of ≥ 1 captions per image, or None
+    media: dict | None = None               # video: {"fps", "frames", "stride"}; audio: {"sample_rate"}; images: None
 
     def __post_init__(self):
-        if self.images.ndim != 4:
-            raise DataError(f"{self.source}: images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+        if self.images.ndim not in (3, 4, 5):
+            raise DataError(f"{self.source}: images must be [N, C, H, W] (video [N, C, T, H, W], audio [N, C, L]), "
+                            f"got shape {tuple(self.images.shape)}")
+        if self.modality != "image":
+            media = dict(self.media or {})
+            if self.modality == "video":
+                media = {"fps": DEFAULT_FPS, "frames": self.shape[1], "stride": self.shape[1], **media}
+            self.media = check_media(self.modality, self.shape, media, self.source)
         if len(self) == 0:
             raise DataError(f"{self.source}: the data set is empty")
         if self.labels is not None and self.labels.shape != (len(self),):
@@ -134,14 +149,15 @@ class ImageData(ArrayShape):
         """Items start … stop − 1."""
         sl = slice(start, stop)
         return ImageData(self.images[sl], None if self.labels is None else self.labels[sl], source or self.source,
-                         self.class_names, self.value_range, None if self.captions is None else self.captions[sl])
+                         self.class_names, self.value_range, None if self.captions is None else self.captions[sl],
+                         self.media)
 
     def describe(self) -> str:
         lo, hi = (float(v) for v in (self.images.min(), self.images.max()))
         space = {"uint8": "8-bit pixels → [-1, 1]", "unit": "[0, 1] floats → [-1, 1]", "raw": "used as is"}
         classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
         captions = f", {sum(map(len, self.captions))} captions" if self.captions is not None else ""
-        return (f"{self.source}: {len(self)} images, {'×'.join(map(str, self.shape[1:]))}, {self.channels} channel(s)"
+        return (f"{self.source}: {describe_items(len(self), self.shape, self.media)}"
                 f"{classes}{captions}, values {lo:g}..{hi:g} ({space[self.value_range]})")
 
 

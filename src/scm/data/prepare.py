@@ -48,7 +48,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -132,9 +134,14 @@ def _plan(resolution: int, channels: int, chunk: int, workers: int, log) -> tupl
 
 
 def _file_digest(path: Path) -> bytes:
-    """The SHA-256 of a file's bytes; 32 zero bytes when it cannot be read (its decoding
-    reports that, or skips it)."""
+    """The SHA-256 of a file's bytes (of a folder of video frames: of its image files' names and digests, in name
+    order); 32 zero bytes when it cannot be read (its decoding reports that, or skips it)."""
     try:
+        if Path(path).is_dir():
+            h = hashlib.sha256()
+            for f in sorted(p for p in Path(path).iterdir() if p.suffix.lower() in pp.SUFFIXES and p.is_file()):
+                h.update(f.name.encode() + b"\0" + sha256_of(f).digest())
+            return h.digest()
         return sha256_of(path).digest()
     except OSError:
         return bytes(DIGEST)
@@ -225,27 +232,53 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
     files = list_images(root)
     if not files:
         raise DataError(f"{root}: no images found (searched recursively for {', '.join(pp.SUFFIXES)})", key="src")
-    captions = folder_captions(root, files)
-    spec, digest = _captions(captions, text, root)
-    rel = [f.relative_to(root) for f in files]
-    labels, names = folder_labels(rel)
+    labelled = folder_labels([f.relative_to(root) for f in files])[0] is not None
     fewest = channels or 1  # before reading any image (the writer checks the exact size)
-    need = len(files) * (fewest * resolution ** 2 + 8 * (labels is not None))
+    need = len(files) * (fewest * resolution ** 2 + 8 * labelled)
     check_disk(out, need - allocated(out.with_name(out.name + ".partial")),
                f"{len(files)} image(s) of {fewest}×{resolution}×{resolution}")
     if channels is None:
         channels = _common_channels(files, root, progress)
     settings = {"resolution": resolution, "channels": channels, "alpha": alpha, "rules": RULES}
-    key = _digest({"files": [r.as_posix() for r in rel], "labelled": labels is not None, **settings,
+    meta = {"preprocessing": _preprocessing("adm-center-crop", alpha, resolution, channels)}
+    return prepare_files(root, files, out, FileItems((channels, resolution, resolution), "uint8", settings, meta,
+                                                     lambda f: pp.preprocess_image(f, resolution, channels, alpha)),
+                         skip_bad=skip_bad, chunk=chunk, progress=progress, resume=resume, workers=workers, log=log,
+                         text=text)
+
+
+@dataclass
+class FileItems:
+    """How each source file becomes one item of a prepared set (`prepare_files`): the item `shape` and `dtype`,
+    the `settings` that decide its bytes (part of the resume key), `meta` for meta.json, and `load`: a file → an
+    array of `shape` (DataError naming the file when it cannot)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    settings: dict
+    meta: dict
+    load: Callable[[Path], np.ndarray]
+
+
+def prepare_files(root: Path, files: list[Path], out: Path, items: FileItems, *, skip_bad: bool, chunk: int,
+                  progress: bool, resume: bool, workers: int, log, text: dict) -> Path:
+    """Write one item per source file (images, audio clips) into the prepared directory `out`, `chunk` files at a
+    time in `workers` threads, resumable (module docstring): labels from class sub-folders, captions from caption
+    files, undecodable files an error or skipped (`skip_bad`)."""
+    captions = folder_captions(root, files)
+    spec, digest = _captions(captions, text, root)
+    rel = [f.relative_to(root) for f in files]
+    labels, names = folder_labels(rel)
+    key = _digest({"files": [r.as_posix() for r in rel], "labelled": labels is not None, **items.settings,
                    **({"captions": digest} if digest else {})})
-    writer = PreparedWriter(out, (channels, resolution, resolution), "uint8", len(files), labelled=labels is not None,
+    writer = PreparedWriter(out, items.shape, items.dtype, len(files), labelled=labels is not None,
                             key=key, resume=resume, captions=spec)
     digests = _source_digests(writer, files, workers, progress)
 
     def one(f: Path):
         digest = _file_digest(f)  # the file is read again by the decoder, from the page cache
         try:
-            return digest, pp.preprocess_image(f, resolution, channels, alpha)
+            return digest, items.load(f)
         except DataError as e:
             if not skip_bad:
                 raise DataError(str(e), key="skip_bad") from None  # the setting that would skip it
@@ -264,7 +297,7 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
                 bad = [{"file": rel[i + j].as_posix(), "reason": str(r)} for j, r in enumerate(results)
                        if isinstance(r, DataError)]
                 images = (np.stack([results[j] for j in keep]) if keep
-                          else np.empty((0, channels, resolution, resolution), np.uint8))
+                          else np.empty((0, *items.shape), items.dtype))
                 caps = None if captions is None else [captions[i + j] for j in keep]
                 yield images, None if labels is None else labels[i: i + chunk][keep], i + len(results), bad, caps
 
@@ -272,10 +305,10 @@ def _prepare_folder(root: Path, out: Path, resolution: int, channels: int | None
         skipped, count = _write(writer, chunks, len(files), progress, f"preparing {root.name}")
     if writer.written == 0:
         shutil.rmtree(writer.partial)  # nothing to continue
-        raise DataError(f"{root}: every one of the {len(files)} image(s) was skipped as undecodable", key="src")
+        raise DataError(f"{root}: every one of the {len(files)} file(s) was skipped as undecodable", key="src")
     (writer.partial / DIGESTS).unlink()
     meta = {"source": str(root.resolve()), "class_names": names, "skipped": skipped, "skipped_count": count,
-            "preprocessing": _preprocessing("adm-center-crop", alpha, resolution, channels)}
+            **items.meta}
     path = writer.finish(meta)
     if count:
         log(f"skipped {count} undecodable file(s) (listed in {path / 'meta.json'}), e.g. {skipped[0]['reason']}")
@@ -340,14 +373,22 @@ def _prepare_dataset(data, out: Path, resolution: int, channels: int | None, alp
     return writer.finish(meta)
 
 
-def prepare(src, out: str | Path, *, resolution: int, channels: int | None = None, alpha: str = "white",
-            skip_bad: bool = False, chunk: int = 256, progress: bool = True, resume: bool = True,
-            workers: int | None = None, log=print, text_encoder=None, text_dtype: str = "float16",
-            text_batch: int = 256) -> Path:
+def prepare(src, out: str | Path, *, resolution: int | None = None, channels: int | None = None,
+            alpha: str = "white", skip_bad: bool = False, chunk: int = 256, progress: bool = True,
+            resume: bool = True, workers: int | None = None, log=print, text_encoder=None,
+            text_dtype: str = "float16", text_batch: int = 256, modality: str | None = None,
+            frames: int | None = None, stride: int | None = None, fps: float | None = None,
+            sample_rate: int | None = None, length: int | None = None) -> Path:
     """Write `src` (an image folder, anything `load_dataset` opens, or a data set it returned) as a prepared
     directory `out` of [channels, resolution, resolution] uint8 images (labels and captions when the source has
     them); return `out`. With `text_encoder` (a `scm.text.TextEncoder`) the captions' prompt embeddings are stored
     too, as `text_dtype`, `text_batch` captions per encoder call.
+
+    A folder of video files or animated GIFs becomes [channels, frames, R, R] uint8 clips (`scm.data.video`:
+    `frames`, `stride`, `fps`), a folder of audio files [channels, length] float32 clips (`scm.data.audio`:
+    `sample_rate`, `length`; no resolution); the folder's files decide which (`source_modality`), or
+    `modality` ("image", "video", "audio") says it: "video" on a folder of images reads each sub-folder of
+    frames as one clip.
 
     `channels` None keeps the source's (1 or 3; a folder's images must then agree); `alpha` "white" or "drop"
     (images with transparency); `skip_bad` skips undecodable files (recorded in meta.json) instead of failing;
@@ -355,16 +396,113 @@ def prepare(src, out: str | Path, *, resolution: int, channels: int | None = Non
     files have changed is refused); `workers` decoding threads (default: the CPU count, at most 8). Sizes are
     checked before any work (module docstring): a resolution over MAX_RESOLUTION, or an output larger than the
     memory or the disk allows, is a DataError naming the setting and the numbers."""
-    _check(resolution, channels, alpha, chunk)
     out, workers = Path(out), workers or min(8, os.cpu_count() or 1)
-    chunk, workers = _plan(resolution, channels or 3, chunk, workers, log)
+    folder = isinstance(src, (str, Path)) and _is_image_folder(str(src))
+    kind = source_modality(Path(src).expanduser(), modality) if folder else modality
+    data = None
+    if not folder:
+        from scm.data import load_dataset
+
+        data = load_dataset(src) if isinstance(src, (str, Path)) else src
+        kind = kind or data.modality
+    options = {"frames": frames, "stride": stride, "fps": fps, "sample_rate": sample_rate, "length": length}
+    _check_modality(kind, resolution, options, folder and modality is None)
+    if kind != "audio":
+        _check(resolution, channels, alpha, chunk)
     if out.exists():  # before reading any source (the writer checks it too)
         raise DataError(f"{out} already exists; choose another output directory or remove it", key="out")
     text = {} if text_encoder is None else {"encoder": text_encoder, "dtype": text_dtype, "batch": text_batch}
-    if isinstance(src, (str, Path)) and _is_image_folder(str(src)):
+    common = {"skip_bad": skip_bad, "chunk": chunk, "progress": progress, "resume": resume, "log": log}
+    if kind in ("video", "audio"):
+        return _prepare_media(src if folder else data, out, kind, options, resolution, channels, alpha, workers,
+                              text, common)
+    chunk, workers = _plan(resolution, channels or 3, chunk, workers, log)
+    if folder:
         return _prepare_folder(Path(src).expanduser(), out, resolution, channels, alpha, skip_bad, chunk, progress,
                                resume, workers, log, text)
-    from scm.data import load_dataset
-
-    data = load_dataset(src) if isinstance(src, (str, Path)) else src
     return _prepare_dataset(data, out, resolution, channels, alpha, chunk, progress, resume, workers, text)
+
+
+def _prepare_media(src, out: Path, kind: str, options: dict, resolution, channels, alpha, workers, text,
+                   common: dict) -> Path:
+    """A video or audio folder (or data set) → a prepared set (`scm.data.video`, `scm.data.audio`)."""
+    if not isinstance(src, (str, Path)):
+        raise DataError(f"{src.source}: a {kind} data set is prepared from its files (a folder of {kind} files), "
+                        "or used as it is", key="src")
+    root = Path(src).expanduser()
+    if kind == "audio":
+        from scm.data.audio import AudioOptions, prepare_audio
+
+        if channels not in (None, 1, 2):
+            raise DataError(f"channels={channels!r}: audio takes 1 (mono) or 2 (stereo)", key="channels")
+        opts = AudioOptions(options["sample_rate"], options["length"], channels)
+        return prepare_audio(root, out, opts, workers=workers, text=text, **common)
+    from scm.data.video import VideoOptions, list_sources, prepare_video
+
+    if text:
+        raise DataError(f"{root}: captions of video clips are not prepared (prompt embeddings are for images)",
+                        key="src")
+    frames_folders = not list_sources(root, frames=False) or all(k == "gif" and not _animated(p)
+                                                                 for p, k in list_sources(root, frames=False))
+    opts = VideoOptions(options["frames"], options["stride"], options["fps"])
+    return prepare_video(root, out, opts, frames_folders=frames_folders, resolution=resolution, channels=channels,
+                         alpha=alpha, **common)
+
+
+MODALITY_OPTIONS = {"image": (), "video": ("frames", "stride", "fps"), "audio": ("sample_rate", "length")}
+
+
+def _check_modality(kind: str, resolution, options: dict, detected: bool) -> None:
+    """The settings fit the modality: a resolution for images and video, none for audio; video's and audio's own
+    settings only for them."""
+    if kind not in MODALITY_OPTIONS:
+        raise DataError(f"modality={kind!r}: must be one of {', '.join(MODALITY_OPTIONS)}", key="modality")
+    how = " (found by its files)" if detected else ""
+    wrong = [k for k, v in options.items() if v is not None and k not in MODALITY_OPTIONS[kind]]
+    if wrong:
+        raise DataError(f"{wrong[0]}: a setting of {'video' if wrong[0] in MODALITY_OPTIONS['video'] else 'audio'}, "
+                        f"but the source is {kind}{how}", key=wrong[0])
+    if kind == "audio" and resolution is not None:
+        raise DataError(f"resolution={resolution}: audio has none (its settings are sample_rate and length); the "
+                        f"source is audio{how}", key="resolution")
+    if kind != "audio" and resolution is None:
+        what = "frames" if kind == "video" else "images"
+        raise DataError(f"{kind} needs a resolution (the side R of the R×R {what})", key="resolution")
+
+
+def _animated(path: Path) -> bool:
+    try:
+        with pp.open_image(path, decode=False) as img:
+            return bool(getattr(img, "is_animated", False))
+    except DataError:
+        return True  # unreadable: its preparation names it
+
+
+def source_modality(root: Path, modality: str | None = None) -> str:
+    """What a folder holds, by its files: "audio" (WAV, FLAC, Ogg), "video" (video files, or only GIFs of which one
+    is animated) or "image" (image files: GIFs among other images are images, their first frame); a folder
+    mixing two of them is a DataError naming an example of each. `modality` given: checked against what is there
+    ("video" on image files: folders of frames)."""
+    from scm.data.audio import AUDIO_SUFFIXES
+    from scm.data.video import VIDEO_SUFFIXES
+
+    seen: dict[str, list[Path]] = {"image": [], "gif": [], "video": [], "audio": []}
+    for p in sorted(Path(root).rglob("*")):
+        suffix = p.suffix.lower()
+        kind = ("gif" if suffix == ".gif" else "image" if suffix in pp.SUFFIXES else "video"
+                if suffix in VIDEO_SUFFIXES else "audio" if suffix in AUDIO_SUFFIXES else None)
+        if kind and p.is_file():
+            seen[kind].append(p)
+    clips = bool(seen["gif"]) and not seen["image"] and (bool(seen["video"]) or any(map(_animated, seen["gif"])))
+    images, videos = seen["image"] + seen["gif"] * (not clips), seen["video"] + seen["gif"] * clips
+    present = {k: v for k, v in (("image", images), ("video", videos), ("audio", seen["audio"])) if v}
+    if len(present) > 1:
+        (a, fa), (b, fb) = list(present.items())[:2]
+        raise DataError(f"{root}: mixes {a} files ({len(fa)}, e.g. {fa[0]}) and {b} files ({len(fb)}, e.g. {fb[0]}); "
+                        "a data set holds one kind", key="src")
+    found = next(iter(present), None)
+    if modality is not None:
+        if found is not None and modality != found and not (modality == "video" and found == "image"):
+            raise DataError(f"{root}: holds {found} files, not {modality}", key="modality")
+        return modality
+    return found or "image"  # no media at all: the image preparation says what it looked for

@@ -1,15 +1,19 @@
 """Prepared data sets: one directory of memory-mapped arrays, read with memory that does not grow with its size.
 
-A prepared directory (made by `scm data prepare` from images, or `scm data encode` from images through a VAE
-and/or from captions through a text encoder):
+A prepared directory (made by `scm data prepare` from images, video or audio, `scm data fetch moving-mnist`, or
+`scm data encode` from images through a VAE and/or from captions through a text encoder):
 
-    DIR/meta.json    {"format": "scm-prepared", "version": 1, "count": N, "shape": [C, H, W], "dtype": "uint8" |
+    DIR/meta.json    {"format": "scm-prepared", "version": 1, "count": N, "shape": [C, H, W] (video [C, T, H, W],
+                      audio [C, L]), "modality": "image" | "video" | "audio" (absent: "image"), for video "fps",
+                      "frames" (= T) and "stride" (frames between the starts of clips cut from one file), for
+                      audio "sample_rate" (`scm.data.modality`), "dtype": "uint8" |
                       "float16" | "float32", "value_range": "uint8" | "raw", "labelled": bool, "class_names": [...] |
                       null, "source": ..., plus what made it: "preprocessing", "latent", "skipped", ...; for a
                       captioned set "captions": M (the number of captions), and when they are embedded "text":
                       {"encoder": the text encoder's spec, "max_tokens": T, "width": D, "pooled_width": P,
                       "captions": M, "dtype": "float16" | "float32"}}
-    DIR/images.bin   N·C·H·W values of `dtype`, C order, little-endian: np.memmap(shape=(N, C, H, W))
+    DIR/images.bin   N·C·H·W values of `dtype` (N·C·T·H·W, N·C·L), C order, little-endian: np.memmap(shape=(N,
+                     *shape))
     DIR/labels.bin   N int64 labels (when labelled)
     captioned sets (meta "captions"):
     DIR/captions.jsonl       N lines, line i a JSON list of item i's captions (at least one each; UTF-8)
@@ -23,7 +27,8 @@ and/or from captions through a text encoder):
                              [1, P], in the text dtype, with its digest (`scm.integrity`): the unconditional input
                              of classifier-free guidance
 Readers of sets written before captions existed see no "captions" (nothing changed for them); a reader that
-knows no captions reads a captioned set's images and labels as before.
+knows no captions reads a captioned set's images and labels as before. Sets written before video and audio
+existed have no "modality" and are images; every set written now records its modality (images too).
 
 Writing goes to DIR.partial/, which records after every appended chunk how many items are on disk (its data
 flushed first), so an interrupted run continues where it stopped (`PreparedWriter(..., resume=True)`) and a
@@ -63,6 +68,7 @@ import numpy as np
 import torch
 
 from scm.data.images import ArrayShape
+from scm.data.modality import MODALITIES, check_media, describe_items, media_of, modality_of
 from scm.data.prompts import CaptionLines, CaptionSpec, PromptWriter, TextRows
 from scm.data.rows import read_rows
 from scm.errors import DataError
@@ -143,13 +149,14 @@ class PreparedWriter:
     captions are appended with them (and embedded, with its encoder: `scm.data.prompts.CaptionSpec`).
     """
 
-    def __init__(self, out: str | Path, shape: tuple[int, int, int], dtype: str, capacity: int, *, labelled: bool,
+    def __init__(self, out: str | Path, shape: tuple[int, ...], dtype: str, capacity: int, *, labelled: bool,
                  key: str, resume: bool = True, captions: CaptionSpec | None = None):
         self.out = Path(out)
         if dtype not in DTYPES:
             raise DataError(f"dtype {dtype!r}: must be one of {DTYPES}", key="dtype")
         if self.out.exists():
             raise DataError(f"{self.out} already exists; choose another output directory or remove it", key="out")
+        modality_of(tuple(shape), str(self.out))  # (C, H, W), (C, T, H, W) or (C, L)
         if captions is not None:
             key = f"{key}|{json.dumps(captions.key(), sort_keys=True)}"
         self.shape, self.dtype, self.capacity, self.labelled, self.key = tuple(shape), dtype, capacity, labelled, key
@@ -203,7 +210,7 @@ class PreparedWriter:
 
     def append(self, images: np.ndarray, labels: np.ndarray | None = None, extra: dict | None = None,
                captions=None) -> None:
-        """Write a chunk [n, C, H, W] (and its n labels, its n lists of captions) after the items already written;
+        """Write a chunk [n, *shape] (and its n labels, its n lists of captions) after the items already written;
         flush; record it."""
         n = images.shape[0]
         if tuple(images.shape[1:]) != self.shape:
@@ -228,7 +235,9 @@ class PreparedWriter:
         self._save_progress(extra)
 
     def finish(self, meta: dict) -> Path:
-        """Truncate to the items written, write meta.json, and rename DIR.partial to DIR (atomically)."""
+        """Truncate to the items written, write meta.json, and rename DIR.partial to DIR (atomically). `meta` gives
+        the video's fps, frames and stride or the audio's sample_rate (`scm.data.modality`); "modality" follows
+        from the shape."""
         if self.written == 0:
             raise DataError("no items were written: the data set would be empty")
         del self.images, self.labels  # unmap before truncating
@@ -236,8 +245,12 @@ class PreparedWriter:
         os.truncate(self.partial / "images.bin", item * self.written)
         if self.labelled:
             os.truncate(self.partial / "labels.bin", 8 * self.written)
+        modality = modality_of(self.shape)
+        if meta.get("modality", modality) != modality:
+            raise DataError(f"modality {meta['modality']!r} for items of shape {self.shape} (they are {modality})")
+        check_media(modality, self.shape, meta, str(self.out))
         full = {"format": FORMAT, "version": VERSION, "count": self.written, "shape": list(self.shape),
-                "dtype": self.dtype, "labelled": self.labelled, **meta}
+                "modality": modality, "dtype": self.dtype, "labelled": self.labelled, **meta}
         full.setdefault("value_range", "uint8" if self.dtype == "uint8" else "raw")
         full.setdefault("class_names", None)
         if self.prompts is not None:
@@ -271,6 +284,16 @@ class PreparedData(ArrayShape):
     def latent(self) -> dict | None:
         """How the items were encoded (VAE, normalisation), for decoding; None for pixels."""
         return self.meta.get("latent")
+
+    @property
+    def modality(self) -> str:
+        """meta.json's "modality" ("image" for sets written before it was recorded; checked against the shape)."""
+        return self.meta.get("modality", "image")
+
+    @property
+    def media(self) -> dict | None:
+        """Video: {"fps", "frames", "stride"}; audio: {"sample_rate"}; images: None."""
+        return media_of(self.meta) or None
 
     @property
     def text(self) -> dict | None:
@@ -334,15 +357,15 @@ class PreparedData(ArrayShape):
     def describe(self) -> str:
         classes = f", {self.num_classes} classes" if self.labels is not None else ", unlabelled"
         space = "8-bit pixels → [-1, 1]" if self.value_range == "uint8" else f"{self.meta['dtype']} values used as is"
-        what = "latents" if self.latent else "images"
+        what = ("latents" if self.latent else "images") if self.modality == "image" else None
         how = "read into memory" if self.in_memory else "read from disk by batch"
         captions = ""
         if self.captions is not None:
             text = self.text
             captions = (f", {self.meta.get('captions', '?')} captions" + (
                 f" with {text['encoder'].get('kind', '?')} prompt embeddings" if text else ""))
-        return (f"{self.source}: {len(self)} {what}, {'×'.join(map(str, self.shape[1:]))}, {self.channels} channel(s)"
-                f"{classes}{captions} ({space}; {how})")
+        items = describe_items(len(self), self.shape, self.media, what)
+        return f"{self.source}: {items}{classes}{captions} ({space}; {how})"
 
 
 def load_prepared(path: str | Path, in_memory: bool | None = None) -> PreparedData:
@@ -363,8 +386,11 @@ def load_prepared(path: str | Path, in_memory: bool | None = None) -> PreparedDa
         labelled, value_range = bool(meta["labelled"]), meta["value_range"]
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{meta_path}: missing or malformed field ({e})") from None
-    if dtype not in DTYPES or value_range not in VALUE_RANGES or len(shape) != 3 or count < 1:
-        raise DataError(f"{meta_path}: bad dtype/value_range/shape/count ({dtype}, {value_range}, {shape}, {count})")
+    modality = meta.get("modality", "image")
+    if dtype not in DTYPES or value_range not in VALUE_RANGES or count < 1 or modality not in MODALITIES:
+        raise DataError(f"{meta_path}: bad dtype/value_range/count/modality ({dtype}, {value_range}, {count}, "
+                        f"{modality})")
+    check_media(modality, shape, meta, str(meta_path))  # the shape fits the modality; its timing is complete
     files = [("images.bin", count * int(np.prod(shape)) * np.dtype(dtype).itemsize)]
     if labelled:
         files.append(("labels.bin", count * 8))
