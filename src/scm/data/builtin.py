@@ -37,7 +37,7 @@ MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 BUILTIN = ("mnist", "mnist:train", "mnist:test", "mnist-captions", "mnist-captions:train", "mnist-captions:test",
            "moving-mnist", "moving-mnist:train", "moving-mnist:test", "moving-mnist-tiny", "moving-mnist-tiny:train",
-           "moving-mnist-tiny:test")
+           "moving-mnist-tiny:test", "spoken-digits", "spoken-digits:train", "spoken-digits:test")
 CAPTION_SEEDS = {"train": 0, "test": 1}  # the seeds of captioned MNIST's captions, per split
 CAPTIONS_PER_IMAGE = 4
 
@@ -165,11 +165,14 @@ def load_builtin(name: str):
     """'mnist' / 'mnist:train' (60,000 digits) or 'mnist:test' (10,000), from the cache; 'mnist-captions' (or
     'mnist-captions:train') and 'mnist-captions:test': the same with CAPTIONS_PER_IMAGE captions per digit
     (`scm.data.captions`: its grammar, seeded by CAPTION_SEEDS) (an `ImageData`); 'moving-mnist[:split]' and
-    'moving-mnist-tiny[:split]': the generated video sets (`scm.data.moving_mnist`, a `PreparedData`)."""
+    'moving-mnist-tiny[:split]': the generated video sets (`scm.data.moving_mnist`, a `PreparedData`);
+    'spoken-digits[:split]': the synthesised audio set (`scm.data.spoken_digits`)."""
     base, _, split = name.partition(":")
     split = split or "train"
     if base.startswith("moving-mnist"):
         return _load_moving_mnist(base, split)
+    if base == "spoken-digits":
+        return _load_spoken_digits(split)
     path = data_dir() / "mnist" / "mnist.npz"
     if not path.is_file():
         raise DataError(f"MNIST is not cached at {path}; fetch it first (scm.data.builtin.fetch_mnist)", key="mnist")
@@ -194,6 +197,17 @@ def _load_moving_mnist(name: str, split: str):
     if not is_prepared(path):
         raise DataError(f"{name} is not generated at {path}; generate it first "
                         "(scm.data.moving_mnist.fetch_moving_mnist)", key=name)
+    return load_prepared(path)
+
+
+def _load_spoken_digits(split: str):
+    from scm.data.prepared import is_prepared, load_prepared
+    from scm.data.spoken_digits import spoken_digits_dir
+
+    path = spoken_digits_dir(split)
+    if not is_prepared(path):
+        raise DataError(f"spoken-digits is not synthesised at {path}; make it first "
+                        "(scm.data.spoken_digits.fetch_spoken_digits)", key="spoken-digits")
     return load_prepared(path)
 
 

@@ -22,6 +22,7 @@ records the program's version, the ranges and every clip's voice, speed and pitc
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -37,8 +38,9 @@ from scm.errors import DataError, InvalidSetting, ScmError
 from scm.files import atomic_folder, atomic_write, atomic_write_json
 from scm.media import encode_wav
 
-__all__ = ["DIGIT_WORDS", "PITCHES", "SAMPLE_RATE", "SPEEDS", "VARIANTS", "VOICES", "ClipSpec", "MissingProgram",
-           "plan_clips", "resample", "speak", "synthesise_spoken_digit_splits", "synthesise_spoken_digits"]
+__all__ = ["DIGIT_WORDS", "NAME", "PITCHES", "SAMPLE_RATE", "SPEEDS", "VARIANTS", "VOICES", "ClipSpec",
+           "MissingProgram", "fetch_spoken_digits", "plan_clips", "resample", "speak", "spoken_digits_dir",
+           "synthesise_spoken_digit_splits", "synthesise_spoken_digits"]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SAMPLE_RATE = 16_000  # Hz; one clip is exactly SAMPLE_RATE samples (1 s)
@@ -50,6 +52,7 @@ SPEEDS = (130, 210)  # words per minute, inclusive (espeak-ng's default is 175)
 PITCHES = (25, 75)  # espeak-ng's pitch adjustment 0–99, inclusive (default 50)
 PEAK = 0.9  # every clip's largest |sample|, as a fraction of full scale
 PROGRAM = "espeak-ng"
+NAME = "spoken-digits"  # the built-in data set (`fetch_spoken_digits`, `scm.data.builtin.load_builtin`)
 
 
 class MissingProgram(ScmError, RuntimeError):
@@ -257,3 +260,41 @@ def synthesise_spoken_digit_splits(root: str | Path, train_per_digit: int = 300,
             (tmp / name).mkdir()
             _write_clips(tmp / name, specs, split_seed, _workers(workers), program)
     return Path(root)
+
+
+def spoken_digits_dir(split: str, root: Path | None = None) -> Path:
+    """Where the built-in set's prepared split is kept: <data dir>/spoken-digits/<split>/ (its WAV files beside it,
+    in <data dir>/spoken-digits/wav/<split>/)."""
+    from scm.data.builtin import data_dir
+
+    return (data_dir() if root is None else Path(root)) / NAME / split
+
+
+def fetch_spoken_digits(root: Path | None = None, *, train_per_digit: int = 300, test_per_digit: int = 50,
+                        seed: int = 0, log=print) -> dict[str, Path]:
+    """The built-in audio set: synthesise the train and test splits (`synthesise_spoken_digit_splits`) as WAV files
+    under <root>/spoken-digits/wav/ and prepare each (`scm.data.prepare`: [1, 16000] float32 clips labelled by the
+    digit) into <root>/spoken-digits/{train,test}/ (root: the data directory); returns the two prepared paths. What
+    is already there with the same counts and seed is kept; other counts or seed are an error (remove it first)."""
+    from scm.data.prepare import prepare
+    from scm.data.prepared import is_prepared, load_prepared
+
+    wav = spoken_digits_dir("wav", root)
+    counts = {"train": train_per_digit, "test": test_per_digit}
+    if wav.exists():
+        made = json.loads((wav / "train" / "synthesis.json").read_text()) if (wav / "train").is_dir() else {}
+        if made.get("seed") != [seed, 0] or len(made.get("clips", ())) != 10 * train_per_digit:
+            raise DataError(f"{wav}: synthesised with other settings than seed {seed} and {train_per_digit} clips "
+                            "per digit; remove it to synthesise again", key="out")
+    else:
+        log(f"{NAME}: synthesising {10 * train_per_digit} + {10 * test_per_digit} clips with {PROGRAM} into {wav}")
+        synthesise_spoken_digit_splits(wav, train_per_digit, test_per_digit, seed)
+    paths = {}
+    for split in ("train", "test"):
+        out = spoken_digits_dir(split, root)
+        if is_prepared(out) and len(load_prepared(out, in_memory=False)) == 10 * counts[split]:
+            log(f"{NAME} {split}: already prepared at {out}")
+        else:
+            prepare(str(wav / split), out, progress=False, log=log)
+        paths[split] = out
+    return paths
