@@ -80,7 +80,8 @@ class ArrayShape:
 
 @dataclass
 class ImageData(ArrayShape):
-    images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W] (H and W may differ)
+    images: torch.Tensor                    # uint8 [N, C, H, W], or float [N, C, H, W] (H and W may differ); or
+                                            # clips [N, C, T, H, W], waveforms [N, C, L]
     labels: torch.Tensor | None             # int64 [N] or None
     source: str
     class_names: list[str] | None = None
@@ -88,8 +89,9 @@ class ImageData(ArrayShape):
     captions: list[list[str]] | None = None  # one list of ≥ 1 captions per image, or None
 
     def __post_init__(self):
-        if self.images.ndim != 4:
-            raise DataError(f"{self.source}: images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+        if self.images.ndim < 3:  # [N, C, H, W] images; also [N, C, T, H, W] clips and [N, C, L] waveforms
+            raise DataError(f"{self.source}: items must be [N, C, …] (images [N, C, H, W]), got shape "
+                            f"{tuple(self.images.shape)}")
         if len(self) == 0:
             raise DataError(f"{self.source}: the data set is empty")
         if self.labels is not None and self.labels.shape != (len(self),):
