@@ -17,15 +17,21 @@ exact-JVP attention. What differs:
   attention [Bertasius et al. 2021] and Latte's variant 1 [Ma et al. 2024], but space first. The temporal branch
   is modulated and gated like the spatial one (its gate starts at zero, so a fresh block is still the identity).
 
-Default: factorised. Measured on two CPU threads at the tiny size (benchmarks/video_attention.py →
-benchmarks/results/video_attention.md, batch 8 of 1×8×32×32 clips, 512 tokens): the factorised layout costs ~20%
-more parameters (the temporal branch: 1.38M vs 1.06M) but a forward ~2.3× and a forward + JVP ~2.4× faster than
-full attention, whose logits grow with the square of the clip's tokens (512² per head against 8·64² + 64·8²); at
-64×64×20 (video-S/B) the gap is wider still. Full attention remains a config setting (`attention="full"`).
+Default: factorised. Measured on two (shared, busy) CPU threads (benchmarks/video_attention.py →
+benchmarks/results/video_attention.md; class labels and guidance input). `video-tiny`, batch 8 of 1×8×32×32 clips
+(512 tokens): factorised 1.74M parameters against full 1.28M (+36%: the temporal branch); the forward alone is
+cheaper with full attention (666 against 1182 ms: at 512 tokens the CPU's attention is cheap and the temporal
+branch adds linear layers), but the tangent pass (forward + JVP, 1726 against 1508 ms) and the backward dominate an
+sCM step, and an estimated step (tangent pass + forward + backward) costs 4.1 s factorised against 6.2 s full.
+`video-S` on 1×20×64×64 (2560 tokens, batch 1): 74.7 s against 175 s a step (full attention's logits grow with the
+square of the clip's tokens: 2560² a head against 10·256² + 256·10²), with 45.0M against 32.6M parameters. So the
+factorised layout is the better trade-off at every size measured; full attention remains a setting
+(`attention="full"`).
 
-Presets (parameter counts for 1×T×H×W clips, unconditional; `frames`/`img_resolution` come from the run):
-`video-tiny` 1.38M (1×8×32×32, 1-digit Moving MNIST, patches 1×4×4: 512 tokens, trainable on 2 CPU cores in
-minutes), `video-S` 40.4M and `video-B` 158M (DiT-S/B widths, 2×4×4 patches: 2560 tokens at 20×64×64).
+Presets (parameter counts for 1×T×H×W clips, unconditional, factorised; `frames`/`img_resolution` come from the
+run): `video-tiny` 1.72M (1×8×32×32, 1-digit Moving MNIST; 1×4×4 patches: 512 tokens; depth 4, width 128; trainable
+on 2 CPU cores in minutes), `video-S` 44.9M and `video-B` 179M (DiT-S/B widths and depths, 2×4×4 patches: 2560
+tokens at 20×64×64).
 """
 
 from __future__ import annotations
