@@ -104,6 +104,9 @@ class TrainConfig:
     distributed: str = "ddp"                  # under torchrun: "ddp" | "fsdp" (FSDP2 fully_shard)
     resolution: int | tuple[int, ...] = 32    # the data's size this preset expects: R (R×R images) or (H, W) …
     channels: int = 3                         # … and its channels
+    frames: int = 0                           # video: frames per clip, items [C, frames, H, W] (0: not video)
+    length: int = 0                           # audio: samples per clip, items [C, length] (0: not audio; then
+                                              # resolution is not used)
     conditional: bool = False                 # class-conditional on the data's labels
     text: TextConfig = field(default_factory=TextConfig)  # a text network's prompts: the data's encoder (resolved)
                                               # and text.caption_dropout (training)
@@ -137,14 +140,21 @@ class TrainConfig:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The shape of one item of the run's data, channels first: (C, H, W) for images."""
-        return (self.channels, *sizes(self.resolution))
+        """The shape of one item of the run's data, channels first: (C, H, W) for images, (C, T, H, W) for video
+        (`frames`), (C, L) for audio (`length`)."""
+        if self.length:
+            return (self.channels, self.length)
+        return (self.channels, *((self.frames,) if self.frames else ()), *sizes(self.resolution))
 
     def validate(self) -> None:
         """Check every field; the parts (objective, network) check their own fields, named here by key."""
         _need(self.method in METHODS, "method", self.method, f"must be one of {METHODS}")
         _part("", lambda: sizes(self.resolution))
         _need(isinstance(self.channels, int) and self.channels >= 1, "channels", self.channels, "must be >= 1")
+        for key in ("frames", "length"):
+            value = getattr(self, key)
+            _need(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key, value, "must be >= 0")
+        _need(not (self.frames and self.length), "length", self.length, "audio has no frames (set frames=0)")
         _need(type(self.loss) is OBJECTIVES[self.method], "loss", type(self.loss).__name__,
               f"method {self.method} trains with {OBJECTIVES[self.method].__name__}")
         _need(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {tuple(PRECISIONS)}")
@@ -167,6 +177,9 @@ class TrainConfig:
         _need(type(self.net) is config_class(self.net_preset), "net", type(self.net).__name__,
               f"net_preset {self.net_preset} is a {config_class(self.net_preset).__name__}")
         _part("net", lambda: type(self.net)(**dataclasses.asdict(self.net)))
+        _need(len(self.net.img_shape) == len(self.shape), "net_preset", self.net_preset,
+              f"takes items of shape {self.net.img_shape}, the run's are {self.shape} (video runs set frames, audio "
+              "runs length, with a video or audio network)")
         self.optim.validate()
         self.ema.validate()
         _part("text", self.text.validate)
@@ -362,13 +375,26 @@ def make_config(preset: str, method: str | None = None, overrides=(), **flags) -
     _need(cfg.method in METHODS, "method", cfg.method, f"must be one of {METHODS}")
     _need(cfg.net_preset in NET_PRESETS, "net_preset", cfg.net_preset, f"must be one of {list(NET_PRESETS)}")
     cfg.loss = OBJECTIVES[cfg.method]()
-    _part("net", lambda: setattr(cfg, "net", net_config(cfg.net_preset, img_resolution=cfg.resolution,
-                                                         img_channels=cfg.channels)))
+    item = _item_fields(cfg)
+    _part("net", lambda: setattr(cfg, "net", net_config(cfg.net_preset, img_channels=cfg.channels, **item)))
     for k, v in merged.items():
         if k.startswith(parts):
             set_key(cfg, k, v)
     cfg.validate()
     return cfg
+
+
+def _item_fields(cfg: TrainConfig) -> dict:
+    """The network config's fields that give its item's sizes: the resolution, and the frames of a video run; the
+    length of an audio run. ConfigError when the preset's network takes no such field (an image network for video)."""
+    fields = {"length": cfg.length} if cfg.length else {"img_resolution": cfg.resolution}
+    if cfg.frames:
+        fields["frames"] = cfg.frames
+    known = {f.name for f in dataclasses.fields(config_class(cfg.net_preset))}
+    for key in ("frames", "length"):
+        _need(key not in fields or key in known, key, fields.get(key),
+              f"net_preset {cfg.net_preset} is not a {'video' if key == 'frames' else 'audio'} network")
+    return fields
 
 
 def to_dict(cfg) -> dict:

@@ -23,6 +23,8 @@ __all__ = ["FAMILIES", "PRESETS"]
 _EDM2_SNAPSHOT_KIMG = 8 * 2**20 / 1000  # post-hoc EMA snapshots every 8Mi images, as EDM2
 _TINY = {"net_preset": "tiny", "batch": 64, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 20.0, "sample_every_kimg": 40.0}
 _DIT_TINY = {"net_preset": "dit-tiny", "batch": 64, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 20.0, "sample_every_kimg": 40.0}
+_VIDEO_TINY = {"net_preset": "video-tiny", "resolution": 32, "frames": 8, "channels": 1, "batch": 32, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 10.0, "sample_every_kimg": 20.0}
+_AUDIO_TINY = {"net_preset": "audio-tiny", "length": 16000, "channels": 1, "batch": 32, "ema.stds": (0.05, 0.1), "ckpt_every_kimg": 10.0, "sample_every_kimg": 20.0}
 _C10 = {"net_preset": "cifar", "resolution": 32, "channels": 3, "batch": 512, "ema.stds": (0.05,), "ckpt_every_kimg": 5000.0, "sample_every_kimg": 5000.0, "ema.snapshot_kimg": _EDM2_SNAPSHOT_KIMG}
 _IMG64 = {"resolution": 64, "channels": 3, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 71680.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0, "ema.snapshot_kimg": _EDM2_SNAPSHOT_KIMG}
 _IMG512 = {"resolution": 64, "channels": 4, "batch": 2048, "conditional": True, "precision": "fp16", "optim.betas": (0.9, 0.99), "optim.eps": 1e-11, "optim.lr_decay_kimg": 143360.0, "ckpt_every_kimg": 8192.0, "sample_every_kimg": 16384.0, "ema.snapshot_kimg": _EDM2_SNAPSHOT_KIMG}
@@ -63,6 +65,16 @@ PRESETS: dict[str, dict] = {
     "dit-tiny-text-28-diffusion": {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "diffusion", "kimg": 200.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "text.caption_dropout": 0.1},
     "dit-tiny-text-28-sct":       {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "sct", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0},
     "dit-tiny-text-28-scd":       {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "scd", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0, "net.guidance_embed": True, "loss.guidance": (1.0, 3.0)},
+
+    # CPU: the tiny video transformer (`video-tiny`, 1×4×4 patches, factorised attention) on 1-digit Moving MNIST clips
+    # 1×8×32×32, and the tiny audio transformer (`audio-tiny`, 64-sample patches) on 1 s of 16 kHz audio; the
+    # dit-tiny settings (a transformer's learning rates), batch 32.
+    "video-tiny-8x32-diffusion": {**_VIDEO_TINY, "method": "diffusion", "kimg": 100.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 32.0, "optim.lr_rampup_kimg": 1.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
+    "video-tiny-8x32-sct":       {**_VIDEO_TINY, "method": "sct", "kimg": 50.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 32.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "video-tiny-8x32-scd":       {**_VIDEO_TINY, "method": "scd", "kimg": 50.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 32.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "audio-tiny-16k-diffusion":  {**_AUDIO_TINY, "method": "diffusion", "kimg": 100.0, "optim.lr": 2e-3, "optim.lr_decay_kimg": 32.0, "optim.lr_rampup_kimg": 1.0, "loss.P_mean": -0.8, "loss.P_std": 1.6},
+    "audio-tiny-16k-sct":        {**_AUDIO_TINY, "method": "sct", "kimg": 50.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 32.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
+    "audio-tiny-16k-scd":        {**_AUDIO_TINY, "method": "scd", "kimg": 50.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 32.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0},
 
     # CIFAR-10, unconditional 32×32, DDPM++-size U-Net, batch 512. Teacher: EDM's settings; CMs: RAdam 1e-4, constant.
     "cifar10-diffusion": {**_C10, "method": "diffusion", "kimg": 204800.0, "optim.lr": 1e-3, "optim.betas": (0.9, 0.999), "net.dropout": 0.13, "loss.P_mean": -1.2, "loss.P_std": 1.2},

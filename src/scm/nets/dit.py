@@ -65,6 +65,7 @@ and on CPU a fifth of the cost); dropout acts on the MLP's hidden layer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -127,8 +128,8 @@ class DiTConfig:
                 raise ValueError(f"DiTConfig.{name} must be a positive int, got {v!r}")
         if not (isinstance(self.label_dim, int) and self.label_dim >= 0):
             raise ValueError(f"DiTConfig.label_dim must be an int >= 0, got {self.label_dim!r}")
-        if any(n % self.patch_size for n in self.img_shape[1:]):
-            raise ValueError(f"DiTConfig.img_resolution={self.img_resolution} is not divisible by "
+        if any(n % q for n, q in zip(self.img_shape[1:], self.patch_shape, strict=True)):
+            raise ValueError(f"{type(self).__name__}.img_resolution={self.img_resolution} is not divisible by "
                              f"patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} is not a multiple of "
@@ -162,6 +163,11 @@ class DiTConfig:
         return (self.img_channels, *sizes(self.img_resolution, "img_resolution"))
 
     @property
+    def patch_shape(self) -> tuple[int, ...]:
+        """The sizes of one patch along the item's axes after its channels: (p, p) for images."""
+        return (self.patch_size, self.patch_size)
+
+    @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
@@ -186,16 +192,25 @@ DIT_PRESETS |= {f"{name}-text": {**cfg, "text_dim": 4096} for name, cfg in list(
 DIT_PRESETS["dit-tiny-text"] = {**DIT_PRESETS["dit-tiny"], "text_dim": 64, "text_pooled_dim": 64}
 
 
-def sincos_position_embedding(grid: tuple[int, int], channels: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding [rows·columns, channels] of a rows×columns token layout (row-major):
-    a quarter of the channels each for sin and cos of (row·ω_i) and of (column·ω_i), ω_i = 10000^(−i/quarter)."""
-    quarter = channels // 4
-    omega = 10_000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
-    n_rows, n_cols = grid
-    rows = torch.arange(n_rows, dtype=torch.float64).repeat_interleave(n_cols)
-    cols = torch.arange(n_cols, dtype=torch.float64).repeat(n_rows)
-    a, b = rows[:, None] * omega[None], cols[:, None] * omega[None]
-    return torch.cat([torch.sin(a), torch.cos(a), torch.sin(b), torch.cos(b)], dim=1).float()
+def sincos_position_embedding(grid: tuple[int, ...], channels: int) -> torch.Tensor:
+    """Fixed separable sin-cos position embedding [prod(grid), channels] of a token grid (row-major: the last axis
+    fastest). Each axis gets an even share of the channels (2·⌊channels/(2·axes)⌋, the first axis the remainder),
+    half for sin and half for cos of (position·ω_i), ω_i = 10000^(−i/half). For a 2-D grid and channels divisible
+    by 4 this is DiT's: a quarter each for sin and cos of (row·ω_i) and of (column·ω_i), ω_i = 10000^(−i/quarter);
+    for video (t, h, w) and audio (position) grids the same construction along 3 or 1 axes."""
+    share = 2 * (channels // (2 * len(grid)))
+    widths = [channels - share * (len(grid) - 1)] + [share] * (len(grid) - 1)
+    if share < 2 or widths[0] % 2:
+        raise ValueError(f"a sin-cos position embedding of a {len(grid)}-D grid needs an even number of channels "
+                         f">= {2 * len(grid)}, got {channels}")
+    positions = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    parts = []
+    for pos, width in zip(positions, widths, strict=True):
+        half = width // 2
+        omega = 10_000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+        a = pos.reshape(-1)[:, None] * omega[None]
+        parts += [torch.sin(a), torch.cos(a)]
+    return torch.cat(parts, dim=1).float()
 
 
 class Block(nn.Module):
@@ -243,8 +258,12 @@ class Block(nn.Module):
         return y.reshape(n, h, y.shape[1], c // h).transpose(1, 2).reshape(n, y.shape[1], c)
 
     def attention(self, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(self.qkv(h), 3)
-        return self.proj(self._merge(attention(q, k, v), h.shape[0]))  # exact JVP, bounded memory
+        return self.self_attention(h, self.qkv, self.proj)
+
+    def self_attention(self, h: torch.Tensor, qkv: Linear, proj: Linear) -> torch.Tensor:
+        """Multi-head self-attention over the tokens of h [N, L, C] with the projections qkv and proj."""
+        q, k, v = self._heads(qkv(h), 3)
+        return proj(self._merge(attention(q, k, v), h.shape[0]))  # exact JVP, bounded memory
 
     def cross_attention(self, h: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention from the image tokens to the prompt's (padding masked; an all-padding prompt gives 0)."""
@@ -270,13 +289,18 @@ def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, kind: st
 
 
 class DiT(Network):
-    """Diffusion transformer mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request."""
+    """Diffusion transformer mapping (x_t/σ_d, t, labels, guidance) to F, plus w_φ(t) on request.
+
+    The token geometry comes from the config (`img_shape`, `patch_shape`), so the video and audio transformers
+    (`scm.nets.video`, `scm.nets.audio`) are this network with other configs (and, for video, `block_class`)."""
+
+    block_class = Block  # the transformer block (the video transformer's adds temporal attention)
 
     def __init__(self, cfg: DiTConfig, sigma_d: float):
         super().__init__(cfg, sigma_d)
-        c, p = cfg.hidden_size, cfg.patch_size
-        self.grid = (cfg.img_shape[1] // p, cfg.img_shape[2] // p)  # rows and columns of patches
-        patch_dim = cfg.img_channels * p * p
+        c = cfg.hidden_size
+        self.grid = tuple(n // q for n, q in zip(cfg.img_shape[1:], cfg.patch_shape, strict=True))  # patches/axis
+        patch_dim = cfg.img_channels * math.prod(cfg.patch_shape)
 
         # Tokens: a linear map of p×p patches plus a fixed 2-D sin-cos position embedding.
         self.patch_embed = Linear(patch_dim, c)
@@ -296,7 +320,7 @@ class DiT(Network):
         if cfg.text_pooled_dim:
             self.pooled_mlp1, self.pooled_mlp2 = Linear(cfg.text_pooled_dim, c), Linear(c, c)
 
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(self.block_class(cfg) for _ in range(cfg.depth))
         self.final_modulation = Linear(c, 2 * c)  # shift, scale
         self.final_linear = Linear(c, patch_dim)
         self._init_weights()
@@ -354,13 +378,20 @@ class DiT(Network):
 
     # -- forward --------------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> tokens [B, (H/p)(W/p), C·p·p] (row-major patches; channel, row, column inside)."""
-        n, ch, (gh, gw), p = x.shape[0], x.shape[1], self.grid, self.cfg.patch_size
-        return x.reshape(n, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, ch * p * p)
+        """[B, C, H, W] -> tokens [B, (H/p)(W/p), C·p·p] (row-major patches; channel, row, column inside); the same
+        along any number of axes ([B, C, T, H, W] and [B, C, L] for video and audio)."""
+        n, ch, grid, patch = x.shape[0], x.shape[1], self.grid, self.cfg.patch_shape
+        k = len(grid)
+        split = [s for g, q in zip(grid, patch, strict=True) for s in (g, q)]  # g₁, q₁, g₂, q₂ …
+        order = (0, *range(2, 2 + 2 * k, 2), 1, *range(3, 3 + 2 * k, 2))  # batch, grid axes, channel, patch axes
+        return x.reshape(n, ch, *split).permute(order).reshape(n, math.prod(grid), ch * math.prod(patch))
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        n, ch, (gh, gw), p = tokens.shape[0], self.cfg.img_channels, self.grid, self.cfg.patch_size
-        x = tokens.reshape(n, gh, gw, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, ch, gh * p, gw * p)
+        n, ch, grid, patch = tokens.shape[0], self.cfg.img_channels, self.grid, self.cfg.patch_shape
+        k = len(grid)
+        order = (0, k + 1, *(a for i in range(k) for a in (1 + i, k + 2 + i)))  # batch, channel, (g_i, q_i) …
+        sizes = (g * q for g, q in zip(grid, patch, strict=True))
+        x = tokens.reshape(n, *grid, ch, *patch).permute(order).reshape(n, ch, *sizes)
         return x.clone() if x._base is not None else x  # a view (one channel) would trip FSDP2's backward hook
 
     def prompt(self, batch: int, text=None, text_mask=None, text_pooled=None) -> tuple | None:

@@ -1,8 +1,10 @@
 """Every network scm can train, by preset name: the U-Net presets (`tiny`, `cifar`, `S` … `XXL`), the
-transformer presets (`dit-tiny`, `DiT-S/2` … `DiT-XL/2`) and `diffusers`, a diffusers teacher's own network as a
-student (`scm.diffusers.net`; its config names the diffusers class and holds its config, so it needs diffusers to
-build but not the teacher's folder). A run records its `net_preset` and its network's resolved config; the preset's
-architecture says which config class and network that config builds.
+transformer presets (`dit-tiny`, `DiT-S/2` … `DiT-XL/2`), the video transformer's (`video-tiny`, `video-S`,
+`video-B`: clips [C, T, H, W]), the audio transformer's (`audio-tiny`, `audio-B`: waveforms [C, L]) and
+`diffusers`, a diffusers teacher's own network as a student (`scm.diffusers.net`; its config names the diffusers
+class and holds its config, so it needs diffusers to build but not the teacher's folder). A run records its
+`net_preset` and its network's resolved config; the preset's architecture says which config class and network that
+config builds.
 
 An architecture names its config class and network as "module:Class" and is imported on first use: the registry
 imports scm's own networks only, never the diffusers interop (`scm.diffusers`), which a run of another architecture
@@ -17,15 +19,19 @@ from typing import Protocol
 
 from torch import nn
 
+from scm.nets.audio import AUDIO_PRESETS
 from scm.nets.dit import DIT_PRESETS
 from scm.nets.unet import UNET_PRESETS
+from scm.nets.video import VIDEO_PRESETS
 
 __all__ = ["ARCHITECTURES", "NET_PRESETS", "Architecture", "NetConfig", "build_net", "config_class", "net_config"]
 
 
 class NetConfig(Protocol):
     """What every network config has (`scm.nets.unet.UNetConfig`, `scm.nets.dit.DiTConfig`,
-    `scm.diffusers.net_config.DiffusersNetConfig`): its input's shape, its classes and guidance input."""
+    `scm.nets.video.VideoConfig`, `scm.nets.audio.AudioConfig`, `scm.diffusers.net_config.DiffusersNetConfig`): its
+    input's shape (`img_shape`: (C, H, W) for images, (C, T, H, W) for video with `frames`, (C, L) for audio with
+    `length`; an audio config does not use `img_resolution`), its classes and guidance input."""
 
     img_resolution: int | tuple[int, int]
     img_channels: int
@@ -60,6 +66,8 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "unet": Architecture("scm.nets.unet:UNetConfig", "scm.nets.unet:UNet", UNET_PRESETS),
     "dit": Architecture("scm.nets.dit:DiTConfig", "scm.nets.dit:DiT", DIT_PRESETS),
+    "video": Architecture("scm.nets.video:VideoConfig", "scm.nets.video:VideoTransformer", VIDEO_PRESETS),
+    "audio": Architecture("scm.nets.audio:AudioConfig", "scm.nets.audio:AudioTransformer", AUDIO_PRESETS),
     # a diffusers teacher's network as its student: made from the teacher (scm.diffusers.net.student_config)
     "diffusers": Architecture("scm.diffusers.net_config:DiffusersNetConfig", "scm.diffusers.net:DiffusersNet",
                               {"diffusers": {}}),
@@ -76,12 +84,12 @@ def _arch(preset: str) -> Architecture:
 
 
 def config_class(preset: str) -> type:
-    """The config class (UNetConfig, DiTConfig or DiffusersNetConfig) of a network preset."""
+    """The config class (UNetConfig, DiTConfig, VideoConfig, AudioConfig or DiffusersNetConfig) of a preset."""
     return _arch(preset).config_class()
 
 
 def net_config(preset: str, **fields) -> NetConfig:
-    """A network preset's config with `fields` (img_resolution, img_channels, …) set over it."""
+    """A network preset's config with `fields` (img_resolution, img_channels, frames, length, …) set over it."""
     arch = _arch(preset)
     return arch.config_class()(**{**arch.presets[preset], **fields})
 

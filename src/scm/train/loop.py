@@ -22,6 +22,7 @@ import torch.distributed as dist
 from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
+from scm.data.dataset import Dataset
 from scm.errors import ConfigError, RunError, TrainingStopped, UnverifiedWarning
 from scm.files import atomic_write
 from scm.integrity import one_unverified_warning
@@ -63,9 +64,10 @@ class TrainResult:
     stats: dict = field(default_factory=dict)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, data: Dataset | None = None) -> TrainResult:
     """Train the run `cfg` describes into `cfg.out` (or continue it there, with `resume`). Under torchrun, a peer
-    process that stops or stops answering ends this one with TrainingStopped(reason="peer") (`peer_failures`)."""
+    process that stops or stops answering ends this one with TrainingStopped(reason="peer") (`peer_failures`).
+    `data`: a data set already in memory (e.g. an `ImageData` of tensors) to train on instead of loading `cfg.data`."""
     cfg.validate()
     info = init_distributed(cfg.device)
     slots = info.world * cfg.grad_accum
@@ -73,11 +75,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         raise ConfigError(f"batch={cfg.batch} must be divisible by the processes × grad_accum = {info.world} × "
                           f"{cfg.grad_accum} = {slots} (the batch is global)", key="batch")
     with peer_failures(info, RunDir(cfg.out).latest):
-        return _train(cfg, info, resume)
+        return _train(cfg, info, resume, data)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, resume: bool) -> TrainResult:
-    data = load_dataset(cfg.data)
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, data: Dataset | None) -> TrainResult:
+    data = load_dataset(cfg.data) if data is None else data
     cfg, run = resolve(cfg, data), RunDir(cfg.out)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
     built = build(cfg, data, info.device)

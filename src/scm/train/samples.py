@@ -25,8 +25,8 @@ def sample_grids(cfg: TrainConfig, weights: dict, device, out_dir: Path, kimg: f
                  warn=print, prompts: list[str] | None = None) -> list[Path]:
     """Grids of the EMA `weights` into out_dir; `latent`: the data's latent information (decode through its VAE);
     `prompts`: a text run's (image i takes prompt i mod their number)."""
-    if latent is None and cfg.channels not in (1, 3):
-        return []  # other data without a decoder: nothing to look at
+    if (latent is None and cfg.channels not in (1, 3)) or len(cfg.shape) != 3:
+        return []  # other data without a decoder, video and audio: no image grid to look at
     run = network_run(cfg, weights, source=out_dir, ema_std=cfg.ema.stds[0], step=round(kimg * 1000 / cfg.batch),
                       latent=latent, device=device)
     if cfg.method == "diffusion":
