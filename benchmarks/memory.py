@@ -83,7 +83,8 @@ def make_step(name: str, variant: str, batch: int, size: str, device: torch.devi
     net = student_from_diffusers(teacher, scheduler, sigma_d=1.0, guidance_embed=True, shape=shape,
                                  checkpointing=spec["checkpointing"], lora=LoRAConfig(rank=rank if spec["lora"] else 0))
     fn = BaseTeacher(net) if spec["lora"] else from_diffusers(teacher, scheduler, sigma_d=1.0)
-    del teacher  # a LoRA student's teacher is its own base: the copy goes (scm.train.build does the same)
+    held = [net] if spec["lora"] else [net, teacher]  # a LoRA student's teacher is its own base: the copy goes
+    del teacher                                         # (scm.train.build does the same)
     objective = ConsistencyLoss(sigma_d=1.0, teacher=fn,
                                 teacher_uncond={"text": torch.zeros(1, tokens, width, device=device)},
                                 guidance=(1.0, 3.0), warmup_kimg=0, fused_pass=spec["fused"])
@@ -104,6 +105,10 @@ def make_step(name: str, variant: str, batch: int, size: str, device: torch.devi
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for m in held for p in m.parameters())
+    # what the run holds besides activations: the networks' weights, and Adam's two moments of each trained weight
+    step.sizes = {"trained_m": trained / 1e6, "weights_mb": weights / 2**20, "adam_mb": 2 * 4 * trained / 2**20}
     return step
 
 
@@ -135,7 +140,7 @@ def worker(args) -> None:
         times.append(time.perf_counter() - start)
     peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda"
             else _rss_mb("VmHWM") - base)
-    print(json.dumps({"held_mb": held, "peak_mb": peak, "median_ms": 1000 * statistics.median(times[1:]),
+    print(json.dumps({**step.sizes, "held_mb": held, "peak_mb": peak, "median_ms": 1000 * statistics.median(times[1:]),
                       "min_ms": 1000 * min(times[1:]), "max_ms": 1000 * max(times[1:])}))
 
 
@@ -178,9 +183,10 @@ def _write(args, rows) -> None:
     kind = "max_memory_allocated above the weights" if args.device != "cpu" else "peak RSS above the step's start"
     report = Report(f"sCD memory and step time: full fine-tuning and LoRA (r={args.rank}), with and without "
                     f"activation checkpointing ({args.size} students, {args.device})")
-    held = "weights held MB (teacher + student, or the shared base + adapters)"
-    report.table(["student", "batch", "variant", held, f"step peak MB ({kind})", "step ms (median, min–max)"],
-                 [[r["student"], r["batch"], r["variant"], f"{r['held_mb']:.0f}" if "held_mb" in r else "–",
+    report.table(["student", "batch", "variant", "trained M", "weights + Adam MB", f"step peak MB ({kind})",
+                  "step ms (median, min–max)"],
+                 [[r["student"], r["batch"], r["variant"], f"{r['trained_m']:.2f}" if "trained_m" in r else "–",
+                   f"{r['weights_mb']:.0f} + {r['adam_mb']:.0f}" if "weights_mb" in r else "–",
                    f"{r['peak_mb']:.0f}" if "peak_mb" in r else r["error"],
                    f"{r['median_ms']:.0f} ({r['min_ms']:.0f}–{r['max_ms']:.0f})" if "median_ms" in r else "–"]
                   for r in rows])
@@ -206,10 +212,10 @@ NOTES = """## Notes
   have no custom forward-AD rules, so the tangent's operations are recorded for the backward with the primal's
   (scm's own networks compute their tangents from detached values: benchmarks/results/step_cost.md). `scm train`
   therefore takes the separate pass for diffusers students unless `loss.fused_pass=true` is set.
-- "weights held": what was allocated before the first step (on the CPU the resident set then, which includes
-  PyTorch itself): the teacher and the student for full fine-tuning; for LoRA the teacher's network once, with
-  adapters (`scm.diffusers.lora`: the teacher is the student with its adapters off). The step's peak includes
-  Adam's state, created at the first (warm-up) step: two tensors per trained parameter, so LoRA's is small.
+- "weights + Adam": the bytes of the networks' weights held (full fine-tuning: the teacher and the student; LoRA:
+  the teacher's network once, with its adapters: `scm.diffusers.lora`, the teacher is the student with its adapters
+  off) and of Adam's two fp32 moments per trained weight, counted from the tensors. The step's peak is measured
+  above what was there before the first step, and includes Adam's state (made at the warm-up step).
 """
 
 
