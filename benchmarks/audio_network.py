@@ -7,7 +7,7 @@ phase and amplitude (0.3–0.9) under an attack/decay envelope, plus its octave 
 train with `scm.objectives.DiffusionLoss` (the teacher's loss, uniform weighting so that losses compare) for the
 same number of Adam steps at the same batch; each reports its parameter count, the median wall time of a training
 step (forward + backward) and of the tangent pass (forward + JVP in x and t, under no_grad), and the held-out
-diffusion loss (64 clips, fixed noise and times) at initialization and every 100 steps. The U-Net is built here
+diffusion loss (64 clips, fixed noise and times) at initialization and every 50 steps. The U-Net is built here
 only (plain PyTorch layers, whose forward-AD rules PyTorch provides): it is the alternative measured, not shipped.
 Writes benchmarks/results/audio_network.{json,md}.
 """
@@ -124,7 +124,7 @@ def run(name: str, net: nn.Module, train: torch.Tensor, test: torch.Tensor, args
         opt.zero_grad(set_to_none=True)
         loss(net, batch, generator=g)[0].backward()
         opt.step()
-        if step % 100 == 0 or step == args.steps:
+        if step % 50 == 0 or step == args.steps:
             curve[step] = held_out_loss(net, test, loss)
             print(f"{name} step {step}: held-out loss {curve[step]:.4f}", flush=True)
     params = sum(p.numel() for p in net.parameters())

@@ -1,6 +1,6 @@
 """The audio transformer (`scm.nets.audio`): exact JVP (float64 central differences), shapes, tokens and positions,
 a fresh network, presets, config errors, and a few-step diffusion/sCT/sCD run with sampling on in-memory
-waveforms [N, 1, 16000]. Runs in ~10 s on two CPU threads."""
+waveforms [N, 1, 16000]. Runs in ~2 s on two idle CPU threads (both files: 4.6 s)."""
 
 import math
 
