@@ -91,7 +91,8 @@ def test_train_configs_need_an_audio_network_with_a_length():
 def test_diffusion_sct_and_scd_train_and_sample_on_waveforms(tmp_path):
     """Two steps each of the teacher, an sCT student of it and a guided sCD student, on random waveforms in
     memory; 1- and 2-step samples (and the teacher's ODE samples) of the waveforms' shape, finite."""
-    data = ImageData(torch.rand(8, 1, 16000) * 2 - 1, torch.arange(8) % 3, "random waveforms", value_range="raw")
+    data = ImageData(torch.rand(8, 1, 16000) * 2 - 1, torch.arange(8) % 3, "random waveforms", value_range="raw",
+                     media={"sample_rate": 16000})
     teacher = tmp_path / "teacher"
     cfg = make_config("audio-tiny-16k-diffusion", None, RUN, out=str(teacher), kimg=0.008, batch=4,
                       conditional=True)
