@@ -156,14 +156,12 @@ def write_adapters(net, folder: Path, record: dict) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in adapter_state(net.model).items()}
     metadata = {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha or cfg.lora.rank, "target_modules": net.adapted}
     folder.mkdir(parents=True)
-    loader = LORA_PIPELINES.get(cfg.model_class)
+    loader, component = LORA_PIPELINES.get(cfg.model_class), lora_prefix(cfg.model_class)
     if loader is not None:
-        component = lora_prefix(cfg.model_class)
         getattr(diffusers, loader).save_lora_weights(folder, **{f"{component}_lora_layers": state,
                                                                 f"{component}_lora_adapter_metadata": metadata})
     else:  # no diffusers pipeline loads LoRAs into this class: the same layout, for peft or by hand
-        prefix = lora_prefix(cfg.model_class)
-        save_file({f"{prefix}.{k}": v for k, v in state.items()}, str(folder / "pytorch_lora_weights.safetensors"))
+        save_file({f"{component}.{k}": v for k, v in state.items()}, str(folder / "pytorch_lora_weights.safetensors"))
     guided = net.guidance_linear is not None or bool(net.base_new_keys)  # an input the teacher's pipeline lacks
     info = {"base": cfg.lora_base, "model_class": cfg.model_class, "pipeline_class": loader,
             "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha or cfg.lora.rank, "targets": net.adapted},

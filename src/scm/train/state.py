@@ -14,7 +14,7 @@ from torch import nn
 
 from scm.config import TrainConfig
 from scm.errors import CheckpointError
-from scm.runs import RunDir, ema_key
+from scm.runs import RunDir, ema_key, trained_keys
 from scm.train.distributed import (
     DistInfo,
     barrier,
@@ -47,7 +47,7 @@ class TrainState:
         """Wrap `net` for this process group, with a fresh optimizer, EMA and loss scaler."""
         model = wrap_model(net.train(), info, cfg.distributed)
         trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA student's base is frozen
-        return cls(model, make_optimizer(trained, cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds, _saved(net)),
+        return cls(model, make_optimizer(trained, cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds, trained_keys(net)),
                    torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
 
     @property
@@ -79,7 +79,7 @@ class TrainState:
 
     def _net_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """What a checkpoint holds of the network's state: all of it, or a LoRA student's trained tensors."""
-        keys = _saved(self.net)
+        keys = trained_keys(self.net)
         return state if keys is None or not state else {k: state[k] for k in keys}  # (empty off the main rank)
 
     def expected_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -94,7 +94,7 @@ class TrainState:
         if files is None or state is None:
             files, state = RunDir.load(ckpt, expect=self.expected_shapes())
         try:
-            load_full_model_state(self.model, files["net"], strict=_saved(self.net) is None)
+            load_full_model_state(self.model, files["net"], strict=trained_keys(self.net) is None)
             load_optimizer_state(self.model, self.optimizer, files["optim"], state["optimizer"])
             self.ema.load_state_dict(files["ema"])
             if state.get("scaler"):
@@ -103,10 +103,3 @@ class TrainState:
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{ckpt}: does not fit this run ({type(e).__name__}: {e})") from None
         self.bad_steps, self.bad_run = int(state.get("bad_steps", 0)), int(state.get("bad_run", 0))
-
-
-def _saved(net: nn.Module) -> list[str] | None:
-    """The state-dict entries of `net` that training changes (None: all), as the network says
-    (`DiffusersNet.trained_keys`: a LoRA student's adapters and heads)."""
-    keys = getattr(net, "trained_keys", None)
-    return None if keys is None else keys()
