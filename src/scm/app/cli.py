@@ -83,8 +83,16 @@ def presets(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show 
         if verbose:
             print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in p.items()))
         else:
-            print(f"{name:24s} {p['method']:9s} net={p['net_preset']:8s} {p['resolution']}×{p['resolution']}×"
-                  f"{p['channels']}  batch={p['batch']:<5d} kimg={p['kimg']:g}  lr={p.get('optim.lr', '-')}")
+            print(f"{name:26s} {p['method']:9s} net={p['net_preset']:10s} {_item(p):12s} batch={p['batch']:<5d} "
+                  f"kimg={p['kimg']:g}  lr={p.get('optim.lr', '-')}")
+
+
+def _item(preset: dict) -> str:
+    """A preset's item, as `scm presets` lists it: 32×32×3 (images), 8×32×32×1 (video), 16000×1 (audio)."""
+    if preset.get("length"):
+        return f"{preset['length']}×{preset['channels']}"
+    frames = f"{preset['frames']}×" if preset.get("frames") else ""
+    return f"{frames}{preset['resolution']}×{preset['resolution']}×{preset['channels']}"
 
 
 def _output(out: str) -> tuple[Path, str]:
