@@ -2,6 +2,9 @@
 
     RUN/config.json                  the resolved TrainConfig
     RUN/latent.json                  for a run on latents: the data's meta["latent"] (VAE, normalisation), to decode
+    RUN/media.json                   for a video or audio run: the data's modality and timing ({"modality": "video",
+                                     "fps", "frames", "stride"} or {"modality": "audio", "sample_rate"}), so that
+                                     samples are written at the data's frame or sample rate
     RUN/teacher.json                 for sCD from a diffusers model: its parameterisation, the data convention, σ_d
                                      and the training data's measured std (scm.diffusers)
     RUN/metrics.jsonl                one JSON line per log interval
@@ -56,9 +59,9 @@ from scm.integrity import (
 )
 from scm.nets.registry import build_net
 
-__all__ = ["EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in", "ema_weights",
-           "is_run_dir", "load_run", "load_tensors", "locate_checkpoint", "mix_seed", "network_run", "read_run_config",
-           "save_tensors", "trained_keys", "weight_shapes", "with_base"]
+__all__ = ["DEFAULT_SAMPLE_RATE", "EMASnapshot", "LoadedRun", "RunDir", "SnapshotReader", "ema_key", "ema_stds_in",
+           "ema_weights", "is_run_dir", "load_run", "load_tensors", "locate_checkpoint", "mix_seed", "network_run",
+           "read_run_config", "run_media", "save_tensors", "trained_keys", "weight_shapes", "with_base"]
 
 
 def mix_seed(*values: int) -> int:
@@ -183,6 +186,7 @@ class RunDir:
     samples_dir = property(lambda self: self.path / "samples")
     ckpt_dir = property(lambda self: self.path / "checkpoints")
     latent_path = property(lambda self: self.path / "latent.json")
+    media_path = property(lambda self: self.path / "media.json")
     teacher_path = property(lambda self: self.path / "teacher.json")
     snapshots_dir = property(lambda self: self.path / "ema-snapshots")
 
@@ -210,6 +214,27 @@ class RunDir:
         if not isinstance(info, dict):
             raise CheckpointError(f"{self.latent_path}: expected a JSON object")
         return info
+
+    def read_media(self) -> dict | None:
+        """The modality and timing of a video or audio run's data (RUN/media.json), or None where none is recorded
+        (images, or a run written before the record existed: `run_media` supplies the defaults)."""
+        if not self.media_path.is_file():
+            return None
+        try:
+            info = json.loads(self.media_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.media_path}: corrupt JSON ({e})") from None
+        if not isinstance(info, dict) or info.get("modality") not in ("image", "video", "audio"):
+            raise CheckpointError(f"{self.media_path}: expected a JSON object with a modality (image, video or "
+                                  "audio)")
+        return info
+
+    def write_media(self, info: dict | None) -> None:
+        """Record the data's modality and timing (None or images: nothing to record, the file is removed)."""
+        if info is None or info.get("modality", "image") == "image":
+            self.media_path.unlink(missing_ok=True)
+        else:
+            atomic_write_json(self.media_path, info)
 
     def write_teacher(self, info: dict) -> None:
         """Record what a run learnt about its teacher (RUN/teacher.json)."""
@@ -395,6 +420,43 @@ class LoadedRun:
     ema_std: float | None      # None: raw (non-averaged) weights
     step: int
     latent: dict | None = None  # a run on latents: how to decode its samples (RUN/latent.json)
+    media: dict | None = None   # {"modality", …timing}: `run_media` (RUN/media.json, or defaults)
+
+    def __post_init__(self):
+        self.media = run_media(self.cfg, self.media)
+
+    @property
+    def modality(self) -> str:
+        """"image", "video" or "audio": what the run's samples are."""
+        return self.media["modality"]
+
+
+DEFAULT_SAMPLE_RATE = 16000  # Hz: audio of a run that recorded no rate (written before RUN/media.json existed)
+
+
+def run_media(cfg: TrainConfig, recorded: dict | None = None) -> dict:
+    """A run's modality and timing: what RUN/media.json records (`recorded`), completed from the item shape for a
+    run without a record: {"modality": "image"}, video at the nominal `scm.data.modality.DEFAULT_FPS`, audio at
+    DEFAULT_SAMPLE_RATE. CheckpointError when the record contradicts the shape (e.g. audio for video items)."""
+    modality = {4: "video", 2: "audio"}.get(len(cfg.shape), "image")
+    media = dict(recorded or {"modality": modality})
+    if media.get("modality") != modality:
+        raise CheckpointError(f"media.json records {media.get('modality')!r} data, but the run's items "
+                              f"{cfg.shape} are {modality}")
+    if modality == "video":
+        from scm.data.modality import DEFAULT_FPS
+
+        media = {"fps": DEFAULT_FPS, "frames": cfg.shape[1], "stride": cfg.shape[1], **media}
+        if not (isinstance(media["fps"], (int, float)) and media["fps"] > 0):
+            raise CheckpointError(f"media.json: fps={media['fps']!r}; must be a number > 0")
+    elif modality == "audio":
+        media = {"sample_rate": DEFAULT_SAMPLE_RATE, **media}
+        rate = media["sample_rate"]
+        if isinstance(rate, float) and rate.is_integer():
+            rate = media["sample_rate"] = int(rate)
+        if not (isinstance(rate, int) and not isinstance(rate, bool) and rate >= 1):
+            raise CheckpointError(f"media.json: sample_rate={rate!r}; must be an integer >= 1 (Hz)")
+    return media
 
 
 def read_run_config(path: str | Path) -> TrainConfig:
@@ -407,7 +469,8 @@ def read_run_config(path: str | Path) -> TrainConfig:
 
 
 def network_run(cfg: TrainConfig, weights: dict[str, torch.Tensor], *, source: Path, ema_std: float | None,
-                step: int, latent: dict | None = None, device="cpu", net: torch.nn.Module | None = None) -> LoadedRun:
+                step: int, latent: dict | None = None, device="cpu", net: torch.nn.Module | None = None,
+                media: dict | None = None) -> LoadedRun:
     """The run `cfg` describes with `weights` (a checkpoint's, an EMA's, or post-hoc reconstructed ones) loaded into
     its network (`net`, when already built), in eval mode without gradients; CheckpointError naming `source` and
     the first differing tensors when they do not fit."""
@@ -419,7 +482,7 @@ def network_run(cfg: TrainConfig, weights: dict[str, torch.Tensor], *, source: P
         raise CheckpointError(f"{source}: the weights do not fit the run's network (config.json): {diff}",
                               key="weights")
     net.load_state_dict(weights, strict=False)  # what the EMA keeps: the floating-point entries (all of them here)
-    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), Path(source), ema_std, step, latent)
+    return LoadedRun(cfg, net.to(device).eval().requires_grad_(False), Path(source), ema_std, step, latent, media)
 
 
 def weight_shapes(net: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -485,7 +548,7 @@ def load_run(path: str | Path, ema_std: float | None = None, *, raw: bool = Fals
         raise CheckpointError(f"{e}{_intact_hint(run, ckpt, stem)}", key=e.key) from None
     weights = files[stem] if raw else ema_weights(files[stem], std)
     return network_run(cfg, weights, source=ckpt, ema_std=std, step=int(state.get("step", 0)),
-                       latent=run.read_latent(), device=device, net=net)
+                       latent=run.read_latent(), device=device, net=net, media=run.read_media())
 
 
 def _check_ema_std(ckpt: Path, std: float) -> None:

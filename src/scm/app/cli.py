@@ -95,22 +95,135 @@ def _item(preset: dict) -> str:
     return f"{frames}{preset['resolution']}×{preset['resolution']}×{preset['channels']}"
 
 
-def _output(out: str) -> tuple[Path, str]:
-    """Where `scm sample` writes, checked (and its folder made) before anything is sampled."""
+# what `scm sample --out` writes, by the run's modality: suffix ("" = a folder) → kind
+OUTPUTS = {"image": {".png": "grid", ".npz": "arrays", "": "folder"},
+           "video": {".gif": "gif", ".mp4": "mp4", ".npz": "arrays", "": "folder"},
+           "audio": {".wav": "wav", ".png": "spectrograms", ".npz": "arrays", "": "folder"}}
+OUTPUT_WORDS = {"image": "a .png (one grid), a .npz (arrays) or a folder (one PNG per image)",
+                "video": "a .gif or an .mp4 (one grid of the clips), a .npz (arrays) or a folder (one GIF and one MP4 "
+                         "per clip, and grid.gif)",
+                "audio": "a .wav (one clip: --n 1), a .png (the spectrograms), a .npz (arrays) or a folder (one WAV "
+                         "per clip, and spectrograms.png)"}
+
+
+def _run_modality(ckpt: str) -> str:
+    """"image", "video" or "audio": what the run --ckpt names samples, read from its JSON files without torch
+    (RUN/media.json, else config.json's frames / length); "image" where they cannot be read (loading the run
+    reports why)."""
+    import json
+
+    path = Path(ckpt).expanduser()
+    for run in (path, path.parent.parent):  # a run directory, or RUN/checkpoints/<step>
+        try:
+            media = json.loads((run / "media.json").read_text()) if (run / "media.json").is_file() else {}
+            config = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(media, dict) and media.get("modality") in OUTPUTS:
+            return media["modality"]
+        if isinstance(config, dict):
+            return "audio" if config.get("length") else "video" if config.get("frames") else "image"
+    return "image"
+
+
+def _output(out: str, modality: str = "image", n: int = 1) -> tuple[Path, str]:
+    """Where `scm sample` writes and what (`OUTPUTS`), checked (and its folder made) before anything is
+    sampled: a suffix that does not fit the run's modality, a single WAV for several clips, an MP4 without PyAV
+    are refused here."""
     target = Path(out)
-    kind = {".png": "grid", ".npz": "arrays", "": "folder"}.get(target.suffix.lower())
+    kind = OUTPUTS[modality].get(target.suffix.lower())
     if target.is_dir():
         kind = "folder"
     if kind is None:
-        fail(f"--out {out}: use a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")
+        fail(f"--out {out}: this is {'a' if modality == 'video' else 'an'} {modality} run; use "
+             f"{OUTPUT_WORDS[modality]}")
+    if kind == "wav" and n != 1:
+        fail(f"--out {out}: a WAV file holds one clip and --n is {n}; use --n 1, or a folder (one WAV per clip)")
+    if modality == "video" and kind in ("mp4", "folder"):
+        import importlib.util
+
+        if importlib.util.find_spec("av") is None:
+            fail(f"--out {out}: writing MP4 video needs PyAV (pip install 'scm[video]'); or use a .gif")
     writable_folder(out, target if kind == "folder" else target.parent)
     return target, kind
+
+
+def _write_samples(samples, target: Path, kind: str, media: dict, prompts: list[str] | None) -> None:
+    """`scm sample`'s files (`OUTPUTS`): images, video clips or audio clips [N, C, …] in [-1, 1]."""
+    import numpy as np
+
+    from scm.files import atomic_write
+
+    if kind == "arrays":
+        import io
+
+        buf = io.BytesIO()
+        if media["modality"] == "image":
+            from scm.images import to_uint8
+
+            arrays = {"x": to_uint8(samples) if samples.shape[1] in (1, 3) else samples.numpy()}
+        else:  # float [N, C, T, H, W] or [N, C, L] in [-1, 1], and the rate to play them at
+            rate = {k: np.array(media[k]) for k in ("fps", "sample_rate") if k in media}
+            arrays = {"x": samples.clamp(-1, 1).numpy().astype(np.float32), **rate}
+        np.savez(buf, **arrays, **({"prompts": np.array(prompts)} if prompts else {}))
+        atomic_write(target, buf.getvalue())
+    elif media["modality"] == "video":
+        _write_video(samples, target, kind, media["fps"])
+    elif media["modality"] == "audio":
+        _write_audio(samples, target, kind, media["sample_rate"])
+    elif kind == "grid":
+        from scm.images import grid, save_png
+
+        save_png(grid(samples), target)
+    else:
+        from scm.images import save_png, to_uint8
+
+        for i, img in enumerate(to_uint8(samples)):
+            save_png(img, target / f"{i:06d}.png")
+    if prompts and kind == "folder":
+        suffix = {"image": ".png", "video": ".gif", "audio": ".wav"}[media["modality"]]
+        atomic_write(target / "prompts.txt", "".join(f"{i:06d}{suffix}\t{p}\n" for i, p in enumerate(prompts)))
+
+
+def _write_video(clips, target: Path, kind: str, fps: float) -> None:
+    """Clips [N, C, T, H, W] as one grid GIF or MP4, or a folder of one GIF and one MP4 per clip and grid.gif.
+    MP4 takes a whole frame rate: the data's, rounded."""
+    from scm.media import save_gif, save_gif_grid, save_mp4, video_grid
+
+    mp4_fps = max(1, round(fps))
+    if kind == "gif":
+        save_gif_grid(clips, target, fps=fps)
+    elif kind == "mp4":
+        save_mp4(video_grid(clips), target, fps=mp4_fps)
+    else:
+        for i, clip in enumerate(clips):
+            save_gif(clip, target / f"{i:06d}.gif", fps=fps)
+            save_mp4(clip, target / f"{i:06d}.mp4", fps=mp4_fps)
+        save_gif_grid(clips, target / "grid.gif", fps=fps)
+
+
+def _write_audio(clips, target: Path, kind: str, sample_rate: int) -> None:
+    """Clips [N, C, L] as one WAV (N = 1), the spectrogram grid PNG, or a folder of one WAV per clip and
+    spectrograms.png."""
+    from scm.media import save_spectrogram_grid, save_wav
+
+    if kind == "wav":
+        save_wav(clips[0], target, sample_rate)
+    elif kind == "spectrograms":
+        save_spectrogram_grid(clips, target)
+    else:
+        for i, clip in enumerate(clips):
+            save_wav(clip, target / f"{i:06d}.wav", sample_rate)
+        save_spectrogram_grid(clips, target / "spectrograms.png")
 
 
 @app.command()
 def sample(
     ckpt: Annotated[str, typer.Option(help="a run directory (its newest checkpoint)")],
-    out: Annotated[str, typer.Option(help="a .png (one grid), a .npz (arrays) or a folder (one PNG per image)")],
+    out: Annotated[str, typer.Option(help="images: a .png (one grid), a .npz (arrays) or a folder (one PNG per "
+                                          "image); video: a .gif or .mp4 (one grid), a .npz or a folder (a GIF and "
+                                          "an MP4 per clip); audio: a .wav (--n 1), a .png (spectrograms), a .npz "
+                                          "or a folder (a WAV per clip)")],
     steps: Annotated[int | None, typer.Option(help="consistency runs: 1, 2, … steps")] = None,
     ts: Annotated[str | None, typer.Option(help="explicit decreasing times t0,t1,… (radians)")] = None,
     t_mid: Annotated[float | None, typer.Option(help="consistency runs: the intermediate time of 2+ steps "
@@ -134,42 +247,27 @@ def sample(
                                            "compiled graph (CUDA graphs on a GPU); the first batch compiles it")]
     = False,
 ):
-    """Generate images from a trained run (consistency sampling, or the PF-ODE for diffusion runs); a run on
-    latents (`scm data encode`) is decoded through its VAE; a text model takes --prompt or --prompts."""
+    """Generate images, video or audio clips from a trained run (consistency sampling, or the PF-ODE for diffusion
+    runs); a run on latents (`scm data encode`) is decoded through its VAE; a text model takes --prompt or
+    --prompts. Video and audio are written at the frame or sample rate of the run's data."""
     asked = read_prompts(prompt, prompts, n_per_prompt)
     n = len(asked) if n_per_prompt else n
-    target, kind = _output(out)  # the arguments first: torch is imported only for work that will be done
-    times = parse_times(ts)
-    import numpy as np
-
-    from scm.files import atomic_write
+    target, kind = _output(out, _run_modality(ckpt), n)  # the arguments first: torch is imported only for work
+    times = parse_times(ts)                               # that will be done
     from scm.generate import Sampler, generate
-    from scm.images import grid, save_png, to_uint8
 
     try:
         sampler = Sampler(steps=steps, ts=times, nfe=nfe, solver=solver, t_mid=t_mid)
         run = load(ckpt, ema, raw, device)
-        images, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance,
-                                   captured=captured, prompt=asked)
+        samples, seconds = generate(run, n, sampler, batch=batch, seed=seed, class_label=class_, guidance=guidance,
+                                    captured=captured, prompt=asked)
         used = [asked[i % len(asked)] for i in range(n)] if asked else None
-        if kind == "grid":
-            save_png(grid(images), target)
-        elif kind == "arrays":
-            import io
-
-            buf = io.BytesIO()
-            arrays = {"x": to_uint8(images) if images.shape[1] in (1, 3) else images.numpy()}
-            np.savez(buf, **arrays, **({"prompts": np.array(used)} if used else {}))
-            atomic_write(target, buf.getvalue())
-        else:
-            for i, img in enumerate(to_uint8(images)):
-                save_png(img, target / f"{i:06d}.png")
-            if used:
-                atomic_write(target / "prompts.txt", "".join(f"{i:06d}.png\t{p}\n" for i, p in enumerate(used)))
+        _write_samples(samples, target, kind, run.media, used)
     except USER_ERRORS as e:
         fail_on(e)
-    print(f"{n} images ({sampler.describe(run)}) in {seconds:.2f} s: {n / seconds:.1f} img/s, "
-          f"{1000 * seconds / n:.2f} ms/image → {out}", file=sys.stderr)
+    what, rate = ("images", "img") if run.modality == "image" else ("clips", "clips")
+    print(f"{n} {what} ({sampler.describe(run)}) in {seconds:.2f} s: {n / seconds:.1f} {rate}/s, "
+          f"{1000 * seconds / n:.2f} ms/{what[:-1]} → {out}", file=sys.stderr)
 
 
 @app.command()

@@ -24,6 +24,9 @@ A text run's pipeline records its `scm.text.TextConfig` (model_index.json: `text
 sample` does; its transformers text encoder's record names the copy (path "text_encoder"), which the pipeline
 reads wherever it is loaded from. An encoder folder with pickled weights only (.bin, .pt …) is refused.
 
+A video or audio run's pipeline records the data's modality and rate (model_index.json: `media`, as RUN/media.json)
+and returns clips: frames at that frame rate, or audio at that sample rate (`scm.diffusers.pipeline`).
+
 A diffusion run (a teacher) is refused: it samples by integrating the PF-ODE (eq. 3), not with consistency
 steps, which is all `SCMScheduler` does.
 """
@@ -94,6 +97,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, ema_std: float | None 
              "source": {"preset": cfg.preset, "method": cfg.method, "net_preset": cfg.net_preset,
                         "step": loaded.step, "ema_std": loaded.ema_std}}
     extra["text"], text_encoder = _text_parts(pipeline, cfg, run)
+    if loaded.modality != "image":  # video or audio: what the samples are, and their frame or sample rate
+        extra["media"] = dict(loaded.media)
     vae = None
     if loaded.latent is not None:
         from scm.data.latents import decoder

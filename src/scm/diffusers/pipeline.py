@@ -36,10 +36,20 @@ recorded weights digest; the builtin toy encoder needs no files.
 A run on latents carries its VAE (`vae`) and the per-channel normalisation of its data (App. G.1): samples are
 denormalised, x·σ_c/σ_d + µ_c, and decoded exactly as `scm.data.latents.decode` does.
 
+Video and audio. A video or audio run's pipeline records the data's modality and rate (config `media`, as the run's
+RUN/media.json: {"modality": "video", "fps", …} or {"modality": "audio", "sample_rate"}) and returns
+`SCMVideoPipelineOutput` (`frames`, and `fps`) or `SCMAudioPipelineOutput` (`audios`, and `sample_rate`):
+
+    clips = pipe(batch_size=4, num_inference_steps=2, seed=0)              # = `scm sample --n 4 --steps 2`
+    clips.frames   # video: "pil" a list of N lists of T PIL frames; "np" float [N, T, H, W, C] in [0, 1];
+                   #        "pt" float [N, T, C, H, W] in [0, 1]; "latent" [N, C, T, H, W] as sampled
+    clips.audios   # audio: "np" float32 [N, C, L] in [-1, 1]; "pt" the same as a tensor; "latent" unclamped
+
 diffusers (>= 0.33, for `SCMScheduler`) is needed to import this module: `pip install scm[diffusers]`.
 """
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -50,6 +60,7 @@ from scm.errors import ConfigError, MissingDependency, SamplerError
 try:
     from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SCMScheduler
     from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.utils import BaseOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:
     raise MissingDependency(f"diffusers pipelines need diffusers >= 0.33, which is not installed ({e}): "
@@ -65,9 +76,27 @@ from scm.sampling import T_MID, check_times, consistency_times
 from scm.text import TextConfig, check_prompts
 from scm.trigflow import t_max_default
 
-__all__ = ["OUTPUT_TYPES", "SCMModel", "SCMPipeline", "SCMTextEncoder"]
+__all__ = ["OUTPUT_TYPES", "SCMAudioPipelineOutput", "SCMModel", "SCMPipeline", "SCMTextEncoder",
+           "SCMVideoPipelineOutput"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MODALITIES = {3: "image", 4: "video", 2: "audio"}  # the dimensions of one sample (channels first) → its modality
+
+
+@dataclass
+class SCMVideoPipelineOutput(BaseOutput):
+    """A video pipeline's clips (`frames`: see `SCMPipeline.__call__`'s output_type) and their frame rate."""
+
+    frames: object
+    fps: float
+
+
+@dataclass
+class SCMAudioPipelineOutput(BaseOutput):
+    """An audio pipeline's clips (`audios`: [N, C, L] in [-1, 1]) and their sample rate in Hz."""
+
+    audios: object
+    sample_rate: int
 
 
 def network_config(net_preset: str, net_config: dict, sigma_d: float = 0.5):
@@ -117,7 +146,7 @@ class SCMModel(ModelMixin, ConfigMixin):
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of the network's input and output."""
+        """(C, H, W) of the network's input and output; (C, T, H, W) for video, (C, L) for audio."""
         return self.net.shape
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels=None, guidance=None, return_weight: bool = False,
@@ -183,8 +212,12 @@ class SCMPipeline(DiffusionPipeline):
                  text_encoder: SCMTextEncoder | None = None, t_max: float | None = None, t_mid: float = T_MID,
                  guidance_default: float | None = None, latent_mean: list | None = None,
                  latent_std: list | None = None, latent_sigma_d: float | None = None, source: dict | None = None,
-                 text: dict | None = None):
+                 text: dict | None = None, media: dict | None = None):
         super().__init__()
+        modality = MODALITIES.get(len(model.sample_shape))
+        if modality != (media or {}).get("modality", "image"):
+            raise ValueError(f"media {media!r} does not describe the model's samples {tuple(model.sample_shape)} "
+                             f"({modality})")
         if (text is not None) != bool(model.text_dim):
             raise ValueError("a text network and its prompts' record (text) go together")
         if text is not None:
@@ -197,11 +230,17 @@ class SCMPipeline(DiffusionPipeline):
             raise ValueError("a VAE and the latent normalisation (latent_mean, latent_std) go together")
         self.register_to_config(t_max=t_max, t_mid=float(t_mid), guidance_default=guidance_default,
                                 latent_mean=latent_mean, latent_std=latent_std, latent_sigma_d=latent_sigma_d,
-                                source=source, text=text)
+                                source=source, text=text, media=media)
 
     @property
     def sigma_d(self) -> float:
         return float(self.scheduler.config.sigma_data)
+
+    @property
+    def media(self) -> dict:
+        """What the samples are, and their rate: {"modality": "image"}, video {"modality": "video", "fps", …},
+        audio {"modality": "audio", "sample_rate"} (the exported run's RUN/media.json)."""
+        return dict(getattr(self.config, "media", None) or {"modality": "image"})
 
     def times(self, num_inference_steps: int | None = None, timesteps=None) -> list[float]:
         """The times at which the network is evaluated (the trailing 0 not included): `timesteps` as given
@@ -362,7 +401,8 @@ class SCMPipeline(DiffusionPipeline):
             latents: the initial noise x_{t_0} (std σ_d, shape [B, C, H, W]) instead of drawing it.
             output_type: "pil" (PIL images, quantised as `scm sample` writes its PNGs), "np" (float [B, H, W, C]
                 in [0, 1]), "pt" (float [B, C, H, W] in [0, 1]) or "latent" (the samples in the model's space:
-                images in [-1, 1] unclamped, or normalised latents, not decoded).
+                images in [-1, 1] unclamped, or normalised latents, not decoded); video and audio: the module
+                docstring (audio has no "pil").
             seed: per-image generators seeded with (seed, image index): exactly `scm sample --seed`.
             num_images_per_prompt: images of each prompt, one prompt's images together (as `scm sample
                 --n-per-prompt`).
@@ -373,7 +413,8 @@ class SCMPipeline(DiffusionPipeline):
             raise SamplerError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}", key="output_type")
         device, shape = self._execution_device, self.model.sample_shape
         if latents is not None:
-            if not isinstance(latents, torch.Tensor) or tuple(latents.shape[1:]) != shape or latents.ndim != 4:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape[1:]) != shape \
+                    or latents.ndim != len(shape) + 1:
                 raise SamplerError(f"latents: expected a tensor of shape [B, {', '.join(map(str, shape))}], got "
                                    f"{tuple(getattr(latents, 'shape', ()))}", key="latents")
             batch_size = latents.shape[0]
@@ -388,10 +429,17 @@ class SCMPipeline(DiffusionPipeline):
             x = self.sigma_d * randn_tensor((batch_size, *shape), generator=gens, device=device, dtype=torch.float32)
         else:
             x = latents.to(device=device, dtype=torch.float32)
+        media = self.media
+        if media["modality"] == "audio" and output_type == "pil":
+            raise SamplerError("output_type='pil': audio has no PIL form; use np, pt or latent", key="output_type")
         images = self._output(self._sample(x, ts, gens, cond), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
+        if media["modality"] == "video":
+            return SCMVideoPipelineOutput(frames=images, fps=media["fps"])
+        if media["modality"] == "audio":
+            return SCMAudioPipelineOutput(audios=images, sample_rate=media["sample_rate"])
         return ImagePipelineOutput(images=images)
 
     def _sample(self, x: torch.Tensor, ts: list[float], gens, cond: dict) -> torch.Tensor:
@@ -413,9 +461,19 @@ class SCMPipeline(DiffusionPipeline):
         return x0
 
     def _output(self, x0: torch.Tensor, output_type: str):
-        """The samples as `output_type` asks (see `__call__`)."""
+        """The samples as `output_type` asks (see `__call__`; video and audio: the module docstring)."""
         if output_type == "latent":
             return x0
+        modality = self.media["modality"]
+        if modality == "audio":
+            audio = x0.clamp(-1, 1)
+            return audio.cpu().numpy() if output_type == "np" else audio
+        if modality == "video":
+            frames = x0.transpose(1, 2)  # [N, T, C, H, W]
+            if output_type == "pil":
+                return [[to_pil(a) for a in to_uint8(clip)] for clip in frames]
+            frames = (frames * 0.5 + 0.5).clamp(0, 1)
+            return frames.permute(0, 1, 3, 4, 2).cpu().numpy() if output_type == "np" else frames
         pixels = self.decode(x0)
         if output_type == "pil":
             return [to_pil(a) for a in to_uint8(pixels)]

@@ -13,7 +13,10 @@ Allow header, as JSON):
     /api/generate      ?model=student|teacher &seed= &steps= &class= &guidance= &batch= &prompt= &client=   (GET
                        only: HEAD is 405, see `_get_only`; `prompt`, URL-encoded UTF-8, is required by a text model
                        and refused by others)
-                       → 200 image/png (one image, or a grid for batch 4 / 16), timings in headers:
+                       → 200 image/png (one image, or a grid for batch 4 / 16); a video run's image/gif (the
+                         clip, or the clips side by side, looping at the data's frame rate); an audio run's
+                         application/json (one WAV per clip and their spectrogram PNG, base64:
+                         `scm.serve.models.encode_sample`); timings in headers:
                          X-Generation-Ms (network + sampler for all images), X-Ms-Per-Image,
                          X-Images-Per-Second, X-Images, X-NFE, X-Steps, X-Seed, X-Model, X-Server-Ms (arrival to
                          response: waiting, decoding and PNG encoding included)
@@ -243,8 +246,8 @@ def _torch_threads(n: int | None) -> None:
 # -- the app ----------------------------------------------------------------------------------------------------------
 STATIC = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 SECURITY = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
-PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
-               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; media-src blob:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # blob: audio
 
 
 def _package_file(name: str) -> bytes:
@@ -367,11 +370,12 @@ async def generate(request):
                       superseded=True)
     if outcome == GONE:  # nobody is listening; answered for completeness
         return _error(409, "the client disconnected before this request started", gone=True)
-    return _png(outcome, model, q, start)
+    return _answer(outcome, model, q, start)
 
 
-def _png(outcome, model: ServedModel, q, start: float):
-    """The image(s) of a generation, with its timings in headers (module docstring)."""
+def _answer(outcome, model: ServedModel, q, start: float):
+    """The image(s) or clips of a generation (PNG, GIF or audio JSON), with its timings in headers (module
+    docstring)."""
     from starlette.responses import Response
 
     ms = 1000 * outcome.seconds
@@ -383,7 +387,7 @@ def _png(outcome, model: ServedModel, q, start: float):
         "X-Images-Per-Second": f"{1000 / per_image:.1f}" if per_image > 0 else "inf",
         "X-Server-Ms": f"{1000 * (time.perf_counter() - start):.3f}",
     }
-    return Response(outcome.png, media_type="image/png", headers=headers)
+    return Response(outcome.body, media_type=outcome.media_type, headers=headers)
 
 
 async def not_found(request, exc):

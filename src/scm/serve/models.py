@@ -1,6 +1,6 @@
 """What a server holds of a run: what it can be asked for, the validation of a request's parameters, and one
-generation encoded as PNG. No web framework here (`scm.serve.app` is the web side), so all of this works, and is
-checked, without one.
+generation encoded as PNG (images), an animated GIF (video) or JSON with WAVs (audio). No web framework here
+(`scm.serve.app` is the web side), so all of this works, and is checked, without one.
 
 A request's parameters arrive as strings. Each is parsed strictly (an integer is digits only, no sign, spaces or
 underscores) and checked against the model: a value that does not fit raises `InvalidSetting` with `key` = the
@@ -12,10 +12,24 @@ refuses (`bounded_echo`): an answer never grows with what it was sent.
 A text model (`Conditioning.kind` "text") takes a `prompt`: text of at most `scm.text.MAX_PROMPT_CHARS` characters
 without NUL ("" for none), required as `scm sample` requires one; its /api/info gives a few example prompts
 (`example_prompts`). Requests with different prompts are generated together (`generate_items`' items carry them).
+
+Video and audio runs (their modality and rate: `LoadedRun.media`, RUN/media.json) are served in forms a browser
+plays without plug-ins or codecs of its own:
+- video: one animated GIF (the clip, or the clips side by side as `scm.media.video_grid` tiles them) that loops at
+  the data's frame rate. GIF rather than MP4: an <img> plays it at once, without a <video> element's autoplay rules
+  or an H.264 decoder (which some browser builds lack), the greyscale or few-colour frames of small clips are
+  exact in it (MP4's yuv420p is lossy and needs even sizes), the page's image path stays as it is (one blob, one
+  <img>), and the server needs no PyAV;
+- audio: JSON {"sample_rate", "channels", "length", "clips": [one 16-bit PCM WAV per clip, base64], "spectrogram":
+  a PNG of the clips' spectrograms, one row per clip, base64}: several clips in one answer, each for an <audio>
+  element, with no file kept on the server (nothing a request says reaches a file) and the latest-wins queue
+  unchanged.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import re
@@ -26,7 +40,8 @@ from pathlib import Path
 from scm.conditioning import Conditioning
 from scm.errors import ConfigError, InvalidSetting, RunError
 from scm.generate import Sampler, generate_items, sample_shape
-from scm.images import encode_png, grid, to_uint8
+from scm.images import encode_png, grid, to_pil, to_uint8
+from scm.media import encode_wav, spectrogram_grid, to_frames, video_grid
 from scm.runs import LoadedRun
 from scm.sampling import TEACHER_NFE
 from scm.text import MAX_PROMPT_CHARS, check_prompts
@@ -71,13 +86,46 @@ class Query:
 
 @dataclass
 class Generated:
-    png: bytes
-    images: int
+    body: bytes        # PNG (images), GIF (video) or JSON (audio): `media_type`
+    images: int        # images or clips
     seconds: float     # network and sampler only (`generate`'s time): no decoding, no PNG encoding
     nfe: int
     width: int
     height: int
     batched: int = 1   # requests generated together in the same network call
+    media_type: str = "image/png"
+
+    @property
+    def png(self) -> bytes:
+        """The PNG of an image model's answer (its `body`)."""
+        return self.body
+
+
+def encode_gif(frames, fps: float) -> bytes:
+    """uint8 frames [T, H, W, C] as the bytes of an animated GIF that loops forever, in memory (as
+    `scm.media.save_gif` writes one: a frame shows for fps rounded to GIF's hundredths of a second)."""
+    images = [to_pil(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(10, 10 * round(100 / fps)))
+    return buf.getvalue()
+
+
+def encode_sample(samples, media: dict) -> tuple[bytes, str, int, int]:
+    """(body, media type, width, height) of one answer's samples [B, C, …] in [-1, 1] (module docstring): a PNG
+    image or grid, a GIF clip or grid of clips, or audio JSON (width and height: its spectrogram's)."""
+    b64 = lambda data: base64.b64encode(data).decode("ascii")  # noqa: E731
+    if media["modality"] == "video":
+        frames = video_grid(samples) if len(samples) > 1 else to_frames(samples[0])
+        return encode_gif(frames, media["fps"]), "image/gif", frames.shape[2], frames.shape[1]
+    if media["modality"] == "audio":
+        spectrogram = spectrogram_grid(samples)
+        body = {"sample_rate": media["sample_rate"], "channels": samples.shape[1], "length": samples.shape[2],
+                "clips": [b64(encode_wav(clip, media["sample_rate"])) for clip in samples],
+                "spectrogram": b64(encode_png(spectrogram))}
+        return json.dumps(body).encode(), "application/json", spectrogram.shape[1], spectrogram.shape[0]
+    array = grid(samples) if len(samples) > 1 else to_uint8(samples)[0]
+    return encode_png(array), "image/png", array.shape[1], array.shape[0]
 
 
 def _class_names(run: LoadedRun, n: int) -> list[str]:
@@ -131,12 +179,14 @@ class ServedModel:
             raise InvalidSetting("steps", default_steps, f"not one of the allowed {list(self.steps)}")
         self.default_steps = default_steps
         self.batches = tuple(sorted(batches))
-        self.channels, self.height, self.width = sample_shape(run)
+        self.media, shape = run.media, sample_shape(run)
+        self.modality, self.channels = self.media["modality"], shape[0]
+        self.height, self.width = (shape[-2], shape[-1]) if self.modality != "audio" else (None, None)
         if run.latent is not None:  # the VAE is loaded (and its absence reported) before the server starts
             from scm.data.latents import decoder
 
             decoder(run.latent)
-        if self.channels not in (1, 3):
+        if self.channels not in (1, 3) and self.modality != "audio":
             raise RunError(f"{name}: its samples have {self.channels} channels; a page shows images of 1 or 3")
         # classes, and guidance (classifier-free for a conditional diffusion run, the input of an sCD student
         # distilled with it) with its default: the run's conditioning, as `generate` and `scm sample` take it
@@ -182,9 +232,14 @@ class ServedModel:
             "steps": list(self.steps),
             "default_steps": self.default_steps,
             "t_mid": None if self.diffusion else self.sampler(2).mid(self.run),
+            "modality": self.modality,
             "height": self.height,
             "width": self.width,
             "channels": self.channels,
+            "frames": self.media.get("frames"),
+            "fps": self.media.get("fps"),
+            "length": self.run.cfg.shape[-1] if self.modality == "audio" else None,
+            "sample_rate": self.media.get("sample_rate"),
             "latent": self.run.latent is not None,
             "classes": self.classes,
             "class_names": self.class_names,
@@ -244,7 +299,8 @@ class ServedModel:
 
     def generate(self, q: Query) -> Generated:
         """The images of `q` (image i from (seed, i), as `scm sample`) as one PNG: the image for batch 1, else a
-        grid with 1-pixel white gaps. Blocks: the web side calls it in a worker thread."""
+        grid with 1-pixel white gaps; video as one GIF, audio as JSON (`encode_sample`). Blocks: the web side calls
+        it in a worker thread."""
         return self.generate_many([q])[0]
 
     def generate_many(self, queries: list[Query]) -> list[Generated]:
@@ -262,9 +318,9 @@ class ServedModel:
         for q in queries:
             part = images[start:start + q.batch]
             start += q.batch
-            array = grid(part) if q.batch > 1 else to_uint8(part)[0]
-            out.append(Generated(encode_png(array), q.batch, seconds * q.batch / total, sampler.evaluations(self.run),
-                                 array.shape[1], array.shape[0], len(queries)))
+            body, media_type, width, height = encode_sample(part, self.media)
+            out.append(Generated(body, q.batch, seconds * q.batch / total, sampler.evaluations(self.run), width,
+                                 height, len(queries), media_type))
         return out
 
     def warm_up(self) -> None:

@@ -2,6 +2,8 @@
 // response of each model is shown. The server drops a request that a newer one from this page (the same client id)
 // replaces before it starts (409), so while a slider moves the images follow as fast as the model generates.
 // A text model gets a prompt box (#prompt, with example prompts from /api/info as suggestions).
+// A video model's answer is an animated GIF, shown (and played) by the same <img>; an audio model's is JSON: its
+// spectrogram goes to the <img>, its clips (WAV) to one <audio> player each in #student-audio / #teacher-audio.
 // Stable element ids for tests: #seed #seed-number #prompt #class #steps #guidance #batch, #student-img (its data-seq
 // counts the images shown), #student-ms (ms per image, a plain number), #student-ips, #teacher-img, #teacher-ms.
 "use strict";
@@ -51,8 +53,31 @@
     el.hidden = !message;
   }
 
-  function display(name, p, blob, headers) {
+  function bytesOf(base64) {
+    return Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  }
+
+  // An audio answer: its spectrogram PNG (returned, for the <img>) and one <audio> player per WAV clip.
+  async function audioParts(name, p, blob) {
+    const body = JSON.parse(await blob.text());
+    for (const u of p.clipUrls || []) URL.revokeObjectURL(u);
+    p.clipUrls = body.clips.map((c) => URL.createObjectURL(new Blob([bytesOf(c)], { type: "audio/wav" })));
+    const players = p.clipUrls.map((u, i) => {
+      const a = document.createElement("audio");
+      a.controls = true;
+      a.preload = "auto";
+      a.src = u;
+      a.title = `clip ${i} (${body.length} samples at ${body.sample_rate} Hz)`;
+      return a;
+    });
+    $(name + "-audio").replaceChildren(...players);
+    $(name + "-audio").hidden = false;
+    return new Blob([bytesOf(body.spectrogram)], { type: "image/png" });
+  }
+
+  async function display(name, p, blob, headers) {
     const img = $(name + "-img");
+    if ((headers.get("Content-Type") || "").startsWith("application/json")) blob = await audioParts(name, p, blob);
     const url = URL.createObjectURL(blob);
     const ms = Number(headers.get("X-Ms-Per-Image"));
     const ips = Number(headers.get("X-Images-Per-Second"));
@@ -138,6 +163,12 @@
 
   function describe(m) {
     const sampler = m.steps_kind === "nfe" ? `Heun ODE` : `consistency`;
+    if (m.modality === "video") {
+      return `${m.method}, ${sampler}, ${m.frames} frames of ${m.height}×${m.width}×${m.channels} at ${m.fps} fps`;
+    }
+    if (m.modality === "audio") {
+      return `${m.method}, ${sampler}, ${m.length} samples × ${m.channels} at ${m.sample_rate} Hz`;
+    }
     return `${m.method}, ${sampler}, ${m.height}×${m.width}×${m.channels}${m.latent ? " (latent)" : ""}`;
   }
 
@@ -149,6 +180,7 @@
     $("model-desc").textContent = `student: ${s.run} (${describe(s)}, step ${s.checkpoint_step})` +
       (t ? ` · teacher: ${t.run} (${describe(t)}, ${t.steps[0]} NFE)` : "");
     $("student-desc").textContent = describe(s);
+    if (s.modality === "audio") document.body.classList.add("audio");
     panels.student = panel("student");
     if (t) {
       $("teacher-desc").textContent = `Heun ODE, ${t.steps[0]} NFE`;
@@ -177,7 +209,9 @@
       $("guidance-value").textContent = Number(g).toFixed(1);
       $("guidance-row").hidden = false;
     }
-    $("batch").replaceChildren(...s.batches.map((b) => option(b, b === 1 ? "1" : `${b} (${Math.sqrt(b)} × ${Math.sqrt(b)})`)));
+    const tiled = s.modality !== "audio"; // audio clips are listed, images and video clips tiled
+    $("batch").replaceChildren(...s.batches.map((b) => option(b, b === 1 || !tiled ? String(b) : `${b} (${Math.sqrt(b)} × ${Math.sqrt(b)})`)));
+    if (s.modality === "video" || s.modality === "audio") document.querySelector("label[for=batch]").textContent = "clips";
   }
 
   function wire() {

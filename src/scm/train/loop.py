@@ -84,7 +84,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, data: Dataset | None)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
     built = build(cfg, data, info.device)
     latent = data.latent  # latents (scm.data.latents): recorded so that samples can be decoded
-    _prepare_run_dir(run, cfg, resume, info, latent)
+    media = {"modality": data.modality, **(data.media or {})}  # video/audio: written at the data's rate
+    _prepare_run_dir(run, cfg, resume, info, latent, media)
     if built.teacher_info is not None and info.is_main:
         run.write_teacher(built.teacher_info)
     log = Logger(run, cfg, info)
@@ -138,16 +139,18 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, data: Dataset | None)
                 weights = {k: v.to(info.device) for k, v in state.ema.weights().items()}  # gathers FSDP shards
                 if info.is_main:
                     for p in sample_grids(cfg, weights, info.device, run.samples_dir, state.kimg, latent=latent,
-                                          warn=log.warn, prompts=prompts):
+                                          warn=log.warn, prompts=prompts, media=media):
                         log.info(f"samples {p}")
                 barrier(info)
     log.close()
     return TrainResult(str(run.path), state.step, state.kimg, state.bad_steps, state.net, state.ema, log.last_metrics)
 
 
-def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo, latent: dict | None = None) -> None:
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo, latent: dict | None = None,
+                     media: dict | None = None) -> None:
     """Refuse to overwrite another run, or to resume one with another configuration; write the resolved
-    configuration and, for data in a VAE's latent space, the data's latent information (RUN/latent.json).
+    configuration and, for data in a VAE's latent space, the data's latent information (RUN/latent.json); for
+    video or audio, the data's modality and frame or sample rate (RUN/media.json).
     `resume` where nothing was written yet (the first attempt died before its configuration) starts the run: the
     same command works in a requeue script whenever the previous attempt died."""
     if resume and run.config_path.is_file():
@@ -168,6 +171,7 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, info: DistInfo
             p.unlink(missing_ok=True)
         run.write_config(to_dict(cfg))
         run.write_latent(latent)
+        run.write_media(media)
         run.clean_partial()
 
 
