@@ -134,8 +134,11 @@ class AudioClassifier(Classifier):
     """Waveforms [N, C, L] at `sample_rate`: a log-mel spectrogram (25 ms Hann windows every 10 ms, 64 mel bands,
     log(power + 1e-6)), normalised by a batch norm (its running statistics: the training set's level, so that
     loudness still counts in the features), under the image network. One second at 16 kHz is a 64×101 "image":
-    ~16M multiply-adds a clip. Chosen over 1-D convolutions on the raw waveform, which need many more layers to see
-    a word's length (benchmarks/av_classifiers.py)."""
+    ~16M multiply-adds a clip. Measured against five strided 1-D convolutions on the raw waveform
+    (benchmarks/av_classifiers.py, spoken-digits, 4 epochs): 99.6 % vs 100 % test accuracy, i.e. 2 of 500 clips,
+    a tie; the log-mel front end is kept because its features are those of a spectrum (what FAD-like audio metrics
+    compare), not of a waveform's phase.
+    """
 
     modality = "audio"
 

@@ -11,7 +11,8 @@ the windows is compared (FD-MNIST-frames), and no digit is read from them.
 Temporal consistency (`temporal_consistency`) is a figure of ours, NOT FVD (which needs I3D weights that are
 not available offline): the share of clips whose per-frame predicted digit is the same in every frame, and the
 mean share of a clip's frames that agree with its majority digit. Real single-digit clips score near 1; clips
-whose digit changes (or dissolves) over time score low.
+whose digit changes over time score low. It says nothing of whether the frames are digits at all (noise clips,
+read as one class throughout, score high): read it beside FD-MNIST-frames.
 """
 
 from __future__ import annotations
