@@ -129,12 +129,10 @@ def real_mnist(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mnist_classifier(real_mnist):
     """A one-epoch FD-MNIST classifier, cached in the session's data directory (the demo test reuses it)."""
-    import json
-
-    from safetensors.torch import save_file
+    from pathlib import Path
 
     from scm.data.builtin import load_builtin
-    from scm.metrics.classifier import train_classifier
+    from scm.metrics.classifier import save_classifier, train_classifier
 
     mp = pytest.MonkeyPatch()
     mp.setenv("SCM_DATA_DIR", real_mnist)
@@ -142,12 +140,7 @@ def mnist_classifier(real_mnist):
         model, info = train_classifier(load_builtin("mnist"), load_builtin("mnist:test"), epochs=1, log=lambda m: None)
     finally:
         mp.undo()
-    from pathlib import Path
-
-    base = Path(real_mnist) / "classifiers"
-    base.mkdir(exist_ok=True)
-    save_file(model.state_dict(), str(base / "mnist.safetensors"))
-    (base / "mnist.json").write_text(json.dumps(info))
+    save_classifier(model, info, "mnist", Path(real_mnist))  # as scm caches one (with its digest)
     return model, info
 
 

@@ -35,17 +35,42 @@ def evaluate_setting(run: LoadedRun, sampler: Sampler, space: FeatureSpace, ref:
     images, seconds = generate(run, n, sampler, batch=batch, seed=seed, guidance=guidance, progress=progress,
                                prompt=prompts)
     finite = bool(torch.isfinite(images).all())
-    scores = measure(images, space, ref, seed=seed) if finite else {space.metric: math.inf}
+    labels = asked_labels(run, space, n)
+    scores = measure(images, space, ref, seed=seed, labels=labels) if finite else {space.metric: math.inf}
     if prompts and finite:
         scores |= prompt_adherence([prompts[i % len(prompts)] for i in range(n)], images, space)
     name = sampler.describe(run) + (f", guidance {guidance:g}" if guidance is not None else "")
     row = {"sampler": name, "nfe": sampler.evaluations(run), "n": n, "seed": seed, "finite": finite,
            "seconds_per_image": seconds / n, "images_per_second": n / seconds, **scores}
     if grid_path is not None:
-        shown = images[:grid_count].nan_to_num(0)
-        save_png(grid(shown, scale=report_scale(images.shape)), grid_path)
-        row["grid"] = str(grid_path)
+        row["grid"] = str(save_samples_grid(images[:grid_count].nan_to_num(0), grid_path))
     return row, images
+
+
+def asked_labels(run: LoadedRun, space: FeatureSpace, n: int) -> torch.Tensor | None:
+    """The class each of n samples of a class-conditional run is generated with (sample i: class i mod the
+    number of classes, `Conditioning.sample_inputs`), when the space's classifier judges as many classes; else
+    None (no class accuracy)."""
+    classes = Conditioning.of_run(run.cfg).classes
+    judge = space.classifier if space.per_item else None
+    if not classes or judge is None or getattr(judge, "num_classes", None) != classes:
+        return None
+    return torch.arange(n) % classes
+
+
+def save_samples_grid(items: torch.Tensor, path: Path) -> Path:
+    """A grid of samples by modality: images as a PNG grid; video clips as an animated GIF grid and audio as
+    a PNG of spectrograms, one row per clip (`scm.media`). Returns the path written (a GIF's suffix is .gif)."""
+    if items.ndim == 5:
+        from scm.media import save_gif_grid
+
+        return save_gif_grid(items, path.with_suffix(".gif"))
+    if items.ndim == 3:
+        from scm.media import save_spectrogram_grid
+
+        return save_spectrogram_grid(items, path)
+    save_png(grid(items, scale=report_scale(items.shape)), path)
+    return path
 
 
 def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd", batch: int = 256,
@@ -63,7 +88,9 @@ def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metri
         row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance, prompts=prompts)
         rows.append(row)
         log(f"{row['sampler']}: {space.metric} {row[space.metric]:.2f}, {row['images_per_second']:.1f} img/s"
-            + (f", digit accuracy {row['digit_accuracy']:.1%}" if row.get("digit_accuracy") is not None else ""))
+            + (f", digit accuracy {row['digit_accuracy']:.1%}" if row.get("digit_accuracy") is not None else "")
+            + (f", class accuracy {row['accuracy']:.1%}" if row.get("accuracy") is not None else "")
+            + (f", temporal consistency {row['temporal_consistency']:.1%}" if "temporal_consistency" in row else ""))
     return {"run": str(run.checkpoint), "method": run.cfg.method, "ema_std": run.ema_std, "step": run.step,
             "reference": stats.source, "metric": space.metric, "n": n, "batch": batch, "seed": seed,
             "guidance": guidance, "prompts": len(prompts) if prompts else None,
