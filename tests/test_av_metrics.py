@@ -2,8 +2,10 @@
 generated sets, FD-MovingMNIST / FD-MNIST-frames / FD-SpokenDigits (none of them FVD or FAD), temporal
 consistency, the cache and bad input.
 
-Needs moving-mnist-tiny and spoken-digits generated in the machine's data directory (skips otherwise). The
-classifiers here are trained once per session on small budgets to keep the tests fast (the full ones:
+Uses moving-mnist-tiny and spoken-digits from the machine's data directory when they are there, and generates
+them into the session's otherwise (seeded, so the same bytes: ~3 s and ~30 s; spoken digits need espeak-ng,
+which `make test` installs). The classifiers here are trained once per session on small budgets to keep the
+tests fast (the full ones:
 benchmarks/av_classifiers.py): video on 3,000 of the 20,000 training clips for one epoch, audio on all 3,000
 clips for two epochs (the production default is EPOCHS), the MNIST classifier of the frames for one epoch
 (conftest's `mnist_classifier`). All of them and the reference statistics live in the session's temporary data
@@ -35,14 +37,19 @@ def av_dir(real_mnist, mnist_classifier):
     """The session's data directory (real MNIST and its one-epoch classifier) with the generated video and audio
     sets linked in, and their classifiers trained on small budgets (module docstring)."""
     from scm.data import load_dataset
+    from scm.data.moving_mnist import fetch_moving_mnist
+    from scm.data.spoken_digits import fetch_spoken_digits
     from scm.metrics.classifier import get_classifier
 
+    generate = {"moving-mnist-tiny": lambda root: fetch_moving_mnist("moving-mnist-tiny", root, log=lambda m: None),
+                "spoken-digits": lambda root: fetch_spoken_digits(root, log=lambda m: None)}
     for name in SETS:
-        found = _cached_set(name)
+        found, link = _cached_set(name), Path(real_mnist) / name
+        if link.exists():
+            continue
         if found is None:
-            pytest.skip(f"{name} is not generated (scm data fetch {name})")
-        link = Path(real_mnist) / name
-        if not link.exists():
+            generate[name](Path(real_mnist))
+        else:
             link.symlink_to(found, target_is_directory=True)
     mp = pytest.MonkeyPatch()
     mp.setenv("SCM_DATA_DIR", real_mnist)
@@ -171,3 +178,44 @@ def test_bad_input_is_named(data_env):
         temporal_consistency(torch.rand(12, 10), 8)
     with pytest.raises(DataError, match="labels"):
         measure(torch.zeros(4, 1, 16000), space, ref, labels=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny networks (two threads on a shared two-core machine wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("preset, ref, columns", [
+    ("video-tiny-8x32-sct", "moving-mnist-tiny:test",
+     ["FD-MovingMNIST", "class accuracy", "FD-MNIST-frames", "temporal consistency"]),
+    ("audio-tiny-16k-sct", "spoken-digits:test", ["FD-SpokenDigits", "class accuracy"]),
+])
+def test_cli_eval_of_a_class_conditional_run(data_env, tmp_path, one_thread, preset, ref, columns):
+    """`scm eval` of a two-step class-conditional video or audio run (built-in data, one network layer): the
+    table has the modality's columns, the JSON each row's figures (the class each sample was asked for judged
+    by the data set's classifier)."""
+    import json
+
+    from scm.config import make_config
+    from scm.data import load_dataset
+    from scm.train import train
+
+    from conftest import cli
+
+    run = tmp_path / "run"
+    data = load_dataset(ref.split(":")[0]).subset(0, 64)
+    overrides = ["progress=false", "tensorboard=false", "sample_count=2", "sample_ode_steps=2", "net.depth=1"]
+    train(make_config(preset, None, overrides, out=str(run), kimg=0.008, batch=4, conditional=True), data=data)
+    code, out = cli("eval", "--ckpt", run, "--ref", ref, "--n", 20, "--steps", 1, "--batch", 20,
+                    "--out", tmp_path / "eval")
+    assert code == 0, out
+    header = next(line for line in out.splitlines() if line.startswith("| sampler"))
+    assert all(f"| {c} |" in header for c in columns), header
+    (row,) = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert 0 <= row["accuracy"] <= 1 and row["n"] == 20 and row["finite"]
+    if "video" in preset:
+        assert row["FD-MNIST-frames"] > 0 and 0 <= row["temporal_consistency"] <= 1

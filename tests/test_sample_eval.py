@@ -59,7 +59,7 @@ def test_eval_writes_json_and_markdown(runs, tmp_path, monkeypatch):
     for row in result["rows"]:
         assert row["FD-SHAPES"] > 0 and row["images_per_second"] > 0 and 0 <= row["confident"] <= 1
     table = (tmp_path / "ev.md").read_text()
-    assert "| 1-step consistency | 1 |" in table and "s / image" in table
+    assert "| 1-step consistency | 1 |" in table and "s / sample" in table
     # explicit times: the default 2-step times give the 2-step row's samples (same seed), another t_mid others
     from scm.sampling import consistency_times
 

@@ -378,21 +378,31 @@ def eval_(
 
 
 def eval_table(result: dict) -> tuple[list[str], list[list[str]]]:
-    m = result["metric"]
-    conf = any("confident" in r for r in result["rows"])
-    prompted = any(r.get("digit_accuracy") is not None for r in result["rows"])
-    header = ["sampler", "NFE", m, "KID", "precision", "recall", *(["confident ≥ 0.9", "classes"] if conf else []),
-              *(["digit accuracy", "attribute agreement"] if prompted else []), "s / image", "images / s"]
+    """The Markdown table of `scm eval`: a row per sampler; the columns each row set has (a classifier's
+    recognisability, class accuracy, a text model's prompt adherence, a digit video's per-frame FD and temporal
+    consistency)."""
+    m, rows = result["metric"], result["rows"]
+    has = lambda key: any(r.get(key) is not None for r in rows)  # noqa: E731
     share = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    rows = []
-    for r in result["rows"]:
+    frames = next((k for r in rows for k in r if k.startswith("FD-") and k.endswith("-frames")), None)
+    optional = [  # (header, the row's cell)
+        *([("confident ≥ 0.9", lambda r: f"{100 * r.get('confident', 0):.1f} %"),
+           ("classes", lambda r: str(r.get("classes", "-")))] if has("confident") else []),
+        *([("class accuracy", lambda r: share(r.get("accuracy")))] if has("accuracy") else []),
+        *([("digit accuracy", lambda r: share(r.get("digit_accuracy"))),
+           ("attribute agreement", lambda r: share(r.get("attributes")))] if has("digit_accuracy") else []),
+        *([(frames, lambda r: f"{r[frames]:.2f}" if r.get(frames) is not None else "-")] if frames else []),
+        *([("temporal consistency", lambda r: share(r.get("temporal_consistency")))]
+          if has("temporal_consistency") else []),
+    ]
+    header = ["sampler", "NFE", m, "KID", "precision", "recall", *(h for h, _ in optional), "s / sample", "samples / s"]
+    table = []
+    for r in rows:
         scores = ([f"{r[m]:.2f}", f"{r['KID']:.4f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
                   if r["finite"] else [f"{r[m]}", "-", "-", "-"])
-        extra = [f"{100 * r.get('confident', 0):.1f} %", str(r.get("classes", "-"))] if conf else []
-        extra += [share(r.get("digit_accuracy")), share(r.get("attributes"))] if prompted else []
-        rows.append([r["sampler"], r["nfe"], *scores, *extra, f"{r['seconds_per_image']:.4f}",
-                     f"{r['images_per_second']:.1f}"])
-    return header, rows
+        table.append([r["sampler"], r["nfe"], *scores, *(cell(r) for _, cell in optional),
+                      f"{r['seconds_per_image']:.4f}", f"{r['images_per_second']:.1f}"])
+    return header, table
 
 
 @app.command()
