@@ -7,6 +7,7 @@
 # torch thread each, on the 2-core VM: run nothing else meanwhile (the budgets are wall-clock).
 #
 #   bash benchmarks/av_fidelity.sh && .venv/bin/python benchmarks/av_fidelity_report.py
+#   ONLY=audio EXTRA=loss.sigma_d=0.5 OUT=… RUNS=… bash benchmarks/av_fidelity.sh   # one modality; an override for all
 #   # results: benchmarks/results/av-fidelity/ (README.md, results.json, the eval files)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ OUT=${OUT:-benchmarks/results/av-fidelity}
 TEACHER_MIN=${TEACHER_MIN:-25}
 mkdir -p "$R" "$OUT"
 export OMP_NUM_THREADS=1
-common=(--kimg 100000 conditional=true progress=false tensorboard=false sample_every_kimg=None ckpt_every_kimg=1000
+common=(--kimg 100000 conditional=true ${EXTRA:-} progress=false tensorboard=false sample_every_kimg=None ckpt_every_kimg=1000
         log_every=20)
 scd_min=$(awk "BEGIN {print 0.2 * $TEACHER_MIN}")
 sct_min=$(awk "BEGIN {print 0.4 * $TEACHER_MIN}")
@@ -43,10 +44,10 @@ modality() {  # name preset-prefix data n
     done
 }
 
-modality video video-tiny-8x32 moving-mnist-tiny "${N_VIDEO:-300}" > "$R/video.log" 2>&1 &
-video=$!
-modality audio audio-tiny-16k spoken-digits "${N_AUDIO:-500}" > "$R/audio.log" 2>&1 &
-audio=$!
-wait $video
-wait $audio
+pids=()
+case " ${ONLY:-video audio} " in *" video "*)
+    modality video video-tiny-8x32 moving-mnist-tiny "${N_VIDEO:-300}" > "$R/video.log" 2>&1 & pids+=($!) ;; esac
+case " ${ONLY:-video audio} " in *" audio "*)
+    modality audio audio-tiny-16k spoken-digits "${N_AUDIO:-500}" > "$R/audio.log" 2>&1 & pids+=($!) ;; esac
+for pid in "${pids[@]}"; do wait "$pid"; done
 echo "done: $OUT"

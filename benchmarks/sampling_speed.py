@@ -3,11 +3,12 @@
     python benchmarks/sampling_speed.py --device cuda [--net XXL:64:4] [--net DiT-XL/2:32:4] [--batch 1 --batch 64]
                                         [--precision bf16] [--heun-steps 18] [--repeats 10]
 
-Each net is a preset with random weights (`common.awake`), class-conditional (1000 classes) with the guidance
-input, as the paper's ImageNet models. It times the denoiser only (no VAE decoding): `consistency_sample` at
-1 and 2 steps (t_max, t_mid = 1.1) and `ode_sample` with Heun at `--heun-steps` EDM times (18 → 35 network
-evaluations, the paper's teacher setting), at each batch, under the precision's autocast, in no-grad mode.
-The speed-up is the Heun time over the 2-step time on the same card. Writes
+Video and audio presets work too (`--net video-S:64:1`: clips of the preset's frames; `--net audio-B:32:1`:
+16,000-sample waveforms; the resolution is not used). Each net is a preset with random weights (`common.awake`),
+class-conditional (1000 classes) with the guidance input, as the paper's ImageNet models. It times the denoiser
+only (no VAE decoding): `consistency_sample` at 1 and 2 steps (t_max, t_mid = 1.1) and `ode_sample` with Heun at
+`--heun-steps` EDM times (18 → 35 network evaluations, the paper's teacher setting), at each batch, under the
+precision's autocast, in no-grad mode. The speed-up is the Heun time over the 2-step time on the same card. Writes
 benchmarks/results/<--name>.{json,md}.
 """
 
@@ -79,9 +80,9 @@ def main() -> None:
             net = awake(build_net(net_config(preset, img_resolution=res, img_channels=ch, label_dim=1000,
                                              guidance_embed=True), SIGMA_D)).eval()
         for batch in batches:
-            noise = SIGMA_D * torch.randn(batch, ch, res, res, device=device)
+            noise = SIGMA_D * torch.randn(batch, *net.shape, device=device)  # images, clips (frames: the preset's)
             cond = {"labels": torch.randint(0, 1000, (batch,), device=device), "guidance": 1.3}
-            row = {"net": preset, "shape": [ch, res, res], "params": net.num_parameters(), "batch": batch}
+            row = {"net": preset, "shape": list(net.shape), "params": net.num_parameters(), "batch": batch}
             for name, sample in samplers.items():
                 reps = args.heun_repeats if name.startswith("Heun") else args.repeats
 
@@ -91,8 +92,8 @@ def main() -> None:
 
                 per_call = seconds_per_call(call, device, reps)
                 row[name] = {"seconds_per_call": per_call, "ms_per_image": per_call / batch * 1e3}
-                print(f"{preset} {res}×{res}×{ch}, batch {batch}, {name}: {per_call * 1e3:.1f} ms per call, "
-                      f"{per_call / batch * 1e3:.2f} ms per image", flush=True)
+                print(f"{preset} {'×'.join(map(str, net.shape))}, batch {batch}, {name}: {per_call * 1e3:.1f} ms "
+                      f"per call, {per_call / batch * 1e3:.2f} ms per item", flush=True)
             row["heun_over_2step"] = row[f"Heun {nfe} NFE"]["seconds_per_call"] / row["2-step"]["seconds_per_call"]
             results.append(row)
         del net

@@ -1,7 +1,10 @@
 """Cost of one training step: diffusion vs sCT vs sCD, same net and batch.
 
     python benchmarks/step_cost.py [--net tiny|dit-tiny|…] [--batch 64] [--res 28] [--channels 1] [--device cpu|cuda]
-                                   [--precision fp32|bf16|fp16] [--text-tokens T]
+                                   [--precision fp32|bf16|fp16] [--text-tokens T] [--frames T] [--length L]
+
+Video networks (`video-tiny`, `video-S`, …) take clips [C, --frames, --res, --res] (default: the preset's frames),
+audio networks (`audio-tiny`, …) waveforms [C, --length].
 
 A step is the objective (its passes through the network), the backward and an Adam update, as the training
 loop runs it. Variants: the separate tangent pass (a no-grad JVP pass, then a training forward) and the fused
@@ -48,7 +51,7 @@ VARIANTS = {
 def make_step(name: str, args, device):
     spec = VARIANTS[name]
     torch.manual_seed(0)
-    cfg = net_config(args.net, img_resolution=args.res, img_channels=args.channels)
+    cfg = net_config(args.net, **item_fields(args))
     net = awake(build_net(cfg, 0.5)).to(device)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     if spec.get("checkpointing"):  # activation checkpointing per block (net.checkpointing), same weights
@@ -59,7 +62,7 @@ def make_step(name: str, args, device):
         objective = ConsistencyLoss(teacher=teacher if spec["kind"] == "scd" else None, warmup_kimg=0,
                                     fused_pass=spec["fused_pass"])
     opt = torch.optim.Adam(net.parameters(), lr=1e-6)
-    x0 = torch.rand(args.batch, args.channels, args.res, args.res, device=device) * 2 - 1
+    x0 = torch.rand(args.batch, *net.shape, device=device) * 2 - 1  # images, clips or waveforms
     cond = prompts(net.cfg, args.batch, args.text_tokens, device)
     ctx = native_ops if spec.get("native") else contextlib.nullcontext
     half = PRECISIONS[args.precision] if args.precision != "fp32" else None  # autocast, as scm.train.step
@@ -75,6 +78,25 @@ def make_step(name: str, args, device):
                 net.normalize_weights_()
 
     return step
+
+
+def item_fields(args) -> dict:
+    """The network config's fields for the item shape the arguments ask for (images, clips or waveforms)."""
+    fields = {"img_resolution": args.res, "img_channels": args.channels}
+    kind = type(net_config(args.net)).__name__
+    if kind == "VideoConfig" and args.frames:
+        fields["frames"] = args.frames
+    if kind == "AudioConfig":
+        fields["length"] = args.length
+    return fields
+
+
+def item_label(args) -> str:
+    """The item's shape as the report states it, e.g. 28×28×1, 1×20×64×64 (C×T×H×W) or 16000×1."""
+    shape = net_config(args.net, **item_fields(args)).img_shape
+    if len(shape) == 3:
+        return f"{args.res}×{args.res}×{args.channels}"
+    return "×".join(map(str, shape)) + (" (C×T×H×W)" if len(shape) == 4 else " (C×L)")
 
 
 def prompts(cfg, batch: int, tokens: int, device) -> dict:
@@ -110,7 +132,8 @@ def peak_memory(names, args) -> dict[str, float]:
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
                "--channels", str(args.channels), "--device", args.device, "--net", args.net,
-               "--precision", args.precision, "--text-tokens", str(args.text_tokens)]
+               "--precision", args.precision, "--text-tokens", str(args.text_tokens), "--frames", str(args.frames),
+               "--length", str(args.length)]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peaks = {}
     for name, proc in procs.items():
@@ -150,6 +173,8 @@ def main() -> None:
     ap.add_argument("--net", default="tiny", choices=list(NET_PRESETS), help="network preset")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (fp32: none)")
     ap.add_argument("--text-tokens", type=int, default=16, help="text networks: prompt tokens (T)")
+    ap.add_argument("--frames", type=int, default=0, help="video networks: frames per clip (0: the preset's)")
+    ap.add_argument("--length", type=int, default=16000, help="audio networks: samples per clip")
     ap.add_argument("--name", default=None, help="result file stem (default: step_cost[-<net>][-<device>])")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -166,11 +191,12 @@ def main() -> None:
         r["img_per_s"] = args.batch / (r["median_ms"] / 1000)
         r["peak_memory_mb"] = peaks[name]
     memory_kind = "peak RSS of the process" if device.type == "cpu" else "max_memory_allocated above the model"
-    payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "device": str(device),
+    payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "item": item_label(args),
+               "device": str(device),
                "net": args.net, "precision": args.precision, "memory": memory_kind, "timings": rows,
                **({"text_tokens": args.text_tokens} if cond_is_text(args.net) else {})}
-    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`, {args.res}×{args.res}×"
-                    f"{args.channels}, batch {args.batch}, {args.precision}, {device})")
+    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`, {item_label(args)}, batch "
+                    f"{args.batch}, {args.precision}, {device})")
     report.table(["step", "median ms", "img/s", "× diffusion step", f"peak memory (MB, {memory_kind})"],
                  [[name, f"{r['median_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['ratio_to_diffusion']:.2f}",
                    f"{r['peak_memory_mb']:.0f}"] for name, r in rows.items()])
