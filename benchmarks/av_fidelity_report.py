@@ -119,7 +119,8 @@ def main() -> None:
     results = {"command": "bash benchmarks/av_fidelity.sh && python benchmarks/av_fidelity_report.py",
                "machine": f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, "
                           "one torch thread per modality, the two side by side on 2 cores",
-               "modalities": {name: modality(name) for name in MODALITIES}}
+               "modalities": {name: modality(name) for name in MODALITIES
+                              if any(RESULTS.glob(f"{name}-teacher-eval-*.json"))}}  # ONLY= runs hold one
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     readme = RESULTS / "README.md"
     kept = readme.read_text().split("\n## Discussion", 1)[1] if readme.is_file() and "\n## Discussion" in \
