@@ -10,6 +10,9 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 torch.set_num_threads(2)
+# … and the same in the scm processes tests start (bit-exact comparisons with in-process runs need equal thread
+# counts; OMP_NUM_THREADS set outside would otherwise give them another).
+os.environ["OMP_NUM_THREADS"] = "2"
 
 
 class SmallNet(nn.Module):
