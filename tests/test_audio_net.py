@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_video_net import RUN, relative_fd_errors
+from test_video_net import RUN
 
 from scm.config import make_config
 from scm.data.images import ImageData
@@ -17,7 +17,7 @@ from scm.nets.audio import count_parameters
 from scm.runs import load_run
 from scm.train import train
 
-from conftest import jvp_both
+from conftest import fill_zero_weights, jvp_both, relative_fd_errors
 
 D = torch.float64
 
@@ -29,11 +29,7 @@ def _net(seed: int = 0) -> AudioTransformer:
     cfg = net_config("audio-tiny", length=256, patch_size=16, img_channels=1, depth=2, label_dim=3,
                      guidance_embed=True)
     net = build_net(cfg, 0.5).double().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            zero = p == 0
-            p[zero] = 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)[zero]
+    fill_zero_weights(net, seed + 1)
     return net
 
 

@@ -18,7 +18,7 @@ from scm.nets.layers import adaptive_double_layer_norm
 from scm.objectives import ConsistencyLoss
 from scm.tangents import jvp_tangent
 
-from conftest import central_difference, jvp_both
+from conftest import central_difference, fill_zero_weights, jvp_both
 
 D = torch.float64
 
@@ -83,11 +83,7 @@ def _net(res=28, ch=1, depth=2, seed=0, **kw) -> DiT:
     random values: at initialization F ≡ 0, and the tests would test nothing."""
     torch.manual_seed(seed)
     net = build_dit("dit-tiny", res, ch, depth=depth, **kw).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            zero = p == 0
-            p[zero] = 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)[zero]
+    fill_zero_weights(net, seed + 1)
     return net
 
 

@@ -13,7 +13,7 @@ from scm.nets import build_net, net_config
 from scm.nets.dit import DIT_PRESETS
 from scm.text import BuiltinEncoder, TextConfig, encode_prompts
 
-from conftest import central_difference, jvp_both
+from conftest import central_difference, fill_zero_weights, jvp_both
 
 D = torch.float64
 T, W = 6, 16  # prompt tokens and width of these tests' prompts
@@ -30,11 +30,7 @@ def _text_net(pooled=W, seed=0, **kw):
     cfg = net_config("dit-tiny-text", img_resolution=28, img_channels=1, depth=2, text_dim=W, text_pooled_dim=pooled,
                      **kw)
     net = build_net(cfg, 0.5).double()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            zero = p == 0
-            p[zero] = 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)[zero]
+    fill_zero_weights(net, seed + 1)
     return net.eval()
 
 

@@ -17,7 +17,7 @@ from scm.nets.video import count_parameters
 from scm.runs import load_run
 from scm.train import train
 
-from conftest import jvp_both
+from conftest import fill_zero_weights, jvp_both, relative_fd_errors
 
 D = torch.float64
 
@@ -30,31 +30,12 @@ def _net(attention: str, seed: int = 0, **fields) -> VideoTransformer:
               "attention": attention, "label_dim": 3, "guidance_embed": True, **fields}
     cfg = net_config("video-tiny", **fields)
     net = build_net(cfg, 0.5).double().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in net.parameters():
-            zero = p == 0
-            p[zero] = 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype)[zero]
+    fill_zero_weights(net, seed + 1)
     return net
 
 
 def _rand(*shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=D)
-
-
-def relative_fd_errors(fn, primals, tangents, jvp, h: float) -> tuple[float, float]:
-    """Relative error of central differences at steps h and h/2 against the JVP. Central differences err by
-    ~h²·|f'''|/6 (truncation) + ~1e-16/h (float64 rounding): at h = 1e-3 about 1e-7 against 1e-13, so the error
-    is truncation, which halving h divides by ~4, and an exact JVP sits below 1e-6 (an inexact one, off by a term of
-    the derivative, would stay at that term's size whatever h)."""
-    errors = []
-    for step in (h, h / 2):
-        with torch.no_grad():
-            plus = fn(*[p + step * t for p, t in zip(primals, tangents, strict=True)])
-            minus = fn(*[p - step * t for p, t in zip(primals, tangents, strict=True)])
-        fd = (plus - minus) / (2 * step)
-        errors.append(float((fd - jvp).norm() / jvp.norm()))
-    return errors[0], errors[1]
 
 
 @pytest.mark.parametrize("attention", ["factorised", "full"])
