@@ -57,14 +57,16 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def _train(preset: str, out: Path, minutes: float, budget, overrides=(), data: str = "mnist",
-           **flags) -> tuple[Path, float]:
-    """Train for `minutes` on `data`; returns the run directory and the kimg it reached."""
+def _train(preset: str, out: Path, minutes: float, budget, overrides=(), data: str = "mnist", kimg: float = 10_000,
+           batch: int | None = None, **flags) -> tuple[Path, float]:
+    """Train on `data` for `minutes` or to `kimg`, whichever comes first, at `batch` (default: the budget's);
+    returns the run directory and the kimg it reached."""
     if out.exists():
         shutil.rmtree(out)
     overrides = ["tensorboard=false", f"max_minutes={minutes}", "sample_every_kimg=None", "sample_count=16",
                  "ckpt_every_kimg=1000", "log_every=5", *overrides]
-    cfg = make_config(preset, None, overrides, data=data, out=str(out), kimg=10_000, batch=budget.batch, **flags)
+    cfg = make_config(preset, None, overrides, data=data, out=str(out), kimg=kimg, batch=batch or budget.batch,
+                      **flags)
     return out, round(train(cfg).kimg, 1)
 
 
