@@ -1,7 +1,7 @@
 """Screen sCD settings of the text DiT on captioned MNIST: distil the committed text teacher to a fixed number of
 images with some settings changed, then measure the student's attribute agreement, digit accuracy and FD-MNIST on
-held-out prompts (guidance 2, n = 500, sample seeds 0 and 1) against the teacher's, and the tangent norm |g| at
-the end of training (its growth is the first sign of the instability in §4 of the paper).
+held-out prompts (guidance 2, n = 500, sample seeds 0 and 1) against the teacher's, and the tangent norm |g| after
+the warm-up and at the end of training (its growth is the first sign of the instability in §4 of the paper).
 
     python benchmarks/text_scd_screen.py NAME KIMG [key=value …]   # e.g. b32 26 batch=32
     python benchmarks/text_scd_screen.py NAME KIMG [key=value …] --eval-only   # measure a run again
@@ -43,13 +43,12 @@ def distil(name: str, kimg: float, overrides: list[str], eval_only: bool = False
     settings = dict(o.split("=", 1) for o in overrides)
     batch = int(settings.pop("batch", 64))
     out = RUNS / name
-    cfg = make_config("dit-tiny-text-28-scd", None, [
-        "tensorboard=false", "max_minutes=60", "sample_every_kimg=None", "ckpt_every_kimg=1000", "log_every=5",
-        f"loss.guidance={GUIDANCE},{GUIDANCE}", *(f"{k}={v}" for k, v in settings.items())],
-        data=str(captioned_mnist(data_dir() / "mnist-captions-builtin")), out=str(out), kimg=kimg, batch=batch,
-        teacher=TEACHER)
     if not eval_only:
-        train(cfg)
+        train(make_config("dit-tiny-text-28-scd", None, [
+            "tensorboard=false", "max_minutes=60", "sample_every_kimg=None", "ckpt_every_kimg=1000", "log_every=5",
+            f"loss.guidance={GUIDANCE},{GUIDANCE}", *(f"{k}={v}" for k, v in settings.items())],
+            data=str(captioned_mnist(data_dir() / "mnist-captions-builtin")), out=str(out), kimg=kimg, batch=batch,
+            teacher=TEACHER))
     return out, {"batch": batch, **training_stats(out)}
 
 
@@ -98,6 +97,7 @@ def report() -> None:
     screened = sorted((json.loads(p.read_text()) for p in OUT.glob("*.json") if not p.name.startswith("teacher")),
                       key=lambda s: (len(s["overrides"]), s["training"]["kimg"], " ".join(s["overrides"])))
     r = Report(f"sCD settings of the text DiT, screened (n = {N}, seeds {list(SEEDS)}, guidance {GUIDANCE:g})")
+
     def described(row):
         pct = lambda key: f"{100 * row[key]:.1f}"  # noqa: E731
         return (f"attribute agreement {pct('attributes')} % (size {pct('size')}, thickness {pct('thickness')}, slant "

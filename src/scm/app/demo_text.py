@@ -43,7 +43,8 @@ GRID_PROMPTS = ("a zero", "a thin one", "a thick two", "three, slanted left", "a
 
 @dataclass
 class TextDemoBudget:
-    """Minutes per stage, evaluation size and guidance; `seconds()` gives the tiny budget the test suite uses."""
+    """Minutes per stage, the student's distillation settings, evaluation size and guidance; `seconds()` gives the
+    tiny budget the test suite uses."""
 
     teacher_minutes: float = 75.0     # --full only
     scd_kimg: float = 30.0            # ≈ 19 % of the committed teacher's training compute (sCD step: 1.76× diffusion's)
