@@ -1,10 +1,12 @@
 """Screen sCD settings of the text DiT on captioned MNIST: distil the committed text teacher to a fixed number of
 images with some settings changed, then measure the student's attribute agreement, digit accuracy and FD-MNIST on
-held-out prompts (guidance 2, n = 500, sample seeds 0 and 1) against the teacher's, and the tangent norm |g| after
-the warm-up and at the end of training (its growth is the first sign of the instability in §4 of the paper).
+held-out prompts (n = 500, sample seeds 0 and 1) against the teacher's at guidance 2 (a student trained on a range
+of guidance scales, as in §5.2, can be sampled at others: --student-guidance), and the tangent norm |g| after the
+warm-up and at the end of training (its growth is the first sign of the instability in §4 of the paper).
 
     python benchmarks/text_scd_screen.py NAME KIMG [key=value …]   # e.g. b32 26 batch=32
     python benchmarks/text_scd_screen.py NAME KIMG [key=value …] --eval-only   # measure a run again
+    python benchmarks/text_scd_screen.py NAME KIMG loss.guidance=1,3 --student-guidance 2 2.5 3   # a guidance range
     python benchmarks/text_scd_screen.py                          # the teacher's figures (guidance 2 and 1)
     python benchmarks/text_scd_screen.py --report                 # the table of every screened setting
 
@@ -86,7 +88,9 @@ def screen(args) -> None:
     for ema, kw in (("EMA 0.05", {}), ("EMA 0.1", {"ema_std": 0.1}), ("raw", {"raw": True})):
         run = load_run(out, **kw)
         for steps in (1, 2):
-            rows[f"{ema}, {steps} step"] = score(run, Sampler(steps=steps), space, ref, prompts)
+            for s in args.student_guidance:
+                at = "" if s == GUIDANCE else f", s {s:g}"
+                rows[f"{ema}, {steps} step{at}"] = score(run, Sampler(steps=steps), space, ref, prompts, s)
     (OUT / f"{args.name}.json").write_text(json.dumps(
         {"name": args.name, "overrides": args.overrides, "training": training, "rows": rows}, indent=1))
 
@@ -125,6 +129,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--eval-only", action="store_true", help="measure NAME's run again without training it")
+    ap.add_argument("--student-guidance", type=float, nargs="+", default=[GUIDANCE], metavar="S",
+                    help="the guidance scales the student is sampled at (within its loss.guidance range)")
     args = ap.parse_args()
     if args.report:
         return report()

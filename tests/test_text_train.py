@@ -63,6 +63,36 @@ def test_a_prompt_changes_the_image_and_the_same_prompt_repeats_it(text_runs):
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
 
 
+def test_the_unet_takes_prompts_too(captioned, tmp_path):
+    """The text U-Net (tiny-text) trains as a teacher and distils into a guided student on the same captioned set."""
+    data, _ = captioned
+    small = ["tensorboard=false", "progress=false", "sample_count=4", "ckpt_every_kimg=1000", "net.model_channels=16",
+             "net.channels_per_head=8"]
+    train(make_config("tiny-text-28", "diffusion", small, data=str(data), out=str(tmp_path / "t"), kimg=0.032,
+                      batch=16))
+    train(make_config("tiny-text-28", "scd", small, data=str(data), out=str(tmp_path / "s"), kimg=0.016, batch=16,
+                      teacher=str(tmp_path / "t")))
+    cfg = load_run(tmp_path / "s").cfg
+    assert (cfg.net_preset, cfg.net.text_dim, cfg.net.text_pooled_dim, cfg.net.guidance_embed) == ("tiny-text", 16,
+                                                                                                    16, True)
+    code, out = cli("sample", "--ckpt", tmp_path / "s", "--out", tmp_path / "x", "--prompt", "a thick seven",
+                    "--n-per-prompt", 2, "--steps", 2, "--guidance", 2)
+    assert code == 0, out
+    assert len(list((tmp_path / "x").glob("*.png"))) == 2
+    pytest.importorskip("diffusers", reason="the export needs diffusers: pip install scm[diffusers]")
+    from scm.diffusers import SCMPipeline
+    from scm.generate import Sampler, generate
+
+    assert cli("export", tmp_path / "s", tmp_path / "e")[0] == 0
+    pipe = SCMPipeline.from_pretrained(tmp_path / "e")
+    pipe.set_progress_bar_config(disable=True)
+    x, _ = generate(load_run(tmp_path / "s"), 2, Sampler(steps=2), seed=1, prompt="a thin one", guidance=2.0,
+                    progress=False)
+    y = pipe("a thin one", num_images_per_prompt=2, num_inference_steps=2, guidance_scale=2.0, seed=1,
+             output_type="latent").images
+    assert (y - x).abs().max() <= 1e-5  # the export round trip's tolerance (tests/test_export.py)
+
+
 def test_eval_reports_prompt_adherence_on_held_out_captions(text_runs, mnist_classifier, tmp_path):
     code, out = cli("eval", "--ckpt", text_runs[1], "--ref", "mnist-captions:test", "--n", 16, "--steps", 2,
                     "--out", tmp_path / "e")

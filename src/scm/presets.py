@@ -66,6 +66,12 @@ PRESETS: dict[str, dict] = {
     "dit-tiny-text-28-sct":       {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "sct", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0},
     "dit-tiny-text-28-scd":       {**_DIT_TINY, "net_preset": "dit-tiny-text", "resolution": 28, "channels": 1, "method": "scd", "kimg": 100.0, "optim.lr": 2e-4, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0, "net.guidance_embed": True, "loss.guidance": (1.0, 3.0)},
 
+    # CPU: the tiny U-Net with cross-attention to prompts (tiny-text, Stable Diffusion's design in EDM2's form) on the
+    # same captioned MNIST: the tiny-28 settings, with the text transformer's caption dropout and guidance range.
+    "tiny-text-28-diffusion": {**_TINY, "net_preset": "tiny-text", "resolution": 28, "channels": 1, "method": "diffusion", "kimg": 200.0, "optim.lr": 1e-2, "optim.lr_decay_kimg": 64.0, "optim.lr_rampup_kimg": 2.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "text.caption_dropout": 0.1},
+    "tiny-text-28-sct":       {**_TINY, "net_preset": "tiny-text", "resolution": 28, "channels": 1, "method": "sct", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -1.0, "loss.P_std": 1.4, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0},
+    "tiny-text-28-scd":       {**_TINY, "net_preset": "tiny-text", "resolution": 28, "channels": 1, "method": "scd", "kimg": 100.0, "optim.lr": 1e-3, "optim.lr_decay_kimg": 64.0, "loss.P_mean": -0.8, "loss.P_std": 1.6, "loss.warmup_kimg": 1.0, "text.caption_dropout": 0.0, "net.guidance_embed": True, "loss.guidance": (1.0, 3.0)},
+
     # CPU: the tiny video transformer (`video-tiny`, 1×4×4 patches, factorised attention) on 1-digit Moving MNIST clips
     # 1×8×32×32, and the tiny audio transformer (`audio-tiny`, 64-sample patches) on 1 s of 16 kHz audio; the
     # dit-tiny settings (a transformer's learning rates), batch 32. σ_d should be the data's std (§2): audio 0.1

@@ -82,6 +82,8 @@ from scm.nets.layers import (
     PositionalEmbedding,
     adaptive_double_layer_norm,
     check_input,
+    check_prompt,
+    check_text_widths,
     class_labels,
     guidance_scales,
     normalize,
@@ -137,12 +139,7 @@ class DiTConfig:
         if self.hidden_size % 4:
             raise ValueError(f"DiTConfig.hidden_size must be a multiple of 4 (2-D sin-cos position embedding), "
                              f"got {self.hidden_size}")
-        for name in ("text_dim", "text_pooled_dim"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-                raise ValueError(f"DiTConfig.{name} must be an int >= 0, got {v!r}")
-        if self.text_pooled_dim and not self.text_dim:
-            raise ValueError("DiTConfig.text_pooled_dim needs text_dim (a pooled prompt comes with its tokens)")
+        check_text_widths(self)
         for name in ("embed_channels", "weight_channels"):
             if getattr(self, name) % 2:
                 raise ValueError(f"DiTConfig.{name} must be even, got {getattr(self, name)}")
@@ -395,25 +392,10 @@ class DiT(Network):
         return x.clone() if x._base is not None else x  # a view (one channel) would trip FSDP2's backward hook
 
     def prompt(self, batch: int, text=None, text_mask=None, text_pooled=None) -> tuple | None:
-        """(tokens in the transformer's width, key mask) of a text network's prompt, None for others; shapes
-        checked (values are checked where prompts are encoded)."""
-        cfg = self.cfg
-        if not cfg.text_dim:
-            if text is not None or text_pooled is not None:
-                raise ValueError("this network takes no prompt (text_dim=0) but one was given")
+        """(tokens in the transformer's width, key mask) of a text network's prompt, None for others
+        (layers.check_prompt)."""
+        if not check_prompt(self.cfg, batch, text, text_mask, text_pooled):
             return None
-        want = {"text": (text, (batch, None, cfg.text_dim)), "text_mask": (text_mask, (batch, None))}
-        if cfg.text_pooled_dim:
-            want["text_pooled"] = (text_pooled, (batch, cfg.text_pooled_dim))
-        for name, (value, shape) in want.items():
-            if value is None:
-                raise ValueError(f"this network takes a prompt: {name} is missing")
-            if value.ndim != len(shape) or any(s not in (None, v) for s, v in zip(shape, value.shape, strict=True)):
-                raise ValueError(f"{name} must have shape [{', '.join('T' if s is None else str(s) for s in shape)}]"
-                                 f", got {tuple(value.shape)}")
-        if text_mask.shape[1] != text.shape[1] or text_mask.dtype != torch.bool:
-            raise ValueError(f"text_mask must be bool [{batch}, {text.shape[1]}], got {text_mask.dtype} "
-                             f"{tuple(text_mask.shape)}")
         return self.text_mlp2(gelu(self.text_mlp1(text))), text_mask
 
     def forward(self, x, t, labels=None, guidance=None, text=None, text_mask=None, text_pooled=None,

@@ -208,6 +208,41 @@ def check_input(net: str, x: torch.Tensor, t: torch.Tensor, shape: tuple[int, ..
     check_t(t, x)
 
 
+def check_prompt(cfg, batch: int, text=None, text_mask=None, text_pooled=None) -> bool:
+    """Whether a network of config `cfg` (its `text_dim`, `text_pooled_dim`) takes this call's prompt: shapes checked
+    (values are checked where prompts are encoded); a prompt given to a network without text is refused, as is a
+    text network called without one. text [B, T, text_dim] (float), text_mask [B, T] (bool, True on real tokens),
+    text_pooled [B, text_pooled_dim] where the config has one."""
+    if not getattr(cfg, "text_dim", 0):
+        if text is not None or text_pooled is not None:
+            raise ValueError("this network takes no prompt (text_dim=0) but one was given")
+        return False
+    want = {"text": (text, (batch, None, cfg.text_dim)), "text_mask": (text_mask, (batch, None))}
+    if cfg.text_pooled_dim:
+        want["text_pooled"] = (text_pooled, (batch, cfg.text_pooled_dim))
+    for name, (value, shape) in want.items():
+        if value is None:
+            raise ValueError(f"this network takes a prompt: {name} is missing")
+        if value.ndim != len(shape) or any(s not in (None, v) for s, v in zip(shape, value.shape, strict=True)):
+            raise ValueError(f"{name} must have shape [{', '.join('T' if s is None else str(s) for s in shape)}]"
+                             f", got {tuple(value.shape)}")
+    if text_mask.shape[1] != text.shape[1] or text_mask.dtype != torch.bool:
+        raise ValueError(f"text_mask must be bool [{batch}, {text.shape[1]}], got {text_mask.dtype} "
+                         f"{tuple(text_mask.shape)}")
+    return True
+
+
+def check_text_widths(cfg) -> None:
+    """A config's prompt widths: ints >= 0, and a pooled width only with a token width."""
+    name = type(cfg).__name__
+    for field in ("text_dim", "text_pooled_dim"):
+        v = getattr(cfg, field)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name}.{field} must be an int >= 0, got {v!r}")
+    if cfg.text_pooled_dim and not cfg.text_dim:
+        raise ValueError(f"{name}.text_pooled_dim needs text_dim (a pooled prompt comes with its tokens)")
+
+
 class Network(nn.Module):
     """What every scm network shares (U-Net, DiT, diffusers students): its config `cfg`, the run's σ_d (given by
     whoever builds it: a run has one σ_d, `loss.sigma_d`), the time input c_noise(t) (§4.1: t itself, or the

@@ -3,6 +3,16 @@ embedding, adaptive double normalization, an optional guidance-scale input, and 
 w_φ(t). Called as `net(x_t/σ_d, t, labels, guidance=None, return_weight=False)` -> F (or (F, w)). Images need not
 be square: `img_resolution` is R (R×R) or (H, W), both divisible by 2 per down-sampling level.
 
+Text (`text_dim` > 0; presets `tiny-text`, `S-text` … `XXL-text`): Stable Diffusion's U-Net design [Rombach et al.
+2022, §3.3] in EDM2's magnitude-preserving form. Every block with self-attention follows it with cross-attention
+from its pixels to the prompt's tokens: cosine attention as the self-attention's (q, k and v normalized per head),
+the padding masked (an all-padding prompt contributes exactly 0), the output projected and mixed in by mp_sum at
+`attn_balance`. The prompt's tokens are normalized to unit RMS and pass once through a magnitude-preserving caption
+MLP into the embedding width (each block projects them to its keys and values); a pooled embedding, where the
+encoder has one, is normalized and mixed into the conditioning vector as the class label is. The prompt does not
+depend on t, so the cross-attention's tangent flows only through its queries. The network then also takes
+text=[B, T, text_dim] (float), text_mask=[B, T] (bool, True on real tokens) and text_pooled=[B, P].
+
 The network does not know what trains it: the same forward serves diffusion, sCT and sCD, their JVP
 passes, and sampling.
 """
@@ -27,6 +37,8 @@ from scm.nets.layers import (
     PositionalEmbedding,
     adaptive_double_norm,
     check_input,
+    check_prompt,
+    check_text_widths,
     class_labels,
     guidance_scales,
     mp_cat,
@@ -57,6 +69,8 @@ class UNetConfig:
     label_dropout: float = 0.0          # drop labels with this probability in training (classifier-free guidance)
     guidance_embed: bool = False        # take a guidance-scale input (sCD students with CFG, §5.2)
     checkpointing: bool = False         # recompute each block's activations in the backward pass (saves memory)
+    text_dim: int = 0                   # width of the prompt's token embeddings (0: no text; set from the data)
+    text_pooled_dim: int = 0            # width of its pooled embedding (0: none)
     time_embed: str = "positional"      # "positional" (§4.1) | "fourier" (ablation)
     c_noise: str = "t"                  # "t" (§4.1) | "log_sigma": EDM2's log(σ)/4 (ablation)
     fourier_scale: float = 16.0         # scale of the "fourier" embedding
@@ -90,6 +104,7 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.c_noise must be 't' or 'log_sigma', got {self.c_noise!r}")
         if self.label_dim < 0:
             raise ValueError(f"UNetConfig.label_dim must be >= 0, got {self.label_dim}")
+        check_text_widths(self)
 
     @property
     def img_shape(self) -> tuple[int, int, int]:
@@ -108,6 +123,11 @@ UNET_PRESETS: dict[str, dict] = {
     "XL":    dict(model_channels=384),
     "XXL":   dict(model_channels=448),
 }
+# Text variants: the same U-Nets with cross-attention to the prompt (module docstring, "Text"). The prompt's width is
+# the data's encoder's (set when a run resolves its data): 64 for the built-in toy encoder, 768 for CLIP-L (SD 1.x),
+# 4096 for T5-XXL; the large presets name CLIP-L's, for their parameter counts.
+UNET_PRESETS |= {f"{name}-text": {**cfg, "text_dim": 768} for name, cfg in list(UNET_PRESETS.items()) if name != "tiny"}
+UNET_PRESETS["tiny-text"] = {**UNET_PRESETS["tiny"], "text_dim": 64, "text_pooled_dim": 64}
 
 
 class Block(nn.Module):
@@ -126,8 +146,13 @@ class Block(nn.Module):
         self.conv_skip = MPConv(cin, cout, (1, 1)) if cin != cout else None
         self.attn_qkv = MPConv(cout, 3 * cout, (1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(cout, cout, (1, 1)) if self.num_heads else None
+        cross = bool(self.num_heads and cfg.text_dim)  # cross-attention to the prompt (module docstring, "Text")
+        self.cross_q = MPConv(cout, cout, (1, 1)) if cross else None
+        self.cross_kv = MPConv(cemb, 2 * cout) if cross else None  # from the caption MLP's tokens (width cemb)
+        self.cross_proj = MPConv(cout, cout, (1, 1)) if cross else None
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, prompt: tuple | None = None):
+        """`prompt`: (tokens [B, T, cemb] from the caption MLP, key mask [B, T]) of a text network."""
         if self.resample == "down":
             x = F.avg_pool2d(x, 2)  # EDM2's [1, 1] box filter, stride 2
         elif self.resample == "up":
@@ -158,10 +183,25 @@ class Block(nn.Module):
             y = attention(fold(q), fold(k), fold(v))  # exact JVP, bounded memory
             y = y.transpose(1, 2).reshape(n, c, h, w)
             x = mp_sum(x, self.attn_proj(y), t=self.cfg.attn_balance)
+            if self.cross_q is not None:
+                x = mp_sum(x, self.cross_attention(x, *prompt), t=self.cfg.attn_balance)
 
         if self.cfg.clip_act is not None:
             x = clip(x, self.cfg.clip_act)
         return x
+
+
+    def cross_attention(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cosine attention from the pixels of x [N, C, H, W] to the prompt's tokens [N, T, cemb] (padding masked;
+        an all-padding prompt gives 0), projected back to C channels."""
+        n, c, h, w = x.shape
+        heads, d, length = self.num_heads, c // self.num_heads, tokens.shape[1]
+        q = normalize(self.cross_q(x).reshape(n, heads, d, h * w), dim=2)  # per head, as the self-attention's
+        q = q.reshape(n * heads, d, h * w).transpose(1, 2)
+        kv = normalize(self.cross_kv(tokens).reshape(n, length, 2, heads, d), dim=4)
+        k, v = kv.permute(2, 0, 3, 1, 4).reshape(2, n * heads, length, d).unbind(0)
+        y = attention(q, k, v, key_mask=mask.repeat_interleave(heads, dim=0))  # exact JVP (through q only)
+        return self.cross_proj(y.transpose(1, 2).reshape(n, c, h, w))
 
 
 class UNet(Network):
@@ -183,6 +223,9 @@ class UNet(Network):
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_embed else None
         self.weight_embed = self._time_embedding(cfg.weight_channels)
         self.weight_linear = MPConv(cfg.weight_channels, 1)
+        if cfg.text_dim:  # the prompt's tokens through a caption MLP; its pooled vector into the embedding
+            self.text_mlp1, self.text_mlp2 = MPConv(cfg.text_dim, cemb), MPConv(cemb, cemb)
+        self.emb_pooled = MPConv(cfg.text_pooled_dim, cemb) if cfg.text_pooled_dim else None
         cout = self._encoder(cemb)
         cout = self._decoder(cemb, cout)
         self.out_conv = MPConv(cout, cfg.img_channels, (3, 3))
@@ -238,7 +281,7 @@ class UNet(Network):
         dropout = self.cfg.label_dropout if self.training else 0.0
         return class_labels(labels, batch, self.cfg.label_dim, device, dropout)
 
-    def embedding(self, t, labels=None, guidance=None) -> torch.Tensor:
+    def embedding(self, t, labels=None, guidance=None, pooled=None) -> torch.Tensor:
         """The conditioning vector fed to every block, computed in float32."""
         batch, device = t.shape[0], t.device
         with torch.autocast(device.type, enabled=False):
@@ -248,23 +291,36 @@ class UNet(Network):
                 emb = mp_sum(emb, self.emb_label(onehot * math.sqrt(self.cfg.label_dim)), t=self.cfg.label_balance)
             elif labels is not None:
                 raise ValueError("this network is unconditional (label_dim=0) but labels were given")
+            if self.emb_pooled is not None:  # unit RMS in, as the labels' scaled one-hots
+                pooled = normalize(to_compute(pooled), dim=1).to(emb.dtype)
+                emb = mp_sum(emb, self.emb_pooled(pooled), t=self.cfg.label_balance)
             if self.emb_guidance is not None:
                 g = guidance_scales(guidance, batch, device, emb.dtype)
                 emb = mp_sum(emb, self.emb_guidance(self.guidance_embed(g)), t=0.5)  # added to the time embedding
             return mp_silu(emb)
 
+    def prompt(self, batch: int, text=None, text_mask=None, text_pooled=None) -> tuple | None:
+        """(tokens from the caption MLP, key mask) of a text network's prompt, None for others
+        (layers.check_prompt)."""
+        if not check_prompt(self.cfg, batch, text, text_mask, text_pooled):
+            return None
+        tokens = normalize(to_compute(text), dim=-1)  # unit RMS per token: the encoder's scale does not matter
+        return self.text_mlp2(mp_silu(self.text_mlp1(tokens))), text_mask
+
     # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, x, t, labels=None, guidance=None, return_weight: bool = False):
+    def forward(self, x, t, labels=None, guidance=None, text=None, text_mask=None, text_pooled=None,
+                return_weight: bool = False):
         check_input("UNet", x, t, self.shape)
-        emb = self.embedding(t, labels, guidance)
+        prompt = self.prompt(x.shape[0], text, text_mask, text_pooled)
+        emb = self.embedding(t, labels, guidance, text_pooled)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            h = block(h) if name.endswith("_conv") else self.block(block, h, emb)
+            h = block(h) if name.endswith("_conv") else self.block(block, h, emb, prompt)
             skips.append(h)
         for name, block in self.dec.items():
             if "block" in name:
                 h = mp_cat(h, skips.pop(), t=self.cfg.concat_balance)
-            h = self.block(block, h, emb)
+            h = self.block(block, h, emb, prompt)
         out = self.out_conv(h, gain=self.out_gain).to(x.dtype)
         return (out, self.weight(t)) if return_weight else out

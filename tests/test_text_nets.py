@@ -1,6 +1,6 @@
-"""The text-conditioned DiT (cross-attention to a padded prompt, pooled embedding) and the prompt side of
-`scm.conditioning.Conditioning`: exact JVP through masked cross-attention, padding ignored, CFG with the empty
-prompt, caption dropout, prompts per image."""
+"""The text-conditioned networks, DiT and U-Net (cross-attention to a padded prompt, pooled embedding), and the
+prompt side of `scm.conditioning.Conditioning`: exact JVP through masked cross-attention, padding ignored, CFG with
+the empty prompt, caption dropout, prompts per image."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from scm.conditioning import Conditioning
 from scm.errors import SamplerError
 from scm.nets import build_net, net_config
 from scm.nets.dit import DIT_PRESETS
+from scm.nets.unet import UNET_PRESETS
 from scm.text import BuiltinEncoder, TextConfig, encode_prompts
 
 from conftest import central_difference, fill_zero_weights, jvp_both
@@ -23,12 +24,18 @@ def _rand(*shape, seed=0):
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-def _text_net(pooled=W, seed=0, **kw):
-    """A float64 text DiT whose zero-initialized weights are filled with small random values (else F ≡ 0 and the
-    cross-attention is silent: the tests would test nothing)."""
+# Small configs of both text networks: the DiT at depth 2; the U-Net at width 16 (its 7×7 level has self- and
+# cross-attention in 2 encoder and 4 decoder blocks).
+SMALL = {"dit-tiny-text": {"depth": 2}, "tiny-text": {"model_channels": 16, "channels_per_head": 8}}
+ARCH = pytest.mark.parametrize("arch", list(SMALL))
+
+
+def _text_net(arch="dit-tiny-text", pooled=W, seed=0, **kw):
+    """A float64 text network whose zero-initialized weights are filled with small random values (else F ≡ 0 and the
+    DiT's cross-attention is silent: the tests would test nothing)."""
     torch.manual_seed(seed)
-    cfg = net_config("dit-tiny-text", img_resolution=28, img_channels=1, depth=2, text_dim=W, text_pooled_dim=pooled,
-                     **kw)
+    cfg = net_config(arch, img_resolution=28, img_channels=1, text_dim=W, text_pooled_dim=pooled,
+                     **{**SMALL[arch], **kw})
     net = build_net(cfg, 0.5).double()
     fill_zero_weights(net, seed + 1)
     return net.eval()
@@ -52,9 +59,10 @@ def test_fresh_text_net_starts_silent_to_the_prompt():
     assert torch.equal(net(x, t, text=tokens, text_mask=mask, text_pooled=pooled), torch.zeros_like(x))
 
 
+@ARCH
 @pytest.mark.parametrize("wrt", ["x", "t"])
-def test_text_dit_jvp_equals_finite_difference_through_masked_cross_attention(wrt):
-    net = _text_net()
+def test_text_net_jvp_equals_finite_difference_through_masked_cross_attention(arch, wrt):
+    net = _text_net(arch)
     x, t = _rand(3, 1, 28, 28), torch.tensor([0.05, 0.8, 1.52], dtype=D)
     tokens, mask, pooled = _prompt(3)
     cond = dict(text=tokens, text_mask=mask, text_pooled=pooled)
@@ -62,13 +70,14 @@ def test_text_dit_jvp_equals_finite_difference_through_masked_cross_attention(wr
     tangents = [_rand(*p.shape, seed=9) for p in primals]
     jvp = jvp_both(fn, primals, tangents)
     fd = central_difference(fn, primals, tangents)
-    assert torch.isfinite(jvp).all() and float(jvp.abs().max()) > 1e-3
+    assert torch.isfinite(jvp).all() and float(jvp.detach().abs().max()) > 1e-3
     # float64 central difference: error ~1e-10 (conftest.central_difference); 1e-7 relative leaves a margin
     torch.testing.assert_close(jvp, fd, atol=1e-7 * max(1.0, float(fd.abs().max())), rtol=1e-6)
 
 
-def test_padding_is_ignored_and_the_prompt_matters():
-    net = _text_net()
+@ARCH
+def test_padding_is_ignored_and_the_prompt_matters(arch):
+    net = _text_net(arch)
     x, t = _rand(3, 1, 28, 28), torch.full((3,), 0.9, dtype=D)
     tokens, mask, pooled = _prompt(3)
     base = net(x, t, text=tokens, text_mask=mask, text_pooled=pooled)
@@ -81,8 +90,9 @@ def test_padding_is_ignored_and_the_prompt_matters():
     assert torch.isfinite(base[2]).all()  # the empty prompt (every key masked)
 
 
-def test_an_example_does_not_depend_on_its_batch():
-    net = _text_net()
+@ARCH
+def test_an_example_does_not_depend_on_its_batch(arch):
+    net = _text_net(arch)
     x, t = _rand(3, 1, 28, 28), torch.tensor([0.3, 0.9, 1.4], dtype=D)
     tokens, mask, pooled = _prompt(3)
     full = net(x, t, text=tokens, text_mask=mask, text_pooled=pooled)
@@ -90,8 +100,9 @@ def test_an_example_does_not_depend_on_its_batch():
     torch.testing.assert_close(one, full[1:2], atol=1e-12, rtol=0)  # float64: only summation order differs
 
 
-def test_prompt_inputs_are_checked_by_shape():
-    net = _text_net()
+@ARCH
+def test_prompt_inputs_are_checked_by_shape(arch):
+    net = _text_net(arch)
     x, t = _rand(2, 1, 28, 28), torch.rand(2, dtype=D)
     tokens, mask, pooled = _prompt(2)
     with pytest.raises(ValueError, match="text is missing"):
@@ -100,16 +111,32 @@ def test_prompt_inputs_are_checked_by_shape():
         net(x, t, text=tokens[..., :3], text_mask=mask, text_pooled=pooled)
     with pytest.raises(ValueError, match="text_mask must be bool"):
         net(x, t, text=tokens, text_mask=mask.double(), text_pooled=pooled)
-    plain = build_net(net_config("dit-tiny", img_resolution=28, img_channels=1), 0.5).double()
+    plain_preset = arch.removesuffix("-text")
+    plain = build_net(net_config(plain_preset, img_resolution=28, img_channels=1), 0.5).double()
     with pytest.raises(ValueError, match="takes no prompt"):
         plain(x, t, text=tokens, text_mask=mask)
     with pytest.raises(ValueError, match="text_pooled_dim needs text_dim"):
-        net_config("dit-tiny", img_resolution=28, img_channels=1, text_pooled_dim=4)
+        net_config(plain_preset, img_resolution=28, img_channels=1, text_pooled_dim=4)
 
 
-def test_text_presets_exist_for_every_dit_size():
+def test_text_presets_exist_for_every_size():
     for name in ("dit-tiny-text", "DiT-S/2-text", "DiT-B/2-text", "DiT-L/2-text", "DiT-XL/2-text"):
         assert DIT_PRESETS[name]["text_dim"] > 0
+    for name in ("tiny-text", "S-text", "M-text", "L-text", "XL-text", "XXL-text"):
+        assert UNET_PRESETS[name]["text_dim"] > 0
+
+
+def test_unet_pooled_embedding_and_tokens_do_not_depend_on_the_encoders_scale():
+    """The U-Net normalizes the prompt's tokens and pooled vector to unit RMS (magnitude-preserving inputs)."""
+    net = _text_net("tiny-text")
+    x, t = _rand(3, 1, 28, 28), torch.full((3,), 0.7, dtype=D)
+    tokens, mask, pooled = _prompt(3)
+    base = net(x, t, text=tokens, text_mask=mask, text_pooled=pooled)
+    # normalize's eps (1e-8 on the mean square) moves a unit-RMS input by ~5e-9 relative and a 3×-scaled one by less:
+    # the outputs differ by about that, far below 1e-6, which a missing normalization (×3 inputs) would exceed
+    torch.testing.assert_close(net(x, t, text=3 * tokens, text_mask=mask, text_pooled=3 * pooled), base,
+                               atol=1e-6, rtol=0)
+    assert not torch.allclose(net(x, t, text=tokens, text_mask=mask, text_pooled=-pooled), base)
 
 
 # -- conditioning -----------------------------------------------------------------------------------------------
