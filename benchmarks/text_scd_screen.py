@@ -34,6 +34,7 @@ from scm.evaluate import evaluate_setting
 from scm.generate import Sampler
 from scm.metrics import open_reference
 from scm.runs import load_run
+from scm.sampling import T_MID
 from scm.train import train
 
 RUNS, OUT = Path(__file__).resolve().parent / "runs" / "t2i", RESULTS / "text-scd-screen"
@@ -92,7 +93,8 @@ def screen(args) -> None:
                 at = "" if s == GUIDANCE else f", s {s:g}"
                 rows[f"{ema}, {steps} step{at}"] = score(run, Sampler(steps=steps), space, ref, prompts, s)
     (OUT / f"{args.name}.json").write_text(json.dumps(
-        {"name": args.name, "overrides": args.overrides, "training": training, "rows": rows}, indent=1))
+        {"name": args.name, "overrides": args.overrides, "training": training, "t_mid": load_run(out).cfg.t_mid,
+         "rows": rows}, indent=1))
 
 
 def report() -> None:
@@ -110,10 +112,11 @@ def report() -> None:
     r.text(f"Teacher (Heun, 35 NFE): {described(teacher)}; without guidance (guidance 1): {described(unguided)}. "
            "Each student: the teacher distilled with the settings of the first column "
            "changed from lr 2e-4, P_mean −0.8, P_std 1.6, batch 64 (guidance 2, one training seed); |g|: the mean "
-           "tangent norm after the tangent warm-up (kimg 2–4) and over the last 2 kimg.")
-    r.table(["setting", "kimg", "|g| start → end", "student", "attributes − teacher (pts)", "size", "thickness",
-             "slant", "digit accuracy %", "FD-MNIST"],
-            [[" ".join(s["overrides"]) or "(base)", s["training"]["kimg"],
+           "tangent norm after the tangent warm-up (kimg 2–4) and over the last 2 kimg; t_mid: the 2-step rows' "
+           "intermediate time, the preset's when the setting was screened.")
+    r.table(["setting", "kimg", "t_mid", "|g| start → end", "student", "attributes − teacher (pts)", "size",
+             "thickness", "slant", "digit accuracy %", "FD-MNIST"],
+            [[" ".join(s["overrides"]) or "(base)", s["training"]["kimg"], s.get("t_mid", T_MID),
               f"{s['training']['g_norm_early']} → {s['training']['g_norm_end']}", name,
               f"{100 * (row['attributes'] - teacher['attributes']):+.1f}",
               *(f"{100 * row[a]:.1f}" for a in ATTRIBUTES), f"{100 * row['digit_accuracy']:.1f}",

@@ -180,14 +180,20 @@ def relative_fd_errors(fn, primals, tangents, jvp, h: float) -> tuple[float, flo
     ~h²·|f'''|/6 (truncation) + ~1e-16/h (float64 rounding): at h = 1e-3 about 1e-7 against 1e-13, so the error
     is truncation, which halving h divides by ~4, and an exact JVP sits below 1e-6 (an inexact one, off by a term of
     the derivative, would stay at that term's size whatever h)."""
-    errors = []
-    for step in (h, h / 2):
-        with torch.no_grad():
-            plus = fn(*[p + step * t for p, t in zip(primals, tangents, strict=True)])
-            minus = fn(*[p - step * t for p, t in zip(primals, tangents, strict=True)])
-        fd = (plus - minus) / (2 * step)
-        errors.append(float((fd - jvp).norm() / jvp.norm()))
-    return errors[0], errors[1]
+    err, err_half = (float((central_difference(fn, primals, tangents, step) - jvp).norm() / jvp.norm())
+                     for step in (h, h / 2))
+    return err, err_half
+
+
+def assert_exact_jvp(fn, primals, tangents, h: float = 1e-3) -> torch.Tensor:
+    """The JVP of a float64 function (both forward-AD engines, `jvp_both`) is non-trivial and exact: its central
+    differences converge to it as h² (tolerances: `relative_fd_errors`). Returns the JVP."""
+    jvp = jvp_both(fn, primals, tangents)
+    assert float(jvp.abs().max()) > 1e-3  # the function depends on what is perturbed
+    err, err_half = relative_fd_errors(fn, primals, tangents, jvp, h=h)
+    assert err <= 1e-6, err
+    assert 2.5 < err / err_half < 6, (err, err_half)  # truncation ∝ h²: halving h divides the error by ~4
+    return jvp
 
 
 def fill_zero_weights(net: nn.Module, seed: int, scale: float = 0.2) -> nn.Module:

@@ -17,7 +17,7 @@ from scm.nets.audio import count_parameters
 from scm.runs import load_run
 from scm.train import train
 
-from conftest import fill_zero_weights, jvp_both, relative_fd_errors
+from conftest import assert_exact_jvp, fill_zero_weights
 
 D = torch.float64
 
@@ -41,11 +41,7 @@ def test_jvp_in_x_and_t_equals_central_differences():
     fn = lambda u, c: net(u, c, labels, guidance=s)  # noqa: E731
     primals = [x, t]
     tangents = [torch.randn(3, 1, 256, generator=g, dtype=D), torch.tensor([1.0, -0.5, 0.3], dtype=D)]
-    jvp = jvp_both(fn, primals, tangents)  # torch.func.jvp and forward_ad dual tensors agree to 1e-12
-    assert float(jvp.abs().max()) > 1e-3
-    err, err_half = relative_fd_errors(fn, primals, tangents, jvp, h=1e-3)  # tolerances: see relative_fd_errors
-    assert err <= 1e-6, err
-    assert 2.5 < err / err_half < 6, (err, err_half)  # truncation ∝ h²: halving h divides the error by ~4
+    assert_exact_jvp(fn, primals, tangents)
 
 
 def test_fresh_net_shapes_tokens_and_weight():

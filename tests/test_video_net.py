@@ -17,7 +17,7 @@ from scm.nets.video import count_parameters
 from scm.runs import load_run
 from scm.train import train
 
-from conftest import fill_zero_weights, jvp_both, relative_fd_errors
+from conftest import assert_exact_jvp, fill_zero_weights
 
 D = torch.float64
 
@@ -45,11 +45,7 @@ def test_jvp_in_x_and_t_equals_central_differences(attention):
     labels, s = torch.tensor([2, 0, 1]), torch.tensor([1.0, 1.5, 2.0], dtype=D)
     fn = lambda u, c: net(u, c, labels, guidance=s)  # noqa: E731
     primals, tangents = [x, t], [_rand(3, 1, 4, 8, 8, seed=9), torch.tensor([1.0, -0.5, 0.3], dtype=D)]
-    jvp = jvp_both(fn, primals, tangents)  # torch.func.jvp and forward_ad dual tensors agree to 1e-12
-    assert float(jvp.abs().max()) > 1e-3  # the perturbed net depends on x and t
-    err, err_half = relative_fd_errors(fn, primals, tangents, jvp, h=1e-3)
-    assert err <= 1e-6, err
-    assert 2.5 < err / err_half < 6, (err, err_half)  # truncation ∝ h²: halving h divides the error by ~4
+    assert_exact_jvp(fn, primals, tangents)
 
 
 def _leak_to_second_frame(net: VideoTransformer) -> float:
