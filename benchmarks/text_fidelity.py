@@ -89,7 +89,7 @@ def measure(args) -> dict:
             per_seed.append({k: row[k] for k in (*FIGURES, "size_agreement", "seconds_per_image", "nfe")}
                             | haze_diagnostics(images, prompts, space))
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k in FIGURES), flush=True)
-        rows[name] = {"run": str(path), "kimg": round(load_run(path).step * run.cfg.batch / 1000, 1),
+        rows[name] = {"run": str(path), "kimg": round(run.step * run.cfg.batch / 1000, 1),
                       "per_seed": per_seed}
     return rows
 

@@ -93,7 +93,7 @@ def screen(args) -> None:
                 at = "" if s == GUIDANCE else f", s {s:g}"
                 rows[f"{ema}, {steps} step{at}"] = score(run, Sampler(steps=steps), space, ref, prompts, s)
     (OUT / f"{args.name}.json").write_text(json.dumps(
-        {"name": args.name, "overrides": args.overrides, "training": training, "t_mid": load_run(out).cfg.t_mid,
+        {"name": args.name, "overrides": args.overrides, "training": training, "t_mid": run.cfg.t_mid,
          "rows": rows}, indent=1))
 
 
