@@ -26,26 +26,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-benchmarks/results/gpu}
-mkdir -p "$FINAL"
-WORK=$(mktemp -d)
-export PYTHONPATH=$PWD/src:$PWD/benchmarks PYTHONUNBUFFERED=1
+NAME=gpu_check
+SECTIONS=${SECTIONS:-1 2 3 4 5}
+BUDGET_S=${BUDGET_S:-480}
+source benchmarks/gpu_lib.sh
 export SCM_DATA_DIR=${SCM_DATA_DIR:-$PWD/.gpu-data}
 export DEV=${DEV:-cuda}
 PY=${PY:-python3}
-BUDGET_S=${BUDGET_S:-480}
-START=$(date +%s)
-elapsed() { echo $(( $(date +%s) - START )); }
-stamp() { echo "[gpu_check] $(elapsed) s: $*" | tee -a "$WORK/log.txt"; }
-pack() {
-    tar czf "$FINAL/gpu_check.tgz.part" -C "$WORK" --exclude=./runs . && mv "$FINAL/gpu_check.tgz.part" "$FINAL/gpu_check.tgz"
-    cp "$WORK/log.txt" "$FINAL/log.txt"
-}
-SECTIONS=${SECTIONS:-1 2 3 4 5}
-section() {  # section TITLE FUNCTION: run it (if its number is in SECTIONS), log its output and outcome, pack
-    case " $SECTIONS " in *" ${1%%[a-z.]*} "*) ;; *) return 0 ;; esac
-    stamp "$1"
-    if "$2" 2>&1 | tee -a "$WORK/log.txt"; then stamp "ok: $1"; pack; else stamp "FAILED: $1"; pack; return 1; fi
-}
 if [ "$DEV" = cuda ]; then
     SMALL=0; BATCH=128; NETS=(--net XXL:64:4 --net DiT-XL/2:32:4); SAMPLE=(); COST=(cifar:32:3 DiT-B/2:32:4); N=2000
 else  # dry run of this script on the CPU: the same steps at toy sizes
@@ -83,49 +70,7 @@ EOF
 
 attention_check() {
     [ "$DEV" = cuda ] || { echo "skipped: the layer's kernel path needs CUDA (the tests cover the kernels in the interpreter)"; return 0; }
-    $PY - <<'EOF' | tee "$WORK/attention_triton_check.txt"
-import torch, triton
-import torch.autograd.forward_ad as fwAD
-import scm.nets.attention as A
-from scm.nets.attention import attention, attention_jvp
-dev = torch.device("cuda")
-print("triton", triton.__version__, "torch", torch.__version__, torch.cuda.get_device_name(0))
-rel = lambda p, q: float((p.detach().double() - q.detach().double()).norm() / q.detach().double().norm())
-g = torch.Generator(dev).manual_seed(0)
-# bounds: fp32 ("ieee" products) ≈ 1e-6 measured in the interpreter; bf16 ≈ 1.6 u (u = 2⁻⁸), bounded by 5 u
-bounds = {torch.float32: 2e-5, torch.bfloat16: 5 * 2.0**-8}
-worst = {}
-for dtype, bound in bounds.items():
-    for b, h, n, nk, d, dv in [(2, 4, 1000, 1000, 64, 64), (2, 3, 333, 517, 72, 72), (1, 4, 257, 200, 128, 128),
-                               (2, 2, 300, 300, 32, 48)]:
-        shapes = [(b, h, n, d), (b, h, nk, d), (b, h, nk, dv)] * 2
-        xs = [torch.randn(s, generator=g, device=dev).to(dtype) for s in shapes]
-        ref = [x.double() for x in xs]   # float64 math on the same rounded inputs
-        o_r, t_r, l_r = attention_jvp(*ref, backend="math", return_lse=True)
-        o, t, l = attention_jvp(*xs, backend="triton", return_lse=True)
-        errs = {"O": rel(o, o_r), "tO fused": rel(t, t_r), "lse": float((l.double() - l_r).abs().max())}
-        # the layer ([N, L, C], batch·heads folded): kernels on CUDA; JVP (LSE tangent) and exact backward
-        fold = lambda a: a.reshape(b * h, *a.shape[2:])
-        q, k, v, tq, tk, tv = map(fold, xs)
-        assert A._on_kernels(q, k, v)
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        with fwAD.dual_level():
-            dual = attention(*(fwAD.make_dual(x, tx) for x, tx in zip(leaves, (tq, tk, tv))))
-            out, t_layer = fwAD.unpack_dual(dual)
-            gout = torch.randn(out.shape, generator=g, device=dev).to(dtype)
-            grads = torch.autograd.grad(out, leaves, gout)
-        _, t_func = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
-        lref = [fold(x).clone().requires_grad_() for x in ref[:3]]
-        grads_r = torch.autograd.grad(A._Attention.apply(*lref, d ** -0.5)[0], lref, gout.double())
-        errs |= {"layer O": rel(out, fold(o_r)), "layer tO": rel(t_layer, fold(t_r)), "func tO": rel(t_func, fold(t_r))}
-        errs |= {f"d{name}": rel(gr, gr_r) for name, gr, gr_r in zip("qkv", grads, grads_r)}
-        print(f"{str(dtype):15} B={b} H={h} N={n} Nk={nk} d={d} dv={dv}: " + ", ".join(f"{k} {e:.1e}" for k, e in errs.items()))
-        worst[dtype] = max(worst.get(dtype, 0.0), *(e for k, e in errs.items() if k != "lse"))
-        assert errs["lse"] < 1e-4, errs
-print({str(k): f"{v:.1e}" for k, v in worst.items()})
-assert all(worst[dt] < bounds[dt] for dt in bounds), worst
-print("attention kernels: OK")
-EOF
+    $PY benchmarks/kernel_check.py | tee "$WORK/attention_triton_check.txt"
 }
 
 sampling_speed() {

@@ -1,6 +1,7 @@
 """Peak memory and step time of sCD for diffusers students, with and without activation checkpointing.
 
-    python benchmarks/memory.py [--size tiny|real] [--device cpu|cuda] [--batches 4,16] [--repeats 3]
+    python benchmarks/memory.py [--size tiny|real] [--device cpu|cuda] [--batches 4,16] [--repeats 3] [--budget-s S]
+                                [--nets sd3,sana] [--variants 5,4,3,2,1] [--out DIR]
 
 Each case (a student × batch × variant) runs in a fresh process: the teacher (no grad) and the student are built,
 one sCD step (guided teacher, guidance-conditioned student, backward, Adam update) warms up, then `--repeats` steps
@@ -16,7 +17,8 @@ with and without checkpointed blocks.
 
 `--size tiny`: small random SD3-like and Sana-like transformers (CPU, minutes); `--size real`: SD3-medium and
 Sana-1.6B configurations (random weights) at 1024² latents in bf16, for a GPU (`benchmarks/t2i_cost.py` holds the
-configurations). Writes benchmarks/results/memory-<size>-<device>.{json,md}.
+configurations). Writes benchmarks/results/memory-<size>-<device>.{json,md}, again after every case (a run stopped
+at its limit keeps what it measured; with --budget-s the cases it had no time for are listed as not run).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, write_results
+from common import RESULTS, machine, write_results
 
 from scm.app.report import Report
 
@@ -162,6 +164,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=None, help="the LoRA rank (default: 64 for real, 16 for tiny)")
     ap.add_argument("--nets", default=None, help="comma-separated students (default: all of the size)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
+    ap.add_argument("--variants", default=None,
+                    help="the variants to run, in this order, as comma-separated numbers: "
+                    + ", ".join(f"{i} = {name}" for i, name in enumerate(VARIANTS, 1)))
+    ap.add_argument("--out", default=None, help="result folder (default benchmarks/results)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--net", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=4, help=argparse.SUPPRESS)
@@ -170,16 +177,26 @@ def main() -> None:
     if args.worker:
         return worker(args)
     nets = args.nets.split(",") if args.nets else (list(TINY) if args.size == "tiny" else ["sd3", "sana"])
-    rows = []
+    try:
+        variants = [list(VARIANTS)[int(i) - 1] for i in args.variants.split(",")] if args.variants else list(VARIANTS)
+    except (ValueError, IndexError):
+        ap.error(f"--variants {args.variants!r}: comma-separated numbers from 1 to {len(VARIANTS)}")
+    rows, start = [], time.perf_counter()
     for net in nets:
         for batch in (int(b) for b in args.batches.split(",")):
-            for variant in VARIANTS:
-                rows.append({"student": net, "batch": batch, "variant": variant, **run_case(args, net, variant, batch)})
+            for variant in variants:
+                if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                    rows.append({"student": net, "batch": batch, "variant": variant,
+                                 "error": f"not run: the budget of {args.budget_s:g} s was spent"})
+                else:
+                    rows.append({"student": net, "batch": batch, "variant": variant,
+                                 **run_case(args, net, variant, batch)})
                 print(json.dumps(rows[-1]), flush=True)
-    _write(args, rows)
+                _write(args, rows)  # after every case: a run stopped at its limit keeps what it measured
+    print(_write(args, rows).read_text())
 
 
-def _write(args, rows) -> None:
+def _write(args, rows) -> Path:
     kind = "max_memory_allocated above the weights" if args.device != "cpu" else "peak RSS above the step's start"
     report = Report(f"sCD memory and step time: full fine-tuning and LoRA (r={args.rank}), with and without "
                     f"activation checkpointing ({args.size} students, {args.device})")
@@ -195,9 +212,7 @@ def _write(args, rows) -> None:
                "lora_rank": args.rank, "rows": rows,
                "machine": machine(), "command": " ".join(["python", *sys.argv])}
     name = f"memory-{args.size}-{torch.device(args.device).type}"
-    json_path, md_path = write_results(name, payload, report)
-    print(report.to_markdown())
-    print(f"wrote {json_path} and {md_path}")
+    return write_results(name, payload, report, out_dir=Path(args.out) if args.out else RESULTS)[1]
 
 
 NOTES = """## Notes

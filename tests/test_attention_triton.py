@@ -96,7 +96,7 @@ def test_attention_layer_on_cpu_never_runs_the_kernels(monkeypatch):
 
     monkeypatch.setattr(attn_mod._TritonAttention, "apply", fail)
     q, k, v = _rand(2, 5, 8), _rand(2, 6, 8, seed=1), _rand(2, 6, 4, seed=2)
-    exact = attn_mod._Attention.apply(q, k, v, 8**-0.5)[0]
+    exact = attn_mod._Attention.apply(q, k, v, 8**-0.5, None)[0]
     assert torch.equal(attention(q.clone().requires_grad_(), k, v).detach(), exact)  # differentiable: the exact op
 
 
@@ -106,13 +106,13 @@ def test_inference_attention_uses_pytorchs_fused_kernel_and_derivatives_the_exac
     is taken on GPUs; here it is taken on the CPU by declaring the CPU such a device (the kernel is PyTorch's own)."""
     q, k, v = _rand(2, 5, 8), _rand(2, 6, 8, seed=1), _rand(2, 6, 4, seed=2)
     with torch.no_grad():  # on the CPU: the exact op, batch-invariant
-        assert torch.equal(attention(q, k, v), attn_mod._Attention.apply(q, k, v, 8**-0.5)[0])
+        assert torch.equal(attention(q, k, v), attn_mod._Attention.apply(q, k, v, 8**-0.5, None)[0])
     monkeypatch.setattr(attn_mod, "_fused_for_inference", lambda q: q.dtype != torch.float64)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1)
                         or sdpa(*a, **k))
-    exact = attn_mod._Attention.apply(q, k, v, 8**-0.5)[0]
+    exact = attn_mod._Attention.apply(q, k, v, 8**-0.5, None)[0]
     with torch.no_grad():
         fused = attention(q, k, v)
     assert calls == [1]
@@ -177,10 +177,11 @@ def test_kernel_autograd_function_matches_math(kernels, shape):
     s = c**-0.5
 
     def kernel(a, b, w):
-        return attn_mod._TritonAttention.apply(a.unsqueeze(1), b.unsqueeze(1), w.unsqueeze(1), s, BLOCKS)[0].squeeze(1)
+        a, b, w = (x.unsqueeze(1) for x in (a, b, w))
+        return attn_mod._TritonAttention.apply(a, b, w, s, BLOCKS, None)[0].squeeze(1)
 
     def math_path(a, b, w):
-        return attn_mod._Attention.apply(a, b, w, s)[0]
+        return attn_mod._Attention.apply(a, b, w, s, None)[0]
 
     results = []
     for fn in (kernel, math_path):

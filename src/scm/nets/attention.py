@@ -123,30 +123,29 @@ def _blocked_lse(q: torch.Tensor, k: torch.Tensor, scale: float, pad: torch.Tens
 
 class _Attention(torch.autograd.Function):
     """Outputs (out, p): p is the probabilities when they fit in one block (else an empty tensor), kept for the
-    JVP and the backward; not differentiable. `pad` (optional, [N, Lk] bool, True on padding keys) is neither."""
+    JVP and the backward; not differentiable. `pad` ([N, Lk] bool, True on padding keys, or None) is neither."""
 
     @staticmethod
-    def forward(q, k, v, scale, pad=None):
+    def forward(q, k, v, scale, pad):  # every argument given: torch.compile mis-binds omitted defaults
         out, p = _forward_and_probs(q, k, v, scale, pad)
         return out, (p if p is not None else out.new_empty(0))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, *rest = inputs
+        q, k, v, scale, pad = inputs
         out, p = output
-        ctx.scale, ctx.n_inputs = scale, len(inputs)
+        ctx.scale = scale
         ctx.has_probs = p.numel() > 0
         ctx.mark_non_differentiable(p)
         ctx.set_materialize_grads(False)  # absent tangents / gradients arrive as None, not zeros
         values = tuple(t.detach() for t in (q, k, v, out, p))  # no tangent kept alive, no graph for tangents
-        pad = rest[0] if rest else None
         ctx.save_for_backward(*values, pad)
         ctx.save_for_forward(*values, pad)
 
     @staticmethod
     def backward(ctx, d_out, _):
         if d_out is None:
-            return (None,) * ctx.n_inputs
+            return (None,) * 5
         q, k, v, out, probs, pad = ctx.saved_tensors
         s = ctx.scale
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -158,7 +157,7 @@ class _Attention(torch.autograd.Function):
             dx = p * (dp - (d_o * out[:, blk]).sum(-1, keepdim=True))           # softmax backward
             dq[:, blk] = torch.bmm(dx, k) * s
             dk += torch.bmm(dx.transpose(1, 2), q[:, blk]) * s
-        return (dq, dk, dv, None, None)[: ctx.n_inputs]
+        return dq, dk, dv, None, None
 
     @staticmethod
     def jvp(ctx, t_q, t_k, t_v, *_):
@@ -171,31 +170,30 @@ class _TritonAttention(torch.autograd.Function):
     """The same op on the Triton kernels, for q, k, v of shape [N, 1, L, C]: the forward saves the
     log-sum-exp; the JVP is one pass over the keys from the saved output and log-sum-exp; the backward is
     the exact FlashAttention-2 backward from them. `blocks` (BLOCK_M, BLOCK_N) is for tests (None: per head dim);
-    `key_mask` (optional, [N, Lk] bool, True on real keys) is not differentiable."""
+    `key_mask` ([N, Lk] bool, True on real keys, or None) is not differentiable."""
 
     @staticmethod
-    def forward(q, k, v, scale, blocks, key_mask=None):
+    def forward(q, k, v, scale, blocks, key_mask):  # every argument given (torch.compile: see _Attention)
         return _triton().forward_op(q, k, v, scale, blocks, key_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, blocks, *rest = inputs
+        q, k, v, scale, blocks, key_mask = inputs
         out, lse = output
-        ctx.scale, ctx.blocks, ctx.n_inputs = scale, blocks, len(inputs)
+        ctx.scale, ctx.blocks = scale, blocks
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         values = tuple(t.detach() for t in (q, k, v, out, lse))
-        key_mask = rest[0] if rest else None
         ctx.save_for_backward(*values, key_mask)
         ctx.save_for_forward(*values, key_mask)
 
     @staticmethod
     def backward(ctx, d_out, _):
         if d_out is None:
-            return (None,) * ctx.n_inputs
+            return (None,) * 6
         q, k, v, out, lse, key_mask = ctx.saved_tensors
         dq, dk, dv = _triton().backward_op(q, k, v, out, lse, d_out, ctx.scale, ctx.blocks, key_mask)
-        return (dq, dk, dv, None, None, None)[: ctx.n_inputs]
+        return dq, dk, dv, None, None, None
 
     @staticmethod
     def jvp(ctx, t_q, t_k, t_v, *_):
@@ -293,12 +291,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         return _fused(q, k, v, scale, key_mask)
     if q.is_cuda and LAYER_BACKEND == "auto" and _on_kernels(q, k, v):
         q, k, v = (x.unsqueeze(1).contiguous() for x in (q, k, v))  # one copy, not one per kernel (U-Net views)
-        if key_mask is None:
-            return _TritonAttention.apply(q, k, v, scale, None)[0].squeeze(1)
-        return _TritonAttention.apply(q, k, v, scale, None, key_mask.contiguous())[0].squeeze(1)
-    if key_mask is None:
-        return _Attention.apply(q, k, v, scale)[0]
-    return _Attention.apply(q, k, v, scale, ~key_mask)[0]
+        mask = None if key_mask is None else key_mask.contiguous()
+        return _TritonAttention.apply(q, k, v, scale, None, mask)[0].squeeze(1)
+    return _Attention.apply(q, k, v, scale, None if key_mask is None else ~key_mask)[0]
 
 
 def attention_jvp(

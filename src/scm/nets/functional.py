@@ -133,7 +133,7 @@ class _LinComb(torch.autograd.Function):
 
     @staticmethod
     def forward(a, b, alpha, beta):
-        return torch.add(a * alpha, b, alpha=beta)
+        return a * alpha + b * beta  # not add(…, alpha=): inductor (torch 2.13, CPU) drops it after a matmul
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -150,7 +150,7 @@ class _LinComb(torch.autograd.Function):
     def jvp(ctx, t_a, t_b, _alpha, _beta):
         if t_a is None:
             return None if t_b is None else t_b * ctx.beta
-        return t_a * ctx.alpha if t_b is None else torch.add(t_a * ctx.alpha, t_b, alpha=ctx.beta)
+        return t_a * ctx.alpha if t_b is None else t_a * ctx.alpha + t_b * ctx.beta
 
 
 def lincomb(a: torch.Tensor, b: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -355,9 +355,9 @@ class _ModulatedLayerNorm(torch.autograd.Function):
         if s is not None:
             out = n * (s * gain if gain != 1 else s)
             if b is not None:
-                out = out.add_(b, alpha=gain)
+                out = out.add_(b * gain if gain != 1 else b)  # no alpha=: see _LinComb
         elif b is not None:
-            out = torch.add(n, b, alpha=gain)
+            out = n + (b * gain if gain != 1 else b)
         else:
             out = n.clone()
         return out, n, r
@@ -407,7 +407,7 @@ class _ModulatedLayerNorm(torch.autograd.Function):
         if t_s is not None:
             out = n * (t_s * g) if out is None else out.addcmul_(n, t_s, value=g)
         if t_b is not None:
-            out = _full(t_b * g, ctx.out_shape) if out is None else out.add_(t_b, alpha=g)
+            out = _full(t_b * g, ctx.out_shape) if out is None else out.add_(t_b * g)
         return out, None, None
 
 
