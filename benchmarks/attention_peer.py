@@ -40,13 +40,18 @@ from scm.app.report import Report
 PASSES = ("forward + tangent", "+ backward")
 
 
+def folded(op, *xs: torch.Tensor) -> torch.Tensor:
+    """op on [B·H, N, d] (the layout of scm's attention ops) applied to [B, H, N, d] inputs."""
+    b, h = xs[0].shape[:2]
+    out = op(*(x.reshape(b * h, *x.shape[2:]) for x in xs))
+    return out.reshape(b, h, *out.shape[1:])
+
+
 def scm_op(q, k, v):
-    """scm's attention layer op (the one its networks call) on [B, H, N, d]: heads folded into the batch."""
+    """scm's attention layer op (the one its networks call)."""
     from scm.nets.attention import attention
 
-    b, h = q.shape[:2]
-    out = attention(*(x.reshape(b * h, *x.shape[2:]) for x in (q, k, v)))
-    return out.reshape(b, h, *out.shape[1:])
+    return folded(attention, q, k, v)
 
 
 def sdpa_math_op(q, k, v):
@@ -69,9 +74,7 @@ def reference_op(q, k, v):
     """float32 math (blocked, memory-safe), independent of every kernel timed here."""
     from scm.nets.attention import _Attention
 
-    b, h = q.shape[:2]
-    out = _Attention.apply(*(x.reshape(b * h, *x.shape[2:]) for x in (q, k, v)), q.shape[-1] ** -0.5, None)[0]
-    return out.reshape(b, h, *out.shape[1:])
+    return folded(lambda *x: _Attention.apply(*x, q.shape[-1] ** -0.5, None)[0], q, k, v)
 
 
 def run(op, xs, g=None):

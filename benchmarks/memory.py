@@ -192,8 +192,8 @@ def main() -> None:
                     rows.append({"student": net, "batch": batch, "variant": variant,
                                  **run_case(args, net, variant, batch)})
                 print(json.dumps(rows[-1]), flush=True)
-                _write(args, rows)  # after every case: a run stopped at its limit keeps what it measured
-    print(_write(args, rows).read_text())
+                md = _write(args, rows)  # after every case: a run stopped at its limit keeps what it measured
+    print(md.read_text())
 
 
 def _write(args, rows) -> Path:
