@@ -19,8 +19,9 @@
 #      sections run attention on the math path);
 #   2. the captured sampler vs the eager one, bf16, batch 1 and 64, 1 and 2 steps: XXL U-Net (64×64×4) and
 #      DiT-XL/2 (32×32×4), with their largest image difference (benchmarks/gpu_captured.py);
-#   3. the text DiT's training-step cost at DiT-XL/2-text size, 120-token prompts, bf16: diffusion, sCT, sCD,
-#      time and peak memory (benchmarks/step_cost.py);
+#   3. the text DiT's training-step cost at DiT-XL/2-text size, 120-token prompts, bf16: diffusion, sCT, sCD (and
+#      sCD with a guided teacher, its two evaluations in one call or two), time and peak memory; the variants share
+#      one network on the card (benchmarks/step_cost.py);
 #   4. attention's JVP for training against the peer kernel jvp-flash-attention and SDPA math + forward AD,
 #      N = 1k … 16k, d = 64 / 128, bf16 (benchmarks/attention_peer.py);
 #   5. diffusers' text-to-image families at their real configurations, bf16: tangent pass / forward, sCD step /

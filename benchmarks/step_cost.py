@@ -11,8 +11,11 @@ loop runs it. Variants: the separate tangent pass (a no-grad JVP pass, then a tr
 pass (one pass carries the autograd graph of F and the forward-mode tangent); and, for reference, sCT with
 PyTorch's generic JVP formulas instead of scm's custom rules. A text network (`dit-tiny-text`, `DiT-XL/2-text`, …)
 gets random prompts of --text-tokens tokens of its text width, padded at random lengths (at least a quarter real).
-Timings are round-robin medians; peak memory is measured in a fresh process per variant, all at once (CPU: peak
-RSS; CUDA: max_memory_allocated).
+The variants share one network, its teacher and Adam (a DiT-XL/2 fits the card once, not once per variant). Timings
+are round-robin medians. Peak memory: on the CPU the peak RSS of a fresh process per variant, all at once; on CUDA
+max_memory_allocated above the shared state, one variant at a time in this process.
+A text network's sCD also runs with a guided teacher (CFG with the empty prompt, s ~ U[1, 3]), its two evaluations
+in two calls or in one (`loss.cfg_one_call`).
 Writes benchmarks/results/step_cost[-<net>][-<device>].{json,md} (the `tiny` U-Net's without -<net>).
 """
 
@@ -43,39 +46,68 @@ VARIANTS = {
     "sCT, fused pass": dict(kind="sct", fused_pass=True),
     "sCD, separate tangent pass": dict(kind="scd", fused_pass=False),
     "sCD, fused pass": dict(kind="scd", fused_pass=True),
+    # a text network's sCD with a guided teacher (CFG, s ~ U[1, 3], empty prompt as the unconditional input), its
+    # two evaluations as two calls or stacked into one (`loss.cfg_one_call`)
+    "sCD, fused pass, CFG teacher in two calls": dict(kind="scd", fused_pass=True, cfg="two"),
+    "sCD, fused pass, CFG teacher in one call": dict(kind="scd", fused_pass=True, cfg="one"),
     "sCD, separate pass, checkpointed blocks": dict(kind="scd", fused_pass=False, checkpointing=True),
     "sCT, PyTorch-native JVP rules (naive)": dict(kind="sct", fused_pass=False, native=True),
 }
 
 
-def make_step(name: str, args, device):
-    spec = VARIANTS[name]
+@dataclasses.dataclass
+class Bench:
+    """What the variants of one run share: the network (stepped by every variant, at a learning rate that leaves it
+    as it was for timing), an sCD teacher (a frozen copy), Adam, the images and their conditioning. One copy, so
+    that a large network (DiT-XL/2) fits the card once, not once per variant."""
+
+    cfg: object
+    net: torch.nn.Module
+    teacher: torch.nn.Module
+    opt: torch.optim.Optimizer
+    x0: torch.Tensor
+    cond: dict
+
+
+def make_bench(args, device) -> Bench:
     torch.manual_seed(0)
     cfg = net_config(args.net, **item_fields(args))
     net = awake(build_net(cfg, 0.5)).to(device)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
-    if spec.get("checkpointing"):  # activation checkpointing per block (net.checkpointing), same weights
-        net.cfg = dataclasses.replace(cfg, checkpointing=True)
+    x0 = torch.rand(args.batch, *net.shape, device=device) * 2 - 1  # images, clips or waveforms
+    cond = prompts(cfg, args.batch, getattr(args, "text_tokens", 16), device)
+    return Bench(cfg, net, teacher, torch.optim.Adam(net.parameters(), lr=1e-6), x0, cond)
+
+
+def make_step(name: str, args, device, bench: Bench | None = None):
+    """One training step of variant `name` (objective, backward, Adam, weight normalisation), on `bench`'s network
+    (a new one by default)."""
+    spec, b = VARIANTS[name], bench or make_bench(args, device)
+    net, cfg = b.net, b.cfg
     if spec["kind"] == "diffusion":
         objective = DiffusionLoss()
     else:
-        objective = ConsistencyLoss(teacher=teacher if spec["kind"] == "scd" else None, warmup_kimg=0,
-                                    fused_pass=spec["fused_pass"])
-    opt = torch.optim.Adam(net.parameters(), lr=1e-6)
-    x0 = torch.rand(args.batch, *net.shape, device=device) * 2 - 1  # images, clips or waveforms
-    cond = prompts(net.cfg, args.batch, args.text_tokens, device)
+        tokens = getattr(args, "text_tokens", 16)
+        guidance = {"guidance": (1.0, 3.0), "teacher_uncond": empty_prompt_inputs(cfg, tokens, device),
+                    "cfg_one_call": spec["cfg"] == "one"} if spec.get("cfg") else {}
+        objective = ConsistencyLoss(teacher=b.teacher if spec["kind"] == "scd" else None, warmup_kimg=0,
+                                    fused_pass=spec["fused_pass"], **guidance)
+    # activation checkpointing per block (net.checkpointing), same weights: the network reads it at each call
+    variant_cfg = dataclasses.replace(cfg, checkpointing=True) if spec.get("checkpointing") else cfg
     ctx = native_ops if spec.get("native") else contextlib.nullcontext
     half = PRECISIONS[args.precision] if args.precision != "fp32" else None  # autocast, as scm.train.step
 
     def step():
+        net.cfg = variant_cfg
         with ctx():
             with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                loss, _ = objective(net, x0, 100.0, generator=torch.Generator(device).manual_seed(0), **cond)
+                loss, _ = objective(net, b.x0, 100.0, generator=torch.Generator(device).manual_seed(0), **b.cond)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            b.opt.step()
+            b.opt.zero_grad(set_to_none=True)
             if hasattr(net, "normalize_weights_"):
                 net.normalize_weights_()
+        net.cfg = cfg
 
     return step
 
@@ -113,6 +145,20 @@ def prompts(cfg, batch: int, tokens: int, device) -> dict:
     return cond
 
 
+def empty_prompt_inputs(cfg, tokens: int, device) -> dict:
+    """The unconditional input of a text network's CFG, padded as the prompts are: zero tokens, all padding."""
+    null = {"text": torch.zeros(1, tokens, cfg.text_dim, device=device),
+            "text_mask": torch.zeros(1, tokens, dtype=torch.bool, device=device)}
+    if cfg.text_pooled_dim:
+        null["text_pooled"] = torch.zeros(1, cfg.text_pooled_dim, device=device)
+    return null
+
+
+def variants(net: str) -> list[str]:
+    """The variants that apply to the network: the CFG teacher's needs a text network."""
+    return [name for name, spec in VARIANTS.items() if not spec.get("cfg") or cond_is_text(net)]
+
+
 def cond_is_text(net: str) -> bool:
     return bool(net_config(net).__dict__.get("text_dim", 0))
 
@@ -126,8 +172,8 @@ def _peak_rss_mb() -> float:
 
 
 def peak_memory(names, args) -> dict[str, float]:
-    """Peak memory of two steps of each variant, in MB, each in a fresh process (all run at once: each
-    process's peak is its own)."""
+    """Peak RSS of each variant's steps, in MB, each in a fresh process (all run at once: each process's peak is
+    its own)."""
     procs = {}
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
@@ -145,22 +191,27 @@ def peak_memory(names, args) -> dict[str, float]:
 
 
 def worker(args) -> None:
-    device = torch.device(args.device)
-    step = make_step(args.worker, args, device)
-    step()  # warm-up allocations outside the measurement (CUDA) / baseline (CPU)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    """A fresh process's peak RSS over two steps of one variant (after a first step's allocations)."""
+    step = make_step(args.worker, args, torch.device(args.device))
+    for _ in range(3):
+        step()
+    print(json.dumps({"peak_mb": _peak_rss_mb()}))
+
+
+def cuda_peaks(steps: dict, device) -> dict[str, float]:
+    """Each variant's max_memory_allocated above what is allocated before its steps (the shared network, its
+    teacher and Adam's state), over two steps after a first one, in this process, one variant at a time."""
+    peaks = {}
+    for name, step in steps.items():
+        step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        for _ in range(2):
-            step()
-        peak = _peak_rss_mb()
-    print(json.dumps({"peak_mb": peak}))
+        torch.cuda.synchronize(device)
+        peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return peaks
 
 
 def main() -> None:
@@ -182,10 +233,11 @@ def main() -> None:
         return worker(args)
 
     device = torch.device(args.device)
-    steps = {name: make_step(name, args, device) for name in VARIANTS}
+    bench = make_bench(args, device)
+    steps = {name: make_step(name, args, device, bench) for name in variants(args.net)}
     rows = time_interleaved(steps, device, args.repeats)
     base = rows["diffusion"]["median_ms"]
-    peaks = peak_memory(rows, args)
+    peaks = peak_memory(rows, args) if device.type == "cpu" else cuda_peaks(steps, device)
     for name, r in rows.items():
         r["ratio_to_diffusion"] = r["median_ms"] / base
         r["img_per_s"] = args.batch / (r["median_ms"] / 1000)
@@ -214,7 +266,10 @@ NOTES = """## Notes
   separate tangent pass that is a JVP pass + a forward + a backward; the **fused pass** computes F and JF in one
   pass (`jvp_tangent(..., primal_grad=True)`): dual inputs while autograd records the primal, so F keeps its
   graph and JF comes out of the same evaluation. The limit is about 1.33× a diffusion step (forward + tangent at
-  the cost of one forward + backward); sCD adds one teacher forward on top.
+  the cost of one forward + backward); sCD adds one teacher forward on top, and a guided teacher (classifier-free
+  guidance, §5.2) two: its conditional and unconditional evaluations, which scm stacks into one call of twice the
+  batch where the inputs stack (prompts; `loss.cfg_one_call`, default true). Same FLOPs, fewer launches and
+  weight reads: it pays most at small batches.
 - What made the fused pass cheap: every custom JVP rule (`scm.nets.functional`, `scm.nets.attention`) computes
   the tangent from *detached* saved tensors, and SiLU and the ADN affine have such rules too. Without that, the
   tangent computations were themselves recorded for a backward that never comes (a graph per tangent op): in

@@ -34,6 +34,26 @@ def test_guided_combines_conditional_and_unconditional():
     torch.testing.assert_close(g2(x, t, guidance=2.0, labels=labels), 2.0 * labels[:, None].double().expand(3, 2))
 
 
+def test_guidance_takes_two_calls_where_the_inputs_do_not_stack():
+    """Class labels' unconditional input is None (no row to stack), a scalar t has no batch dimension, a batch past
+    max_stacked is too large: two calls."""
+    calls = []
+
+    def fn(x, t, labels=None):
+        calls.append(x.shape[0])
+        return x + (0.0 if labels is None else labels[:, None].to(x.dtype))
+
+    x, t = torch.zeros(3, 2, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 3])
+    expected = 2.0 * labels[:, None].double().expand(3, 2)
+    torch.testing.assert_close(guided(fn, {"labels": None})(x, t, guidance=2.0, labels=labels), expected)
+    guided(fn, {"labels": torch.zeros(1, dtype=torch.long)})(x, t, guidance=2.0, labels=labels)  # a null label stacks
+    guided(fn, {"labels": torch.zeros(1, dtype=torch.long)})(x, t[0], guidance=2.0, labels=labels)
+    for most in (5, 6):  # at most `max_stacked` rows in one call
+        guided(fn, {"labels": torch.zeros(1, dtype=torch.long)}, max_stacked=most)(x, t, guidance=2.0, labels=labels)
+    assert calls == [3, 3, 6, 3, 3, 3, 3, 6]
+
+
 def _run(preset, *overrides, **flags):
     cfg = make_config(preset, None, list(overrides), data="d", out="o", **flags)
     return dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, label_dim=10 if cfg.conditional else 0))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scm.conditioning import Conditioning
+from scm.conditioning import Conditioning, guided
 from scm.errors import SamplerError
 from scm.nets import build_net, net_config
 from scm.nets.dit import DIT_PRESETS
@@ -160,10 +160,36 @@ def test_null_is_the_empty_prompt_and_guidance_broadcasts_it():
     inputs = cond.sample_inputs(torch.arange(4), prompts="a thick seven")
     inputs.pop("guidance")
     out = cond.guided(fn)(x, t, guidance=3.0, **inputs)
-    assert calls[1]["text"].shape == (4, T, W) and not calls[1]["text_mask"].any()
+    # one call: the conditional rows, then the empty prompt's
+    assert len(calls) == 1 and calls[0]["text"].shape == (8, T, W)
+    assert torch.equal(calls[0]["text_mask"][:4], inputs["text_mask"]) and not calls[0]["text_mask"][4:].any()
     F_c = fn(x, t, **inputs)
     F_u = fn(x, t, **{k: v.expand(4, *v.shape[1:]) for k, v in null.items()})
     torch.testing.assert_close(out, F_u + 3.0 * (F_c - F_u))
+
+
+@ARCH
+def test_guidance_in_one_call_equals_two_calls(arch):
+    """The conditional and empty-prompt evaluations stacked into one call give the two calls' F_s (float64: the
+    networks are per-example, so only the order of sums may differ, ~1e-15), for one scale per example too."""
+    net = _text_net(arch)
+    null = {"text": torch.zeros(1, T, W, dtype=D), "text_mask": torch.zeros(1, T, dtype=torch.bool),
+            "text_pooled": _rand(1, W, seed=9)}
+    tokens, mask, pooled = _prompt(3)
+    x, t = _rand(3, 1, 28, 28, seed=2), torch.tensor([0.3, 0.9, 1.4], dtype=D)
+    calls = []
+
+    def counted(*a, **c):
+        calls.append(a[0].shape[0])
+        return net(*a, **c)
+
+    for s in (2.5, torch.tensor([1.0, 2.0, 3.5], dtype=D)):
+        calls.clear()
+        one = guided(counted, null)(x, t, guidance=s, text=tokens, text_mask=mask, text_pooled=pooled)
+        two = guided(counted, null, one_call=False)(x, t, guidance=s, text=tokens, text_mask=mask, text_pooled=pooled)
+        assert calls == [6, 3, 3]
+        torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+        assert (one - net(x, t, text=tokens, text_mask=mask, text_pooled=pooled)).abs().max() > 1e-3  # guided
 
 
 def test_sample_inputs_encode_each_images_prompt_as_training_stored_it():

@@ -51,6 +51,19 @@ def test_a_text_run_records_its_prompts_encoder_and_samples_from_prompts(text_ru
     assert code == 2 and "--prompt" in out and "text-conditioned" in out
 
 
+def test_the_guided_teacher_evaluates_prompt_and_empty_prompt_in_one_call(text_runs, captioned, monkeypatch, tmp_path):
+    """The training batch's prompts and the run's empty prompt stack (same padding, same dtype), so the CFG teacher
+    of sCD runs once per step on the stacked batch (`loss.cfg_one_call`), and not at all twice."""
+    import scm.conditioning as conditioning
+
+    stacked, stack = [], conditioning._stacked
+    monkeypatch.setattr(conditioning, "_stacked", lambda c, u: stacked.append(stack(c, u)) or stacked[-1])
+    student = make_config("dit-tiny-text-28", "scd", SMALL, data=str(captioned[0]), out=str(tmp_path / "s"),
+                          kimg=0.032, batch=16, teacher=str(text_runs[0]))
+    train(student)
+    assert len(stacked) == 2 and all(s is not None and s["text"].shape[0] == 32 for s in stacked)
+
+
 def test_a_prompt_changes_the_image_and_the_same_prompt_repeats_it(text_runs):
     from scm.generate import Sampler, generate
 

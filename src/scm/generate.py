@@ -176,7 +176,10 @@ class _Batches:
         self.conditioning = Conditioning.of_run(run.cfg)
         self.conditioning.check(class_labels, guidance, prompts)
         self.device = torch.device(device) if device is not None else next(run.net.parameters()).device
-        self.fn = self.conditioning.network(run.net.to(self.device))
+        # CFG's two evaluations in one call: on CUDA always; on the CPU up to 64 stacked rows, past which two
+        # calls measured as fast or faster (`scm.conditioning.guided`)
+        stack = None if self.device.type == "cuda" else 64
+        self.fn = self.conditioning.network(run.net.to(self.device), max_stacked=stack)
         self.latent, self.vae = (run.latent if decode else None), None
         if self.latent is not None:  # the VAE is loaded (and its absence reported) before any network runs
             from scm.data.latents import decoder

@@ -47,7 +47,7 @@ class TextDemoBudget:
     tiny budget the test suite uses."""
 
     teacher_minutes: float = 75.0     # --full only
-    scd_kimg: float = 30.0            # ≈ 19 % of the committed teacher's training compute (sCD step: 1.76× diffusion's)
+    scd_kimg: float = 27.0            # ≤ 20 % of the committed teacher's training compute (guided sCD step ≤ 2.01×)
     scd_minutes: float = 12.0         # a cap, for slower machines (about 8 minutes on 2 CPU cores)
     scd_batch: int = 32               # twice batch 64's optimizer steps for the same images: better attributes
     scd_P_mean: float = -0.6          # a little more of the high noise levels than the preset's −0.8 (−0.4 collapsed)
