@@ -15,8 +15,9 @@ real for SD3, Flux and SDXL, as their pipelines and `scm.diffusers.pipeline_text
 - **sCD step / teacher forward**: one training step (`scm.objectives.ConsistencyLoss` with the teacher, guidance
   s ~ U[1, 3] fed to the student's guidance input; objective, backward and, where the family has one, an Adam
   update, as `scm.train` runs it) over one no-grad forward of the teacher at the same batch. The step's teacher is
-  guided by CFG, two evaluations (the prompt's and the empty prompt's), except Flux-dev, which takes the scale as
-  an input (one evaluation): the JSON records `teacher_evals_per_step`;
+  guided by CFG, two evaluations (the prompt's and the empty prompt's, stacked into one call of twice the batch:
+  `loss.cfg_one_call`), except Flux-dev, which takes the scale as an input (one evaluation): the JSON records
+  `teacher_evals_per_step`;
 - **peak memory** per case, measured fresh for each (on CUDA `torch.cuda.max_memory_allocated` after
   `reset_peak_memory_stats`, absolute and above what was allocated before the case; on the CPU the growth of the
   process's peak RSS over one call: VmHWM reset through /proc/self/clear_refs, free heap handed back with
