@@ -30,15 +30,18 @@
 #      checkpointing, LoRA r=64, LoRA + checkpointing (the goal: under 80 GB at batch 16, so first), batch 16 then 4
 #      (benchmarks/memory.py --size real);
 #   7. `scm serve` on the GPU: latency percentiles of one client and of 20 (benchmarks/serve_load.py);
-#   8. scm's attention kernel tests on CUDA (tests/test_attention_triton.py, test_attention_mask.py run the real
-#      kernels where CUDA is; each shape compiles, so the cap may cut them short).
+#   8. the attention kernels' launch configurations tuned on the card (block shapes, warps, stages), against the
+#      goals of the forward within 1.2× SDPA's flash forward and the fused tangent at d = 128 within 2.5× per FLOP of
+#      d = 64; the card's table comes back as attention_tuning.json (benchmarks/kernel_tune.py);
+#   9. scm's attention kernel tests on CUDA (tests/test_attention_triton.py, test_attention_mask.py run the real
+#      kernels where CUDA is; each shape compiles, so the cap may cut them short): not in the two calls above.
 # A section gets what is left of BUDGET_S (less 30 s) when that is below its own cap, and is skipped under 30 s.
 # Results: $OUT (the device tool's folder; default benchmarks/results/gpu): log.txt and gpu_owed.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-benchmarks/results/gpu}
 NAME=gpu_owed
-SECTIONS=${SECTIONS:-1 2 3 4 5 6 7 8}
+SECTIONS=${SECTIONS:-1 2 3 4 5 6 7 8 9}
 BUDGET_S=${BUDGET_S:-720}
 PY=${PY:-python3}
 export DEV=${DEV:-cuda}
@@ -54,12 +57,13 @@ if [ "$DEV" = cuda ]; then
     TEXT_STEP=(--net DiT-XL/2-text --res 32 --channels 4 --batch 32 --text-tokens 120 --precision bf16 --repeats 5)
     PEER=(--budget-s 100); T2I=(--size real --budget-s 40 --total-budget-s 150)
     MEMORY=(--size real --batches 16,4 --variants 5,4,3,1,2 --repeats 2 --budget-s 110); SERVE=(--requests 20)
+    TUNE=(--budget-s 130 --table "$R/attention_tuning.json")
 else  # dry run on the CPU: the same steps at toy sizes
     CAPTURED=(--net "tiny-28-sct net.num_blocks=1" --batch 1 --repeats 1)
     TEXT_STEP=(--net dit-tiny-text --batch 2 --repeats 1)
     PEER=(--quick); T2I=(--size real --shrink --families pixart,sd3 --repeats 1)
     MEMORY=(--size tiny --nets sd3-like --batches 2 --variants 5,1 --repeats 1 --budget-s 40)
-    SERVE=(--clients 2 --requests 2)
+    SERVE=(--clients 2 --requests 2); TUNE=(--quick)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } |
@@ -77,6 +81,10 @@ kernels() {
 kernel_tests() {  # the kernels' own tests, on CUDA where it is (each shape compiles: the cap may cut them short)
     capped 120 $PY -m pytest -q -p no:randomly -p no:cacheprovider tests/test_attention_mask.py \
         $([ "$DEV" = cuda ] && echo tests/test_attention_triton.py) 2>&1 | tail -5
+}
+
+tune() {
+    capped 160 $PY benchmarks/kernel_tune.py "${TUNE[@]}" --out "$R" | tail -24
 }
 
 captured() {
@@ -113,6 +121,7 @@ section "4. attention JVP: scm vs jvp-flash-attention vs SDPA math + forward AD"
 section "5. diffusers text-to-image families at real size" t2i || true
 section "6. sCD memory: full, checkpointing, LoRA, LoRA + checkpointing" memory || true
 section "7. scm serve on the GPU: one client and 20" serve || true
-section "8. the attention kernels' tests on CUDA" kernel_tests || true
+section "8. the attention kernels' launch configurations, tuned on the card" tune || true
+section "9. the attention kernels' tests on CUDA" kernel_tests || true
 stamp "done"
 pack

@@ -29,6 +29,7 @@ from scm.app.common import (
     writable_folder,
 )
 from scm.app.ema_cli import ema_app
+from scm.app.kernels_cli import kernels_app
 from scm.defaults import TEACHER_NFE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -519,6 +520,7 @@ def demo(
 data_app = typer.Typer(no_args_is_help=True, help="Built-in data sets.")
 app.add_typer(data_app, name="data")
 app.add_typer(ema_app, name="ema")  # scm ema reconstruct | sweep: post-hoc EMA (scm.app.ema_cli)
+app.add_typer(kernels_app, name="kernels")  # scm kernels tune: attention launch configurations (scm.app.kernels_cli)
 
 
 @data_app.command("fetch")

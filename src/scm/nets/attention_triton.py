@@ -44,6 +44,8 @@ from collections.abc import Sequence
 
 import torch
 
+from scm.nets import attention_tuning as tuning
+
 try:
     import triton
     import triton.language as tl
@@ -344,28 +346,39 @@ def _flags(dtype: torch.dtype) -> dict:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), first choice first; a launch that runs out of shared memory falls
 # back to the next one, and the choice is remembered per kernel, head dim and dtype. The first choices compile
-# for sm_90 without register spills (bf16; the fused kernel at d = 128 spills 24 bytes), measured with ptxas;
-# their speed is not tuned.
+# for sm_90 without register spills (bf16; the fused kernel at d = 128 spills 24 bytes), measured with ptxas.
+# A card's measured configuration (scm.nets.attention_tuning: the packaged table, or SCM_ATTENTION_TUNING's) goes
+# before them.
 _CANDIDATES = {
     "small": [(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],   # padded d ≤ 64
     "large": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1), (16, 16, 4, 1)],   # padded d = 128
 }
-_CHOSEN: dict[tuple, int] = {}
+_CHOSEN: dict[tuple, tuple] = {}
 
 
 def _out_of_resources(err: Exception) -> bool:
     return type(err).__name__ == "OutOfResources" or "out of resource" in str(err).lower()
 
 
-def _launch(kernel, length: int, by_keys: bool, bh: int, blocks, key: tuple, args: tuple, consts: dict,
-            device: torch.device) -> None:
-    """Run `kernel` on a grid (⌈length / block⌉, bh), the block being BLOCK_N when its programs tile the keys
-    (by_keys) and BLOCK_M otherwise, with the first candidate block sizes that fit the card."""
-    if blocks is not None:
-        candidates, start = [(*blocks, 4, 1)], 0
-    else:
-        candidates = _CANDIDATES["small" if max(consts["BLOCK_D"], consts["BLOCK_DV"]) <= 64 else "large"]
-        start = _CHOSEN.get(key, 0)
+def _candidates(name: str, dtype: torch.dtype, consts: dict, device: torch.device, blocks) -> tuple[list, bool]:
+    """(the configurations to try in order, whether the first is forced: no fallback, nothing remembered)."""
+    bd, bdv = consts["BLOCK_D"], consts["BLOCK_DV"]
+    forced = tuning.forced(name) or (None if blocks is None else (*blocks, 4, 1))
+    if forced is not None:
+        return [forced], True
+    defaults = _CANDIDATES["small" if max(bd, bdv) <= 64 else "large"]
+    measured = tuning.tuned(name, dtype, bd, bdv, device)
+    return ([measured] if measured else []) + [c for c in defaults if c != measured], False
+
+
+def _launch(kernel, name: str, length: int, by_keys: bool, bh: int, blocks, masked: bool, args: tuple,
+            consts: dict, device: torch.device) -> None:
+    """Run `kernel` (`name`: one of attention_tuning.KERNELS) on a grid (⌈length / block⌉, bh), the block being
+    BLOCK_N when its programs tile the keys (by_keys) and BLOCK_M otherwise, with the first candidate configuration
+    that fits the card (`_candidates`)."""
+    candidates, forced = _candidates(name, args[0].dtype, consts, device, blocks)
+    key = (name, args[0].dtype, masked, consts["BLOCK_D"], consts["BLOCK_DV"], candidates[0])
+    start = 0 if forced else candidates.index(_CHOSEN.get(key, candidates[0]))
     for i in range(start, len(candidates)):
         bm, bn, warps, stages = candidates[i]
         grid = (triton.cdiv(length, bn if by_keys else bm), bh)
@@ -373,11 +386,11 @@ def _launch(kernel, length: int, by_keys: bool, bh: int, blocks, key: tuple, arg
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         except Exception as err:
-            if i + 1 < len(candidates) and _out_of_resources(err):
+            if not forced and i + 1 < len(candidates) and _out_of_resources(err):
                 continue
             raise
-        if blocks is None:
-            _CHOSEN[key] = i
+        if not forced:
+            _CHOSEN[key] = candidates[i]
         return
 
 
@@ -435,8 +448,8 @@ def attention_forward(q, k, v, tq=None, tk=None, tv=None, *, scale: float, block
     args = (q, k, v, tq_, tk_, tv_, o, t_o, lse, *_strides(q), *_strides(k), *_strides(v),
             *_strides(tq_), *_strides(tk_), *_strides(tv_), *_strides(o), *_strides(t_o), h, n, nk, d, dv, scale,
             *_mask_args(key_mask, q))
-    key = ("fwd", q.dtype, tangent, key_mask is not None, consts["BLOCK_D"], consts["BLOCK_DV"])
-    _launch(_fwd_kernel, n, False, b * h, blocks, key, args, consts, q.device)
+    _launch(_fwd_kernel, "fwd_tangent" if tangent else "fwd", n, False, b * h, blocks, key_mask is not None, args,
+            consts, q.device)
     return o, (t_o if tangent else None), lse
 
 
@@ -456,8 +469,7 @@ def attention_tangent(q, k, v, o, lse, tq=None, tk=None, tv=None, *, scale: floa
     args = (q, k, v, tq_, tk_, tv_, o, lse, t_o, *_strides(q), *_strides(k), *_strides(v),
             *_strides(tq_), *_strides(tk_), *_strides(tv_), *_strides(o), *_strides(t_o), h, n, nk, d, dv, scale,
             *_mask_args(key_mask, q))
-    key = ("tangent", q.dtype, key_mask is not None, consts["BLOCK_D"], consts["BLOCK_DV"])
-    _launch(_tangent_kernel, n, False, b * h, blocks, key, args, consts, q.device)
+    _launch(_tangent_kernel, "tangent", n, False, b * h, blocks, key_mask is not None, args, consts, q.device)
     return t_o
 
 
@@ -476,11 +488,10 @@ def attention_backward(q, k, v, o, lse, d_o, *, scale: float, blocks: tuple[int,
     common = (h, n, nk, d, dv_, scale, *_mask_args(key_mask, q))
     args = (q, k, v, d_o, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(d_o),
             *_strides(dk), *_strides(dv), *common)
-    key = (q.dtype, key_mask is not None, consts["BLOCK_D"], consts["BLOCK_DV"])
-    _launch(_bwd_dkdv_kernel, nk, True, b * h, blocks, ("dkdv", *key), args, consts, q.device)
+    _launch(_bwd_dkdv_kernel, "dkdv", nk, True, b * h, blocks, key_mask is not None, args, consts, q.device)
     args = (q, k, v, d_o, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(d_o),
             *_strides(dq), *common)
-    _launch(_bwd_dq_kernel, n, False, b * h, blocks, ("dq", *key), args, consts, q.device)
+    _launch(_bwd_dq_kernel, "dq", n, False, b * h, blocks, key_mask is not None, args, consts, q.device)
     return dq, dk, dv
 
 
