@@ -4,7 +4,9 @@ a forced configuration never falls back, and the search times a space and keeps 
 equal the default's. Without CUDA the kernels run in Triton's interpreter, whose card is "cpu (Triton
 interpreter)"; the shapes are tiny because the interpreter is slow."""
 
+import importlib.resources
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +182,16 @@ def test_the_tuning_command_refuses_bad_arguments_and_a_machine_without_a_card(t
     code, output = cli("kernels", "tune", "--out", tmp_path / "t.json", *args)
     assert code == 2 and message in output, output
     assert not (tmp_path / "t.json").exists()
+
+
+def test_the_packaged_table_is_package_data():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"scm.nets" = ["attention_tuning.json"]' in pyproject
+    assert tuning.PACKAGED.name == "attention_tuning.json"
+
+
+def test_the_packaged_table_once_committed_is_well_formed():
+    if not tuning.PACKAGED.is_file():
+        pytest.skip("no card's table is packaged yet (benchmarks/kernel_tune.py on a lent GPU writes one)")
+    with importlib.resources.as_file(tuning.PACKAGED) as path:
+        assert tuning.read_table(path)
