@@ -246,8 +246,9 @@ def _as_tuple(x) -> tuple:
 
 
 def _run(kernel: str, batch: int, heads: int, n: int, d: int, dtype: torch.dtype, device: torch.device) -> Callable:
-    """A call of the kernel (both backward kernels for dkdv and dq) on random self-attention inputs [batch, heads,
-    n, d] whose outputs `search` compares."""
+    """A call of the kernel on random self-attention inputs [batch, heads, n, d] whose outputs `search` compares. For
+    dkdv and dq it is the whole backward (both kernels, the other one at its default), so their times and the 3 %
+    margin of `best_configs` are the backward's."""
     from scm.nets import attention_triton as kernels
 
     g = torch.Generator().manual_seed(0)
