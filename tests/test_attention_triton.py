@@ -241,3 +241,42 @@ def test_inputs_the_kernels_do_not_take_are_named(kernels):
     assert "float16, bfloat16 or float32" in kernels.unsupported(ok.double())
     assert "head dims up to 128" in kernels.unsupported(torch.empty(2, 3, 5, 192))
     assert "(batch, head) pairs" in kernels.unsupported(torch.empty(65536, 1, 2, 16))  # the grid's y limit
+
+
+def test_the_kernel_operators_fake_implementations_agree_with_the_kernels(kernels):
+    """torch.library.opcheck: each operator's fake (meta) implementation gives the real outputs' shapes, dtypes and
+    strides (test_faketensor), and AOTAutograd traces it (test_aot_dispatch_dynamic); with a padding mask, and with
+    absent tangents."""
+    dev = kernel_device()
+    (q, k, v), (tq, tk, tv) = _inputs(2, 1, 20, 20, 16, 16)
+    q, k, v, tq, tk, tv = (x.to(dev) for x in (q, k, v, tq, tk, tv))
+    mask = torch.ones(2, 20, dtype=torch.bool, device=dev)
+    mask[1, 5:] = False
+    o, lse = kernels.forward_op(q, k, v, 0.25, BLOCKS, None)
+    cases = [(kernels.forward_op, (q, k, v, 0.25, BLOCKS, None)), (kernels.forward_op, (q, k, v, 0.25, BLOCKS, mask)),
+             (kernels.jvp_op, (q, k, v, tq, None, tv, 0.25, BLOCKS, mask)),
+             (kernels.tangent_op, (q, k, v, o, lse, tq, tk, tv, 0.25, BLOCKS, None)),
+             (kernels.backward_op, (q, k, v, o, lse, torch.randn_like(o), 0.25, BLOCKS, mask))]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def test_torch_compile_traces_the_kernel_attention_in_one_graph(kernels):
+    """The layer's kernel path (as on a GPU) compiles whole (fullgraph: no break at the operator) and equals eager.
+    Under no grad: with gradients wanted, dynamo refuses any autograd Function that has a jvp rule (torch 2.13:
+    "Unsupported custom jvp"), the math path's as well."""
+    from scm.nets.attention import _TritonAttention
+
+    dev = kernel_device()
+    (q, k, v), _ = _inputs(2, 1, 20, 24, 16, 16, seed=3)
+    q, k, v = (x.to(dev) for x in (q, k, v))
+    mask = torch.ones(2, 24, dtype=torch.bool, device=dev)
+    mask[0, 7:] = False
+
+    def layer(q, k, v, mask):
+        return _TritonAttention.apply(q, k, v, 0.25, BLOCKS, mask)[0] * 2 + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask), layer(q, k, v, mask), atol=0, rtol=0)

@@ -545,3 +545,28 @@ def backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
                 key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, dV)."""
     return attention_backward(q, k, v, o, lse, d_o, scale=scale, blocks=_b(blocks), key_mask=key_mask)
+
+
+# Fake (meta) implementations: the shapes and dtypes of each operator's outputs without running a kernel, so that
+# torch.compile (dynamo, AOTAutograd) traces through the operators instead of breaking the graph around them.
+@forward_op.register_fake
+def _(q, k, v, scale, blocks=None, key_mask=None):
+    b, h, n, _ = q.shape
+    return q.new_empty(b, h, n, v.shape[3]), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@jvp_op.register_fake
+def _(q, k, v, tq, tk, tv, scale, blocks=None, key_mask=None):
+    b, h, n, _ = q.shape
+    return q.new_empty(b, h, n, v.shape[3]), q.new_empty(b, h, n, v.shape[3]), q.new_empty(b, h, n,
+                                                                                              dtype=torch.float32)
+
+
+@tangent_op.register_fake
+def _(q, k, v, o, lse, tq, tk, tv, scale, blocks=None, key_mask=None):
+    return torch.empty_like(_unit_stride(o))
+
+
+@backward_op.register_fake
+def _(q, k, v, o, lse, d_o, scale, blocks=None, key_mask=None):
+    return tuple(torch.empty_like(_unit_stride(x)) for x in (q, k, v))
