@@ -73,3 +73,28 @@ def test_the_captured_sampler_gives_the_eager_samplers_images(tmp_path):
     breaks = {k: dict(torch._dynamo.utils.counters[k]) for k in ("graph_break", "unimplemented")}
     assert not any(breaks.values()), breaks
     torch._dynamo.reset()
+
+
+def test_the_captured_sampler_holds_more_graphs_than_dynamos_default(tmp_path):
+    """A graph per batch shape: past dynamo's default limit of 8 recompilations a new shape would run eagerly, with
+    only a log line; the captured sampler makes room (`scm serve` alone makes up to 21)."""
+    from scm.generate import Sampler, generate
+    from scm.runs import network_run
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = make_config("tiny-28-sct", overrides=["net.num_blocks=1", "net.channel_mult=1"])
+    net = build_net(cfg.net, cfg.loss.sigma_d)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    run = network_run(cfg, net.state_dict(), source=tmp_path, ema_std=None, step=0)
+    torch._dynamo.utils.counters.clear()
+    for n in range(1, 11):
+        generate(run, n, Sampler(steps=1), batch=n, progress=False, captured=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10
+    eager, _ = generate(run, 10, Sampler(steps=1), batch=10, progress=False)
+    captured, _ = generate(run, 10, Sampler(steps=1), batch=10, progress=False, captured=True)
+    assert torch.equal(captured, eager)
+    torch._dynamo.reset()

@@ -82,6 +82,13 @@ def test_eval_writes_json_and_markdown(runs, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "ev-ts08.json").read_text())["rows"][0]["FD-SHAPES"] == row["FD-SHAPES"]
     code, text = cli("eval", "--ckpt", teacher, "--ref", ref, "--nfe", 3, "--n", 8, "--out", tmp_path / "ev2")
     assert code == 0, text
+    # --captured: the steps and network as one compiled graph give the eager samples on the CPU, so the same scores
+    code, text = cli("eval", "--ckpt", student, "--ref", ref, "--steps", 1, "--steps", 2, "--n", 24, "--batch", 12,
+                     "--captured", "--out", tmp_path / "ev-captured")
+    assert code == 0, text
+    captured = json.loads((tmp_path / "ev-captured.json").read_text())
+    assert captured["captured"] is True and result["captured"] is False
+    assert [r["FD-SHAPES"] for r in captured["rows"]] == [r["FD-SHAPES"] for r in result["rows"]]
     # the cached reference statistics can be given directly
     stats = next((tmp_path / "data" / "refs").glob("*.npz"))
     code, text = cli("eval", "--ckpt", student, "--ref", stats, "--steps", 1, "--n", 8, "--out", tmp_path / "ev3")

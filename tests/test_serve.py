@@ -626,3 +626,33 @@ def test_generate_many_equals_each_request_alone(runs):
 
     with pytest.raises(SamplerError, match="t_mid"):
         ServedModel(load_run(runs["teacher"]), "teacher", steps=(5,), t_mid=0.7)
+
+
+def test_a_captured_model_pads_the_joint_batch_and_gives_the_eager_images(runs):
+    """--captured: one compiled graph per (batch, steps), the joint batch padded to a power of two (6 images → 8);
+    warm_up captures the request sizes before the first request; the images are the eager model's. A diffusion
+    run is not captured."""
+    import torch._dynamo
+
+    from scm.runs import load_run
+    from scm.serve.models import Query, ServedModel, captured_batch
+
+    assert [captured_batch(n) for n in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
+    run = load_run(runs["student"])
+    eager, captured = ServedModel(run, "student"), ServedModel(run, "student", batches=(1, 4), captured=True)
+    assert captured.describe()["captured"] and not eager.describe()["captured"]
+    assert not ServedModel(load_run(runs["teacher"]), "teacher", steps=(5,), captured=True).captured
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    captured.warm_up()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # batches 1 and 4 at the default 2 steps
+    queries = [Query("student", None, 3, 2, 1, 1.5, 1), Query("student", None, 9, 2, None, 1.5, 4),
+               Query("student", None, 5, 2, 2, 1.5, 1)]
+    for a, b in zip(eager.generate_many(queries), captured.generate_many(queries), strict=True):
+        x, y = (np.asarray(Image.open(io.BytesIO(g.png)), dtype=int) for g in (a, b))
+        # another batch (8 rows, not 6) may round a pixel across one quantisation step, no more
+        assert x.shape == y.shape and np.abs(x - y).max() <= 1 and b.batched == 3
+    breaks = {k: dict(torch._dynamo.utils.counters[k]) for k in ("graph_break", "unimplemented")}
+    assert not any(breaks.values()), breaks
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # + the padded batch of 8
+    torch._dynamo.reset()

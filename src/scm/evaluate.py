@@ -26,14 +26,15 @@ __all__ = ["evaluate", "evaluate_setting", "open_checked_reference"]
 
 def evaluate_setting(run: LoadedRun, sampler: Sampler, space: FeatureSpace, ref: RefStats, n: int, *,
                      seed: int = 0, batch: int = 256, guidance: float | None = None, grid_path: Path | None = None,
-                     grid_count: int = 64, progress: bool = False,
-                     prompts: list[str] | None = None) -> tuple[dict, torch.Tensor]:
+                     grid_count: int = 64, progress: bool = False, prompts: list[str] | None = None,
+                     captured: bool = False) -> tuple[dict, torch.Tensor]:
     """Generate n samples (a text run: sample i from prompt i mod their number), score them (metric, KID,
     precision, recall, recognisability; prompt adherence where the prompts are captioned MNIST's) and, with
     `grid_path`, save a grid of the first `grid_count` (enlarged for small images). Non-finite samples score ∞
-    instead of failing. Returns (row, images)."""
+    instead of failing. `captured`: a consistency run's sampler and network as one compiled graph (`generate`).
+    Returns (row, images)."""
     images, seconds = generate(run, n, sampler, batch=batch, seed=seed, guidance=guidance, progress=progress,
-                               prompt=prompts)
+                               prompt=prompts, captured=captured)
     finite = bool(torch.isfinite(images).all())
     labels = asked_labels(run, space, n)
     scores = measure(images, space, ref, seed=seed, labels=labels) if finite else {space.metric: math.inf}
@@ -75,17 +76,18 @@ def save_samples_grid(items: torch.Tensor, path: Path) -> Path:
 
 def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metric: str = "fd", batch: int = 256,
              seed: int = 0, inception=None, log=print, guidance: float | None = None,
-             prompts: list[str] | None = None) -> dict:
+             prompts: list[str] | None = None, captured: bool = False) -> dict:
     """Every sampler setting of `samplers` against the reference `ref` (a data set or a statistics file). A run
     on latents is measured on its decoded samples, so `ref` must be images (those the latents came from). A text
     run samples from `prompts`, by default the first captions of a captioned `ref` (`mnist-captions:test`: the
-    held-out captions), sample i from item i's."""
+    held-out captions), sample i from item i's. `captured`: as `evaluate_setting`'s."""
     prompts = eval_prompts(run, ref, n, prompts)
     space, stats = open_checked_reference(run, samplers, ref, n, metric=metric, inception=inception, log=log,
                                           guidance=guidance, prompts=prompts)
     rows = []
     for s in samplers:
-        row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance, prompts=prompts)
+        row, _ = evaluate_setting(run, s, space, stats, n, seed=seed, batch=batch, guidance=guidance, prompts=prompts,
+                                  captured=captured)
         rows.append(row)
         log(f"{row['sampler']}: {space.metric} {row[space.metric]:.2f}, {row['images_per_second']:.1f} img/s"
             + (f", digit accuracy {row['digit_accuracy']:.1%}" if row.get("digit_accuracy") is not None else "")
@@ -93,7 +95,7 @@ def evaluate(run: LoadedRun, samplers: list[Sampler], ref: str, n: int, *, metri
             + (f", temporal consistency {row['temporal_consistency']:.1%}" if "temporal_consistency" in row else ""))
     return {"run": str(run.checkpoint), "method": run.cfg.method, "ema_std": run.ema_std, "step": run.step,
             "reference": stats.source, "metric": space.metric, "n": n, "batch": batch, "seed": seed,
-            "guidance": guidance, "prompts": len(prompts) if prompts else None,
+            "guidance": guidance, "prompts": len(prompts) if prompts else None, "captured": captured,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
 
 

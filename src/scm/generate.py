@@ -159,6 +159,19 @@ def _captured_steps(device_type: str):
     return torch.compile(consistency_steps, backend="aot_eager", dynamic=False)
 
 
+# Graphs one captured sampler may hold: one per (batch shape, steps, dtype); `scm serve` alone makes up to 7 batch
+# shapes × 3 step counts. Past dynamo's default of 8 a new shape would silently run eagerly.
+_CAPTURED_GRAPHS = 64
+
+
+def _room_for_graphs():
+    """Dynamo's recompile limit raised to _CAPTURED_GRAPHS for one captured call (named cache_size_limit before
+    torch 2.6)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), _CAPTURED_GRAPHS)})
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a deliberate host-device synchronisation: timing
@@ -197,7 +210,8 @@ class _Batches:
             x = ode_sample(self.fn, noise, self.ts, sd, solver=self.sampler.solver, **cond)
         elif self.captured:  # (a CUDA graph's output is overwritten by its next replay: cloned)
             renoise = renoise_draws(noise, len(self.ts) - 1, sd, gens)
-            x = _captured_steps(device.type)(self.fn, noise, renoise, self.ts, sd, **cond).clone()
+            with _room_for_graphs():
+                x = _captured_steps(device.type)(self.fn, noise, renoise, self.ts, sd, **cond).clone()
         else:
             x = consistency_sample(self.fn, noise, self.ts, sd, generator=gens, **cond)
         _sync(device)
@@ -240,16 +254,16 @@ def generate(run: LoadedRun, n: int, sampler: Sampler, *, batch: int = 256, seed
 
 @torch.no_grad()
 def generate_items(run: LoadedRun, sampler: Sampler, items: list[tuple], *, guidance: float | None = None,
-                   device=None, decode: bool = True) -> tuple[torch.Tensor, float]:
+                   device=None, decode: bool = True, captured: bool = False) -> tuple[torch.Tensor, float]:
     """The images (seed, i, class_label) — (seed, i, class_label, prompt) for a text run — of `items` in one batch:
     each equal to image i of `generate(seed=seed, class_label=class_label, prompt=prompt)` (up to the batch's
     floating-point differences), so that requests with different seeds, classes and prompts can share a network
-    call (`scm serve`). Returns the images and the seconds, as `generate`."""
+    call (`scm serve`). Returns the images and the seconds, as `generate` (`captured` too)."""
     if not items:
         raise SamplerError("items: need at least one image", key="n")
     labels = [item[2] for item in items]
     prompts = [item[3] for item in items] if all(len(item) > 3 and item[3] is not None for item in items) else None
-    images = _Batches(run, sampler, device, decode, labels, guidance, prompts=prompts)
+    images = _Batches(run, sampler, device, decode, labels, guidance, captured, prompts=prompts)
     gens = [image_generator(item[0], item[1], images.device) for item in items]
     index = torch.tensor([item[1] for item in items], device=images.device)
     return images(gens, images.conditioning.sample_inputs(index, labels, guidance, prompts)), images.elapsed

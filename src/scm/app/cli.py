@@ -340,6 +340,9 @@ def eval_(
     = None,
     out: Annotated[str | None, typer.Option(help="output stem (default RUN/eval/<time>)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    captured: Annotated[bool, typer.Option("--captured", help="consistency runs: sampler and network as one "
+                                                              "compiled graph per batch shape (CUDA graphs on a "
+                                                              "GPU)")] = False,
 ):
     """Measure a run's samples (FD-<dataset> or FID, KID, precision/recall; a text model's prompt adherence on
     captioned MNIST: digit accuracy and attribute agreement) per sampler setting; JSON + Markdown."""
@@ -364,7 +367,8 @@ def eval_(
                 else [Sampler(steps=1), Sampler(steps=2, t_mid=t_mid)]
         stem = Path(out) if out else Path(ckpt) / "eval" / time.strftime("eval-%Y%m%d-%H%M%S")
         result = evaluate(run, samplers, ref, n, metric=metric, batch=batch, seed=seed, inception=inception,
-                          log=lambda m: print(m, file=sys.stderr), guidance=guidance, prompts=asked)
+                          log=lambda m: print(m, file=sys.stderr), guidance=guidance, prompts=asked,
+                          captured=captured)
         stem.parent.mkdir(parents=True, exist_ok=True)
         if stem.suffix in (".json", ".md"):  # a stem is also accepted with either file's suffix
             stem = stem.with_suffix("")
@@ -421,6 +425,9 @@ def serve(
     allowed_host: Annotated[list[str] | None, typer.Option(help="a name the page may be reached by (repeatable; "
                                                                  "* = any). Default: on a loopback --host, localhost, "
                                                                  "127.0.0.1 and ::1 only; elsewhere any")] = None,
+    captured: Annotated[bool, typer.Option("--captured", help="a consistency run: sampler and network as one "
+                                                              "compiled graph per batch (CUDA graphs on a GPU), "
+                                                              "the request sizes captured at start-up")] = False,
 ):
     """Generate in the browser: a page whose images follow its controls (seed, class or prompt, steps, guidance,
     number of images) as they move, with the time per image; with --teacher, the teacher's images from the same noise
@@ -450,7 +457,7 @@ def serve(
         with ThreadPoolExecutor(1) as loader:  # a thread that ends: no torch thread team of its own is left
             run = loader.submit(load, ckpt, ema, False, device).result()
             teacher_run = None if teacher is None else loader.submit(load, teacher, None, False, device).result()
-        student = ServedModel(run, "student", t_mid=t_mid)
+        student = ServedModel(run, "student", t_mid=t_mid, captured=captured)
         served_teacher = None
         if teacher_run is not None:
             check_pair(run, teacher_run)

@@ -47,7 +47,8 @@ from scm.sampling import TEACHER_NFE
 from scm.text import MAX_PROMPT_CHARS, check_prompts
 
 __all__ = ["BATCHES", "CONSISTENCY_STEPS", "DIFFUSION_NFES", "ECHO_MAX", "GUIDANCE_DECIMALS", "GUIDANCE_MAX",
-           "MNIST_PROMPTS", "PARAMETERS", "SEED_MAX", "Query", "ServedModel", "bounded_echo", "check_pair",
+           "MNIST_PROMPTS", "PARAMETERS", "SEED_MAX", "Query", "ServedModel", "bounded_echo", "captured_batch",
+           "check_pair",
            "example_prompts", "parse_query"]
 
 SEED_MAX = 2**31 - 1
@@ -163,13 +164,18 @@ class ServedModel:
     it takes classes, prompts and a guidance scale, and `generate(query)` → PNG bytes and timings.
 
     `steps` overrides the allowed step counts / NFEs (a teacher beside a student is served at one NFE); `t_mid`
-    the intermediate time of a consistency run's 2+ steps (default: the run's own)."""
+    the intermediate time of a consistency run's 2+ steps (default: the run's own). `captured`: a consistency run's
+    sampler and network as one compiled graph per (batch, steps) (`generate`; CUDA graphs on a GPU), the joint
+    batch padded to a power of two so that few shapes occur; `warm_up` captures the request sizes at the default
+    steps before the first request, other sizes and steps on their first use."""
 
     def __init__(self, run: LoadedRun, name: str, *, steps: Iterable[int] | None = None,
-                 default_steps: int | None = None, batches: Iterable[int] = BATCHES, t_mid: float | None = None):
+                 default_steps: int | None = None, batches: Iterable[int] = BATCHES, t_mid: float | None = None,
+                 captured: bool = False):
         self.run, self.name, self.t_mid = run, name, t_mid
         cfg = run.cfg
         self.diffusion = cfg.method == "diffusion"
+        self.captured = captured and not self.diffusion  # a diffusion run's ODE is not captured (`generate`)
         self.steps = tuple(steps) if steps is not None else (DIFFUSION_NFES if self.diffusion else CONSISTENCY_STEPS)
         for k in self.steps:  # validated once, here: every allowed value is a valid sampler for this run
             self.sampler(k).times(run)
@@ -247,6 +253,7 @@ class ServedModel:
             "default_guidance": self.default_guidance,
             "guidance_range": self.guidance_range(),
             "batches": list(self.batches),
+            "captured": self.captured,
             "conditioning": self.conditioning.kind,
             "prompt_max_chars": MAX_PROMPT_CHARS if self.takes_prompt else None,
             "example_prompts": self.example_prompts,
@@ -313,8 +320,12 @@ class ServedModel:
         sampler = self.sampler(steps)
         items = [(q.seed, i, q.class_label, *([q.prompt] if self.takes_prompt else [])) for q in queries
                  for i in range(q.batch)]
-        images, seconds = generate_items(self.run, sampler, items, guidance=guidance, device=self.device)
-        out, start, total = [], 0, len(items)
+        total = len(items)
+        if self.captured:  # padded with copies of the first image (each image is its own: the others are unchanged)
+            items += [items[0]] * (captured_batch(total) - total)
+        images, seconds = generate_items(self.run, sampler, items, guidance=guidance, device=self.device,
+                                         captured=self.captured)
+        out, start = [], 0
         for q in queries:
             part = images[start:start + q.batch]
             start += q.batch
@@ -329,6 +340,12 @@ class ServedModel:
         prompt = (self.example_prompts or [""])[0] if self.takes_prompt else None
         for b in self.batches:
             self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b, prompt))
+
+
+def captured_batch(n: int) -> int:
+    """The batch a captured model generates n images in: the next power of two (at most 7 graphs up to 64 images
+    per step count)."""
+    return 1 << (n - 1).bit_length()
 
 
 def bounded_echo(text: str, limit: int = ECHO_MAX) -> str:
