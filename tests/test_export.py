@@ -261,3 +261,22 @@ def test_export_errors_name_what_is_wrong(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     expect([run_dirs["sct"], tmp_path / "o6"], "pip install scm[diffusers]")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir() if p.name != "empty")
+
+
+def test_the_pipelines_network_compiles_as_one_graph(runs):
+    """The exported pipeline's network compiles whole (`pipe.model = torch.compile(pipe.model)`; on a GPU
+    mode="reduce-overhead" replays it as CUDA graphs), guidance input included, and the pipeline then gives the
+    eager samples (on the CPU a graph of PyTorch's own kernels: the same arithmetic)."""
+    import torch._dynamo
+
+    _, _, exported = runs
+    pipe = pipeline(exported["guided"])
+    eager = pipe(batch_size=3, num_inference_steps=2, seed=4, guidance_scale=1.5, output_type="latent").images
+    torch._dynamo.reset()
+    try:
+        pipe.model = torch.compile(pipe.model, backend="aot_eager", fullgraph=True)
+        for _ in range(2):  # the second call replays the graph
+            again = pipe(batch_size=3, num_inference_steps=2, seed=4, guidance_scale=1.5, output_type="latent").images
+            assert torch.equal(again, eager)
+    finally:
+        torch._dynamo.reset()
