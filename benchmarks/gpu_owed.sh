@@ -18,7 +18,8 @@
 #      float64 math: O, tangent, LSE, backward, fp32 and bf16 (benchmarks/kernel_check.py; if it fails, the later
 #      sections run attention on the math path);
 #   2. the captured sampler vs the eager one, bf16, batch 1 and 64, 1 and 2 steps: XXL U-Net (64×64×4) and
-#      DiT-XL/2 (32×32×4), with their largest image difference (benchmarks/gpu_captured.py);
+#      DiT-XL/2 (32×32×4), with their largest image difference, and the same steps captured by torch.cuda.CUDAGraph
+#      directly (no compiler) beside them (benchmarks/gpu_captured.py);
 #   3. the text DiT's training-step cost at DiT-XL/2-text size, 120-token prompts, bf16: diffusion, sCT, sCD (and
 #      sCD with a guided teacher, its two evaluations in one call or two), time and peak memory; the variants share
 #      one network on the card (benchmarks/step_cost.py);
