@@ -172,3 +172,19 @@ def test_resume_without_checkpoint_and_existing_runs(shapes_npz, tmp_path):
     expect_error(args_for(shapes_npz, other), "not empty")
     expect_error(args_for(shapes_npz, other, "tiny-28-diffusion", "--resume"), "not empty")
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_malformed_attention_tuning_table_is_refused_before_training(shapes_npz, tmp_path, monkeypatch):
+    from scm.nets import attention_tuning
+
+    table = tmp_path / "tuning.json"
+    table.write_text('{"format": 1, "cards": {"X": {"configs": {"fwd/bfloat16/d64x64": [64, 64, 4]}}}}')
+    monkeypatch.setenv(attention_tuning.ENV, str(table))
+    attention_tuning.reload()
+    try:
+        out = tmp_path / "run"
+        expect_error(["--preset", "tiny-28-sct", "--data", shapes_npz, "--out", out, "--kimg", "0.01", *RUN],
+                     "tuning.json: card 'X', key 'fwd/bfloat16/d64x64'", out)
+    finally:
+        monkeypatch.delenv(attention_tuning.ENV)
+        attention_tuning.reload()

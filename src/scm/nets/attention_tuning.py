@@ -38,7 +38,8 @@ import torch
 
 from scm.errors import ConfigError
 
-__all__ = ["ENV", "KERNELS", "SEARCH_SPACE", "best_configs", "card_name", "check_config", "forced", "forcing",
+__all__ = ["ENV", "KERNELS", "SEARCH_SPACE", "best_configs", "card_name", "check_config", "check_tables", "forced",
+           "forcing",
            "read_table", "reload", "search", "table_key", "tune", "tuned", "write_table"]
 
 ENV = "SCM_ATTENTION_TUNING"
@@ -123,6 +124,12 @@ def _tables() -> dict[str, dict[str, Config]]:
         for card, configs in table.items():
             merged.setdefault(card, {}).update(configs)
     return merged
+
+
+def check_tables() -> None:
+    """Read the tables now (the packaged one and SCM_ATTENTION_TUNING's), so that a malformed one is an error where a
+    command starts rather than at the first kernel launch."""
+    _tables()
 
 
 def reload() -> None:

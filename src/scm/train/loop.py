@@ -26,6 +26,7 @@ from scm.data.dataset import Dataset
 from scm.errors import ConfigError, RunError, TrainingStopped, UnverifiedWarning
 from scm.files import atomic_write
 from scm.integrity import one_unverified_warning
+from scm.nets.attention_tuning import check_tables
 from scm.runs import RunDir
 from scm.train.batches import BatchPlan, micro_batches
 from scm.train.build import build, build_objective
@@ -79,6 +80,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Dataset | None = None
 
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, data: Dataset | None) -> TrainResult:
+    check_tables()  # SCM_ATTENTION_TUNING, when set: a malformed table is refused before anything is loaded
     data = load_dataset(cfg.data) if data is None else data
     cfg, run = resolve(cfg, data), RunDir(cfg.out)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
