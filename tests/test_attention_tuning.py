@@ -195,3 +195,19 @@ def test_the_packaged_table_once_committed_is_well_formed():
         pytest.skip("no card's table is packaged yet (benchmarks/kernel_tune.py on a lent GPU writes one)")
     with importlib.resources.as_file(tuning.PACKAGED) as path:
         assert tuning.read_table(path)
+
+
+def test_kernels_show_names_the_table_entry_or_the_default(kernels, table_env):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's card is what the table names here")
+    table = table_env({tuning.INTERPRETER: {"configs": {"dq/float32/d16x16": [32, 16, 4, 1]}}})
+    code, output = cli("kernels", "show", "--dims", "12", "--dtype", "float32")
+    assert code == 0, output
+    assert f"{tuning.ENV} {table}" in output and "card: cpu (Triton interpreter)" in output
+    assert "dq/float32/d16x16: BLOCK_M 32, BLOCK_N 16, 4 warps, 1 stages (table)" in output
+    first = kernels._CANDIDATES["small"][0]
+    assert f"fwd/float32/d16x16: BLOCK_M {first[0]}, BLOCK_N {first[1]}" in output and "(default)" in output
+    table.write_text("{broken")
+    tuning.reload()
+    code, output = cli("kernels", "show")
+    assert code == 2 and "not a readable JSON attention tuning table" in output

@@ -3,6 +3,7 @@ that the kernels read (`scm.nets.attention_tuning`; then `export SCM_ATTENTION_T
 
     scm kernels tune --out my-card.json [--dims 64 --dims 128] [--n 4096] [--batch 4] [--heads 16]
                      [--dtype bfloat16] [--budget-s S]
+    scm kernels show [--dims 64 --dims 128] [--dtype bfloat16]      # what each kernel launches with here
 """
 
 from __future__ import annotations
@@ -62,3 +63,40 @@ def tune(
         print(f"{key}: default {r['default_ms']:.4f} ms, fastest searched {r['best']} "
               f"{r['best_ms'] if r['best_ms'] is None else round(r['best_ms'], 4)} ms ({kept})")
     print(f"wrote {len(best)} configurations for {card} to {out}; use them with SCM_ATTENTION_TUNING={out}")
+
+
+@kernels_app.command("show")
+def show(
+    dims: Annotated[list[int] | None, typer.Option(help="head dims (repeatable; default 64 and 128)")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+):
+    """The launch configuration each attention kernel tries first on this card: its table entry (the packaged
+    table, then SCM_ATTENTION_TUNING's), else the default list's first."""
+    dims = dims or [64, 128]
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    if any(not 1 <= d <= 128 for d in dims):
+        fail(f"--dims {dims}: head dims lie in 1..128")
+    import os
+
+    import torch
+
+    from scm.nets import attention_triton as kernels
+    from scm.nets import attention_tuning as tuning
+
+    if not torch.cuda.is_available() and not kernels.interpreting():
+        fail("no CUDA card here: the attention kernels run on CUDA (tests: in Triton's interpreter)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tuning.check_tables()
+    except USER_ERRORS as e:
+        fail_on(e)
+    user = os.environ.get(tuning.ENV, "").strip()
+    print(f"card: {tuning.card_name(device)}; tables: packaged {'yes' if tuning.PACKAGED.is_file() else 'none'}, "
+          f"{tuning.ENV} {user or 'unset'}")
+    for kernel in tuning.KERNELS:
+        for d in dims:
+            block = max(16, 1 << (d - 1).bit_length())
+            config, source = kernels.first_choice(kernel, getattr(torch, dtype), block, block, device)
+            print(f"{tuning.table_key(kernel, getattr(torch, dtype), block, block)}: BLOCK_M {config[0]}, BLOCK_N "
+                  f"{config[1]}, {config[2]} warps, {config[3]} stages ({source})")

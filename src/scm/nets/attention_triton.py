@@ -53,7 +53,7 @@ except ImportError:  # the optional extra is not installed
     triton = None
 
 __all__ = ["MAX_HEAD_DIM", "attention_backward", "attention_forward", "attention_tangent", "available",
-           "backward_op", "forward_op", "interpreting", "jvp_op", "tangent_op", "unsupported"]
+           "backward_op", "first_choice", "forward_op", "interpreting", "jvp_op", "tangent_op", "unsupported"]
 
 MAX_HEAD_DIM = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -369,6 +369,16 @@ def _candidates(name: str, dtype: torch.dtype, consts: dict, device: torch.devic
     defaults = _CANDIDATES["small" if max(bd, bdv) <= 64 else "large"]
     measured = tuning.tuned(name, dtype, bd, bdv, device)
     return ([measured] if measured else []) + [c for c in defaults if c != measured], False
+
+
+def first_choice(name: str, dtype: torch.dtype, block_d: int, block_dv: int, device: torch.device) -> tuple:
+    """(the configuration a launch of kernel `name` tries first on `device`, "table" or "default"): the card's table
+    entry (`scm.nets.attention_tuning`), else the first of the default list (a card short of shared memory then
+    falls back down that list)."""
+    measured = tuning.tuned(name, dtype, block_d, block_dv, device)
+    if measured is not None:
+        return measured, "table"
+    return _CANDIDATES["small" if max(block_d, block_dv) <= 64 else "large"][0], "default"
 
 
 def _launch(kernel, name: str, length: int, by_keys: bool, bh: int, blocks, masked: bool, args: tuple,
