@@ -1,5 +1,6 @@
 """`scm kernels tune`: measure the attention kernels' launch configurations on this card and write them to a table
-that the kernels read (`scm.nets.attention_tuning`; then `export SCM_ATTENTION_TUNING=FILE`).
+that the kernels read (`scm.nets.attention_tuning`; then `export SCM_ATTENTION_TUNING=FILE`); `scm kernels show`:
+what each kernel launches with here.
 
     scm kernels tune --out my-card.json [--dims 64 --dims 128] [--n 4096] [--batch 4] [--heads 16]
                      [--dtype bfloat16] [--budget-s S]

@@ -170,11 +170,13 @@ class _TritonAttention(torch.autograd.Function):
     """The same op on the Triton kernels, for q, k, v of shape [N, 1, L, C]: the forward saves the
     log-sum-exp; the JVP is one pass over the keys from the saved output and log-sum-exp; the backward is
     the exact FlashAttention-2 backward from them. `blocks` (BLOCK_M, BLOCK_N) is for tests (None: per head dim);
-    `key_mask` ([N, Lk] bool, True on real keys, or None) is not differentiable."""
+    `key_mask` ([N, Lk] bool, True on real keys, or None) is not differentiable. The kernels are called as the
+    operators scm.nets.attention_triton registers (`attention` imports it before it gets here), so that
+    torch.compile sees the operators themselves, not the cached import."""
 
     @staticmethod
     def forward(q, k, v, scale, blocks, key_mask):  # every argument given (torch.compile: see _Attention)
-        return _triton().forward_op(q, k, v, scale, blocks, key_mask)
+        return torch.ops.scm.attention_triton_forward(q, k, v, scale, blocks, key_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -192,13 +194,14 @@ class _TritonAttention(torch.autograd.Function):
         if d_out is None:
             return (None,) * 6
         q, k, v, out, lse, key_mask = ctx.saved_tensors
-        dq, dk, dv = _triton().backward_op(q, k, v, out, lse, d_out, ctx.scale, ctx.blocks, key_mask)
+        dq, dk, dv = torch.ops.scm.attention_triton_backward(q, k, v, out, lse, d_out, ctx.scale, ctx.blocks, key_mask)
         return dq, dk, dv, None, None, None
 
     @staticmethod
     def jvp(ctx, t_q, t_k, t_v, *_):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
-        t_out = _triton().tangent_op(q, k, v, out, lse, t_q, t_k, t_v, ctx.scale, ctx.blocks, key_mask)
+        t_out = torch.ops.scm.attention_triton_tangent(q, k, v, out, lse, t_q, t_k, t_v, ctx.scale, ctx.blocks,
+                                                      key_mask)
         return t_out, None
 
 

@@ -39,8 +39,7 @@ import torch
 from scm.errors import ConfigError
 
 __all__ = ["ENV", "KERNELS", "SEARCH_SPACE", "best_configs", "card_name", "check_config", "check_tables", "forced",
-           "forcing",
-           "read_table", "reload", "search", "table_key", "tune", "tuned", "write_table"]
+           "forcing", "read_table", "reload", "search", "table_key", "tune", "tuned", "write_table"]
 
 ENV = "SCM_ATTENTION_TUNING"
 PACKAGED = importlib.resources.files("scm.nets").joinpath("attention_tuning.json")  # package data, once measured
@@ -49,8 +48,8 @@ INTERPRETER = "cpu (Triton interpreter)"
 # tangent: tO from a saved O and lse; dkdv, dq: the two FlashAttention-2 backward kernels.
 KERNELS = ("fwd", "fwd_tangent", "tangent", "dkdv", "dq")
 Config = tuple[int, int, int, int]   # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-# What the search tries: every block shape up to 128 × 64 logits per program first (4 warps, 2 stages), then the
-# warps and stages around the fastest two shapes (`search`).
+# What the search tries: every block shape up to 128 × 64 logits per program first (4 warps, 1 stage), then the
+# other warps and stages of the fastest two shapes (`search`).
 BLOCK_SHAPES = ((128, 64), (64, 128), (128, 32), (64, 64), (64, 32), (32, 128), (32, 64), (32, 32))
 SEARCH_SPACE = tuple((m, n, w, s) for m, n in BLOCK_SHAPES for w in (4, 8) for s in (1, 2, 3))
 
