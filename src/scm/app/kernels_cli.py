@@ -23,6 +23,13 @@ kernels_app = typer.Typer(no_args_is_help=True, help="The attention kernels' lau
 DTYPES = ("bfloat16", "float16", "float32")
 
 
+def _check(dims: list[int], dtype: str) -> None:
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    if any(not 1 <= d <= 128 for d in dims):
+        fail(f"--dims {dims}: head dims lie in 1..128")
+
+
 @kernels_app.command("tune")
 def tune(
     out: Annotated[str, typer.Option(help="the table file to write (merged into when it exists)")],
@@ -37,10 +44,7 @@ def tune(
     and write the configurations that beat the default by more than 3 % (with outputs equal to the default's) to
     --out; the kernels use them once SCM_ATTENTION_TUNING names the file."""
     dims = dims or [64, 128]
-    if dtype not in DTYPES:
-        fail(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
-    if any(not 1 <= d <= 128 for d in dims):
-        fail(f"--dims {dims}: head dims lie in 1..128")
+    _check(dims, dtype)
     if min(n, batch, heads) < 1 or (budget_s is not None and budget_s <= 0):
         fail("--n, --batch, --heads and --budget-s must be > 0")
     import torch
@@ -74,10 +78,7 @@ def show(
     """The launch configuration each attention kernel tries first on this card: its table entry (the packaged
     table, then SCM_ATTENTION_TUNING's), else the default list's first."""
     dims = dims or [64, 128]
-    if dtype not in DTYPES:
-        fail(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
-    if any(not 1 <= d <= 128 for d in dims):
-        fail(f"--dims {dims}: head dims lie in 1..128")
+    _check(dims, dtype)
     import os
 
     import torch

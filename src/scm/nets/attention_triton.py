@@ -366,9 +366,13 @@ def _candidates(name: str, dtype: torch.dtype, consts: dict, device: torch.devic
     forced = tuning.forced(name) or (None if blocks is None else (*blocks, 4, 1))
     if forced is not None:
         return [forced], True
-    defaults = _CANDIDATES["small" if max(bd, bdv) <= 64 else "large"]
+    defaults = _defaults(bd, bdv)
     measured = tuning.tuned(name, dtype, bd, bdv, device)
     return ([measured] if measured else []) + [c for c in defaults if c != measured], False
+
+
+def _defaults(block_d: int, block_dv: int) -> list:
+    return _CANDIDATES["small" if max(block_d, block_dv) <= 64 else "large"]
 
 
 def first_choice(name: str, dtype: torch.dtype, block_d: int, block_dv: int, device: torch.device) -> tuple:
@@ -378,7 +382,7 @@ def first_choice(name: str, dtype: torch.dtype, block_d: int, block_dv: int, dev
     measured = tuning.tuned(name, dtype, block_d, block_dv, device)
     if measured is not None:
         return measured, "table"
-    return _CANDIDATES["small" if max(block_d, block_dv) <= 64 else "large"][0], "default"
+    return _defaults(block_d, block_dv)[0], "default"
 
 
 def _launch(kernel, name: str, length: int, by_keys: bool, bh: int, blocks, masked: bool, args: tuple,
