@@ -1,13 +1,17 @@
-"""Classifier-free guidance in one call or two: the guided evaluation of a text network (conditional and empty-prompt
-evaluations, `scm.conditioning.guided`), stacked into one call of twice the batch or run as two calls, per batch.
+"""Classifier-free guidance in one call or two: the guided evaluation of a conditional network (conditional and
+unconditional evaluations, `scm.conditioning.guided`), stacked into one call of twice the batch or run as two calls,
+per batch.
 
     python benchmarks/cfg_one_call.py [--teacher demo/text-teacher] [--batch 8 32 64 128 256] [--device cpu|cuda]
                                       [--precision fp32|bf16] [--repeats 7] [--name cfg_one_call[-<device>]]
+    python benchmarks/cfg_one_call.py --teacher demo/teacher --batch 1 8 32 64 128 --name cfg_one_call-labels
 
 One call reads the weights and launches the kernels once for both halves; two calls keep the working set half as
-large. The committed text teacher (`dit-tiny-text`, 16-token prompts) is the network; its guided evaluation at
-s = 2 is timed both ways in alternation (round-robin medians), in no-grad mode. The figures decide where
-`scm.generate` stacks the two evaluations (`max_stacked`). Writes benchmarks/results/<--name>.{json,md}.
+large. The network is a committed teacher: the text teacher (`dit-tiny-text`, 16-token prompts; the unconditional
+rows are the empty prompt) or the image demo's class-conditional U-Net (`tiny`, 10 digits; the unconditional rows
+are `NO_CLASS`). Its guided evaluation at s = 2 is timed both ways in alternation (round-robin medians), in no-grad
+mode. The figures decide where `scm.generate` stacks the two evaluations (`max_stacked`). Writes
+benchmarks/results/<--name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def guided_calls(run, batch: int, device, half) -> dict:
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, *run.cfg.shape, generator=g).to(device)
     t = (0.1 + 1.4 * torch.rand(batch, generator=g)).to(device)
-    cond = conditioning.sample_inputs(torch.arange(batch, device=device), prompts=["a thick seven"] * batch)
+    prompts = ["a thick seven"] * batch if conditioning.text else None  # else class i mod 10 for image i
+    cond = conditioning.sample_inputs(torch.arange(batch, device=device), prompts=prompts)
     cond.pop("guidance", None)
     fns = {}
     for name, one in (("one call", True), ("two calls", False)):
@@ -67,8 +72,9 @@ def main() -> None:
     report.table(["batch", "one call (ms)", "two calls (ms)", "one ÷ two"],
                  [[r["batch"], f"{r['one_call_ms']:.1f}", f"{r['two_calls_ms']:.1f}", f"{r['ratio']:.2f}"]
                   for r in rows])
-    report.text("One call stacks the conditional and empty-prompt rows into a batch of 2B; two calls evaluate B "
-                "rows twice. Below 1: one call is faster.")
+    null = "empty-prompt" if Conditioning.of_run(run.cfg).text else "no-class"
+    report.text(f"One call stacks the conditional and {null} rows into a batch of 2B; two calls evaluate B rows "
+                "twice. Below 1: one call is faster.")
     name = args.name or "cfg_one_call" + ("" if device.type == "cpu" else f"-{device.type}")
     payload = {"teacher": args.teacher, "device": str(device), "precision": args.precision, "rows": rows}
     json_path, md_path = write_results(name, payload, report)

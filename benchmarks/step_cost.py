@@ -1,7 +1,8 @@
 """Cost of one training step: diffusion vs sCT vs sCD, same net and batch.
 
     python benchmarks/step_cost.py [--net tiny|dit-tiny|…] [--batch 64] [--res 28] [--channels 1] [--device cpu|cuda]
-                                   [--precision fp32|bf16|fp16] [--text-tokens T] [--frames T] [--length L]
+                                   [--precision fp32|bf16|fp16] [--text-tokens T] [--classes N] [--frames T]
+                                   [--length L]
 
 Video networks (`video-tiny`, `video-S`, …) take clips [C, --frames, --res, --res] (default: the preset's frames),
 audio networks (`audio-tiny`, …) waveforms [C, --length].
@@ -14,8 +15,9 @@ gets random prompts of --text-tokens tokens of its text width, padded at random 
 The variants share one network, its teacher and Adam (a DiT-XL/2 fits the card once, not once per variant). Timings
 are round-robin medians. Peak memory: on the CPU the peak RSS of a fresh process per variant, all at once; on CUDA
 max_memory_allocated above the shared state, one variant at a time in this process.
-A text network's sCD also runs with a guided teacher (CFG with the empty prompt, s ~ U[1, 3]), its two evaluations
-in two calls or in one (`loss.cfg_one_call`).
+A text network's sCD, and a class-conditional one's (--classes N: random labels of N classes), also runs with a
+guided teacher (CFG with the empty prompt or no class, s ~ U[1, 3]), its two evaluations in two calls or in one
+(`loss.cfg_one_call`).
 Writes benchmarks/results/step_cost[-<net>][-<device>].{json,md} (the `tiny` U-Net's without -<net>).
 """
 
@@ -46,8 +48,8 @@ VARIANTS = {
     "sCT, fused pass": dict(kind="sct", fused_pass=True),
     "sCD, separate tangent pass": dict(kind="scd", fused_pass=False),
     "sCD, fused pass": dict(kind="scd", fused_pass=True),
-    # a text network's sCD with a guided teacher (CFG, s ~ U[1, 3], empty prompt as the unconditional input), its
-    # two evaluations as two calls or stacked into one (`loss.cfg_one_call`)
+    # a conditional network's sCD with a guided teacher (CFG, s ~ U[1, 3], the empty prompt or no class as the
+    # unconditional input), its two evaluations as two calls or stacked into one (`loss.cfg_one_call`)
     "sCD, fused pass, CFG teacher in two calls": dict(kind="scd", fused_pass=True, cfg="two"),
     "sCD, fused pass, CFG teacher in one call": dict(kind="scd", fused_pass=True, cfg="one"),
     "sCD, separate pass, checkpointed blocks": dict(kind="scd", fused_pass=False, checkpointing=True),
@@ -71,11 +73,14 @@ class Bench:
 
 def make_bench(args, device) -> Bench:
     torch.manual_seed(0)
-    cfg = net_config(args.net, **item_fields(args))
+    cfg = net_config(args.net, **item_fields(args), **({"label_dim": args.classes} if args.classes else {}))
     net = awake(build_net(cfg, 0.5)).to(device)
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     x0 = torch.rand(args.batch, *net.shape, device=device) * 2 - 1  # images, clips or waveforms
     cond = prompts(cfg, args.batch, getattr(args, "text_tokens", 16), device)
+    if args.classes:
+        cond["labels"] = torch.randint(0, args.classes, (args.batch,), generator=torch.Generator().manual_seed(2))
+        cond["labels"] = cond["labels"].to(device)
     return Bench(cfg, net, teacher, torch.optim.Adam(net.parameters(), lr=1e-6), x0, cond)
 
 
@@ -88,7 +93,8 @@ def make_step(name: str, args, device, bench: Bench | None = None):
         objective = DiffusionLoss()
     else:
         tokens = getattr(args, "text_tokens", 16)
-        guidance = {"guidance": (1.0, 3.0), "teacher_uncond": empty_prompt_inputs(cfg, tokens, device),
+        null = {"labels": None} if args.classes else empty_prompt_inputs(cfg, tokens, device)
+        guidance = {"guidance": (1.0, 3.0), "teacher_uncond": null,
                     "cfg_one_call": spec["cfg"] == "one"} if spec.get("cfg") else {}
         objective = ConsistencyLoss(teacher=b.teacher if spec["kind"] == "scd" else None, warmup_kimg=0,
                                     fused_pass=spec["fused_pass"], **guidance)
@@ -154,9 +160,9 @@ def empty_prompt_inputs(cfg, tokens: int, device) -> dict:
     return null
 
 
-def variants(net: str) -> list[str]:
-    """The variants that apply to the network: the CFG teacher's needs a text network."""
-    return [name for name, spec in VARIANTS.items() if not spec.get("cfg") or cond_is_text(net)]
+def variants(args) -> list[str]:
+    """The variants that apply to the network: the CFG teacher's needs prompts or classes."""
+    return [name for name, spec in VARIANTS.items() if not spec.get("cfg") or cond_is_text(args.net) or args.classes]
 
 
 def cond_is_text(net: str) -> bool:
@@ -179,7 +185,7 @@ def peak_memory(names, args) -> dict[str, float]:
         cmd = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--res", str(args.res),
                "--channels", str(args.channels), "--device", args.device, "--net", args.net,
                "--precision", args.precision, "--text-tokens", str(args.text_tokens), "--frames", str(args.frames),
-               "--length", str(args.length)]
+               "--length", str(args.length), "--classes", str(args.classes)]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peaks = {}
     for name, proc in procs.items():
@@ -224,6 +230,7 @@ def main() -> None:
     ap.add_argument("--net", default="tiny", choices=list(NET_PRESETS), help="network preset")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast dtype (fp32: none)")
     ap.add_argument("--text-tokens", type=int, default=16, help="text networks: prompt tokens (T)")
+    ap.add_argument("--classes", type=int, default=0, help="class-conditional: label_dim N, random labels")
     ap.add_argument("--frames", type=int, default=0, help="video networks: frames per clip (0: the preset's)")
     ap.add_argument("--length", type=int, default=16000, help="audio networks: samples per clip")
     ap.add_argument("--name", default=None, help="result file stem (default: step_cost[-<net>][-<device>])")
@@ -234,7 +241,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     bench = make_bench(args, device)
-    steps = {name: make_step(name, args, device, bench) for name in variants(args.net)}
+    steps = {name: make_step(name, args, device, bench) for name in variants(args)}
     rows = time_interleaved(steps, device, args.repeats)
     base = rows["diffusion"]["median_ms"]
     peaks = peak_memory(rows, args) if device.type == "cpu" else cuda_peaks(steps, device)
@@ -246,8 +253,10 @@ def main() -> None:
     payload = {"batch": args.batch, "resolution": args.res, "channels": args.channels, "item": item_label(args),
                "device": str(device),
                "net": args.net, "precision": args.precision, "memory": memory_kind, "timings": rows,
-               **({"text_tokens": args.text_tokens} if cond_is_text(args.net) else {})}
-    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`, {item_label(args)}, batch "
+               **({"text_tokens": args.text_tokens} if cond_is_text(args.net) else {}),
+               **({"classes": args.classes} if args.classes else {})}
+    classes = f", {args.classes} classes" if args.classes else ""
+    report = Report(f"Training-step cost: diffusion vs sCT vs sCD (`{args.net}`{classes}, {item_label(args)}, batch "
                     f"{args.batch}, {args.precision}, {device})")
     report.table(["step", "median ms", "img/s", "× diffusion step", f"peak memory (MB, {memory_kind})"],
                  [[name, f"{r['median_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['ratio_to_diffusion']:.2f}",
@@ -268,8 +277,8 @@ NOTES = """## Notes
   graph and JF comes out of the same evaluation. The limit is about 1.33× a diffusion step (forward + tangent at
   the cost of one forward + backward); sCD adds one teacher forward on top, and a guided teacher (classifier-free
   guidance, §5.2) two: its conditional and unconditional evaluations, which scm stacks into one call of twice the
-  batch where the inputs stack (prompts; `loss.cfg_one_call`, default true). Same FLOPs, fewer launches and
-  weight reads: it pays most at small batches.
+  batch where the inputs stack (prompts, and class labels with `NO_CLASS` rows; `loss.cfg_one_call`, default
+  true). Same FLOPs, fewer launches and weight reads: it pays most at small batches.
 - What made the fused pass cheap: every custom JVP rule (`scm.nets.functional`, `scm.nets.attention`) computes
   the tangent from *detached* saved tensors, and SiLU and the ADN affine have such rules too. Without that, the
   tangent computations were themselves recorded for a backward that never comes (a graph per tangent op): in

@@ -12,7 +12,7 @@ import torch
 from scm.conditioning import Conditioning, guided
 from scm.config import make_config
 from scm.data import ImageData, load_dataset
-from scm.data.dataset import Dataset
+from scm.data.dataset import Dataset, fingerprint
 from scm.data.prepared import PreparedData
 from scm.errors import SamplerError
 
@@ -35,8 +35,8 @@ def test_guided_combines_conditional_and_unconditional():
 
 
 def test_guidance_takes_two_calls_where_the_inputs_do_not_stack():
-    """Class labels' unconditional input is None (no row to stack), a scalar t has no batch dimension, a batch past
-    max_stacked is too large: two calls."""
+    """Class labels' unconditional input is None (no row to stack) for a function that does not read NO_CLASS, a
+    scalar t has no batch dimension, a batch past max_stacked is too large: two calls."""
     calls = []
 
     def fn(x, t, labels=None):
@@ -52,6 +52,39 @@ def test_guidance_takes_two_calls_where_the_inputs_do_not_stack():
     for most in (5, 6):  # at most `max_stacked` rows in one call
         guided(fn, {"labels": torch.zeros(1, dtype=torch.long)}, max_stacked=most)(x, t, guidance=2.0, labels=labels)
     assert calls == [3, 3, 6, 3, 3, 3, 3, 6]
+
+
+def test_class_labels_stack_as_no_class_rows_for_networks_that_read_them():
+    """scm's U-Net and DiT read an index outside their classes as no class (`reads_no_class`): the guided evaluation
+    of class labels is one call whose unconditional rows are NO_CLASS, and its F_s equals the two calls' (float64;
+    1e-12 allows for the summation order of a batch of 6 instead of 3)."""
+    from scm.conditioning import NO_CLASS
+    from scm.nets import build_net, net_config
+
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.9, 1.4], dtype=torch.float64)
+    labels, s = torch.tensor([1, 7, 3]), torch.tensor([1.5, 2.0, 4.0], dtype=torch.float64)
+    for preset in ("tiny", "dit-tiny"):
+        torch.manual_seed(0)
+        net = build_net(net_config(preset, img_resolution=16, img_channels=1, label_dim=10), 0.5).double().eval()
+        with torch.no_grad():
+            for p in net.parameters():  # zero-initialised output and label layers would hide a wrong null row
+                p.add_(0.05 * torch.randn_like(p))
+        seen = []
+
+        def counted(x, t, labels=None, net=net, seen=seen):
+            seen.append(None if labels is None else labels.tolist())
+            return net(x, t, labels)
+
+        counted.reads_no_class = net.reads_no_class
+        with torch.no_grad():
+            one = guided(counted, {"labels": None})(x, t, guidance=s, labels=labels)
+            two = guided(counted, {"labels": None}, one_call=False)(x, t, guidance=s, labels=labels)
+            F_c, F_u = net(x, t, labels), net(x, t, None)
+        assert seen == [[1, 7, 3] + [NO_CLASS] * 3, [1, 7, 3], None], preset
+        torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(one, F_u + s[:, None, None, None] * (F_c - F_u), rtol=1e-12, atol=1e-12)
+        assert (F_c - F_u).abs().max() > 1e-3, preset  # the labels matter, so the rows were told apart
 
 
 def _run(preset, *overrides, **flags):
@@ -134,3 +167,32 @@ def test_both_kinds_of_data_set_satisfy_the_protocol(tmp_path):
         assert items.shape == (2, *data.shape) and tuple(cond) == data.conditions
     assert memory.shape == (1, 24, 32) and prepared.shape == (1, 16, 16) and unlabelled.conditions == ()
     assert memory.batch(torch.tensor([3]))[1]["labels"].tolist() == [1] and memory.latent is None
+
+
+def test_a_data_sets_fingerprint_tells_copies_from_different_data(tmp_path):
+    """Two copies of one set (and the same set in memory and prepared at its own resolution) agree; a changed item,
+    label or size is told apart. Item 38 of 64 is among the 16 read (round(k·63/15) for k = 9), item 37 is not: the
+    fingerprint is a sample, as its docstring says."""
+    from scm.data.prepare import prepare
+
+    x = np.random.default_rng(0).integers(0, 256, (64, 8, 8), dtype=np.uint8)
+    y = np.arange(64) % 3
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    np.savez(tmp_path / "copy.npz", x=x.copy(), y=y.copy())
+    base = fingerprint(load_dataset(tmp_path / "a.npz"))
+    assert fingerprint(load_dataset(tmp_path / "copy.npz")) == base
+    prepared = load_dataset(prepare(tmp_path / "a.npz", tmp_path / "p", resolution=8, progress=False))
+    assert fingerprint(prepared) == base  # the same values in the model's space, read from disk
+    def flipped(index: int) -> np.ndarray:
+        out = x.copy()
+        out[index, 0, 0] ^= 1
+        return out
+
+    relabelled = y.copy()
+    relabelled[5] = (relabelled[5] + 1) % 3
+    changed = {}
+    for name, (xx, yy) in {"item": (flipped(38), y), "label": (x, relabelled), "size": (x[:63], y[:63]),
+                           "unread item": (flipped(37), y)}.items():
+        np.savez(tmp_path / "b.npz", x=xx, y=yy)
+        changed[name] = fingerprint(load_dataset(tmp_path / "b.npz")) != base
+    assert changed == {"item": True, "label": True, "size": True, "unread item": False}

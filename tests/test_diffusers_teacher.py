@@ -244,6 +244,32 @@ def test_guidance_uses_the_dit_null_class():
     torch.testing.assert_close(guided(fn, {"labels": None})(x, t, guidance=3.0, labels=labels), F_u + 3.0 * (F_c - F_u))
 
 
+def test_guided_class_labels_take_one_call_where_the_model_has_a_null_class():
+    """DiT's null class takes scm's NO_CLASS rows (-1): the guided evaluation is one call on the stacked batch and
+    equals the two calls' F_s (float64; the tolerance is float64's summation order over a 4-row instead of a
+    2-row batch). A U-Net without a null class keeps two calls (and its None is still refused by name)."""
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    labels, s = torch.tensor([1, 2]), torch.tensor([1.5, 3.0], dtype=torch.float64)
+    fn = from_diffusers(_dit(), diffusers.DDIMScheduler(), sigma_d=SD)
+    calls = []
+
+    def counted(x, t, **cond):
+        calls.append(x.shape[0])
+        return fn(x, t, **cond)
+
+    counted.reads_no_class = fn.reads_no_class
+    one = guided(counted, {"labels": None})(x, t, guidance=s, labels=labels)
+    two = guided(counted, {"labels": None}, one_call=False)(x, t, guidance=s, labels=labels)
+    assert fn.reads_no_class and calls == [4, 2, 2]
+    torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+    unet = from_diffusers(_unet(num_class_embeds=4), diffusers.DDPMScheduler(), sigma_d=SD)
+    assert not unet.reads_no_class
+    with pytest.raises(ConfigError, match="null_label"):  # two calls: the unconditional one refused as before
+        guided(unet, {"labels": None})(torch.randn(1, 3, 8, 8, dtype=torch.float64), t[:1], guidance=2.0,
+                                       labels=torch.tensor([1]))
+
+
 def test_unconditional_unet_refuses_labels_and_conditional_one_without_null_class_says_so():
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     t = torch.tensor([0.5], dtype=torch.float64)

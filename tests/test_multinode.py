@@ -2,7 +2,7 @@
 invocations (one per node, gloo on the CPU) run `-m scm train`. They must end with the weights of one process that
 trains the same global batch (DDP and FSDP2); a node killed with SIGKILL (or frozen with SIGSTOP) must end the other
 node within a bounded time, with a named error, and the run must then resume to the weights of an uninterrupted run;
-nodes that see different run directories must refuse to resume."""
+nodes that see different run directories must refuse to resume, and nodes that read different data to train."""
 
 import contextlib
 import os
@@ -239,6 +239,29 @@ def test_nodes_that_see_different_run_directories_refuse_to_resume(ddp_run, shap
         assert code != 0 and "found different checkpoints in it (step 8 on rank(s) 0; no checkpoint on rank(s) 1)" \
             in text and "shared filesystem" in text, text[-3000:]
     assert RunDir(shared / "run").latest().name == "000000008"
+
+
+@pytest.mark.parametrize("second", ["other shapes", "fewer shapes"])
+def test_nodes_that_read_different_data_refuse_to_train(second, tmp_path):
+    """`--data shapes.npz` from two working directories, as two machines with their own copies: a copy with other
+    items of the same count (its fingerprint) or with fewer items (its size) must stop both before the first step."""
+    from conftest import make_shapes
+
+    one, other = tmp_path / "one", tmp_path / "other"
+    for folder, (images, labels) in ((one, make_shapes(64)), (other, make_shapes(64 if second == "other shapes"
+                                                                                  else 48, seed=1))):
+        folder.mkdir()
+        np.savez(folder / "shapes.npz", x=images[..., 0], y=labels)
+    nodes = _two_nodes(tmp_path, "data", _args("shapes.npz", tmp_path / "run"), cwds=(one, other))
+    try:
+        results = [node.wait(timeout=120) for node in nodes]
+    finally:
+        for node in nodes:
+            node.signal(signal.SIGKILL)
+    what = "fingerprint" if second == "other shapes" else "48 items on rank(s)"
+    for code, text in results:
+        assert code != 0 and "the processes of this run read different data" in text and what in text, text[-3000:]
+    assert not RunDir(tmp_path / "run").latest()
 
 
 def test_the_collective_timeout_setting(monkeypatch):

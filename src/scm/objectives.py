@@ -190,8 +190,9 @@ class ConsistencyLoss:
       forward (False; needed where the network's wrappers have no forward-AD rule, e.g. FSDP2, for which
       `scm.train` turns None into False). Same result either way (benchmarks/results/step_cost.md).
     - cfg_one_call=True: a guided teacher's conditional and unconditional evaluations run as one call on the batch
-      stacked with itself where the inputs stack (prompts; `scm.conditioning.guided`): fewer launches and weight
-      reads, at twice the teacher's no-grad activation peak (False: two calls). Same values up to the order of sums.
+      stacked with itself where the inputs stack (prompts, class labels; `scm.conditioning.guided`): fewer launches
+      and weight reads, at twice the teacher's no-grad activation peak (False: two calls). Same values up to the
+      order of sums.
     - warmup_kimg: the paper's H = 10k iterations is given in iterations; here it is in kimg of training, so
       that it does not depend on the batch size. The default, 5120 kimg, is 10k iterations at the paper's
       CIFAR-10 batch of 512.

@@ -192,6 +192,7 @@ class HeldTeacher:
                  offload: bool = False):
         self.fn, self.module, self.device, self.dtype = fn, module, torch.device(device), dtype
         self.takes_guidance = getattr(fn, "takes_guidance", False)
+        self.reads_no_class = getattr(fn, "reads_no_class", False)
         module.requires_grad_(False).eval()
         if dtype != torch.float32:
             module.to(dtype=dtype)

@@ -20,12 +20,15 @@ are never encoded on the fly; training on prompts needs an encoded set.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Dataset"]
+__all__ = ["Dataset", "fingerprint"]
+
+FINGERPRINT_ITEMS = 16  # items read (evenly spaced, the first and the last among them) by `fingerprint`
 
 
 @runtime_checkable
@@ -104,3 +107,20 @@ class Dataset(Protocol):
     def describe(self) -> str:
         """One line for a person: source, size, shape, classes, value range."""
         ...
+
+
+def fingerprint(data: Dataset, items: int = FINGERPRINT_ITEMS) -> str:
+    """A SHA-256 (hex) of what training would read from `data`: its size, item shape and conditioning names, every
+    label, and `items` evenly spaced items (the first and the last among them) with their conditioning as `batch`
+    gives them (the first caption's embedding). Two copies of one data set agree; sets that differ in size, shape,
+    labels or any of those items do not. A sample, not a digest of every item: reading a whole set larger than
+    memory would cost an epoch. Memory: one item at a time."""
+    h = hashlib.sha256(repr((len(data), tuple(data.shape), tuple(data.conditions))).encode())
+    if data.labels is not None:
+        h.update(data.labels.to(torch.int64).contiguous().numpy().tobytes())
+    n = len(data)
+    for i in sorted({round(k * (n - 1) / max(items - 1, 1)) for k in range(min(items, n))}):
+        x, cond = data.batch(torch.tensor([i]))
+        for name, t in [("x", x), *sorted(cond.items())]:
+            h.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

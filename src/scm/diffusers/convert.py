@@ -33,6 +33,7 @@ the training proposal never reaches the ends.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,6 +59,17 @@ def data_scale(data: str, sigma_d: float) -> float:
     check_choice("data", data, DATA_CONVENTIONS)
     check_positive("sigma_d", sigma_d)
     return 1.0 if data == "own" else float(sigma_d)
+
+
+
+@functools.lru_cache(maxsize=64)
+def constant_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant input (a VP scheduler's σ table, SDXL's time ids, PixArt-α's resolution) made once per (values,
+    dtype, device): a new tensor from a Python list on every call would be a host-to-device copy per step (and none
+    may happen while a CUDA graph is captured). A normal tensor even when first asked for under inference_mode, so
+    that training may use it too; callers only read it (expand, index, never write)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ class Parameterization:
     def _vp_time(self, log_sigma: torch.Tensor) -> torch.Tensor:
         if self.time_input == "c_noise":
             return 0.25 * log_sigma
-        table = torch.tensor(self.log_sigmas, dtype=log_sigma.dtype, device=log_sigma.device)
+        table = constant_tensor(self.log_sigmas, log_sigma.dtype, log_sigma.device)
         hi = torch.searchsorted(table, log_sigma.detach().contiguous()).clamp(1, len(table) - 1)
         lo_v, hi_v = table[hi - 1], table[hi]
         index = (hi - 1).to(log_sigma.dtype) + (log_sigma - lo_v) / (hi_v - lo_v)
@@ -195,6 +207,8 @@ def call_model(model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, 
                 raise ConfigError(f"{type(model).__name__} is class-conditional without an unconditional class; "
                                   "pass null_label (or labels)", key="teacher")
             labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+        elif null_label is not None:  # scm's NO_CLASS (< 0) rows of a stacked guided call: the unconditional class
+            labels = torch.where(labels < 0, null_label, labels)
     elif labels is not None:
         raise ConfigError(f"{type(model).__name__} is unconditional but labels were given", key="teacher")
     if timestep.ndim == 0:

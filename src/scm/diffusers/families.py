@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from scm.diffusers.convert import constant_tensor
 from scm.errors import ConfigError
 
 __all__ = ["FAMILIES", "GENERIC", "Family", "family_of", "latent_shape"]
@@ -119,7 +120,7 @@ def _call_unet(model, x, timestep, *, labels=None, guidance=None, **cond):
             kwargs["encoder_attention_mask"] = _mask_input(mask, x)
         if model.config.get("addition_embed_type") == "text_time":
             h, w = (VAE_FACTOR * s for s in x.shape[-2:])
-            ids = torch.tensor([h, w, 0, 0, h, w], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+            ids = constant_tensor((h, w, 0, 0, h, w), x.dtype, x.device).expand(x.shape[0], 6)
             kwargs["added_cond_kwargs"] = {"text_embeds": vec, "time_ids": ids}
     if labels is not None:
         kwargs["class_labels"] = labels
@@ -137,7 +138,7 @@ def _call_pixart(model, x, timestep, *, labels=None, guidance=None, **cond):
     added = {"resolution": None, "aspect_ratio": None}
     if model.use_additional_conditions:  # PixArt-α at 1024²: the image's size in pixels and its aspect ratio
         h, w = (VAE_FACTOR * s for s in x.shape[-2:])
-        added = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2),
+        added = {"resolution": constant_tensor((h, w), x.dtype, x.device).expand(x.shape[0], 2),
                  "aspect_ratio": torch.full((x.shape[0], 1), h / w, dtype=x.dtype, device=x.device)}
     return _output(model(x, encoder_hidden_states=text, encoder_attention_mask=_mask_input(mask, x),
                          timestep=timestep, added_cond_kwargs=added, **cond))

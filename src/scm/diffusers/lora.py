@@ -110,6 +110,7 @@ class BaseTeacher:
 
     def __init__(self, net: nn.Module, takes_guidance: bool = False):
         self.net, self.takes_guidance = net, takes_guidance
+        self.reads_no_class = getattr(net, "reads_no_class", False)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:

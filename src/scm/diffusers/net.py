@@ -206,6 +206,11 @@ class DiffusersNet(Network):
         return output if self._guidance is None else output + self._guidance.to(output.dtype)
 
     # -- conditioning ---------------------------------------------------------------------------------------------
+    @property
+    def reads_no_class(self) -> bool:
+        """An index outside the classes is the model's unconditional class, where it has one (`_labels`)."""
+        return self.null_label is not None
+
     def _labels(self, labels, batch: int, device) -> torch.Tensor | None:
         """scm's labels (class indices [B], or one-hot rows [B, label_dim] where a zero row is "no class") as the
         model's class indices; with a null class, indices outside [0, label_dim) and zero rows become it, and in

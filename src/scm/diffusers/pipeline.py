@@ -135,6 +135,11 @@ class SCMModel(ModelMixin, ConfigMixin):
         return int(getattr(self.net.cfg, "label_dim", 0) or 0)
 
     @property
+    def reads_no_class(self) -> bool:
+        """Whether its network reads `scm.conditioning.NO_CLASS` as no class (guided class labels stack)."""
+        return bool(getattr(self.net, "reads_no_class", False))
+
+    @property
     def guidance_embed(self) -> bool:
         """Whether the network takes a guidance scale as an input."""
         return bool(getattr(self.net.cfg, "guidance_embed", False))

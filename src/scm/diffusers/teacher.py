@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from scm._checks import check_positive, check_t
-from scm.diffusers.convert import Parameterization, call_model, data_scale, num_classes
+from scm.diffusers.convert import Parameterization, call_model, data_scale, default_null_label, num_classes
 from scm.errors import ConfigError, require_modules
 from scm.integrity import check_finite, read_header
 
@@ -44,10 +44,13 @@ def from_diffusers(model: torch.nn.Module, scheduler, *, sigma_d: float | None =
     and the data convention are documented in `scm.diffusers.convert`: by default (data="own") scm's x0 is the
     teacher's own data and σ_d its std; data="unit" is Sana-Sprint's (the teacher's data is x0/σ_d). `cond`
     holds keyword inputs passed at every call (e.g. encoder_hidden_states); per-call conditioning (labels=…,
-    other tensors) comes with each call, and `scm.teachers.guided(fn, uncond)` adds classifier-free guidance
-    (labels=None is the model's unconditional class where it has one, or `null_label`). The wrapper computes in
-    the model's dtype and device; it does not read t's values (0 < t < π/2 for ε-, x0- and EDM models).
+    other tensors) comes with each call, and `scm.conditioning.guided(fn, uncond)` adds classifier-free guidance
+    (labels=None, or scm's NO_CLASS index, is the model's unconditional class where it has one, or `null_label`).
+    The wrapper computes in the model's dtype and device; it does not read t's values (0 < t < π/2 for ε-, x0- and
+    EDM models).
     """
+    if null_label is None and num_classes(model) is not None:
+        null_label = default_null_label(model)
     param = Parameterization.from_scheduler(scheduler)
     sigma_d = resolve_sigma_d(param, sigma_d, data)
     k = data_scale(data, sigma_d)
@@ -63,6 +66,8 @@ def from_diffusers(model: torch.nn.Module, scheduler, *, sigma_d: float | None =
 
     fn.parameterization, fn.sigma_d, fn.data = param, sigma_d, data
     fn.takes_guidance = family_of(model, generic=True).own_guidance(getattr(model, "config", {}))
+    # negative class indices are the unconditional class where the model has one (`call_model`)
+    fn.reads_no_class = null_label is not None  # NO_CLASS rows stack in a guided call (`scm.conditioning`)
     return fn
 
 

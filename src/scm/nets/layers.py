@@ -247,7 +247,11 @@ class Network(nn.Module):
     """What every scm network shares (U-Net, DiT, diffusers students): its config `cfg`, the run's σ_d (given by
     whoever builds it: a run has one σ_d, `loss.sigma_d`), the time input c_noise(t) (§4.1: t itself, or the
     config's `c_noise` ablation), the adaptive log-weight w_φ(t) of eq. 8 from the subclass's `weight_embed` and
-    `weight_linear`, EDM2's forced weight normalization of its magnitude-preserving layers, its parameter count."""
+    `weight_linear`, EDM2's forced weight normalization of its magnitude-preserving layers, its parameter count.
+    `reads_no_class`: a class index outside [0, label_dim) is no class (`class_labels`: a zero row), so classifier-free
+    guidance may stack the unconditional rows with the conditional ones (`scm.conditioning.NO_CLASS`)."""
+
+    reads_no_class = True
 
     def __init__(self, cfg, sigma_d: float):
         super().__init__()

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from scm.conditioning import Conditioning
 from scm.config import TrainConfig, from_dict, to_dict
 from scm.data import load_dataset
-from scm.data.dataset import Dataset
-from scm.errors import ConfigError, RunError, TrainingStopped, UnverifiedWarning
+from scm.data.dataset import FINGERPRINT_ITEMS, Dataset, fingerprint
+from scm.errors import ConfigError, DataError, RunError, TrainingStopped, UnverifiedWarning
 from scm.files import atomic_write
 from scm.integrity import one_unverified_warning
 from scm.nets.attention_tuning import check_tables
@@ -82,6 +82,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Dataset | None = None
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, data: Dataset | None) -> TrainResult:
     check_tables()  # SCM_ATTENTION_TUNING, when set: a malformed table is refused before anything is loaded
     data = load_dataset(cfg.data) if data is None else data
+    _same_data_everywhere(data, info)
     cfg, run = resolve(cfg, data), RunDir(cfg.out)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed (identical on every rank)
     built = build(cfg, data, info.device)
@@ -224,6 +225,23 @@ def _same_checkpoint_everywhere(run: RunDir, ckpt: Path | None, info: DistInfo) 
         raise RunError(f"{run.path}: the processes of this run found different checkpoints in it ({seen}): every "
                        f"machine must see the same run directory, on a shared filesystem (rank 0 writes it, every "
                        f"rank reads it to resume)")
+
+
+def _same_data_everywhere(data: Dataset, info: DistInfo) -> None:
+    """Every process reads its own copy of the data (a shared folder or one copy per machine): processes that read
+    different data would train on a batch that is not the one the seed describes, and silently. Compared: the size,
+    then a fingerprint (`scm.data.dataset.fingerprint`: shape, labels, a sample of items)."""
+    if not info.enabled:
+        return
+    seen = disagreement(len(data), info, lambda n: f"{n} items")
+    if not seen:
+        digest = fingerprint(data)
+        seen = disagreement(int(digest[:15], 16), info, lambda v: f"fingerprint {v:015x}")
+        if seen:
+            seen += f"; compared: item shape, conditioning, labels and {FINGERPRINT_ITEMS} items spread over the set"
+    if seen:
+        raise DataError(f"{data.source}: the processes of this run read different data ({seen}): every machine must "
+                        f"read the same data set, from a shared folder or an identical copy")
 
 
 def _stopped(state: TrainState, path, diverged: bool) -> TrainingStopped:
