@@ -196,3 +196,28 @@ def test_a_data_sets_fingerprint_tells_copies_from_different_data(tmp_path):
         np.savez(tmp_path / "b.npz", x=xx, y=yy)
         changed[name] = fingerprint(load_dataset(tmp_path / "b.npz")) != base
     assert changed == {"item": True, "label": True, "size": True, "unread item": False}
+
+
+def test_the_guided_class_teacher_of_scd_runs_once_per_step_on_no_class_rows(tmp_path, monkeypatch):
+    """sCD of a class-conditional teacher with guidance (the image demo's setting): the teacher's conditional and
+    unconditional evaluations are one call per step, its second half NO_CLASS (`loss.cfg_one_call`)."""
+    import scm.conditioning as conditioning
+    from scm.train import train
+
+    from conftest import make_shapes
+
+    images, labels = make_shapes(32)
+    np.savez(tmp_path / "shapes.npz", x=images[..., 0], y=labels)
+    small = ["progress=false", "tensorboard=false", "sample_every_kimg=None", "net.model_channels=16",
+             "net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=7", "conditional=true"]
+    teacher = make_config("tiny-28", "diffusion", small, data=str(tmp_path / "shapes.npz"),
+                          out=str(tmp_path / "teacher"), kimg=0.016, batch=16)
+    train(teacher)
+    stacked, stack = [], conditioning._stacked
+    monkeypatch.setattr(conditioning, "_stacked", lambda c, u: stacked.append(stack(c, u)) or stacked[-1])
+    student = make_config("tiny-28", "scd", [*small, "net.guidance_embed=true", "loss.guidance=1,3"],
+                          data=str(tmp_path / "shapes.npz"), out=str(tmp_path / "scd"), kimg=0.032, batch=16,
+                          teacher=str(tmp_path / "teacher"))
+    train(student)
+    assert len(stacked) == 2 and all(s is not None and s["labels"].shape == (32,) for s in stacked)
+    assert all((s["labels"][16:] == conditioning.NO_CLASS).all() and (s["labels"][:16] >= 0).all() for s in stacked)
