@@ -273,3 +273,38 @@ def test_a_model_without_guidance_reports_no_range(tmp_path):
 
     plain = ServedModel(load_run(make_run(tmp_path / "sct", "tiny-28-sct")), "student").describe()
     assert plain["guidance"] is False and plain["guidance_range"] is None
+
+
+# -- 4. connections at once -------------------------------------------------------------------------------------------
+@needs_serve
+def test_a_request_past_the_connection_limit_is_answered_503_at_once():
+    """With `max_connections` connections open (idle ones count), a request on one more is answered 503 without
+    reaching the app; once they close, requests are served again. The default is bounded and documented."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from scm.defaults import MAX_CONNECTIONS
+    from scm.serve.app import make_server
+
+    reached = []
+
+    async def hello(request):
+        reached.append(1)
+        return PlainTextResponse("hello")
+
+    with running(Starlette(routes=[Route("/", hello)]), idle_timeout=30, max_connections=3) as url:
+        held = [socket.create_connection(address(url), timeout=10) for _ in range(2)]
+        time.sleep(0.3)  # the server has accepted them
+        try:
+            start = time.monotonic()
+            status, _, body = request(url, "GET", "/")
+            assert status == 503 and not reached and time.monotonic() - start < 5, (status, body)
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)
+        assert request(url, "GET", "/")[::2] == (200, b"hello") and reached == [1]
+    assert make_server(lambda *a: None).config.limit_concurrency == MAX_CONNECTIONS >= 64
+    with pytest.raises(ValueError, match="max_connections"):
+        make_server(lambda *a: None, max_connections=1)

@@ -152,14 +152,16 @@ print("DONE", len(done), sorted({code for _, code in done}))
 
 def test_the_command_line_and_its_help_start_without_torch(tmp_path):
     """`import scm`, `scm`, every subcommand's --help, and arguments that are wrong on their face (sample's --out
-    and --ts, eval's --ts) are answered without importing torch (or numpy): the command line starts at once."""
+    and --ts, eval's --ts, serve's --max-connections) are answered without importing torch (or numpy): the command
+    line starts at once."""
     code = "import sys, scm, scm.errors, scm.defaults; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert scm.objectives.__name__ == "scm.objectives"  # the maths core is still an attribute of the package
     bad = [f"sample --ckpt {tmp_path} --out {tmp_path}/x.txt", f"sample --ckpt {tmp_path} --out x.png --ts 1,a",
-           f"eval --ckpt {tmp_path} --ref mnist --ts 1,b"]
+           f"eval --ckpt {tmp_path} --ref mnist --ts 1,b", f"serve --ckpt {tmp_path} --max-connections 1"]
     proc = subprocess.run([sys.executable, "-c", START_DRIVER, *bad], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     count, codes = proc.stdout.split("DONE ")[1].split(" ", 1)
     assert int(count) >= 14 and codes.strip() == "[0, 2]", proc.stdout[-500:]
     assert "--out" in proc.stderr and "--ts '1,a'" in proc.stderr and "--ts '1,b'" in proc.stderr, proc.stderr[-2000:]
+    assert "--max-connections 1: must be at least 2" in proc.stderr, proc.stderr[-2000:]

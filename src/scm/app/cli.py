@@ -30,7 +30,7 @@ from scm.app.common import (
 )
 from scm.app.ema_cli import ema_app
 from scm.app.kernels_cli import kernels_app
-from scm.defaults import TEACHER_NFE
+from scm.defaults import MAX_CONNECTIONS, TEACHER_NFE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Continuous-time consistency models (sCT / sCD): train, distill, sample, evaluate.")
@@ -425,6 +425,8 @@ def serve(
     allowed_host: Annotated[list[str] | None, typer.Option(help="a name the page may be reached by (repeatable; "
                                                                  "* = any). Default: on a loopback --host, localhost, "
                                                                  "127.0.0.1 and ::1 only; elsewhere any")] = None,
+    max_connections: Annotated[int, typer.Option(help="connections open at once; a request on one more is answered "
+                                                      "503 at once")] = MAX_CONNECTIONS,
     captured: Annotated[bool, typer.Option("--captured", help="a consistency run: sampler and network as one "
                                                               "compiled graph per batch (CUDA graphs on a GPU), "
                                                               "the request sizes captured at start-up")] = False,
@@ -433,6 +435,8 @@ def serve(
     number of images) as they move, with the time per image; with --teacher, the teacher's images from the same noise
     beside them. The models are loaded once; nothing a request says can name a file. Needs Starlette and
     uvicorn (the `serve` extra of scm)."""
+    if max_connections < 2:  # before anything is imported or loaded
+        fail(f"--max-connections {max_connections}: must be at least 2")
     from scm.errors import MissingDependency
 
     try:
@@ -452,7 +456,7 @@ def serve(
         fail(str(e))
     from concurrent.futures import ThreadPoolExecutor
 
-    flags = {"nfe": "--teacher-nfe", "port": "--port", "teacher": "--teacher"}
+    flags = {"nfe": "--teacher-nfe", "port": "--port", "teacher": "--teacher", "max_connections": "--max-connections"}
     try:
         with ThreadPoolExecutor(1) as loader:  # a thread that ends: no torch thread team of its own is left
             run = loader.submit(load, ckpt, ema, False, device).result()
@@ -462,13 +466,9 @@ def serve(
         if teacher_run is not None:
             check_pair(run, teacher_run)
             served_teacher = ServedModel(teacher_run, "teacher", steps=(teacher_nfe,))
-        if not allowed_host:
-            names = default_allowed_hosts(host)
-        elif "*" in allowed_host:
-            names = None
-        else:
-            names = (*(default_allowed_hosts(host) or ()), host, *allowed_host)
+        names = _answered_names(host, allowed_host)
         app_ = create_app(student, served_teacher, allowed_hosts=names)
+        server = make_server(app_, max_connections=max_connections)
         sock = bind(host, port)
     except USER_ERRORS as e:
         fail_on(e, flags)
@@ -486,8 +486,19 @@ def serve(
     import contextlib
 
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn stops gracefully on Ctrl-C, then raises it again
-        make_server(app_).run(sockets=[sock])
+        server.run(sockets=[sock])
     print("stopped", file=sys.stderr)
+
+
+def _answered_names(host: str, allowed_host: list[str] | None) -> tuple[str, ...] | None:
+    """The Host names `scm serve` answers to (None: any): --allowed-host's, over the defaults of a loopback --host."""
+    from scm.serve import default_allowed_hosts
+
+    if not allowed_host:
+        return default_allowed_hosts(host)
+    if "*" in allowed_host:
+        return None
+    return (*(default_allowed_hosts(host) or ()), host, *allowed_host)
 
 
 @app.command()

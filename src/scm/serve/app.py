@@ -85,6 +85,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from scm.defaults import MAX_CONNECTIONS
 from scm.errors import InvalidSetting, ScmError, require_modules
 from scm.serve.models import SEED_MAX, ServedModel, bounded_echo, parse_query
 
@@ -533,19 +534,29 @@ MAX_HEAD_BYTES = 64 * 1024
 # connection was closed; a slow generation is not affected (the time counts only while no request is in hand).
 IDLE_TIMEOUT_S = 10.0
 
+# MAX_CONNECTIONS (scm.defaults): the most connections open at once; a request that arrives on one more is answered
+# 503 at once (without reaching the app), so that a client opening connections by the thousand exhausts neither
+# descriptors nor memory. A page uses up to 6 (a browser's per-host limit), the 20-client load benchmark 20.
 
-def make_server(app, *, log_level: str = "warning", access_log: bool = False, idle_timeout: float = IDLE_TIMEOUT_S):
+
+def make_server(app, *, log_level: str = "warning", access_log: bool = False, idle_timeout: float = IDLE_TIMEOUT_S,
+                max_connections: int = MAX_CONNECTIONS):
     """A uvicorn server for `app`; run it with `.run(sockets=[bind(...)])` (in any thread; `should_exit = True`
     stops it). A connection without a whole request head `idle_timeout` seconds after it opened, or after its
-    previous response, is closed (`IDLE_TIMEOUT_S`)."""
+    previous response, is closed (`IDLE_TIMEOUT_S`); a request that arrives while `max_connections` connections
+    (its own included) are open, or as many requests are in hand, is answered 503 Service Unavailable
+    (`MAX_CONNECTIONS`; uvicorn's `limit_concurrency`)."""
     require()
     import uvicorn
 
     if isinstance(idle_timeout, bool) or not (isinstance(idle_timeout, (int, float)) and 0 < idle_timeout < math.inf):
         raise InvalidSetting("idle_timeout", idle_timeout, "must be a number of seconds > 0")
+    if isinstance(max_connections, bool) or not (isinstance(max_connections, int) and max_connections >= 2):
+        raise InvalidSetting("max_connections", max_connections, "must be a whole number ≥ 2")
     # h11 (not httptools, were it installed): the protocol the deadline is built on; no WebSocket: none is served
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
                             timeout_graceful_shutdown=2, http=_deadline_protocol(idle_timeout), ws="none",
-                            timeout_keep_alive=idle_timeout, h11_max_incomplete_event_size=MAX_HEAD_BYTES)
+                            timeout_keep_alive=idle_timeout, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                            limit_concurrency=max_connections)
     return uvicorn.Server(config)
 
