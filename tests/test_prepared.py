@@ -197,6 +197,29 @@ def test_center_crop_area_resize_against_an_independent_computation(tmp_path):
     assert np.array_equal(from_file, pp.preprocess_array(x.transpose(2, 0, 1), R, 3))
 
 
+def test_a_very_thin_image_is_cut_to_its_central_part_before_the_resize(monkeypatch):
+    """A 2×5000 strip at R = 512 would resize to 512×1,280,000 (655 M pixels); it is cut to its central 2×128
+    (MAX_ASPECT:1) first, so no image larger than MAX_ASPECT·R² is made, and the result is the rule applied to that
+    central part. An image within MAX_ASPECT:1 is resized whole, as before (3×192: 192 = MAX_ASPECT·3)."""
+    rng = np.random.default_rng(0)
+    made, resize = [], Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        made.append(size)
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    strip = rng.integers(0, 256, (2, 5000), dtype=np.uint8)
+    out = np.asarray(pp.center_crop_resize(Image.fromarray(strip), 512))
+    assert out.shape == (512, 512) and max(w * h for w, h in made) <= pp.MAX_ASPECT * 512 ** 2, made
+    left = (5000 - 2 * pp.MAX_ASPECT) // 2
+    central = Image.fromarray(np.ascontiguousarray(strip[:, left:left + 2 * pp.MAX_ASPECT]))
+    assert np.array_equal(out, np.asarray(pp.center_crop_resize(central, 512)))
+    tall = rng.integers(0, 256, (3 * pp.MAX_ASPECT, 3), dtype=np.uint8)  # exactly MAX_ASPECT:1, tall: not cut
+    made.clear()
+    assert pp.center_crop_resize(Image.fromarray(tall), 16).size == (16, 16) and made == [(16, 16 * pp.MAX_ASPECT)]
+
+
 # -- prepare ----------------------------------------------------------------------------------------------------
 def _folder(root, n=24, seed=0):
     """Class sub-folders with images of mixed sizes, modes and formats."""

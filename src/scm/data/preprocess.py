@@ -27,7 +27,10 @@ Geometry (`center_crop_resize`): the ImageNet preprocessing of ADM (Dhariwal & N
 `center_crop_arr`), which EDM2's dataset_tool uses for images of another size: while the shorter side is at least
 2R, halve the image with a box filter (area averaging); then resize with bicubic interpolation so that the
 shorter side is R (the longer side rounded to the nearest pixel); then crop the central R×R square (offsets
-rounded down). An R×R image is left unchanged.
+rounded down). An R×R image is left unchanged. One departure bounds the memory: an image so thin that the bicubic
+resize would make more than MAX_ASPECT·R² pixels (a 1×2000 strip at R = 1024: 2 billion) is first cut to its
+central MAX_ASPECT:1 part (whole pixels, offsets rounded down), then resized as above; the crop then comes from the
+same central region, resampled from a grid that differs by the rounding of that cut.
 
 Arrays already in memory (an .npz, MNIST, …) go through the same rules: [C, H, W] uint8 with C = 1, 2, 3, 4
 is read as "L", "LA", "RGB", "RGBA".
@@ -193,12 +196,19 @@ def to_array(img, channels: int, alpha: str = "white", name: str = "image") -> n
     return _to_channels(_apply_alpha(_normalise_mode(img, name), alpha), channels)
 
 
+MAX_ASPECT = 64  # the longest side of the resized image, in multiples of R (module docstring)
+
+
 def center_crop_resize(img, resolution: int):
     """ADM's centre crop with area resize, as a Pillow image → Pillow image (module docstring)."""
     from PIL import Image
 
     while min(img.size) >= 2 * resolution:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
+    if max(img.size) > MAX_ASPECT * min(img.size):  # the resize would make more than MAX_ASPECT·R² pixels
+        keep = MAX_ASPECT * min(img.size)
+        left, top = (max(img.width - keep, 0) // 2, max(img.height - keep, 0) // 2)
+        img = img.crop((left, top, left + min(img.width, keep), top + min(img.height, keep)))
     scale = resolution / min(img.size)
     size = (round(img.width * scale), round(img.height * scale))
     if size != img.size:
