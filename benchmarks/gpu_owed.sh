@@ -22,7 +22,9 @@
 #      directly (no compiler) beside them (benchmarks/gpu_captured.py);
 #   3. the text DiT's training-step cost at DiT-XL/2-text size, 120-token prompts, bf16: diffusion, sCT, sCD (and
 #      sCD with a guided teacher, its two evaluations in one call or two), time and peak memory; the variants share
-#      one network on the card (benchmarks/step_cost.py);
+#      one network on the card (benchmarks/step_cost.py); then where classifier-free guidance in one call pays on
+#      the card (scm.generate stacks always on CUDA, unmeasured): both committed teachers, prompts and class labels
+#      (benchmarks/cfg_one_call.py);
 #   4. attention's JVP for training against the peer kernel jvp-flash-attention and SDPA math + forward AD,
 #      N = 1k … 16k, d = 64 / 128, bf16 (benchmarks/attention_peer.py);
 #   5. diffusers' text-to-image families at their real configurations, bf16: tangent pass / forward, sCD step /
@@ -58,13 +60,13 @@ if [ "$DEV" = cuda ]; then
     TEXT_STEP=(--net DiT-XL/2-text --res 32 --channels 4 --batch 32 --text-tokens 120 --precision bf16 --repeats 5)
     PEER=(--budget-s 100); T2I=(--size real --budget-s 40 --total-budget-s 150)
     MEMORY=(--size real --batches 16,4 --variants 5,4,3,1,2 --repeats 2 --budget-s 110); SERVE=(--requests 20)
-    TUNE=(--budget-s 130 --table "$R/attention_tuning.json")
+    TUNE=(--budget-s 130 --table "$R/attention_tuning.json"); CFG=(--batch 1 8 64 256 --precision bf16 --repeats 5)
 else  # dry run on the CPU: the same steps at toy sizes
     CAPTURED=(--net "tiny-28-sct net.num_blocks=1" --batch 1 --repeats 1)
     TEXT_STEP=(--net dit-tiny-text --batch 2 --repeats 1)
     PEER=(--quick); T2I=(--size real --shrink --families pixart,sd3 --repeats 1)
     MEMORY=(--size tiny --nets sd3-like --batches 2 --variants 5,1 --repeats 1 --budget-s 40)
-    SERVE=(--clients 2 --requests 2); TUNE=(--quick)
+    SERVE=(--clients 2 --requests 2); TUNE=(--quick); CFG=(--batch 2 --repeats 1)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } |
@@ -97,6 +99,14 @@ text_step() {
         sed -n 1,16p && mv benchmarks/results/step_cost-text-"$DEV".* "$R/"
 }
 
+cfg_calls() {  # one guided call against two, for a text teacher and a class-conditional one
+    for teacher in demo/text-teacher demo/teacher; do
+        name=cfg_one_call-$(basename "$teacher")-$DEV
+        capped 30 $PY benchmarks/cfg_one_call.py --teacher "$teacher" --device "$DEV" "${CFG[@]}" --name "$name" |
+            tail -6 && mv benchmarks/results/"$name".* "$R/"
+    done
+}
+
 peer() {
     capped 150 $PY benchmarks/attention_peer.py "${PEER[@]}" --out "$R" | tail -14
 }
@@ -118,6 +128,7 @@ section "1. attention kernels on CUDA with key padding masks, at the text networ
     { export SCM_ATTENTION=math; stamp "the networks' attention runs on the math path from here on (SCM_ATTENTION=math)"; }
 section "2. captured vs eager sampler, bf16: XXL U-Net and DiT-XL/2" captured || true
 section "3. DiT-XL/2-text training step, 120-token prompts, bf16" text_step || true
+section "3. (cont.) classifier-free guidance in one call or two, on the card" cfg_calls || true
 section "4. attention JVP: scm vs jvp-flash-attention vs SDPA math + forward AD" peer || true
 section "5. diffusers text-to-image families at real size" t2i || true
 section "6. sCD memory: full, checkpointing, LoRA, LoRA + checkpointing" memory || true
