@@ -32,7 +32,9 @@
 #   6. sCD memory and step time of SD3-medium- and Sana-1.6B-sized students at 1024² latents: full fine-tuning,
 #      checkpointing, LoRA r=64, LoRA + checkpointing (the goal: under 80 GB at batch 16, so first), batch 16 then 4
 #      (benchmarks/memory.py --size real);
-#   7. `scm serve` on the GPU: latency percentiles of one client and of 20 (benchmarks/serve_load.py);
+#   7. `scm serve` on the GPU: latency percentiles of one client and of 20, a 2-step model of the demo's network
+#      (the committed teacher's weights as an sCT run: no student is trained there), eager then captured
+#      (benchmarks/serve_load.py --as-consistency [--captured]);
 #   8. the attention kernels' launch configurations tuned on the card (block shapes, warps, stages), against the
 #      goals of the forward within 1.2× SDPA's flash forward and the fused tangent at d = 128 within 2.5× per FLOP of
 #      d = 64; the card's table comes back as attention_tuning.json (benchmarks/kernel_tune.py);
@@ -119,9 +121,11 @@ memory() {
     capped 150 $PY benchmarks/memory.py --device "$DEV" "${MEMORY[@]}" --out "$R" | tail -16
 }
 
-serve() {
-    capped 120 $PY benchmarks/serve_load.py --device "$DEV" "${SERVE[@]}" --name "serve_load-$DEV" | tail -12 &&
-        mv benchmarks/results/serve_load-"$DEV".* "$R/"
+serve() {  # eager, then captured (CUDA graphs), the same 2-step model
+    capped 70 $PY benchmarks/serve_load.py --device "$DEV" --as-consistency "${SERVE[@]}" --name "serve_load-$DEV" |
+        tail -12 && mv benchmarks/results/serve_load-"$DEV".* "$R/"
+    capped 110 $PY benchmarks/serve_load.py --device "$DEV" --as-consistency --captured "${SERVE[@]}" \
+        --name "serve_load-captured-$DEV" | tail -12 && mv benchmarks/results/serve_load-captured-"$DEV".* "$R/"
 }
 
 section "1. attention kernels on CUDA with key padding masks, at the text networks' sizes, vs float64 math" kernels ||

@@ -1,7 +1,7 @@
 """Load on `scm serve`: many pages asking for images at once.
 
     python benchmarks/serve_load.py [--ckpt RUN] [--clients 20] [--requests 50] [--steps N] [--batch 1]
-                                    [--device cpu] [--name serve_load]
+                                    [--device cpu] [--as-consistency] [--captured] [--name serve_load]
 
 Starts `scm serve` in its own process on a free port of 127.0.0.1 and runs `--clients` threads, each a page with
 a client id of its own and one keep-alive connection, each sending `--requests` requests one after the other
@@ -14,7 +14,11 @@ latency percentiles as the clients see them, and the server's own figures (X-Gen
 
 The model: `--ckpt`, by default the sCD student `make demo` trains (runs/demo/runs/scd, guidance 2) when this
 checkout has one, else the committed diffusion teacher demo/teacher at 3 NFE (Heun), a stand-in for a few-step
-model of the same network. Writes benchmarks/results/<--name>.{json,md}.
+model of the same network. `--as-consistency` serves a diffusion run's network as a consistency run instead: an
+sCT run directory (in a temporary folder) holding its EMA weights, as an sCT student starts (`--init`); its images
+are not a trained student's, its latency at 1 or 2 steps is (for a machine without a trained student, e.g. a lent
+GPU). `--captured` serves it through the captured sampler (`scm serve --captured`: CUDA graphs on a GPU).
+Writes benchmarks/results/<--name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,9 +46,31 @@ STUDENT = ROOT / "runs" / "demo" / "runs" / "scd"
 TEACHER = ROOT / "demo" / "teacher"
 
 
-def start_server(ckpt: Path, device: str) -> tuple[subprocess.Popen, str]:
+def consistency_stand_in(teacher: Path, out: Path) -> Path:
+    """An sCT run directory at `out` with the diffusion run `teacher`'s network and EMA weights (module docstring)."""
+    import dataclasses
+
+    from scm.config import make_config, to_dict
+    from scm.runs import RunDir, ema_key, load_run
+
+    run = load_run(teacher)
+    if run.cfg.method != "diffusion" or not run.cfg.preset.endswith("-diffusion"):
+        raise SystemExit(f"--as-consistency: {teacher} is not a diffusion run of a preset family (its preset: "
+                         f"{run.cfg.preset}, method {run.cfg.method})")
+    cfg = make_config(run.cfg.preset.removesuffix("-diffusion") + "-sct", None,
+                      ["conditional=true"] if run.cfg.conditional else [], data=run.cfg.data, out=str(out))
+    cfg = dataclasses.replace(cfg, net=run.cfg.net, loss=dataclasses.replace(cfg.loss, sigma_d=run.cfg.loss.sigma_d))
+    folder = RunDir(out)
+    folder.write_config(to_dict(cfg))
+    weights = {ema_key(cfg.ema.stds[0], k): v.contiguous() for k, v in run.net.state_dict().items()}
+    folder.save(1, {"ema": weights}, {"step": 1}, keep=1)
+    return out
+
+
+def start_server(ckpt: Path, device: str, captured: bool = False) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "scm", "serve", "--ckpt", str(ckpt), "--port", "0", "--device", device]
+    cmd = [sys.executable, "-m", "scm", "serve", "--ckpt", str(ckpt), "--port", "0", "--device", device,
+           *(["--captured"] if captured else [])]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     line = proc.stderr.readline()
     match = re.search(r"at http://([\d.]+):(\d+)/", line)
@@ -132,16 +159,31 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps (consistency) or NFE (diffusion); default 2 / 3")
     ap.add_argument("--batch", type=int, default=1, choices=(1, 4, 16), help="images per request")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--as-consistency", action="store_true",
+                    help="serve a diffusion run's network and weights as a consistency run (module docstring)")
+    ap.add_argument("--captured", action="store_true", help="serve through the captured sampler (a consistency run)")
     ap.add_argument("--name", default="serve_load")
     args = ap.parse_args()
-    ckpt = args.ckpt or (STUDENT if (STUDENT / "config.json").is_file() else TEACHER)
+    served = ckpt = args.ckpt or (STUDENT if (STUDENT / "config.json").is_file() and not args.as_consistency
+                                  else TEACHER)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.as_consistency:
+            served = consistency_stand_in(ckpt, Path(tmp) / "stand-in")
+        info, steps, alone, loaded, stats = measure(served, args)
+    ckpt_name = str(ckpt.resolve().relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt)
+    if args.as_consistency:
+        ckpt_name += " (its network and EMA weights as an untrained sCT run)"
+    report_results(args, ckpt_name, info, steps, alone, loaded, stats)
 
-    proc, address = start_server(ckpt, args.device)
+
+def measure(served: Path, args):
+    """Serve `served` in its own process; one client alone, then `--clients` at once."""
+    proc, address = start_server(served, args.device, args.captured)
     try:
         info = get_json(address, "/api/info")["student"]  # answered once the models are warm
         steps = args.steps or (3 if info["method"] == "diffusion" else 2)
         query = f"steps={steps}&batch={args.batch}"
-        print(f"serving {ckpt} ({info['method']}, {steps} {info['steps_kind']}) at {address}", file=sys.stderr)
+        print(f"serving {served} ({info['method']}, {steps} {info['steps_kind']}) at {address}", file=sys.stderr)
         alone = run_load(address, 1, args.requests, query)
         print(f"1 client: p50 {alone['latency_ms']['p50']:.1f} ms", file=sys.stderr)
         loaded = run_load(address, args.clients, args.requests, query)
@@ -152,13 +194,17 @@ def main() -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    return info, steps, alone, loaded, stats
 
+
+def report_results(args, ckpt_name: str, info: dict, steps: int, alone: dict, loaded: dict, stats: dict) -> None:
     model = {k: info[k] for k in ("run", "method", "height", "width", "channels", "classes", "guidance",
                                   "default_guidance", "checkpoint_step", "parameters", "device")}
-    payload = {"ckpt": str(ckpt.resolve().relative_to(ROOT) if ckpt.resolve().is_relative_to(ROOT) else ckpt),
-               "model": model, "steps": steps, "steps_kind": info["steps_kind"], "batch": args.batch,
+    payload = {"ckpt": ckpt_name, "captured": args.captured, "model": model, "steps": steps,
+               "steps_kind": info["steps_kind"], "batch": args.batch,
                "single_client": alone, "load": loaded, "server_stats": stats}
     sampler = f"{steps} {'NFE Heun' if info['steps_kind'] == 'nfe' else 'steps'}"
+    sampler += ", captured" if args.captured else ""
     report = Report(f"scm serve under load: {args.clients} clients × {args.requests} requests "
                     f"({payload['ckpt']}, {sampler}, {args.batch} image{'s' if args.batch > 1 else ''} per request, "
                     f"{args.device})")

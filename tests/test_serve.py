@@ -630,8 +630,9 @@ def test_generate_many_equals_each_request_alone(runs):
 
 def test_a_captured_model_pads_the_joint_batch_and_gives_the_eager_images(runs):
     """--captured: one compiled graph per (batch, steps), the joint batch padded to a power of two (6 images → 8);
-    warm_up captures the request sizes before the first request; the images are the eager model's. A diffusion
-    run is not captured."""
+    warm_up captures the request sizes before the first request, and with the server's largest joint batch every
+    padded size up to it, so that no joint batch is captured on first use; a new guidance scale is no new graph;
+    the images are the eager model's. A diffusion run is not captured."""
     import torch._dynamo
 
     from scm.runs import load_run
@@ -646,6 +647,8 @@ def test_a_captured_model_pads_the_joint_batch_and_gives_the_eager_images(runs):
     torch._dynamo.utils.counters.clear()
     captured.warm_up()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # batches 1 and 4 at the default 2 steps
+    captured.warm_up(max_joint=6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # + the joint sizes 2 and 8 (1 and 4 had theirs)
     queries = [Query("student", None, 3, 2, 1, 1.5, 1), Query("student", None, 9, 2, None, 1.5, 4),
                Query("student", None, 5, 2, 2, 1.5, 1)]
     for a, b in zip(eager.generate_many(queries), captured.generate_many(queries), strict=True):
@@ -654,5 +657,9 @@ def test_a_captured_model_pads_the_joint_batch_and_gives_the_eager_images(runs):
         assert x.shape == y.shape and np.abs(x - y).max() <= 1 and b.batched == 3
     breaks = {k: dict(torch._dynamo.utils.counters[k]) for k in ("graph_break", "unimplemented")}
     assert not any(breaks.values()), breaks
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # + the padded batch of 8
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # the padded batch of 8 was captured already
+    # another guidance scale is an input of the same graph (a Python float would be compiled in: a graph per scale)
+    a, b = (m.generate_many([Query("student", None, 4, 2, 1, 1.2, 4)])[0] for m in (eager, captured))
+    x, y = (np.asarray(Image.open(io.BytesIO(g.png)), dtype=int) for g in (a, b))
+    assert np.abs(x - y).max() <= 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()

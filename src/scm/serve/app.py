@@ -403,11 +403,12 @@ async def not_found(request, exc):
 
 @contextlib.asynccontextmanager
 async def lifespan(app):
-    """Warm every model up (one generation per batch size) before the first request; close the workers at the end."""
+    """Warm every model up (one generation per batch size; a captured one also per padded joint batch up to the
+    worker's max_batch) before the first request; close the workers at the end."""
     loop, served = asyncio.get_running_loop(), app.state.served
     if served.warm_up:
         for w in served.workers.values():
-            await loop.run_in_executor(w.executor, w.model.warm_up)
+            await loop.run_in_executor(w.executor, w.model.warm_up, w.max_batch)
     try:
         yield
     finally:

@@ -34,7 +34,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scm.conditioning import Conditioning
@@ -167,7 +167,8 @@ class ServedModel:
     the intermediate time of a consistency run's 2+ steps (default: the run's own). `captured`: a consistency run's
     sampler and network as one compiled graph per (batch, steps) (`generate`; CUDA graphs on a GPU), the joint
     batch padded to a power of two so that few shapes occur; `warm_up` captures the request sizes at the default
-    steps before the first request, other sizes and steps on their first use."""
+    steps before the first request (and every padded joint size up to the server's largest joint batch, when given),
+    other sizes and steps on their first use."""
 
     def __init__(self, run: LoadedRun, name: str, *, steps: Iterable[int] | None = None,
                  default_steps: int | None = None, batches: Iterable[int] = BATCHES, t_mid: float | None = None,
@@ -334,12 +335,19 @@ class ServedModel:
                                  height, len(queries), media_type))
         return out
 
-    def warm_up(self) -> None:
+    def warm_up(self, max_joint: int | None = None) -> None:
         """One generation per batch size, so the first requests are not slowed by one-time set-up (allocator,
-        CUDA context, kernel selection)."""
+        CUDA context, kernel selection). A captured model also generates every power of two up to
+        captured_batch(max_joint) (the joint batches the server can form), as requests of one image: capturing one
+        on first use would stall the requests that wait for it (seconds on a CPU)."""
         prompt = (self.example_prompts or [""])[0] if self.takes_prompt else None
+        one = Query(self.name, None, 0, self.default_steps, None, self.default_guidance, 1, prompt)
         for b in self.batches:
-            self.generate(Query(self.name, None, 0, self.default_steps, None, self.default_guidance, b, prompt))
+            self.generate(replace(one, batch=b))
+        if self.captured and max_joint:
+            for n in (1 << k for k in range(captured_batch(max_joint).bit_length())):
+                if n not in self.batches:
+                    self.generate_many([replace(one, seed=i) for i in range(n)])
 
 
 def captured_batch(n: int) -> int:
