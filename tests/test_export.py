@@ -266,7 +266,8 @@ def test_export_errors_name_what_is_wrong(runs, tmp_path, monkeypatch):
 def test_the_pipelines_network_compiles_as_one_graph(runs):
     """The exported pipeline's network compiles whole (`pipe.model = torch.compile(pipe.model)`; on a GPU
     mode="reduce-overhead" replays it as CUDA graphs), guidance input included, and the pipeline then gives the
-    eager samples (on the CPU a graph of PyTorch's own kernels: the same arithmetic)."""
+    eager samples (on the CPU a graph of PyTorch's own kernels: the same arithmetic); another guidance scale runs in
+    the same graph."""
     import torch._dynamo
 
     _, _, exported = runs
@@ -278,5 +279,9 @@ def test_the_pipelines_network_compiles_as_one_graph(runs):
         for _ in range(2):  # the second call replays the graph
             again = pipe(batch_size=3, num_inference_steps=2, seed=4, guidance_scale=1.5, output_type="latent").images
             assert torch.equal(again, eager)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        other = pipe(batch_size=3, num_inference_steps=2, seed=4, guidance_scale=1.8, output_type="latent").images
+        assert not torch.equal(other, eager)  # the scale is an input of the graph: no graph of its own
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()

@@ -30,7 +30,7 @@ from scm.errors import SamplerError
 from scm.text import TextConfig, empty_prompt, encode_prompts
 from scm.trigflow import expand
 
-__all__ = ["GUIDANCE", "NO_CLASS", "Conditioning", "guided"]
+__all__ = ["GUIDANCE", "NO_CLASS", "Conditioning", "guidance_as_input", "guided"]
 
 # A class index that means "no class": the unconditional input of class-labelled CFG as a row, so that it stacks with
 # the conditional rows. A network that reads it so says `reads_no_class` (scm's own networks, whose index outside
@@ -82,6 +82,17 @@ def guided(fn: Callable[..., torch.Tensor], null: dict, *, one_call: bool = True
         return F_u + s * (F_c - F_u)
 
     return g
+
+
+def guidance_as_input(cond: dict, batch: int, device) -> dict:
+    """cond with a guidance scale given as a number made a [B] float32 tensor, the value every network makes of a
+    number (`scm.nets.layers.guidance_scales`). For compiled callers: the compiler specialises on a Python float, so
+    each new scale (`scm serve`'s slider, a pipeline's guidance_scale) would compile a graph of its own, where a
+    tensor is an input of one graph."""
+    g = cond.get("guidance")
+    if isinstance(g, (int, float)) and not isinstance(g, bool):
+        return {**cond, "guidance": torch.full((batch,), float(g), dtype=torch.float32, device=device)}
+    return cond
 
 
 def _no_class_row(cond: dict, uncond: dict) -> dict:

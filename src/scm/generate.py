@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from scm._rng import randn
-from scm.conditioning import Conditioning
+from scm.conditioning import Conditioning, guidance_as_input
 from scm.errors import InvalidSetting, SamplerError
 from scm.runs import LoadedRun, mix_seed
 from scm.sampling import (
@@ -172,16 +172,6 @@ def _room_for_graphs():
     return config.patch(**{name: max(getattr(config, name), _CAPTURED_GRAPHS)})
 
 
-def _graph_inputs(cond: dict, batch: int, device: torch.device) -> dict:
-    """cond with a guidance scale given as a number made a [B] float32 tensor (the value the networks make of a
-    number, `scm.nets.layers.guidance_scales`): the compiler specialises on a Python float, so that each new scale
-    (`scm serve`'s slider) would compile a graph of its own; a tensor is an input of one graph."""
-    g = cond.get("guidance")
-    if isinstance(g, (int, float)) and not isinstance(g, bool):
-        return {**cond, "guidance": torch.full((batch,), float(g), dtype=torch.float32, device=device)}
-    return cond
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # a deliberate host-device synchronisation: timing
@@ -220,7 +210,7 @@ class _Batches:
             x = ode_sample(self.fn, noise, self.ts, sd, solver=self.sampler.solver, **cond)
         elif self.captured:  # (a CUDA graph's output is overwritten by its next replay: cloned)
             renoise = renoise_draws(noise, len(self.ts) - 1, sd, gens)
-            cond = _graph_inputs(cond, len(gens), device)
+            cond = guidance_as_input(cond, len(gens), device)
             with _room_for_graphs():
                 x = _captured_steps(device.type)(self.fn, noise, renoise, self.ts, sd, **cond).clone()
         else:

@@ -66,7 +66,7 @@ except ImportError as e:
     raise MissingDependency(f"diffusers pipelines need diffusers >= 0.33, which is not installed ({e}): "
                             "pip install scm[diffusers]", extra="diffusers") from None
 
-from scm.conditioning import Conditioning
+from scm.conditioning import Conditioning, guidance_as_input
 from scm.config import from_dict
 from scm.data.latents import decode
 from scm.generate import image_generators
@@ -428,7 +428,9 @@ class SCMPipeline(DiffusionPipeline):
             raise SamplerError(f"batch_size={batch_size!r}: must be an integer >= 1", key="batch_size")
         ts = self.times(num_inference_steps, timesteps)
         gens = self._generators(generator, seed, batch_size, device)
-        cond = self._conditioning(batch_size, class_labels, guidance_scale, device, prompts)
+        # (the scale as a tensor: a compiled `pipe.model` takes each scale as an input, not as a graph of its own)
+        cond = guidance_as_input(self._conditioning(batch_size, class_labels, guidance_scale, device, prompts),
+                                 batch_size, device)
         # the initial noise σ_d·ε at t_0, drawn as scm.generate draws it (float32, per-image generators)
         if latents is None:
             x = self.sigma_d * randn_tensor((batch_size, *shape), generator=gens, device=device, dtype=torch.float32)
