@@ -482,6 +482,8 @@ def serve(
         print(f"warning: listening on {host}: anyone who can reach this machine can use the models"
               + ("" if names else " (by any name; --allowed-host NAME limits that)"), file=sys.stderr)
     answering = f"; answering to {', '.join(names)} (--allowed-host adds names)" if names else ""
+    if student.captured:  # warm-up captures up to 7 joint batch sizes before the first answer
+        answering += "; capturing its graphs first, about a minute on a CPU"
     print(f"serving {what} at {url_of(sock)} (Ctrl-C stops{answering})", file=sys.stderr, flush=True)
     import contextlib
 
