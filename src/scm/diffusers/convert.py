@@ -61,7 +61,6 @@ def data_scale(data: str, sigma_d: float) -> float:
     return 1.0 if data == "own" else float(sigma_d)
 
 
-
 @functools.lru_cache(maxsize=64)
 def constant_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A constant input (a VP scheduler's σ table, SDXL's time ids, PixArt-α's resolution) made once per (values,
