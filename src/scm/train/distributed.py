@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import math
 import os
 import re
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,22 +297,14 @@ def shutdown() -> None:
 
 
 def _clear_dtensor_caches() -> None:
-    """Empty torch's DTensor caches, which hold device meshes: every functools cache of torch.distributed.tensor's
-    modules and their classes (sharding propagation, redistribution, mesh topology) and the C++ fast path's.
-    Emptying a cache is always safe (it is refilled on use); which caches exist is private to torch."""
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("torch.distributed.tensor"):
-            continue
-        for value in list(vars(module).values()):
-            owners = [value, *vars(value).values()] if isinstance(value, type) else [value]
-            for owner in owners:
-                owner = getattr(owner, "__func__", owner)  # staticmethod / classmethod
-                if hasattr(owner, "__wrapped__") and callable(getattr(owner, "cache_clear", None)):  # functools
-                    owner.cache_clear()
-    with contextlib.suppress(ImportError, AttributeError):
-        from torch.distributed.tensor import DTensor
-
-        DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()  # a per-instance cache
+    """Empty torch's DTensor caches, which hold device meshes: every functools cache that torch.distributed's code
+    made, wherever it lives (module functions, methods, a per-thread wrapper's copy, closures such as torch 2.11's
+    single-dimension strategy expansion), the redistribution planner's and the C++ fast path's. Emptying a cache is
+    always safe (it is refilled on use); which caches exist is private to torch and changes between releases, so
+    they are found among the live objects rather than by name."""
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper and (obj.__module__ or "").startswith("torch.distributed"):
+            obj.cache_clear()
     with contextlib.suppress(ImportError, AttributeError):
         from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
 
