@@ -292,8 +292,10 @@ def test_folders_that_hold_no_usable_encoder(folders, tmp_path):
     shutil.copytree(folders["clip_plain"], wrong)
     config = json.loads((wrong / "config.json").read_text())
     (wrong / "config.json").write_text(json.dumps({**config, "architectures": ["CLIPTextModelWithProjection"]}))
-    with pytest.raises(ConfigError, match="text_projection"):
+    # transformers 5.25 finds only text_projection missing, 5.17 (the GPU machine's) every key: both are named errors
+    with pytest.raises(ConfigError, match="not those of its CLIPTextModelWithProjection config") as e:
         load_transformers_encoder(wrong)
+    assert str(wrong) in str(e.value)
 
 
 def test_without_transformers_the_text_extra_is_named(folders, tmp_path, monkeypatch):
