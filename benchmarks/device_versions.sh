@@ -5,7 +5,7 @@
 # gpu_wheels.sh), so that a version break is found here and not in a lent session's 15 minutes. Its Python is this
 # machine's (3.11; the GPU machine's is 3.12). Writes benchmarks/results/device-versions.md.
 #
-#   bash benchmarks/device_versions.sh            (about 25 minutes on 2 cores; run it alone)
+#   bash benchmarks/device_versions.sh   (about 15 minutes on 2 cores, 2–3 more to make the environment; alone)
 #
 # PyPI's torch 2.11.0 is a CUDA build; it runs on the CPU but pulls the CUDA libraries: the environment takes about
 # 4.7 GB, in $VENV (default /tmp/scm-torch-2.11.0), made once and reused. numpy stays below 2.4: triton 3.6's

@@ -37,7 +37,7 @@ if __name__ == "__main__":
     groups = main(*sys.argv[1:])  # the model is gone when main returns, before shutdown
     shutdown()
     alive = sum(group() is not None for group in groups)
-    held_by_torch = "distributed=fsdp" in sys.argv and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 13)
+    held_by_torch = "distributed=fsdp" in sys.argv and torch.__version__ < "2.13"  # a TorchVersion
     if not groups or (alive and not held_by_torch):
         sys.exit(f"{alive} of {len(groups)} process groups outlived shutdown()")
     if alive:
