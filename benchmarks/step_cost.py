@@ -52,6 +52,9 @@ VARIANTS = {
     # unconditional input), its two evaluations as two calls or stacked into one (`loss.cfg_one_call`)
     "sCD, fused pass, CFG teacher in two calls": dict(kind="scd", fused_pass=True, cfg="two"),
     "sCD, fused pass, CFG teacher in one call": dict(kind="scd", fused_pass=True, cfg="one"),
+    # sCD + VSD (§6): the same guided sCD step plus the student's one-step samples, the teacher's CFG and the
+    # critic's evaluation at their noised copies, and the critic's diffusion loss and Adam update
+    "sCD + VSD, fused pass, CFG teacher in one call": dict(kind="scd", fused_pass=True, cfg="one", vsd=True),
     "sCD, separate pass, checkpointed blocks": dict(kind="scd", fused_pass=False, checkpointing=True),
     "sCT, PyTorch-native JVP rules (naive)": dict(kind="sct", fused_pass=False, native=True),
 }
@@ -97,7 +100,12 @@ def make_step(name: str, args, device, bench: Bench | None = None):
         guidance = {"guidance": (1.0, 3.0), "teacher_uncond": null,
                     "cfg_one_call": spec["cfg"] == "one"} if spec.get("cfg") else {}
         objective = ConsistencyLoss(teacher=b.teacher if spec["kind"] == "scd" else None, warmup_kimg=0,
-                                    fused_pass=spec["fused_pass"], **guidance)
+                                    fused_pass=spec["fused_pass"], vsd_weight=1.0 if spec.get("vsd") else 0.0,
+                                    **guidance)
+    critic, critic_opt = {}, None
+    if spec.get("vsd"):  # a critic of its own (the teacher's copy, trained): twice the weights, for this variant only
+        critic["critic"] = copy.deepcopy(b.teacher).requires_grad_(True).train()
+        critic_opt = torch.optim.Adam(critic["critic"].parameters(), lr=1e-6)
     # activation checkpointing per block (net.checkpointing), same weights: the network reads it at each call
     variant_cfg = dataclasses.replace(cfg, checkpointing=True) if spec.get("checkpointing") else cfg
     ctx = native_ops if spec.get("native") else contextlib.nullcontext
@@ -107,12 +115,14 @@ def make_step(name: str, args, device, bench: Bench | None = None):
         net.cfg = variant_cfg
         with ctx():
             with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                loss, _ = objective(net, b.x0, 100.0, generator=torch.Generator(device).manual_seed(0), **b.cond)
+                loss, _ = objective(net, b.x0, 100.0, generator=torch.Generator(device).manual_seed(0), **critic,
+                                    **b.cond)
             loss.backward()
-            b.opt.step()
-            b.opt.zero_grad(set_to_none=True)
-            if hasattr(net, "normalize_weights_"):
-                net.normalize_weights_()
+            for opt, module in [(b.opt, net)] + ([(critic_opt, critic["critic"])] if critic else []):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if hasattr(module, "normalize_weights_"):
+                    module.normalize_weights_()
         net.cfg = cfg
 
     return step
@@ -295,6 +305,10 @@ NOTES = """## Notes
 - **Checkpointed blocks** (`net.checkpointing=true`): the separate no-grad tangent pass (stores nothing), then a
   forward of F that keeps only each block's input and recomputes the block in the backward pass: one more forward
   of the student per step, for activations of one block at a time instead of all blocks.
+- **sCD + VSD** (`loss.vsd_weight`, §6): the sCD step plus the student's one-step samples (a forward and its
+  backward), the teacher's CFG and the critic's evaluation at their noised copies (no grad), and the critic's own
+  diffusion loss (a forward and a backward) and Adam update; the critic is a second copy of the network's weights
+  and optimizer state, hence the memory.
 """
 
 

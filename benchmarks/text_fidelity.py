@@ -1,6 +1,6 @@
 """Text to image on captioned MNIST: a text teacher vs its sCD student on held-out prompts, with seed intervals.
 
-    python benchmarks/text_fidelity.py --teacher demo/text-teacher --student runs/demo-text/runs/scd \
+    python benchmarks/text_fidelity.py --teacher demo/text-teacher --student [LABEL=]RUN [[LABEL=]RUN …] \
         [--n 500] [--seeds 0 1 2] [--guidance 2] [--teacher-nfe 35] [--t-mid 1.1 1.3] [--name text-fidelity]
 
 Prompts: the first captions of MNIST's first n test digits (held out: both models trained on the training digits'
@@ -71,14 +71,31 @@ def haze_diagnostics(images: torch.Tensor, prompts: list[str], space) -> dict:
             "attributes_without_faint": again["attributes"]}
 
 
+def students(specs: list[str]) -> list[tuple[str, Path]]:
+    """--student entries: PATH (labelled sCD) or LABEL=PATH."""
+    return [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) if "=" in spec else ("sCD", Path(spec))
+            for spec in specs]
+
+
+def trained_kimg(run) -> str:
+    """The run's kimg, after those of the runs it was initialized from (a VSD fine-tune of an sCD student: 20 + 3.2);
+    a teacher it was initialized from (sCD's default) is not counted."""
+    own = round(run.step * run.cfg.batch / 1000, 1)
+    init = run.cfg.init
+    if init is None or init == run.cfg.teacher or run.cfg.method != "scd":
+        return f"{own:g}"
+    return f"{trained_kimg(load_run(init))} + {own:g}"
+
+
 def measure(args) -> dict:
     space, ref = open_reference("mnist:test")
     prompts = load_dataset("mnist-captions:test").caption_of(torch.arange(args.n))
-    settings = {"teacher": (args.teacher, Sampler(nfe=args.teacher_nfe, solver="heun")),
-                "sCD 1 step": (args.student, Sampler(steps=1))}
-    for t_mid in args.t_mid or [None]:
-        at = "" if t_mid is None else f", t_mid {t_mid:g}"
-        settings[f"sCD 2 steps{at}"] = (args.student, Sampler(steps=2, t_mid=t_mid))
+    settings = {"teacher": (args.teacher, Sampler(nfe=args.teacher_nfe, solver="heun"))}
+    for label, student in students(args.student):
+        settings[f"{label} 1 step"] = (student, Sampler(steps=1))
+        for t_mid in args.t_mid or [None]:
+            at = "" if t_mid is None else f", t_mid {t_mid:g}"
+            settings[f"{label} 2 steps{at}"] = (student, Sampler(steps=2, t_mid=t_mid))
     rows = {}
     for name, (path, sampler) in settings.items():
         run = load_run(path)
@@ -89,8 +106,7 @@ def measure(args) -> dict:
             per_seed.append({k: row[k] for k in (*FIGURES, "size_agreement", "seconds_per_image", "nfe")}
                             | haze_diagnostics(images, prompts, space))
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {row[k]:.4g}" for k in FIGURES), flush=True)
-        rows[name] = {"run": str(path), "kimg": round(run.step * run.cfg.batch / 1000, 1),
-                      "per_seed": per_seed}
+        rows[name] = {"run": str(path), "kimg": trained_kimg(run), "per_seed": per_seed}
     return rows
 
 
@@ -114,7 +130,7 @@ def report(rows: dict, real: dict, args) -> Report:
             return text
         return f"{text} [{fmt.format(scale * iv['low'])}, {fmt.format(scale * iv['high'])}]"
 
-    r = Report(f"Text to image on captioned MNIST: teacher vs sCD student (n = {args.n}, seeds {args.seeds}, "
+    r = Report(f"Text to image on captioned MNIST: teacher vs student (n = {args.n}, seeds {args.seeds}, "
                f"guidance {args.guidance:g})")
     r.text("Mean and 95 % t-interval over sample seeds; the last columns compare the student with the teacher seed "
            "by seed (FD ratio; differences in percentage points).")
@@ -146,7 +162,8 @@ def report(rows: dict, real: dict, args) -> Report:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, default=Path("demo/text-teacher"))
-    ap.add_argument("--student", type=Path, default=Path("runs/demo-text/runs/scd"))
+    ap.add_argument("--student", nargs="+", default=["runs/demo-text/runs/scd"], metavar="[LABEL=]RUN",
+                    help="students, each labelled (default label: sCD)")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--guidance", type=float, default=2.0)

@@ -7,6 +7,8 @@ warm-up and at the end of training (its growth is the first sign of the instabil
     python benchmarks/text_scd_screen.py NAME KIMG [key=value …]   # e.g. b32 26 batch=32
     python benchmarks/text_scd_screen.py NAME KIMG [key=value …] --eval-only   # measure a run again
     python benchmarks/text_scd_screen.py NAME KIMG loss.guidance=1,3 --student-guidance 2 2.5 3   # a guidance range
+    python benchmarks/text_scd_screen.py NAME 3.2 init=benchmarks/runs/t2i/BASE loss.vsd_weight=0.5 \
+        optim.critic_lr_scale=5 loss.warmup_kimg=0 optim.lr=1.3e-4 optim.lr_decay_kimg=None   # sCD + VSD from BASE
     python benchmarks/text_scd_screen.py                          # the teacher's figures (guidance 2 and 1)
     python benchmarks/text_scd_screen.py --report                 # the table of every screened setting
 

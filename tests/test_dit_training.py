@@ -103,6 +103,51 @@ def test_resume_is_exact_for_the_transformer(dit_teacher, tmp_path):
             assert torch.equal(a[k], b[k]), f"{stem}/{k}"
 
 
+def test_scd_with_vsd_trains_its_critic_and_resumes_exactly(dit_teacher, tmp_path):
+    """sCD + VSD (§6): the critic starts as the teacher (in the student's architecture), trains alongside the
+    student, and is checkpointed with its optimizer: a resumed run ends with the weights, optimizer states and
+    critic of a straight one, bit for bit."""
+    data, teacher = dit_teacher
+    common = ["--preset", "dit-tiny-28-scd", "--data", data, "--teacher", teacher, "--batch", 8, *RUN,
+              "sample_every_kimg=None", "log_every=1", "loss.warmup_kimg=0.01", "loss.vsd_weight=0.5",
+              "net.dropout=0.1"]
+    code, text = cli("train", "--out", tmp_path / "straight", "--kimg", 0.048, *common)
+    assert code == 0 and "a VSD critic initialized as the teacher" in text, text
+    rows = [r for r in run_metrics(tmp_path / "straight") if "critic_loss" in r]
+    assert len(rows) == 6 and all(np.isfinite([r["critic_loss"], r["vsd_norm"], r["critic_grad_norm"]]).all()
+                                  for r in rows), rows
+    ckpt = RunDir(tmp_path / "straight").latest()
+    critic, teacher_net = load_file(ckpt / "critic.safetensors"), load_run(teacher).net.state_dict()
+    assert set(teacher_net) == set(critic)
+    assert any(not torch.equal(critic[k], teacher_net[k]) for k in teacher_net)  # it was trained
+    assert cli("train", "--out", tmp_path / "split", "--kimg", 0.024, *common)[0] == 0
+    code, text = cli("train", "--out", tmp_path / "split", "--kimg", 0.048, "--resume", *common)
+    assert code == 0 and "resumed from" in text, text
+    for stem in ("net", "ema", "optim", "critic", "critic_optim"):
+        a, b = (load_file(RunDir(tmp_path / r).latest() / f"{stem}.safetensors") for r in ("straight", "split"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stem}/{k}"
+    code, text = cli("sample", "--ckpt", tmp_path / "straight", "--n", 2, "--steps", 1, "--out", tmp_path / "s.png")
+    assert code == 0, text
+
+
+def test_vsd_is_refused_where_it_cannot_run(dit_teacher, tmp_path):
+    """Each refusal names loss.vsd_weight and why, before any training: sCT has no teacher, and a teacher of another
+    architecture cannot be the critic's starting point."""
+    data, teacher = dit_teacher
+    code, text = cli("train", "--preset", "dit-tiny-28-sct", "--data", data, "--init", teacher, "--out",
+                     tmp_path / "sct", "--kimg", 0.016, "--batch", 8, *RUN, "loss.vsd_weight=1")
+    assert code == 2 and "loss.vsd_weight" in text and "sCD only" in text, text
+    unet_teacher = tmp_path / "unet"
+    assert cli("train", "--preset", "tiny-28-diffusion", "--data", data, "--out", unet_teacher, "--kimg", 0.016,
+               "--batch", 16, *RUN, "sample_every_kimg=None", "net.model_channels=8")[0] == 0
+    code, text = cli("train", "--preset", "dit-tiny-28-scd", "--data", data, "--out", tmp_path / "cross",
+                     "--teacher", unet_teacher, "--kimg", 0.016, "--batch", 8, *RUN, *SMALL, "loss.vsd_weight=1")
+    assert code == 2 and "loss.vsd_weight" in text and "does not fit the student's" in text, text
+    assert not RunDir(tmp_path / "cross").latest()
+
+
 def test_students_across_architectures(dit_teacher, tmp_path):
     """sCD of a U-Net teacher into a transformer starts fresh (it cannot start from the teacher's weights);
     an explicit init of another architecture is an error that names it."""

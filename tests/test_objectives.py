@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from scm.objectives import ConsistencyLoss, DiffusionLoss, normalize_tangent, scm_target, tangent_warmup
+from scm.objectives import (
+    ConsistencyLoss,
+    DiffusionLoss,
+    normalize_tangent,
+    scm_target,
+    tangent_warmup,
+    vsd_direction,
+)
 from scm.tangents import jvp_tangent
 from scm.trigflow import add_noise, ddim_step, denoise, sct_velocity
 
@@ -229,3 +236,87 @@ def test_discrete_time_consistency_tends_to_the_continuous_target(small_net):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="fd_step"):
         jvp_tangent(net, x_t, t, dxdt, SD, method="discrete")
+
+
+def test_vsd_direction_is_the_score_difference_of_the_noised_distributions():
+    """cos t·(x̂0_fake − x̂0_real)/(σ_d² sin²t) = ∇log p_fake,t − ∇log p_real,t (Tweedie), checked against the closed-form
+    scores of two Gaussians' TrigFlow marginals N(cos t·μ, cos²t·s² + sin²t·σ_d²); float64 throughout, so the
+    tolerance is rounding only."""
+    from oracle import Gaussian
+
+    real, fake = Gaussian([0.3, -0.2, 0.1], [0.5, 0.4, 0.6], SD), Gaussian([-0.1, 0.4, 0.0], [0.8, 0.3, 0.5], SD)
+    _, z, t = _batch(B=16, dim=3, seed=3, t_range=(0.1, 1.5))
+    x_t = add_noise(real.sample(16, torch.Generator().manual_seed(4)), z, t)
+    d = vsd_direction(x_t, fake.F_star(x_t / SD, t), real.F_star(x_t / SD, t), t, SD)
+
+    def score(g):
+        tt = t[:, None]
+        m, v2 = torch.cos(tt) * g.mu, torch.cos(tt) ** 2 * g.s**2 + torch.sin(tt) ** 2 * SD**2
+        return -(x_t - m) / v2
+
+    tt = t[:, None]
+    torch.testing.assert_close(torch.cos(tt) * d / (SD * torch.sin(tt)) ** 2, score(fake) - score(real), rtol=1e-10,
+                               atol=1e-12)
+
+
+class _Shift(torch.nn.Module):
+    """A network F(x, t) = b (one learnable vector, the same for every input): its one-step sample is
+    x_g = cos t_max·z − sin t_max·σ_d·b, so ∂x_g/∂b = −sin t_max·σ_d."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.linspace(-0.3, 0.3, dim, dtype=torch.float64))
+
+    def forward(self, x, t, **_):
+        return self.b.expand_as(x)
+
+
+def test_vsd_gradient_and_critic_loss_by_hand():
+    """sCD + VSD: the student's VSD gradient is 2λ·d̂/D through x_g (d̂ the score-difference direction d normalized
+    as DMD does, by the mean distance of the sample from the teacher's denoised estimate), and the critic's
+    gradient is its diffusion loss on the detached samples alone. The draws are replayed in the objective's order
+    (one-step noise z, then t' and z', then the critic's t and z); float64, so the tolerances are rounding only."""
+    from scm.trigflow import sample_t, t_max_default
+
+    from oracle import Gaussian
+
+    real, fake = Gaussian([0.3, -0.2, 0.1, 0.0], [0.5, 0.4, 0.6, 0.5], SD), Gaussian([0.0] * 4, [0.7] * 4, SD)
+    B, lam = 8, 0.5
+    x0, _, _ = _batch(B=B, dim=4, seed=5)
+    student, critic = _Shift(4), torch.nn.Linear(4, 4, dtype=torch.float64)
+    critic_net = lambda x, t, **_: critic(x) + fake.F_star(x, t)  # noqa: E731
+    loss_fn = ConsistencyLoss(sigma_d=SD, adaptive_weight=False, vsd_weight=lam, teacher=real.F_star)
+    vsd, critic_loss, _ = loss_fn._vsd(student, critic_net, x0, {}, torch.Generator().manual_seed(9))
+    (lam * vsd + critic_loss).backward()
+
+    g = torch.Generator().manual_seed(9)
+    tm = torch.full((B,), t_max_default(SD), dtype=torch.float64)
+    z = SD * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_g = (torch.cos(tm)[:, None] * z - torch.sin(tm)[:, None] * SD * student.b).detach()
+    t = sample_t(B, loss_fn.vsd_P_mean, loss_fn.vsd_P_std, SD, generator=g, dtype=torch.float64)
+    x_t = add_noise(x_g, SD * torch.randn(x0.shape, generator=g, dtype=torch.float64), t)
+    with torch.no_grad():
+        F_real = real.F_star(x_t / SD, t)
+        d = vsd_direction(x_t, critic_net(x_t / SD, t), F_real, t, SD)
+    d_hat = d / (x_g - denoise(x_t, F_real, t, SD)).abs().mean(dim=1, keepdim=True)
+    expected = -torch.sin(tm[0]) * SD * 2 * lam * d_hat.sum(0) / (B * 4)  # mean over B examples and D = 4
+    torch.testing.assert_close(student.b.grad, expected, rtol=1e-10, atol=1e-12)
+
+    want = [p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad()
+    DiffusionLoss(SD, loss_fn.critic_P_mean, loss_fn.critic_P_std, False)(critic_net, x_g, generator=g)[0].backward()
+    for got, p in zip(want, critic.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_vsd_settings_are_checked():
+    from scm.errors import InvalidSetting
+
+    for bad in ({"vsd_weight": -1.0}, {"vsd_weight": math.nan}, {"vsd_P_std": 0.0}, {"critic_P_mean": math.inf}):
+        with pytest.raises(InvalidSetting, match=next(iter(bad))):
+            ConsistencyLoss(**bad)
+    x0 = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="critic"):  # VSD without its critic network
+        ConsistencyLoss(vsd_weight=1.0, adaptive_weight=False)(_Shift(3).float(), x0)
+    with pytest.raises(InvalidSetting, match="vsd_weight"):  # sCT has no teacher to distil from
+        ConsistencyLoss(vsd_weight=1.0, adaptive_weight=False)(_Shift(3).float(), x0, critic=_Shift(3).float())

@@ -60,6 +60,7 @@ class OptimConfig:
     lr_decay_kimg: float | None = None        # EDM2: lr = α_ref/sqrt(max(t/t_ref, 1)); None = constant
     lr_rampup_kimg: float = 0.0               # linear warm-up of the learning rate
     grad_clip: float | None = None            # clip the global gradient norm to this value
+    critic_lr_scale: float = 1.0              # sCD + VSD: the critic's learning rate, as a multiple of the student's
 
     def validate(self) -> None:
         _need(self.optimizer in OPTIMIZERS, "optim.optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
@@ -70,6 +71,8 @@ class OptimConfig:
               "must be > 0")
         _need(self.lr_rampup_kimg >= 0, "optim.lr_rampup_kimg", self.lr_rampup_kimg, "must be >= 0")
         _need(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "must be > 0")
+        _need(_finite(self.critic_lr_scale) and self.critic_lr_scale > 0, "optim.critic_lr_scale",
+              self.critic_lr_scale, "must be > 0")
 
 
 @dataclass
@@ -211,6 +214,10 @@ class TrainConfig:
         _need(not (getattr(self.net, "checkpointing", False) and getattr(L, "fused_pass", None) is True),
               "loss.fused_pass", True, "is not supported with net.checkpointing=true (the recomputation has no "
               "tangent); use the separate tangent pass (loss.fused_pass=false)")
+        if getattr(L, "vsd_weight", 0):
+            _need(self.method == "scd", "loss.vsd_weight", L.vsd_weight, "VSD needs a teacher: it is for sCD only")
+            _need(not self.lora.rank, "loss.vsd_weight", L.vsd_weight, "is not supported with a LoRA student (the "
+                  "critic is a full copy of the teacher's network)")
         _need(self.teacher_data in ("own", "unit"), "teacher_data", self.teacher_data, "must be 'own' or 'unit'")
         if self.method == "scd":
             _need(self.teacher is not None, "teacher", self.teacher, "sCD needs a teacher (a diffusion run directory)")

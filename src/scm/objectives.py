@@ -26,9 +26,10 @@ from scm.conditioning import guided
 from scm.errors import InvalidSetting
 from scm.precision import PRECISIONS, compute_dtype, precision_dtype
 from scm.tangents import METHODS, jvp_tangent
-from scm.trigflow import add_noise, expand, sample_t, sct_velocity
+from scm.trigflow import add_noise, denoise, expand, sample_t, sct_velocity, t_max_default
 
-__all__ = ["OBJECTIVES", "ConsistencyLoss", "DiffusionLoss", "normalize_tangent", "scm_target", "tangent_warmup"]
+__all__ = ["OBJECTIVES", "ConsistencyLoss", "DiffusionLoss", "normalize_tangent", "scm_target", "tangent_warmup",
+           "vsd_direction"]
 
 TANGENT_NORMS = ("l2", "rms")
 
@@ -76,6 +77,19 @@ def normalize_tangent(g: torch.Tensor, c: float, norm: str = "l2") -> tuple[torc
     if norm == "rms":
         n = n / math.sqrt(g[0].numel())
     return (g / (expand(n, g) + c).to(g.dtype)), n
+
+
+def vsd_direction(x_t: torch.Tensor, F_fake: torch.Tensor, F_real: torch.Tensor, t: torch.Tensor,
+                  sigma_d: float) -> torch.Tensor:
+    """The variational score distillation direction at a noised generator sample x_t (§6, "sCD + VSD"; DMD):
+
+        d = x̂0_fake − x̂0_real,   x̂0 = cos t·x_t − sin t·σ_d·F   (eq. 23)
+
+    ∇_x KL(p_θ,t ‖ p_data,t) = s_fake − s_real = cos t·(x̂0_fake − x̂0_real)/(σ_d² sin²t) (Tweedie), so a generator
+    sample moved along −d lowers the reverse KL at t; the per-example scale is set by the caller (normalized as
+    the tangent is: `normalize_tangent`).
+    """
+    return denoise(x_t, F_fake, t, sigma_d) - denoise(x_t, F_real, t, sigma_d)
 
 
 def _per_example_mean(x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +207,10 @@ class ConsistencyLoss:
       stacked with itself where the inputs stack (prompts, class labels; `scm.conditioning.guided`): fewer launches
       and weight reads, at twice the teacher's no-grad activation peak (False: two calls). Same values up to the
       order of sums.
+    - vsd_weight > 0 (sCD + VSD, §6): the loss adds λ·L_VSD of the student's one-step samples and the diffusion
+      loss of a critic network passed as `critic=` (the fake score), which it trains too (`_vsd` gives the terms).
+      The paper's adaptive weighting of L_VSD is not specified where we follow it: the VSD direction is normalized
+      per example as DMD does.
     - warmup_kimg: the paper's H = 10k iterations is given in iterations; here it is in kimg of training, so
       that it does not depend on the batch size. The default, 5120 kimg, is 10k iterations at the paper's
       CIFAR-10 batch of 512.
@@ -214,6 +232,11 @@ class ConsistencyLoss:
     tangent_precision: str | None = None             # None: the caller's autocast; "fp32" | "bf16" | "fp16"
     rearranged_jvp: bool = True                      # §5.1's rearranged tangent (False: an ablation)
     discrete_steps: int | None = None                # ablation: a discrete-time CM with Δt = (π/2)/N (§4.2, Fig. 5)
+    vsd_weight: float = 0.0                          # λ of sCD + VSD (§6; 0: off): needs sCD and a critic network
+    vsd_P_mean: float = 0.4                          # the proposal of t for L_VSD (App. G: (0.4, 2.0) on IN512)
+    vsd_P_std: float = 2.0
+    critic_P_mean: float = -0.8                      # … and for the critic's diffusion loss L_Diff(φ) ((−0.8, 1.6))
+    critic_P_std: float = 1.6
     teacher: InitVar[Callable | None] = None
     teacher_uncond: InitVar[dict | None] = None
 
@@ -243,31 +266,49 @@ class ConsistencyLoss:
         check_choice("tangent_precision", self.tangent_precision, (None, *PRECISIONS))
         if self.discrete_steps is not None and not (isinstance(self.discrete_steps, int) and self.discrete_steps >= 1):
             raise InvalidSetting("discrete_steps", self.discrete_steps, "must be an int >= 1")
+        if not (isinstance(self.vsd_weight, (int, float)) and math.isfinite(self.vsd_weight) and self.vsd_weight >= 0):
+            raise InvalidSetting("vsd_weight", self.vsd_weight, "must be >= 0 (0: no VSD)")
+        for name in ("vsd_P_mean", "critic_P_mean"):
+            check_finite(name, getattr(self, name))
+        for name in ("vsd_P_std", "critic_P_std"):
+            check_positive(name, getattr(self, name))
 
     @property
     def method(self) -> str:
         return "sct" if self.teacher is None else "scd"
 
+    @property
+    def trains_critic(self) -> bool:
+        """sCD + VSD: the objective is called with a critic network (the fake score φ), which it also trains."""
+        return self.vsd_weight > 0
+
     @torch.no_grad()
     def _velocity(self, x0, z, x_t, t, generator, cond):
         """dx_t/dt and the conditioning the student sees (with the guidance scale s for sCD)."""
         if self.teacher is None:
-            if self.guidance is not None:  # checked here, not in validate(): a configuration has no teacher object
-                raise InvalidSetting("guidance", self.guidance, "classifier-free guidance is for sCD (sCT has no "
-                                     "teacher)")
+            for name in ("guidance", "vsd_weight"):  # checked here, not in validate(): a configuration has no teacher
+                if getattr(self, name):
+                    raise InvalidSetting(name, getattr(self, name), "needs a teacher: it is for sCD only")
             return sct_velocity(x0, z, t), cond                                  # sCT (§2.2)
         if self.guidance is None:
-            return self.sigma_d * self.teacher(x_t / self.sigma_d, t, **cond), cond  # sCD (App. G.2)
+            return self.sigma_d * self._teacher_F(x_t, t, cond), cond            # sCD (App. G.2)
         lo, hi = self.guidance
         s = lo + (hi - lo) * torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        # §5.2: the CFG teacher at s; a guidance-distilled teacher (Flux-dev) takes s as an input instead
+        return self.sigma_d * self._teacher_F(x_t, t, cond, s), {**cond, "guidance": s}
+
+    def _teacher_F(self, x_t, t, cond, s=None):
+        """The teacher's F at x_t: conditional, or (§5.2) its CFG at scale s [B]; a guidance-distilled teacher
+        (Flux-dev) takes s as an input instead. `cond` holds no guidance scale."""
+        if s is None:
+            return self.teacher(x_t / self.sigma_d, t, **cond)
         teacher = self.teacher if getattr(self.teacher, "takes_guidance", False) else guided(
             self.teacher, self.teacher_uncond, one_call=self.cfg_one_call)
-        dxdt = self.sigma_d * teacher(x_t / self.sigma_d, t, guidance=s, **cond)
-        return dxdt, {**cond, "guidance": s}
+        return teacher(x_t / self.sigma_d, t, guidance=s, **cond)
 
     def __call__(self, net: Callable, x0: torch.Tensor, progress_kimg: float = 0.0, *, generator=None, t=None,
-                 z=None, **cond):
+                 z=None, critic: Callable | None = None, **cond):
+        if self.trains_critic and critic is None:
+            raise TypeError("vsd_weight > 0: the objective needs its critic network (critic=...), which it trains too")
         sd = self.sigma_d
         t, z = _draw_t_z(x0, self.P_mean, self.P_std, sd, generator, t, z)
         x_t = add_noise(x0, z, t)
@@ -305,10 +346,48 @@ class ConsistencyLoss:
         if self.extra_sigma_weight:                                              # Sana-Sprint / FastGen's 1/σ
             mse = mse / (sd * torch.tan(t.to(work)))
         loss = _weighted(mse, w).mean()                                          # eq. 8
-        stats = {"loss": loss.detach(), "g_norm": g_norm.detach().mean(), "r": torch.full((), r, device=loss.device)}
+        stats = {"g_norm": g_norm.detach().mean(), "r": torch.full((), r, device=loss.device)}
         if w is not None:
             stats["weight"] = w.detach().float().mean()
-        return loss, stats
+        if self.trains_critic:                                                   # sCD + VSD (§6)
+            vsd, critic_loss, vsd_stats = self._vsd(net, critic, x0, cond, generator)
+            loss = loss + self.vsd_weight * vsd + critic_loss
+            stats.update(vsd_stats)
+        return loss, {"loss": loss.detach(), **stats}
+
+    def _vsd(self, net, critic, x0, cond, generator):
+        """sCD + VSD (§6): the VSD loss of the student's one-step samples and the critic's diffusion loss on them.
+
+            x_g = f_θ(z, t_max) = −σ_d·F_θ(z/σ_d, t_max)       (the one-step sample; z ~ N(0, σ_d²I))
+            t' ~ log-normal (vsd_P_mean, vsd_P_std);  x_t' = cos t'·sg(x_g) + sin t'·z'
+            d = vsd_direction(x_t', F_φ, F_teacher^s) / mean|x_g − x̂0_teacher|   (per example: DMD's normalization)
+            L_VSD = mean((x_g − sg(x_g − d))²)                   (its gradient with respect to x_g is 2d/D)
+            L_Diff(φ) = the diffusion loss of the critic φ on sg(x_g) (critic_P_mean, critic_P_std)
+
+        The critic (the fake score, initialized as the teacher) sees the student's conditioning, guidance scale
+        included; the teacher runs at that scale s (its CFG, as for dx_t/dt). The two losses touch disjoint
+        parameters (φ is evaluated without gradients in L_VSD; x_g is detached in L_Diff), so one backward pass
+        serves both updates. L_VSD is a mean over the D dimensions, as the other losses are; vsd_weight sets its
+        share against the sCD term, whose size depends on the adaptive weight (benchmarks/results/text-vsd.md)."""
+        sd, s = self.sigma_d, cond.get("guidance")
+        plain = {k: v for k, v in cond.items() if k != "guidance"}
+        t_g = torch.full((x0.shape[0],), t_max_default(sd), device=x0.device, dtype=compute_dtype(x0))
+        z = sd * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_g = denoise(z, net(z / sd, t_g, **cond), t_g, sd)
+        sample = x_g.detach()
+        t, noise = _draw_t_z(sample, self.vsd_P_mean, self.vsd_P_std, sd, generator)
+        x_t = add_noise(sample, noise, t)
+        with torch.no_grad():
+            F_real = self._teacher_F(x_t, t, plain, s if self.guidance is not None else None)
+            F_fake = critic(x_t / sd, t, **cond)
+            work = compute_dtype(x_g)
+            scale = _per_example_mean((sample - denoise(x_t, F_real, t, sd)).abs().to(work)).clamp_min(1e-5)
+            d = vsd_direction(x_t, F_fake, F_real, t, sd).to(work) / expand(scale, sample)
+            d_norm = torch.linalg.vector_norm(d.flatten(1), dim=1)
+        vsd = _per_example_mean((x_g.to(work) - (sample - d).to(work)) ** 2).mean()
+        critic_loss, critic_stats = DiffusionLoss(sd, self.critic_P_mean, self.critic_P_std, self.adaptive_weight)(
+            critic, sample, generator=generator, **cond)
+        return vsd, critic_loss, {"vsd_norm": d_norm.mean(), "critic_loss": critic_stats["loss"]}
 
 
 # The objective of each training method; a run's configuration holds the instance's fields.

@@ -30,6 +30,7 @@ class Built:
     init_note: str                    # where the network's weights come from, for the log
     teacher_info: dict | None = None  # recorded in RUN/teacher.json (diffusers teachers)
     teacher_module: torch.nn.Module | None = None  # the teacher's network (sharded with FSDP2 under distributed=fsdp)
+    critic: torch.nn.Module | None = None  # sCD + VSD: the fake score φ, trained alongside (initialized as the teacher)
 
 
 def build(cfg: TrainConfig, data: Dataset, device: torch.device) -> Built:
@@ -52,6 +53,7 @@ def build(cfg: TrainConfig, data: Dataset, device: torch.device) -> Built:
         from scm.diffusers.net import copy_teacher_weights
 
         copy_teacher_weights(net, teacher.model)
+    critic = _critic(cfg, teacher) if getattr(cfg.loss, "vsd_weight", 0) else None  # before the teacher is held
     info = _teacher_info(cfg, teacher, data) if teacher is not None and teacher.model is not None else None
     note, fn = _init_note(cfg, teacher, data, info), None if teacher is None else teacher.fn
     module = None if teacher is None else _teacher_module(teacher, cfg)
@@ -64,7 +66,33 @@ def build(cfg: TrainConfig, data: Dataset, device: torch.device) -> Built:
         fn = BaseTeacher(net, takes_guidance=getattr(fn, "takes_guidance", False))
         note += f"; LoRA rank {cfg.lora.rank} on {len(net.adapted)} layers, the base frozen and shared with the teacher"
         module = teacher = None
-    return Built(net.to(device), fn, note, info, module)
+    if critic is not None:
+        note += "; a VSD critic initialized as the teacher"
+    return Built(net.to(device), fn, note, info, module, None if critic is None else critic.to(device))
+
+
+def _critic(cfg: TrainConfig, teacher: LoadedTeacher) -> torch.nn.Module:
+    """sCD + VSD's critic φ (the fake score): the student's architecture (its guidance input included) holding the
+    teacher's weights, in fp32, so that at the start it is the teacher's diffusion model (the guidance input, which
+    the teacher has not, starts fresh, as a student's does). A teacher whose network is not of that architecture (a
+    function, or a run of another network) is refused."""
+    critic = build_net(cfg.net, cfg.loss.sigma_d)
+    if cfg.net_preset == DIFFUSERS_NET_PRESET:
+        from scm.diffusers.net import copy_teacher_weights
+
+        copy_teacher_weights(critic, teacher.model)
+        return critic.train()
+    source = teacher.fn if isinstance(teacher.fn, torch.nn.Module) else None
+    problem = None if source is not None else "the teacher is a function, not a network"
+    if source is not None:
+        missing, unexpected = critic.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any("guidance" not in k for k in missing):
+            problem = f"the teacher's network does not fit the student's (missing {missing[:3]}, unexpected " \
+                      f"{unexpected[:3]})"
+    if problem:
+        raise ConfigError(f"loss.vsd_weight={cfg.loss.vsd_weight}: the VSD critic starts as a copy of the teacher in "
+                          f"the student's architecture, but {problem}", key="loss.vsd_weight")
+    return critic.train()
 
 
 def _teacher_module(teacher: LoadedTeacher, cfg: TrainConfig) -> torch.nn.Module | None:

@@ -75,6 +75,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Dataset | None = None
     if cfg.batch % slots:  # each slot takes batch // slots examples: a remainder would be dropped silently
         raise ConfigError(f"batch={cfg.batch} must be divisible by the processes × grad_accum = {info.world} × "
                           f"{cfg.grad_accum} = {slots} (the batch is global)", key="batch")
+    if info.enabled and getattr(cfg.loss, "vsd_weight", 0):
+        raise ConfigError(f"loss.vsd_weight={cfg.loss.vsd_weight}: sCD + VSD runs in one process for now (its "
+                          "student is called twice before one backward pass, which DDP and FSDP2 do not support)",
+                          key="loss.vsd_weight")
     with peer_failures(info, RunDir(cfg.out).latest):
         return _train(cfg, info, resume, data)
 
@@ -104,7 +108,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, data: Dataset | None)
         shard_evaluated(built.teacher_module)  # the teacher sharded like the student
         log.info(f"the teacher sharded with FSDP2 across {info.world} processes")
     objective = build_objective(cfg, built.teacher)
-    state = TrainState.create(built.net, cfg, info)
+    state = TrainState.create(built.net, cfg, info, built.critic)
     if resume:
         _resume(state, run, info, log)
     plan, conditioning = BatchPlan(len(data), cfg.batch, cfg.seed), Conditioning.of_run(cfg)
@@ -196,7 +200,8 @@ def _resume(state: TrainState, run: RunDir, info: DistInfo, log: Logger) -> None
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", UnverifiedWarning)
         with one_unverified_warning(str(run.ckpt_dir)):
-            ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, expect=state.expected_shapes()))
+            ckpt, loaded, skipped = run.newest_intact(lambda p: RunDir.load(p, state.stems,
+                                                                                 expect=state.expected_shapes()))
     _same_checkpoint_everywhere(run, ckpt, info)
     for note in notes:
         log.warn(str(note.message))

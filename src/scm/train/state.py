@@ -4,7 +4,6 @@ plus its checkpoint I/O). `TrainState.save` / `load` write and read it through t
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,23 +40,35 @@ class TrainState:
     cur_nimg: int = 0                  # training images seen
     bad_steps: int = 0                 # steps skipped for a non-finite loss or gradient, in all
     bad_run: int = 0                   # … in a row (a good step resets it)
+    critic: nn.Module | None = None    # a network the objective trains alongside (sCD + VSD's fake score), or None
+    critic_optimizer: torch.optim.Optimizer | None = None
 
     @classmethod
-    def create(cls, net: nn.Module, cfg: TrainConfig, info: DistInfo) -> TrainState:
-        """Wrap `net` for this process group, with a fresh optimizer, EMA and loss scaler."""
+    def create(cls, net: nn.Module, cfg: TrainConfig, info: DistInfo, critic: nn.Module | None = None) -> TrainState:
+        """Wrap `net` for this process group, with a fresh optimizer, EMA and loss scaler; and `critic`, when the
+        objective trains one, with an optimizer of its own (the same settings and schedule; no EMA)."""
         model = wrap_model(net.train(), info, cfg.distributed)
         trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA student's base is frozen
-        return cls(model, make_optimizer(trained, cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds, trained_keys(net)),
-                   torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
+        state = cls(model, make_optimizer(trained, cfg.optim), PowerEMA(unwrap(model), cfg.ema.stds,
+                                                                        trained_keys(net)),
+                    torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16"))
+        if critic is not None:
+            state.critic = wrap_model(critic.train(), info, cfg.distributed)
+            state.critic_optimizer = make_optimizer(list(state.critic.parameters()), cfg.optim)
+        return state
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.critic_optimizer] if self.critic is not None else [])
+
+    @property
+    def stems(self) -> tuple[str, ...]:
+        """The files of this run's checkpoints."""
+        return ("net", "ema", "optim") + (("critic", "critic_optim") if self.critic is not None else ())
 
     @property
     def net(self) -> nn.Module:
         return unwrap(self.model)
-
-    @functools.cached_property
-    def trainable(self) -> list[nn.Parameter]:
-        """The parameters the optimizer updates (those whose gradient norm is clipped)."""
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def kimg(self) -> float:
@@ -67,10 +78,14 @@ class TrainState:
         """Write a checkpoint (every process takes part in gathering; the main process writes)."""
         tensors, meta = optimizer_state(self.model, self.optimizer)
         files = {"net": self._net_state(full_model_state(self.model)), "ema": self.ema.state_dict(), "optim": tensors}
+        critic_meta = None
+        if self.critic is not None:
+            files["critic_optim"], critic_meta = optimizer_state(self.critic, self.critic_optimizer)
+            files["critic"] = full_model_state(self.critic)
         path = None
         if info.is_main:
             state = {"step": self.step, "cur_nimg": self.cur_nimg, "kimg": self.kimg, "bad_steps": self.bad_steps,
-                     "bad_run": self.bad_run, "optimizer": meta,
+                     "bad_run": self.bad_run, "optimizer": meta, "critic_optimizer": critic_meta,
                      "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                      "time": time.time(), "torch": torch.__version__}
             path = run.save(self.step, files, state, keep)
@@ -86,16 +101,23 @@ class TrainState:
         """What a checkpoint of this run must hold: the network's tensors and each EMA's (names and full shapes)."""
         net = {k: tuple(v.shape) for k, v in self._net_state(self.net.state_dict()).items()}
         ema = {ema_key(s, k): tuple(v.shape) for s, shadow in self.ema.shadow.items() for k, v in shadow.items()}
-        return {"net": net, "ema": ema}  # (shapes of sharded tensors are their full shapes: nothing is gathered)
+        critic = {} if self.critic is None else {
+            "critic": {k: tuple(v.shape) for k, v in unwrap(self.critic).state_dict().items()}}
+        # (shapes of sharded tensors are their full shapes: nothing is gathered)
+        return {"net": net, "ema": ema, **critic}
 
     def load(self, ckpt: Path, files: dict[str, dict[str, torch.Tensor]] | None = None, state: dict | None = None):
         """Continue from a checkpoint: weights, optimizer, EMA, loss scale and counters (`files` and `state`: the
         checkpoint as `RunDir.load` read and verified it; read here when not given)."""
         if files is None or state is None:
-            files, state = RunDir.load(ckpt, expect=self.expected_shapes())
+            files, state = RunDir.load(ckpt, self.stems, expect=self.expected_shapes())
         try:
             load_full_model_state(self.model, files["net"], strict=trained_keys(self.net) is None)
             load_optimizer_state(self.model, self.optimizer, files["optim"], state["optimizer"])
+            if self.critic is not None:
+                load_full_model_state(self.critic, files["critic"])
+                load_optimizer_state(self.critic, self.critic_optimizer, files["critic_optim"],
+                                     state["critic_optimizer"])
             self.ema.load_state_dict(files["ema"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])

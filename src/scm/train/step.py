@@ -1,7 +1,10 @@
 """One optimizer step over the global batch: the objective and backward of each micro-batch, gradient clipping,
 the skip decision for non-finite steps, the optimizer step, EDM2's forced weight normalization and the EMA.
+Where the objective trains a network of its own alongside (sCD + VSD's critic: `TrainState.critic`), the step hands
+it to the objective, whose one loss holds both networks' terms, and clips and steps each network with its own
+optimizer (the critic's learning rate: `optim.critic_lr_scale` × the student's; no EMA).
 
-The step reads tensor values once: the step's loss and gradient norm, to decide whether to apply it (a
+The step reads tensor values once: the step's loss and gradient norms, to decide whether to apply it (a
 host-device synchronisation on a GPU; under fp16 the loss scaler adds its own inf check). Everything else stays
 on the device; the statistics are handed back as tensors for the logger to read every `log_every` steps.
 """
@@ -16,7 +19,7 @@ import torch
 
 from scm.config import TrainConfig
 from scm.precision import PRECISIONS
-from scm.train.distributed import DistInfo, all_reduce_mean, no_sync
+from scm.train.distributed import DistInfo, all_reduce_mean, no_sync, unwrap
 from scm.train.state import TrainState
 
 __all__ = ["MicroBatch", "StepResult", "train_step"]
@@ -41,9 +44,11 @@ class StepResult:
 def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch], cfg: TrainConfig, lr: float,
                info: DistInfo) -> StepResult:
     """Accumulate the gradients of `batches` (this process's micro-batches), then step unless non-finite."""
-    model, opt, scaler = state.model, state.optimizer, state.scaler
-    for group in opt.param_groups:
-        group["lr"] = lr
+    model, scaler = state.model, state.scaler
+    for o, scale in zip(state.optimizers, (1.0, cfg.optim.critic_lr_scale), strict=False):
+        for group in o.param_groups:
+            group["lr"] = lr * scale
+    critic = {} if state.critic is None else {"critic": state.critic}  # trained by the objective alongside
     half = PRECISIONS[cfg.precision] if cfg.precision != "fp32" else None
     step_loss = torch.zeros((), device=info.device)
     stats: dict[str, torch.Tensor] = {}
@@ -51,33 +56,45 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
         torch.manual_seed(mb.dropout_seed)  # dropout masks: a function of (seed, step, slot)
         with no_sync(model, i < len(batches) - 1), torch.autocast(info.device.type, dtype=half,
                                                                   enabled=half is not None):
-            loss, s = objective(model, mb.x0, state.kimg, generator=mb.generator, **mb.cond)
+            loss, s = objective(model, mb.x0, state.kimg, generator=mb.generator, **critic, **mb.cond)
         scaler.scale(loss / len(batches)).backward()
         step_loss += loss.detach().float() / len(batches)
         for k, v in s.items():
             stats[k] = stats.get(k, 0) + v.detach().float() / len(batches)
-    scaler.unscale_(opt)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.trainable, clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    norms = []
+    for o in state.optimizers:  # each network's gradient clipped on its own
+        scaler.unscale_(o)
+        norms.append(_clipped_norm([p for g in o.param_groups for p in g["params"]], clip))
     step_loss = all_reduce_mean(step_loss, info)
-    loss_value, norm_value = torch.stack([step_loss, grad_norm.float()]).tolist()  # the step's one synchronisation
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    values = torch.stack([step_loss, *norms]).tolist()  # the step's one synchronisation
+    loss_value, norm_value = values[0], values[1]
+    if critic:
+        stats["critic_grad_norm"] = norms[1].detach()
+    finite = all(math.isfinite(v) for v in values)
     if finite:
-        scaler.step(opt)
+        for o, net in zip(state.optimizers, [state.net, *critic.values()], strict=True):
+            scaler.step(o)
+            normalize = getattr(unwrap(net), "normalize_weights_", None)
+            if normalize is not None:
+                normalize()
         scaler.update()
-        normalize = getattr(state.net, "normalize_weights_", None)
-        if normalize is not None:
-            normalize()
         state.bad_run = 0
     else:
         if scaler.is_enabled():
             scaler.update()
         state.bad_run += 1
         state.bad_steps += 1
-    opt.zero_grad(set_to_none=True)
+    for o in state.optimizers:
+        o.zero_grad(set_to_none=True)
     state.step += 1
     state.cur_nimg += cfg.batch
     if finite:
         state.ema.update(state.net, state.cur_nimg, cfg.batch)
     return StepResult(finite, loss_value, norm_value, stats)
+
+
+def _clipped_norm(params: list[torch.nn.Parameter], clip: float) -> torch.Tensor:
+    """The global gradient norm of `params` before clipping them to `clip` (a full tensor under FSDP2)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
