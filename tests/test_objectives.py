@@ -312,7 +312,8 @@ def test_vsd_gradient_and_critic_loss_by_hand():
 def test_vsd_settings_are_checked():
     from scm.errors import InvalidSetting
 
-    for bad in ({"vsd_weight": -1.0}, {"vsd_weight": math.nan}, {"vsd_P_std": 0.0}, {"critic_P_mean": math.inf}):
+    for bad in ({"vsd_weight": -1.0}, {"vsd_weight": math.nan}, {"vsd_P_std": 0.0}, {"critic_P_mean": math.inf},
+                {"vsd_start_kimg": -1.0}):
         with pytest.raises(InvalidSetting, match=next(iter(bad))):
             ConsistencyLoss(**bad)
     x0 = torch.zeros(2, 3)
@@ -320,3 +321,24 @@ def test_vsd_settings_are_checked():
         ConsistencyLoss(vsd_weight=1.0, adaptive_weight=False)(_Shift(3).float(), x0)
     with pytest.raises(InvalidSetting, match="vsd_weight"):  # sCT has no teacher to distil from
         ConsistencyLoss(vsd_weight=1.0, adaptive_weight=False)(_Shift(3).float(), x0, critic=_Shift(3).float())
+
+
+def test_vsd_starts_at_its_kimg(small_net):
+    """Before loss.vsd_start_kimg the objective is sCD alone (the same loss, draw for draw, as without VSD) and the
+    critic gets no gradient; from it on, the critic is trained."""
+    from oracle import Gaussian
+
+    real = Gaussian([0.1] * 6, [0.5] * 6, SD)
+    critic = torch.nn.Linear(6, 6, dtype=torch.float64)
+    critic_net = lambda x, t, **_: critic(x) + real.F_star(x, t)  # noqa: E731
+    net, (x0, _, _) = small_net(6, seed=1).double(), _batch(B=4, dim=6, seed=2)
+    settings = dict(sigma_d=SD, adaptive_weight=False, warmup_kimg=0, teacher=real.F_star)
+    plain, _ = ConsistencyLoss(**settings)(net, x0, 1.0, generator=torch.Generator().manual_seed(3))
+    with_vsd = ConsistencyLoss(**settings, vsd_weight=0.5, vsd_start_kimg=2.0)
+    before, stats = with_vsd(net, x0, 1.0, generator=torch.Generator().manual_seed(3), critic=critic_net)
+    assert torch.equal(before, plain) and "critic_loss" not in stats
+    before.backward()
+    assert all(p.grad is None for p in critic.parameters())
+    after, stats = with_vsd(net, x0, 2.0, generator=torch.Generator().manual_seed(3), critic=critic_net)
+    after.backward()
+    assert "critic_loss" in stats and all(p.grad is not None for p in critic.parameters())

@@ -208,7 +208,8 @@ class ConsistencyLoss:
       and weight reads, at twice the teacher's no-grad activation peak (False: two calls). Same values up to the
       order of sums.
     - vsd_weight > 0 (sCD + VSD, §6): the loss adds λ·L_VSD of the student's one-step samples and the diffusion
-      loss of a critic network passed as `critic=` (the fake score), which it trains too (`_vsd` gives the terms).
+      loss of a critic network passed as `critic=` (the fake score), which it trains too (`_vsd` gives the terms),
+      from vsd_start_kimg on (the paper's short phase after sCD, in the same run: optimizer and EMA continue).
       The paper's adaptive weighting of L_VSD is not specified where we follow it: the VSD direction is normalized
       per example as DMD does.
     - warmup_kimg: the paper's H = 10k iterations is given in iterations; here it is in kimg of training, so
@@ -233,6 +234,7 @@ class ConsistencyLoss:
     rearranged_jvp: bool = True                      # §5.1's rearranged tangent (False: an ablation)
     discrete_steps: int | None = None                # ablation: a discrete-time CM with Δt = (π/2)/N (§4.2, Fig. 5)
     vsd_weight: float = 0.0                          # λ of sCD + VSD (§6; 0: off): needs sCD and a critic network
+    vsd_start_kimg: float = 0.0                      # … from this point of training on (before: sCD alone, critic idle)
     vsd_P_mean: float = 0.4                          # the proposal of t for L_VSD (App. G: (0.4, 2.0) on IN512)
     vsd_P_std: float = 2.0
     critic_P_mean: float = -0.8                      # … and for the critic's diffusion loss L_Diff(φ) ((−0.8, 1.6))
@@ -268,6 +270,9 @@ class ConsistencyLoss:
             raise InvalidSetting("discrete_steps", self.discrete_steps, "must be an int >= 1")
         if not (isinstance(self.vsd_weight, (int, float)) and math.isfinite(self.vsd_weight) and self.vsd_weight >= 0):
             raise InvalidSetting("vsd_weight", self.vsd_weight, "must be >= 0 (0: no VSD)")
+        if not (isinstance(self.vsd_start_kimg, (int, float)) and math.isfinite(self.vsd_start_kimg)
+                and self.vsd_start_kimg >= 0):
+            raise InvalidSetting("vsd_start_kimg", self.vsd_start_kimg, "must be >= 0")
         for name in ("vsd_P_mean", "critic_P_mean"):
             check_finite(name, getattr(self, name))
         for name in ("vsd_P_std", "critic_P_std"):
@@ -349,7 +354,7 @@ class ConsistencyLoss:
         stats = {"g_norm": g_norm.detach().mean(), "r": torch.full((), r, device=loss.device)}
         if w is not None:
             stats["weight"] = w.detach().float().mean()
-        if self.trains_critic:                                                   # sCD + VSD (§6)
+        if self.trains_critic and progress_kimg >= self.vsd_start_kimg:          # sCD + VSD (§6)
             vsd, critic_loss, vsd_stats = self._vsd(net, critic, x0, cond, generator)
             loss = loss + self.vsd_weight * vsd + critic_loss
             stats.update(vsd_stats)

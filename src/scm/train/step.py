@@ -64,7 +64,8 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     norms = []
     for o in state.optimizers:  # each network's gradient clipped on its own
-        scaler.unscale_(o)
+        if _has_grads(o):
+            scaler.unscale_(o)
         norms.append(_clipped_norm([p for g in o.param_groups for p in g["params"]], clip))
     step_loss = all_reduce_mean(step_loss, info)
     values = torch.stack([step_loss, *norms]).tolist()  # the step's one synchronisation
@@ -74,6 +75,8 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
     finite = all(math.isfinite(v) for v in values)
     if finite:
         for o, net in zip(state.optimizers, [state.net, *critic.values()], strict=True):
+            if not _has_grads(o):  # a critic before its phase starts (loss.vsd_start_kimg)
+                continue
             scaler.step(o)
             normalize = getattr(unwrap(net), "normalize_weights_", None)
             if normalize is not None:
@@ -98,3 +101,7 @@ def _clipped_norm(params: list[torch.nn.Parameter], clip: float) -> torch.Tensor
     """The global gradient norm of `params` before clipping them to `clip` (a full tensor under FSDP2)."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+
+
+def _has_grads(opt: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for g in opt.param_groups for p in g["params"])
