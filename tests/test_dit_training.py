@@ -105,8 +105,8 @@ def test_resume_is_exact_for_the_transformer(dit_teacher, tmp_path):
 
 def test_scd_with_vsd_trains_its_critic_and_resumes_exactly(dit_teacher, tmp_path):
     """sCD + VSD (§6): the critic starts as the teacher (in the student's architecture), trains alongside the
-    student from loss.vsd_start_kimg on (idle before), and is checkpointed with its optimizer: a run resumed before
-    the phase starts ends with the weights, optimizer states and critic of a straight one, bit for bit."""
+    student from loss.vsd_start_kimg on (idle before), and is checkpointed with its optimizer: a run resumed inside
+    the phase ends with the weights, optimizer states and critic of a straight one, bit for bit."""
     data, teacher = dit_teacher
     common = ["--preset", "dit-tiny-28-scd", "--data", data, "--teacher", teacher, "--batch", 8, *RUN,
               "sample_every_kimg=None", "log_every=1", "loss.warmup_kimg=0.01", "loss.vsd_weight=0.5",
