@@ -86,8 +86,8 @@ def vsd_direction(x_t: torch.Tensor, F_fake: torch.Tensor, F_real: torch.Tensor,
         d = x̂0_fake − x̂0_real,   x̂0 = cos t·x_t − sin t·σ_d·F   (eq. 23)
 
     ∇_x KL(p_θ,t ‖ p_data,t) = s_fake − s_real = cos t·(x̂0_fake − x̂0_real)/(σ_d² sin²t) (Tweedie), so a generator
-    sample moved along −d lowers the reverse KL at t; the per-example scale is set by the caller (normalized as
-    the tangent is: `normalize_tangent`).
+    sample moved along −d lowers the reverse KL at t; the per-example scale is set by the caller
+    (`ConsistencyLoss._vsd`: DMD's normalization).
     """
     return denoise(x_t, F_fake, t, sigma_d) - denoise(x_t, F_real, t, sigma_d)
 
@@ -383,7 +383,7 @@ class ConsistencyLoss:
         t, noise = _draw_t_z(sample, self.vsd_P_mean, self.vsd_P_std, sd, generator)
         x_t = add_noise(sample, noise, t)
         with torch.no_grad():
-            F_real = self._teacher_F(x_t, t, plain, s if self.guidance is not None else None)
+            F_real = self._teacher_F(x_t, t, plain, s)  # s: None for an unguided teacher
             F_fake = critic(x_t / sd, t, **cond)
             work = compute_dtype(x_g)
             scale = _per_example_mean((sample - denoise(x_t, F_real, t, sd)).abs().to(work)).clamp_min(1e-5)

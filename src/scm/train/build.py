@@ -45,10 +45,9 @@ def build(cfg: TrainConfig, data: Dataset, device: torch.device) -> Built:
     init = load_run(cfg.init, cfg.init_ema, device=device) if cfg.init is not None else None
     net = build_net(cfg.net, cfg.loss.sigma_d)
     if init is not None:
-        missing, unexpected = net.load_state_dict(init.net.state_dict(), strict=False)
-        if unexpected or any("guidance" not in k for k in missing):  # only a new guidance input may be fresh
-            raise ConfigError(f"init {cfg.init}: weights do not fit (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]})", key="init")
+        misfit = _load_but_guidance(net, init.net.state_dict())
+        if misfit:
+            raise ConfigError(f"init {cfg.init}: weights do not fit ({misfit})", key="init")
     elif cfg.net_preset == DIFFUSERS_NET_PRESET:
         from scm.diffusers.net import copy_teacher_weights
 
@@ -82,17 +81,24 @@ def _critic(cfg: TrainConfig, teacher: LoadedTeacher) -> torch.nn.Module:
 
         copy_teacher_weights(critic, teacher.model)
         return critic.train()
-    source = teacher.fn if isinstance(teacher.fn, torch.nn.Module) else None
-    problem = None if source is not None else "the teacher is a function, not a network"
-    if source is not None:
-        missing, unexpected = critic.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or any("guidance" not in k for k in missing):
-            problem = f"the teacher's network does not fit the student's (missing {missing[:3]}, unexpected " \
-                      f"{unexpected[:3]})"
+    if not isinstance(teacher.fn, torch.nn.Module):
+        problem = "the teacher is a function, not a network"
+    else:
+        misfit = _load_but_guidance(critic, teacher.fn.state_dict())
+        problem = misfit and f"the teacher's network does not fit the student's ({misfit})"
     if problem:
         raise ConfigError(f"loss.vsd_weight={cfg.loss.vsd_weight}: the VSD critic starts as a copy of the teacher in "
                           f"the student's architecture, but {problem}", key="loss.vsd_weight")
     return critic.train()
+
+
+def _load_but_guidance(net: torch.nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Load `state` into `net`, whose guidance input alone may be missing from it (it then starts fresh); what does
+    not fit, or None."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any("guidance" not in k for k in missing):
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    return None
 
 
 def _teacher_module(teacher: LoadedTeacher, cfg: TrainConfig) -> torch.nn.Module | None:

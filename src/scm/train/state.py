@@ -4,6 +4,7 @@ plus its checkpoint I/O). `TrainState.save` / `load` write and read it through t
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,12 @@ class TrainState:
             state.critic_optimizer = make_optimizer(list(state.critic.parameters()), cfg.optim)
         return state
 
-    @property
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.optimizer] + ([self.critic_optimizer] if self.critic is not None else [])
+    @functools.cached_property
+    def parts(self) -> list[tuple[torch.optim.Optimizer, list[nn.Parameter], nn.Module]]:
+        """Each trained network (the student, then a critic) with its optimizer and the parameters that optimizer
+        updates (a LoRA student's: its adapters), read every step, so listed once."""
+        nets = [(self.optimizer, self.net)] + ([(self.critic_optimizer, unwrap(self.critic))] if self.critic else [])
+        return [(o, [p for g in o.param_groups for p in g["params"]], net) for o, net in nets]
 
     @property
     def stems(self) -> tuple[str, ...]:

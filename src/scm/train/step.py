@@ -19,7 +19,7 @@ import torch
 
 from scm.config import TrainConfig
 from scm.precision import PRECISIONS
-from scm.train.distributed import DistInfo, all_reduce_mean, no_sync, unwrap
+from scm.train.distributed import DistInfo, all_reduce_mean, no_sync
 from scm.train.state import TrainState
 
 __all__ = ["MicroBatch", "StepResult", "train_step"]
@@ -45,7 +45,7 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
                info: DistInfo) -> StepResult:
     """Accumulate the gradients of `batches` (this process's micro-batches), then step unless non-finite."""
     model, scaler = state.model, state.scaler
-    for o, scale in zip(state.optimizers, (1.0, cfg.optim.critic_lr_scale), strict=False):
+    for (o, _, _), scale in zip(state.parts, (1.0, cfg.optim.critic_lr_scale), strict=False):
         for group in o.param_groups:
             group["lr"] = lr * scale
     critic = {} if state.critic is None else {"critic": state.critic}  # trained by the objective alongside
@@ -63,10 +63,10 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
             stats[k] = stats.get(k, 0) + v.detach().float() / len(batches)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     norms = []
-    for o in state.optimizers:  # each network's gradient clipped on its own
-        if _has_grads(o):
+    for o, params, _ in state.parts:  # each network's gradient clipped on its own
+        if _has_grads(params):
             scaler.unscale_(o)
-        norms.append(_clipped_norm([p for g in o.param_groups for p in g["params"]], clip))
+        norms.append(_clipped_norm(params, clip))
     step_loss = all_reduce_mean(step_loss, info)
     values = torch.stack([step_loss, *norms]).tolist()  # the step's one synchronisation
     loss_value, norm_value = values[0], values[1]
@@ -74,11 +74,11 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
         stats["critic_grad_norm"] = norms[1].detach()
     finite = all(math.isfinite(v) for v in values)
     if finite:
-        for o, net in zip(state.optimizers, [state.net, *critic.values()], strict=True):
-            if not _has_grads(o):  # a critic before its phase starts (loss.vsd_start_kimg)
+        for o, params, net in state.parts:
+            if not _has_grads(params):  # a critic before its phase starts (loss.vsd_start_kimg)
                 continue
             scaler.step(o)
-            normalize = getattr(unwrap(net), "normalize_weights_", None)
+            normalize = getattr(net, "normalize_weights_", None)
             if normalize is not None:
                 normalize()
         scaler.update()
@@ -88,7 +88,7 @@ def train_step(state: TrainState, objective: Callable, batches: list[MicroBatch]
             scaler.update()
         state.bad_run += 1
         state.bad_steps += 1
-    for o in state.optimizers:
+    for o, _, _ in state.parts:
         o.zero_grad(set_to_none=True)
     state.step += 1
     state.cur_nimg += cfg.batch
@@ -103,5 +103,5 @@ def _clipped_norm(params: list[torch.nn.Parameter], clip: float) -> torch.Tensor
     return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
 
 
-def _has_grads(opt: torch.optim.Optimizer) -> bool:
-    return any(p.grad is not None for g in opt.param_groups for p in g["params"])
+def _has_grads(params: list[torch.nn.Parameter]) -> bool:
+    return any(p.grad is not None for p in params)
