@@ -34,7 +34,7 @@ from scm.evaluate import evaluate_setting, prompt_adherence
 from scm.generate import Sampler
 from scm.metrics import open_reference
 from scm.metrics.intervals import seed_interval
-from scm.runs import load_run
+from scm.runs import RunDir, load_run
 
 FIGURES = ("FD-MNIST", "digit_accuracy", "attributes")
 DIAGNOSTICS = ("faint_pixels", "size_agreement", "size_without_faint", "attributes_without_faint")
@@ -72,9 +72,14 @@ def haze_diagnostics(images: torch.Tensor, prompts: list[str], space) -> dict:
 
 
 def students(specs: list[str]) -> list[tuple[str, Path]]:
-    """--student entries: PATH (labelled sCD) or LABEL=PATH."""
-    return [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) if "=" in spec else ("sCD", Path(spec))
+    """--student entries: LABEL=PATH, or PATH (labelled by its objective: sCD, or sCD + VSD)."""
+    return [(spec.split("=", 1)[0], Path(spec.split("=", 1)[1])) if "=" in spec else (objective(Path(spec)), Path(spec))
             for spec in specs]
+
+
+def objective(path: Path) -> str:
+    loss = json.loads(RunDir(path).config_path.read_text())["loss"]
+    return "sCD + VSD" if loss.get("vsd_weight") else "sCD"
 
 
 def trained_kimg(run) -> str:
@@ -163,7 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, default=Path("demo/text-teacher"))
     ap.add_argument("--student", nargs="+", default=["runs/demo-text/runs/scd"], metavar="[LABEL=]RUN",
-                    help="students, each labelled (default label: sCD)")
+                    help="students, each labelled (default label: its objective, sCD or sCD + VSD)")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--guidance", type=float, default=2.0)

@@ -9,7 +9,10 @@ from PIL import Image
 from scm.app import cli
 from scm.app.demo import DemoBudget, run_demo
 from scm.config import make_config
+from scm.runs import RunDir
 from scm.train import train
+
+from conftest import run_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +60,8 @@ def test_the_main_job_leaves_the_checkout_clean():
 
 def test_text_demo_end_to_end_on_the_committed_text_teacher(real_mnist, mnist_classifier, tmp_path, monkeypatch):
     """`make demo-text` with a budget of seconds: captioned MNIST encoded, the committed text teacher distilled with
-    guidance, evaluated on held-out prompts (digit accuracy, attribute agreement) and a prompt grid."""
+    guidance and a VSD phase (from the first step here, so that its critic is built and trained), evaluated on
+    held-out prompts (digit accuracy, attribute agreement) and a prompt grid."""
     from PIL import Image
 
     from scm.app.demo_text import GRID_PROMPTS, TextDemoBudget, run_text_demo
@@ -66,12 +70,17 @@ def test_text_demo_end_to_end_on_the_committed_text_teacher(real_mnist, mnist_cl
     out = tmp_path / "demo-text"
     budget = TextDemoBudget.seconds()
     result = run_text_demo(out, budget, teacher=ROOT / "demo" / "text-teacher")
-    assert [(r["model"], r["nfe"]) for r in result["rows"]] == [("teacher", 3), ("sCD", 1), ("sCD", 2)]
+    label = "sCD + VSD"
+    assert [(r["model"], r["nfe"]) for r in result["rows"]] == [("teacher", 3), (label, 1), (label, 2)]
     for r in result["rows"]:
         assert 0 <= r["digit_accuracy"] <= 1 and r["digit_count"] == budget.n_eval and (out / r["grid"]).is_file()
     student = json.loads((out / "runs" / "scd" / "config.json").read_text())
     assert student["loss"]["guidance"] == [2.0, 2.0] and student["text"]["encoder"]["kind"] == "builtin"
+    assert student["loss"]["vsd_weight"] == budget.vsd_weight > 0 and student["optim"]["critic_lr_scale"] == 5
+    assert (RunDir(out / "runs" / "scd").latest() / "critic.safetensors").is_file()
+    assert any("critic_loss" in row for row in run_metrics(out / "runs" / "scd"))
     width = Image.open(out / "prompts.png").size[0]  # 2 per prompt, a blank, 2 more, at twice the size
     assert width == (2 * budget.per_prompt + 1) * (2 * 28 + 1) + 1
     assert Image.open(out / "prompts.png").size[1] == len(GRID_PROMPTS) * (2 * 28 + 1) + 1
-    assert "digit accuracy" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "digit accuracy" in report and "sCD + VSD from 0 kimg" in report

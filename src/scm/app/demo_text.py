@@ -5,7 +5,10 @@
    encode --text-encoder builtin`);
 2. a text-conditioned diffusion teacher (the transformer with cross-attention, `dit-tiny-text`): the one this
    project trained with `scm train` (demo/text-teacher, committed with its command), or trained here with --full;
-3. sCD distillation from it with classifier-free guidance as an input (§5.2), live, for a few minutes;
+3. sCD distillation from it with classifier-free guidance as an input (§5.2), live, for a few minutes, ending in a
+   short sCD + VSD phase (§6) inside the same run: a critic (a copy of the teacher) learns the student's samples'
+   score, and the student moves along the critic's and the teacher's difference, which takes off the haze that the
+   consistency objective alone leaves;
 4. evaluation on held-out prompts (the captions of MNIST's test digits): FD-MNIST, digit accuracy and attribute
    agreement of the teacher (Heun ODE, guided) and the 1- and 2-step student, and a report with a prompt grid (one
    row per prompt, the teacher's and the student's images side by side, from the same noise).
@@ -47,8 +50,11 @@ class TextDemoBudget:
     tiny budget the test suite uses."""
 
     teacher_minutes: float = 75.0     # --full only
-    scd_kimg: float = 27.0            # ≤ 20 % of the committed teacher's training compute (guided sCD step ≤ 2.01×)
+    scd_kimg: float = 23.2            # 20 kimg sCD (1.93×), 3.2 sCD + VSD (4.71×): 19.7 % of the teacher's compute
     scd_minutes: float = 12.0         # a cap, for slower machines (about 8 minutes on 2 CPU cores)
+    vsd_start_kimg: float = 20.0      # the VSD phase starts here, inside the sCD run (0: from the first step)
+    vsd_weight: float = 0.5           # λ of the VSD term (1 broke the digits' shapes); 0 distils with sCD alone
+    critic_lr_scale: float = 5.0      # the critic learns at 5× the student's rate (at 1× VSD harmed the student)
     scd_batch: int = 32               # twice batch 64's optimizer steps for the same images: better attributes
     scd_P_mean: float = -0.6          # a little more of the high noise levels than the preset's −0.8 (−0.4 collapsed)
     scd_lr_decay_kimg: float = 8.0    # lr ∝ 1/√(kimg/8) past 8 kimg (constant, seed 1 collapsed at 25 kimg)
@@ -60,8 +66,22 @@ class TextDemoBudget:
 
     @classmethod
     def seconds(cls) -> TextDemoBudget:
-        return cls(teacher_minutes=0.1, scd_minutes=0.1, n_eval=40, teacher_nfe=3, batch=16, scd_batch=16,
-                   per_prompt=2)
+        return cls(teacher_minutes=0.1, scd_minutes=0.1, vsd_start_kimg=0.0, n_eval=40, teacher_nfe=3, batch=16,
+                   scd_batch=16, per_prompt=2)
+
+    def student_overrides(self) -> list[str]:
+        """The sCD run's settings beyond the preset's (the VSD phase's only when vsd_weight > 0)."""
+        g = self.guidance
+        out = [f"loss.guidance={g},{g}", f"loss.P_mean={self.scd_P_mean}",
+               f"optim.lr_decay_kimg={self.scd_lr_decay_kimg}"]
+        if self.vsd_weight > 0:
+            out += [f"loss.vsd_weight={self.vsd_weight}", f"loss.vsd_start_kimg={self.vsd_start_kimg}",
+                    f"optim.critic_lr_scale={self.critic_lr_scale}"]
+        return out
+
+    @property
+    def student_label(self) -> str:
+        return "sCD + VSD" if self.vsd_weight > 0 else "sCD"
 
 
 def _log(msg: str) -> None:
@@ -100,18 +120,17 @@ def run_text_demo(out: Path, budget: TextDemoBudget | None = None, full: bool = 
         teacher, _ = _train("dit-tiny-text-28-diffusion", out / "runs" / "teacher", budget.teacher_minutes, budget,
                             data=str(data))
     stage("teacher")
-    g = budget.guidance
     scd, scd_kimg = _train("dit-tiny-text-28-scd", out / "runs" / "scd", budget.scd_minutes, budget, data=str(data),
                            kimg=budget.scd_kimg, batch=budget.scd_batch, teacher=str(teacher),
-                           overrides=[f"loss.guidance={g},{g}", f"loss.P_mean={budget.scd_P_mean}",
-                                      f"optim.lr_decay_kimg={budget.scd_lr_decay_kimg}"])
-    stage("sCD distillation")
+                           overrides=budget.student_overrides())
+    stage(f"{budget.student_label} distillation")
     prompts = load_dataset("mnist-captions:test").caption_of(torch.arange(budget.n_eval))
     rows = _evaluate(teacher, scd, space, ref, prompts, budget, out)
     stage("evaluation")
     _prompt_grid(teacher, scd, budget, out / "prompts.png")
     stage("prompt grid")
-    result = {"metric": space.metric, "n_eval": budget.n_eval, "rows": rows, "trained_kimg": {"sCD": scd_kimg},
+    result = {"metric": space.metric, "n_eval": budget.n_eval, "rows": rows,
+              "trained_kimg": {budget.student_label: scd_kimg},
               "stages_seconds": stages, "total_seconds": round(time.perf_counter() - t_start, 1),
               "teacher": str(teacher), "budget": asdict(budget), "full": full, "grid_prompts": list(GRID_PROMPTS),
               "machine": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
@@ -124,11 +143,12 @@ def run_text_demo(out: Path, budget: TextDemoBudget | None = None, full: bool = 
 def _evaluate(teacher: Path, scd: Path, space, ref, prompts: list[str], budget: TextDemoBudget, out: Path) -> list:
     """The teacher (Heun, guided) and the student (1 and 2 steps, guidance built in) on the held-out prompts."""
     rows = []
+    student = budget.student_label
     settings = [("teacher", teacher, Sampler(nfe=budget.teacher_nfe, solver="heun")),
-                ("sCD", scd, Sampler(steps=1)), ("sCD", scd, Sampler(steps=2))]
+                (student, scd, Sampler(steps=1)), (student, scd, Sampler(steps=2))]
     for label, path, sampler in settings:
         run = load_run(path)
-        png = f"{label.lower()}-{sampler.evaluations(run)}nfe.png"
+        png = f"{'teacher' if path == teacher else 'scd'}-{sampler.evaluations(run)}nfe.png"
         row, _ = evaluate_setting(run, sampler, space, ref, budget.n_eval, batch=250, grid_path=out / png,
                                   guidance=budget.guidance, prompts=prompts)
         row["sampler"] += " (2 network evaluations per NFE)" if label == "teacher" else " (built in)"
@@ -152,13 +172,13 @@ def _prompt_grid(teacher: Path, scd: Path, budget: TextDemoBudget, path: Path) -
 
 def _report(result: dict) -> Report:
     m = result["metric"]
-    r = Report("scm text-to-image demo: captioned MNIST, a text-conditioned teacher and its 2-step sCD student")
+    r = Report("scm text-to-image demo: captioned MNIST, a text-conditioned teacher and its 2-step student")
     trained = ", ".join(f"{k} {v:g} kimg" for k, v in result["trained_kimg"].items())
     budget = result["budget"]
     r.text(f"Generated by `make demo-text` in {result['total_seconds'] / 60:.1f} minutes "
            f"({', '.join(f'{k}: {v:.0f} s' for k, v in result['stages_seconds'].items())}); the student trains to "
            f"{budget['scd_kimg']:g} kimg at batch {budget['scd_batch']} (P_mean {budget['scd_P_mean']:g}, learning "
-           f"rate decaying from {budget['scd_lr_decay_kimg']:g} kimg), or for at "
+           f"rate decaying from {budget['scd_lr_decay_kimg']:g} kimg){_vsd_phase(budget)}, or for at "
            f"most {budget['scd_minutes']:g} minutes ({trained} here).",
            f"Prompts: the first captions of MNIST's {result['n_eval']} first test digits (held out: teacher and "
            f"student trained on the training digits' captions). {m}: the Fréchet distance in the features of a small "
@@ -177,3 +197,10 @@ def _report(result: dict) -> Report:
         name = f"{row['model']}, {row['sampler']}"
         r.heading(name, 3).image(row["grid"], name)
     return r
+
+
+def _vsd_phase(budget: dict) -> str:
+    if not budget.get("vsd_weight"):
+        return ""
+    return (f", with sCD + VSD from {budget['vsd_start_kimg']:g} kimg (λ {budget['vsd_weight']:g}, the critic at "
+            f"{budget['critic_lr_scale']:g}× the learning rate)")
