@@ -1,6 +1,8 @@
 """Run by tests under `torchrun`: train a few steps through scm.train.train and save this rank's weights.
 
-usage: ddp_worker.py OUT_FILE PRESET DATA RUN_DIR [key=value ...]
+usage: [SCM_WORKER_RESUME=1] ddp_worker.py OUT_FILE PRESET DATA RUN_DIR [key=value ...]
+
+With SCM_WORKER_RESUME=1 it continues the run in RUN_DIR from its last checkpoint (`scm train --resume`).
 
 It then checks that `shutdown` frees the process groups (a group left for interpreter exit can abort a
 finished run there) and exits non-zero otherwise. Under FSDP2 on torch 2.11 and 2.12 nothing in Python can free them:
@@ -24,7 +26,7 @@ from scm.train.distributed import full_model_state, shutdown
 
 def main(out_file: str, preset: str, data: str, run_dir: str, *overrides: str) -> list[weakref.ref]:
     cfg = make_config(preset, None, list(overrides), data=data, out=run_dir)
-    net = train(cfg).net
+    net = train(cfg, resume=os.environ.get("SCM_WORKER_RESUME") == "1").net
     rank = int(os.environ.get("RANK", "0"))
     # FSDP2: gather the sharded weights (rank 0 receives them); DDP: each rank's own replica
     state = full_model_state(net) if cfg.distributed == "fsdp" else net.state_dict()

@@ -132,6 +132,37 @@ def test_scd_with_vsd_trains_its_critic_and_resumes_exactly(dit_teacher, tmp_pat
     assert code == 0, text
 
 
+@pytest.mark.parametrize("extra", [["net.dropout=0.1"], ["distributed=fsdp"]])
+def test_scd_with_vsd_on_two_processes_equals_one_process(dit_teacher, tmp_path, extra):
+    """sCD + VSD under torchrun: the student is called twice with gradients before one backward pass (the sCD pass,
+    fused with the tangent under DDP, separate under FSDP2; then the one-step samples) and the critic once, and
+    gradients are still all-reduced once per network. Two ranks of one micro-batch, stopped inside the VSD phase
+    and resumed, end with the student and the critic of one process accumulating both micro-batches (tolerance as
+    for the other two-process tests: fp32 sums of two gradients in another order)."""
+    data, teacher = dit_teacher
+    overrides = ["batch=16", *RUN, "sample_every_kimg=None", "log_every=1", f"teacher={teacher}",
+                 "loss.warmup_kimg=0.01", "loss.vsd_weight=0.5", "loss.vsd_start_kimg=0.016", *extra]
+    for kimg, resume in ((0.032, "0"), (0.048, "1")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               str(TESTS / "ddp_worker.py"), str(tmp_path / "two-RANK.safetensors"), "dit-tiny-28-scd", str(data),
+               str(tmp_path / "two"), f"kimg={kimg}", *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(
+            os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(TESTS), SCM_WORKER_RESUME=resume))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = make_config("dit-tiny-28-scd", None, ["kimg=0.048", *overrides, "grad_accum=2", "distributed=ddp"],
+                      data=str(data), out=str(tmp_path / "one"))
+    one = train(cfg).net.state_dict()
+    two = load_file(tmp_path / "two-0.safetensors")
+    critics = [load_file(RunDir(tmp_path / r).latest() / "critic.safetensors") for r in ("one", "two")]
+    initial = load_run(teacher).net.state_dict()
+    assert one.keys() == two.keys() and critics[0].keys() == critics[1].keys() == initial.keys()
+    assert any(not torch.equal(critics[0][k], initial[k]) for k in initial)  # the critic was trained
+    for a, b in ((one, two), (critics[0], critics[1])):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-6)
+    assert any("critic_loss" in row for row in run_metrics(tmp_path / "two"))
+
+
 def test_vsd_is_refused_where_it_cannot_run(dit_teacher, tmp_path):
     """Each refusal names loss.vsd_weight and why, before any training: sCT has no teacher, and a teacher of another
     architecture cannot be the critic's starting point."""

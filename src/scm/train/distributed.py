@@ -157,6 +157,8 @@ def wrap_model(net: nn.Module, info: DistInfo, mode: str) -> nn.Module:
         fully_shard(net)
         return net
     ids = [info.device.index] if info.device.type == "cuda" else None
+    # find_unused_parameters stays off: only then may an objective call the network more than once before its one
+    # backward pass (sCD + VSD: the sCD pass, then the one-step samples), each parameter's gradient hook firing once
     return nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 

@@ -75,10 +75,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, data: Dataset | None = None
     if cfg.batch % slots:  # each slot takes batch // slots examples: a remainder would be dropped silently
         raise ConfigError(f"batch={cfg.batch} must be divisible by the processes × grad_accum = {info.world} × "
                           f"{cfg.grad_accum} = {slots} (the batch is global)", key="batch")
-    if info.enabled and getattr(cfg.loss, "vsd_weight", 0):
-        raise ConfigError(f"loss.vsd_weight={cfg.loss.vsd_weight}: sCD + VSD runs in one process for now (its "
-                          "student is called twice before one backward pass, which DDP and FSDP2 do not support)",
-                          key="loss.vsd_weight")
     with peer_failures(info, RunDir(cfg.out).latest):
         return _train(cfg, info, resume, data)
 
